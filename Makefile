@@ -1,0 +1,37 @@
+# hetmoe-compile: `make demo` and `make test` bring up .venv by themselves on a fresh machine.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt
+STAMP  := $(VENV)/.installed
+OUT    ?= out/demo
+DEMO_MODEL ?= examples/olmoe-demo
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# Re-run when the dependency pins or the package metadata change.
+$(STAMP): constraints.txt requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) -r requirements.txt 2>&1 | grep -v "is ignored: it is neither a file nor a directory" || true
+	$(PY) -c "import torch, transformers, onnx, onnxruntime" # fail loudly if the install above did
+	$(PIP) --no-deps aihwkit==1.1.0
+	$(PIP) --no-deps -e .
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/hetmoe-compile analyze $(DEMO_MODEL) --out $(OUT)
+	$(VENV)/bin/hetmoe-compile place $(DEMO_MODEL) --digital-fraction 0.25 --out $(OUT)/placement.json
+	@echo
+	@echo "Demo outputs are in $(OUT)/: scores.json, scores.png, placement.json"
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) benchmarks/family_parity.py
+	$(PY) benchmarks/bench_scoring.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

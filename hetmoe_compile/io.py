@@ -1,0 +1,38 @@
+"""Atomic file output: write to a temporary sibling, then rename, so nothing is left half-written."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` atomically; creates the parent directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+@contextmanager
+def atomic_output_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success its files move into ``path`` (created if needed),
+    on failure it is removed and ``path`` is left as it was."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        path.mkdir(exist_ok=True)
+        for item in tmp.iterdir():
+            os.replace(item, path / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,71 @@
+"""Load a causal LM from a local directory or a Hugging Face hub id."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import HetMoEError
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.count("/") != 1
+
+
+def resolve_source(source: str) -> str:
+    """A local directory (validated) or a hub id ``owner/name``; anything else is an error that says why."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise HetMoEError(f"{source}: directory has no config.json; point MODEL at a Hugging Face model directory")
+        return str(path)
+    if path.exists():
+        raise HetMoEError(f"{source}: is a file, not a model directory; point MODEL at a directory with config.json")
+    if _looks_like_path(source):
+        raise HetMoEError(f"{source}: no such model directory; give an existing directory or a hub id like 'owner/name'")
+    return source
+
+
+def _cpu_dtype(resolved: str) -> str | torch.dtype:
+    """float16 checkpoints run in float32 on CPU (CPU half matmuls are slow and lose precision); else as stored."""
+    from transformers import AutoConfig
+
+    try:
+        stored = getattr(AutoConfig.from_pretrained(resolved), "dtype", None)
+    except (OSError, ValueError):
+        return "auto"
+    return torch.float32 if str(stored).replace("torch.", "") == "float16" else "auto"
+
+
+def load_model(source: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> nn.Module:
+    """Load ``AutoModelForCausalLM`` from a directory or hub id, in eval mode.
+
+    ``dtype="auto"`` follows the checkpoint (float16 checkpoints load as float32 on CPU); a hub id needs network access (or a filled HF cache).
+    """
+    from transformers import AutoModelForCausalLM
+
+    resolved = resolve_source(source)
+    if dtype == "auto" and torch.device(device).type == "cpu":
+        dtype = _cpu_dtype(resolved)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HetMoEError(
+            f"{source}: could not load the model ({first}); check the path or hub id, and network access for hub ids"
+        ) from exc
+    return model.to(device).eval()
+
+
+def load_tokenizer(source: str):
+    """The tokenizer saved with the model (``tokenizer.json``); error if the model has none."""
+    from transformers import AutoTokenizer
+
+    resolved = resolve_source(source)
+    try:
+        return AutoTokenizer.from_pretrained(resolved)
+    except (OSError, ValueError) as exc:
+        raise HetMoEError(
+            f"{source}: no tokenizer found beside the model; calibration text needs one (save tokenizer.json there)"
+        ) from exc

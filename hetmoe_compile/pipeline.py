@@ -1,0 +1,74 @@
+"""The ahead-of-time pipeline steps, composed: load -> recognise -> score -> place -> canonicalise -> capture -> tag."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.stats import spearmanr
+from torch import nn
+from torch.export import ExportedProgram
+
+from .calibration import Calibration
+from .canonicalize import canonicalize
+from .capture import ROOT_PREFIX, export_model
+from .models.recognize import ModelInfo, recognize
+from .passes.annotate_placement_pass import AnnotatePlacementPass
+from .placement.placement import Placement, place
+from .placement.policy import PlacementPolicy
+from .scoring import Scores, score, score_all
+
+
+@dataclass
+class Analysis:
+    """Scores of every selector run, with per-layer Spearman correlations against a reference selector."""
+
+    info: ModelInfo
+    scores: dict[str, Scores]
+    reference: str | None
+
+    def spearman(self) -> dict[str, dict[int, float]]:
+        """``{selector: {layer: rho}}`` against the reference selector (``measured`` when it was run)."""
+        if self.reference is None:
+            return {}
+        ref = self.scores[self.reference]
+        out: dict[str, dict[int, float]] = {}
+        for name, s in self.scores.items():
+            if name == self.reference:
+                continue
+            out[name] = {}
+            for layer in self.info.moe_layers:
+                a, b = ref.layers[layer.index], s.layers[layer.index]
+                rho = spearmanr(a, b)[0] if np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan")
+                out[name][layer.index] = float(rho)
+        return out
+
+
+def analyze_model(model: nn.Module, selectors: list[str], calibration: Calibration | None = None, seed: int = 0,
+                  info: ModelInfo | None = None) -> Analysis:
+    """Run ``selectors`` on ``model``; the Spearman reference is ``measured`` if run, else the first selector."""
+    info = info or recognize(model)
+    scores = score_all(model, info, selectors, calibration, seed)
+    reference = "measured" if "measured" in scores else (selectors[0] if selectors else None)
+    return Analysis(info, scores, reference)
+
+
+def place_model(model: nn.Module, policy: PlacementPolicy, calibration: Calibration | None = None,
+                source: str = "", info: ModelInfo | None = None) -> Placement:
+    """Score with ``policy.selector`` and place."""
+    info = info or recognize(model)
+    scores = score(model, info, policy.selector, calibration, policy.seed)
+    return place(model, info, scores, policy, source)
+
+
+def tag_graph(model: nn.Module, placement: Placement, info: ModelInfo | None = None) -> ExportedProgram:
+    """Canonicalise ``model`` in place to ``placement``, ``torch.export`` it and tag every node's placement."""
+    info = info or recognize(model)
+    canonicalize(model, placement.devices(), info)
+    info = recognize(model)  # module kinds of the canonical model
+    ep = export_model(model)
+    sig = ep.graph_signature
+    fqns = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    annotate = AnnotatePlacementPass(placement, info, fqns, ROOT_PREFIX)
+    result = annotate(ep.graph_module)
+    assert result is not None
+    return ep

@@ -1,0 +1,217 @@
+"""Compute a placement (each routed expert and dense module -> digital | analog, with the reason) and its JSON."""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from .. import __version__
+from ..errors import HetMoEError
+from ..io import atomic_write_text
+from ..models.recognize import ROUTED_EXPERTS, ModelInfo
+from ..scoring.base import Scores
+from .policy import PlacementPolicy, parse_override_key
+from .schema import SCHEMA_VERSION, validate_placement
+
+
+@dataclass
+class ExpertPlacement:
+    id: int
+    score: float
+    device: str
+    reason: str
+
+
+@dataclass
+class LayerPlacement:
+    index: int
+    module: str
+    experts: list[ExpertPlacement]
+
+    def ids(self, device: str) -> list[int]:
+        return [e.id for e in self.experts if e.device == device]
+
+
+@dataclass
+class DensePlacement:
+    module: str
+    kind: str
+    device: str
+    params: int
+
+
+@dataclass
+class Placement:
+    """A complete placement; ``to_dict`` gives the ``placement.json`` document."""
+
+    model: dict
+    policy: PlacementPolicy
+    layers: list[LayerPlacement]
+    dense_modules: list[DensePlacement]
+    parameter_share: dict[str, dict]
+    producer: str = field(default_factory=lambda: f"hetmoe-compile {__version__}")
+    schema_version: str = SCHEMA_VERSION
+
+    def devices(self) -> dict[int, dict[int, str]]:
+        """Decoder layer index -> expert id -> device (the input of :func:`canonicalize`)."""
+        return {l.index: {e.id: e.device for e in l.experts} for l in self.layers}
+
+    def dense_device(self, kind: str) -> str:
+        for d in self.dense_modules:
+            if d.kind == kind:
+                return d.device
+        return self.policy.dense
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "producer": self.producer,
+            "model": self.model,
+            "policy": self.policy.to_dict(),
+            "layers": [asdict(l) for l in self.layers],
+            "dense_modules": [asdict(d) for d in self.dense_modules],
+            "parameter_share": self.parameter_share,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "<placement>") -> "Placement":
+        validate_placement(data, source)
+        return cls(
+            model=data["model"],
+            policy=PlacementPolicy.from_dict(data["policy"]),
+            layers=[
+                LayerPlacement(l["index"], l["module"], [ExpertPlacement(**e) for e in l["experts"]])
+                for l in data["layers"]
+            ],
+            dense_modules=[DensePlacement(**d) for d in data["dense_modules"]],
+            parameter_share=data["parameter_share"],
+            producer=data["producer"],
+            schema_version=data["schema_version"],
+        )
+
+    def save(self, path: str | Path) -> Path:
+        """Validate and write atomically (a temp file renamed into place)."""
+        doc = self.to_dict()
+        validate_placement(doc, str(path))
+        return atomic_write_text(Path(path), json.dumps(doc, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Placement":
+        path = Path(path)
+        if not path.is_file():
+            raise HetMoEError(f"{path}: placement file not found; create one with 'hetmoe-compile place'")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise HetMoEError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        return cls.from_dict(data, str(path))
+
+
+def config_hash(model: nn.Module) -> str:
+    """sha256 of the model config (sorted JSON, without the transformers version)."""
+    cfg = {k: v for k, v in model.config.to_dict().items() if k != "transformers_version"}
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def model_identity(model: nn.Module, info: ModelInfo, source: str) -> dict:
+    return {
+        "source": source,
+        "architecture": info.architecture,
+        "model_type": info.model_type,
+        "family": info.family,
+        "config_sha256": config_hash(model),
+        "num_layers": info.num_layers,
+        "moe_layers": [l.index for l in info.moe_layers],
+        "num_experts": info.moe_layers[0].num_experts,
+        "top_k": info.moe_layers[0].top_k,
+    }
+
+
+def _n_digital(fraction: float, n: int) -> int:
+    return min(n, math.ceil(fraction * n - 1e-9))
+
+
+def place(model: nn.Module, info: ModelInfo, scores: Scores, policy: PlacementPolicy, source: str = "") -> Placement:
+    """Rank experts by ``scores`` and put the top ``digital_fraction`` (per layer or globally) on digital."""
+    policy.validate()
+    for layer in info.moe_layers:
+        got = scores.layers.get(layer.index)
+        if got is None or len(got) != layer.num_experts:
+            raise HetMoEError(f"scores from '{scores.selector}' do not cover layer {layer.index}'s experts")
+    digital: set[tuple[int, int]] = set()
+    rank_note: dict[tuple[int, int], str] = {}
+    sel = scores.selector
+    if policy.scope == "per-layer":
+        for layer in info.moe_layers:
+            s = np.asarray(scores.layers[layer.index], dtype=float)
+            order = sorted(range(layer.num_experts), key=lambda e: (-s[e], e))
+            k = _n_digital(policy.digital_fraction, layer.num_experts)
+            for rank, e in enumerate(order):
+                key = (layer.index, e)
+                if rank < k:
+                    digital.add(key)
+                rank_note[key] = f"rank {rank + 1}/{layer.num_experts} by {sel} in layer {layer.index} (top {k} digital)"
+    else:
+        keys = [(l.index, e) for l in info.moe_layers for e in range(l.num_experts)]
+        order = sorted(keys, key=lambda key: (-float(scores.layers[key[0]][key[1]]), key))
+        k = _n_digital(policy.digital_fraction, len(keys))
+        for rank, key in enumerate(order):
+            if rank < k:
+                digital.add(key)
+            rank_note[key] = f"rank {rank + 1}/{len(keys)} by {sel} over all layers (top {k} digital)"
+    overrides = {parse_override_key(k): v for k, v in policy.overrides.items()}
+    for (li, e) in overrides:
+        if li not in {l.index for l in info.moe_layers} or not 0 <= e < info.layer(li).num_experts:
+            raise HetMoEError(f"override {li}:{e}: no such MoE layer/expert; MoE layers are "
+                              f"{[l.index for l in info.moe_layers]} with {info.moe_layers[0].num_experts} experts")
+    layers = []
+    for layer in info.moe_layers:
+        experts = []
+        for e in range(layer.num_experts):
+            key = (layer.index, e)
+            if key in overrides:
+                device, reason = overrides[key], f"override {layer.index}:{e}={overrides[key]}"
+            else:
+                device = "digital" if key in digital else "analog"
+                reason = rank_note[key]
+            experts.append(ExpertPlacement(e, float(scores.layers[layer.index][e]), device, reason))
+        layers.append(LayerPlacement(layer.index, layer.experts, experts))
+    dense, share = _parameter_accounting(model, info, layers, policy.dense)
+    return Placement(model_identity(model, info, source), policy, layers, dense, share)
+
+
+def _parameter_accounting(model: nn.Module, info: ModelInfo, layers: list[LayerPlacement], dense_device: str):
+    per_module: dict[str, int] = {}
+    expert_params: dict[str, int] = {}
+    for name, p in model.named_parameters():
+        module = name.rsplit(".", 1)[0] if "." in name else ""
+        owner = _owner(module, info)
+        if info.module_kinds.get(owner) == ROUTED_EXPERTS:
+            expert_params[owner] = expert_params.get(owner, 0) + p.numel()
+        else:
+            per_module[owner] = per_module.get(owner, 0) + p.numel()
+    dense = [DensePlacement(m, info.kind_of(m), dense_device, n) for m, n in per_module.items()]
+    totals = {"digital": 0, "analog": 0}
+    for d in dense:
+        totals[d.device] += d.params
+    for layer in layers:
+        per_expert = expert_params[layer.module] // len(layer.experts)
+        for e in layer.experts:
+            totals[e.device] += per_expert
+    total = sum(totals.values())
+    share = {dev: {"params": n, "share": n / total if total else 0.0} for dev, n in totals.items()}
+    return dense, share
+
+
+def _owner(module: str, info: ModelInfo) -> str:
+    path = module
+    while path:
+        if path in info.module_kinds:
+            return path
+        path = path.rsplit(".", 1)[0] if "." in path else ""
+    return module

@@ -1,0 +1,66 @@
+"""Placement policy: how many experts go digital, chosen how, and where dense modules run."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+
+from ..errors import HetMoEError
+
+SCOPES = ("per-layer", "global")
+DEVICES = ("digital", "analog")
+
+
+@dataclass
+class PlacementPolicy:
+    """Digital fraction of routed experts, the selector that ranks them, the scope of the ranking, where dense
+    modules go (``analog`` is the paper's ablation) and per-expert overrides ``{"layer:expert": device}``."""
+
+    digital_fraction: float = 0.25
+    selector: str = "max-neuron-norm"
+    scope: str = "per-layer"
+    dense: str = "digital"
+    overrides: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        f = self.digital_fraction
+        if not isinstance(f, (int, float)) or not 0.0 <= float(f) <= 1.0:
+            raise HetMoEError(f"digital fraction must be in [0, 1], got {f}; e.g. --digital-fraction 0.25")
+        self.digital_fraction = float(f)
+        if self.scope not in SCOPES:
+            raise HetMoEError(f"unknown scope '{self.scope}'; use one of {', '.join(SCOPES)}")
+        if self.dense not in DEVICES:
+            raise HetMoEError(f"unknown dense placement '{self.dense}'; use one of {', '.join(DEVICES)}")
+        for key, device in self.overrides.items():
+            parse_override_key(key)
+            if device not in DEVICES:
+                raise HetMoEError(f"override {key}={device}: device must be one of {', '.join(DEVICES)}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PlacementPolicy":
+        return cls(**data)
+
+
+def parse_override_key(key: str) -> tuple[int, int]:
+    """``"3:17"`` -> (layer 3, expert 17)."""
+    m = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", key)
+    if not m:
+        raise HetMoEError(f"override '{key}': expected LAYER:EXPERT=DEVICE, e.g. 0:5=digital")
+    return int(m.group(1)), int(m.group(2))
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    """``"0:5=digital"`` -> ("0:5", "digital"), validated."""
+    if "=" not in text:
+        raise HetMoEError(f"override '{text}': expected LAYER:EXPERT=DEVICE, e.g. 0:5=digital")
+    key, device = (s.strip() for s in text.split("=", 1))
+    layer, expert = parse_override_key(key)
+    if device not in DEVICES:
+        raise HetMoEError(f"override '{text}': device must be one of {', '.join(DEVICES)}")
+    return f"{layer}:{expert}", device

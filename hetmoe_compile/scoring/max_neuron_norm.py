@@ -1,0 +1,55 @@
+"""The paper's selector: per linear layer of an expert, the largest L2 norm of one neuron's weight vector (a row of
+the ``[out_features, in_features]`` weight); the expert's score is the product over its gate, up and down layers."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..models.adapter import ExpertLayout
+from ..models.recognize import ModelInfo
+from .base import register_selector
+
+
+def max_neuron_norms(experts: nn.Module, layout: ExpertLayout) -> dict[str, torch.Tensor]:
+    """``{"gate"|"up"|"down": [E]}`` largest neuron (row) L2 norm per expert, read from the fused tensors without
+    copying them. Works on a family's experts module and on a canonical :class:`HetExperts`."""
+    from ..expert_group import HetExperts
+
+    with torch.no_grad():
+        if isinstance(experts, HetExperts):
+            parts = [(g.expert_ids, max_neuron_norms_canonical(g.gate_up, g.down)) for g in experts.groups.values()]
+            out = {k: torch.empty(experts.num_experts, dtype=torch.float64) for k in ("gate", "up", "down")}
+            for ids, norms in parts:
+                for k in out:
+                    out[k][ids.cpu()] = norms[k].cpu()
+            return out
+        gate_up, down = experts.gate_up_proj, experts.down_proj
+        if layout.transposed:  # [E, in, out]: a neuron is a column
+            gu_rows = torch.linalg.vector_norm(gate_up, dim=1, dtype=torch.float64)  # [E, 2I]
+            down_rows = torch.linalg.vector_norm(down, dim=1, dtype=torch.float64)  # [E, H]
+        else:
+            gu_rows = torch.linalg.vector_norm(gate_up, dim=2, dtype=torch.float64)
+            down_rows = torch.linalg.vector_norm(down, dim=2, dtype=torch.float64)
+        if layout.interleaved:
+            gate_rows, up_rows = gu_rows[:, 0::2], gu_rows[:, 1::2]
+        else:
+            gate_rows, up_rows = gu_rows.chunk(2, dim=1)
+        return {"gate": gate_rows.amax(1), "up": up_rows.amax(1), "down": down_rows.amax(1)}
+
+
+def max_neuron_norms_canonical(gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Same as :func:`max_neuron_norms` for canonical ``gate_up [n, 2I, H]``, ``down [n, H, I]``."""
+    gu_rows = torch.linalg.vector_norm(gate_up, dim=2, dtype=torch.float64)
+    gate_rows, up_rows = gu_rows.chunk(2, dim=1)
+    down_rows = torch.linalg.vector_norm(down, dim=2, dtype=torch.float64)
+    return {"gate": gate_rows.amax(1), "up": up_rows.amax(1), "down": down_rows.amax(1)}
+
+
+@register_selector("max-neuron-norm", False, "product over gate/up/down of the largest neuron L2 norm (the paper's)")
+def score_max_neuron_norm(model: nn.Module, info: ModelInfo, calibration=None, seed: int = 0) -> dict[int, np.ndarray]:
+    out = {}
+    for layer in info.moe_layers:
+        norms = max_neuron_norms(model.get_submodule(layer.experts), info.adapter.layout)
+        out[layer.index] = (norms["gate"] * norms["up"] * norms["down"]).cpu().numpy()
+    return out
