@@ -21,7 +21,7 @@ $(STAMP): constraints.txt requirements.txt pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/hetmoe-compile analyze $(DEMO_MODEL) --out $(OUT)
+	$(VENV)/bin/hetmoe-compile analyze $(DEMO_MODEL) --out $(OUT) --calib examples/calibration.txt
 	$(VENV)/bin/hetmoe-compile place $(DEMO_MODEL) --digital-fraction 0.25 --out $(OUT)/placement.json
 	@echo
 	@echo "Demo outputs are in $(OUT)/: scores.json, scores.png, placement.json"

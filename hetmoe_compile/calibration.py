@@ -34,7 +34,10 @@ class Calibration:
         return self.input_ids.numel()
 
     def routing(self, model: nn.Module, info: ModelInfo, batch_size: int = 8) -> dict[int, RoutingCapture]:
-        """Run the model once over the windows and capture each MoE layer's experts inputs (cached)."""
+        """Run the model once over the windows and capture each MoE layer's experts inputs.
+
+        Cached per model object: after changing a model's weights in place, use a new :class:`Calibration`.
+        """
         key = id(model)
         if key not in self._routing:
             self._routing[key] = capture_routing(model, info, self.input_ids, batch_size)

@@ -34,6 +34,7 @@ def canonicalize(model: nn.Module, devices: DeviceMap | None = None, info: Model
     re-split to the new devices. Returns ``model``.
     """
     info = info or recognize(model)
+    _check_devices(devices or {}, info)
     act_name, alpha, limit = _act_params(model)
     layout = info.adapter.layout
     for layer in info.moe_layers:
@@ -58,6 +59,17 @@ def canonicalize(model: nn.Module, devices: DeviceMap | None = None, info: Model
         parent_path, attr = layer.experts.rsplit(".", 1)
         setattr(model.get_submodule(parent_path), attr, HetExperts(groups, layer.num_experts, layer.index))
     return model
+
+
+def _check_devices(devices: DeviceMap, info: ModelInfo) -> None:
+    """Reject keys that would otherwise be ignored silently (and leave experts digital)."""
+    layers = {l.index: l.num_experts for l in info.moe_layers}
+    for layer, experts in devices.items():
+        if not isinstance(layer, int) or layer not in layers:
+            raise ValueError(f"device map names layer {layer!r}, but the MoE layers are {sorted(layers)} (int keys)")
+        for e in experts:
+            if not isinstance(e, int) or not 0 <= e < layers[layer]:
+                raise ValueError(f"device map names expert {e!r} of layer {layer}; experts are 0..{layers[layer] - 1}")
 
 
 class _Fused(nn.Module):

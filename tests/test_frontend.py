@@ -43,6 +43,15 @@ EXPECTED = {
 PARITY_TOL = 1e-5
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """The models are tiny: one intra-op thread is as fast, and avoids OpenMP spin-waiting on a busy 2-core box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _input_ids(seed: int = 0, batch: int = 2, seq: int = 12) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(2, 128, (batch, seq), generator=gen)
@@ -526,3 +535,12 @@ def test_reference_model_recognized(ref_model):
         assert layer.intermediate_size == 128
         assert layer.shared == ()
     assert not ref_model.training
+
+
+def test_reference_model_canonical_parity(ref_model):
+    model = load_model(str(REF_MODEL))  # a private copy: canonicalize works in place
+    info = recognize(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    ref = _logits(model, ids)
+    canonicalize(model, _split(info, "random", seed=0))
+    assert (_logits(model, ids) - ref).abs().max().item() <= PARITY_TOL * max(1.0, ref.abs().max().item())

@@ -106,3 +106,13 @@ def test_json_round_trip_and_schema(olmoe, tmp_path):
         validate_placement(bad)
     with pytest.raises(HetMoEError, match="schema version 2.0 is not supported"):
         validate_placement(dict(doc, schema_version="2.0"))
+
+
+def test_canonicalize_rejects_device_maps_it_would_ignore():
+    from hetmoe_compile.canonicalize import canonicalize
+
+    model = tiny_model("olmoe")
+    with pytest.raises(ValueError, match="names layer '0'"):
+        canonicalize(model, {"0": {3: "analog"}})
+    with pytest.raises(ValueError, match="names expert 99 of layer 0"):
+        canonicalize(model, {0: {99: "analog"}})

@@ -11,6 +11,14 @@ from ..models.recognize import ModelInfo
 from .base import register_selector
 
 
+def _row_norms(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """L2 norms along ``dim`` in the tensor's own dtype (float32 for half types), returned as float64.
+
+    Passing ``dtype=float64`` to ``vector_norm`` would materialise a float64 copy of the whole fused tensor."""
+    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
+    return torch.linalg.vector_norm(t, dim=dim, dtype=acc).double()
+
+
 def max_neuron_norms(experts: nn.Module, layout: ExpertLayout) -> dict[str, torch.Tensor]:
     """``{"gate"|"up"|"down": [E]}`` largest neuron (row) L2 norm per expert, read from the fused tensors without
     copying them. Works on a family's experts module and on a canonical :class:`HetExperts`."""
@@ -26,11 +34,11 @@ def max_neuron_norms(experts: nn.Module, layout: ExpertLayout) -> dict[str, torc
             return out
         gate_up, down = experts.gate_up_proj, experts.down_proj
         if layout.transposed:  # [E, in, out]: a neuron is a column
-            gu_rows = torch.linalg.vector_norm(gate_up, dim=1, dtype=torch.float64)  # [E, 2I]
-            down_rows = torch.linalg.vector_norm(down, dim=1, dtype=torch.float64)  # [E, H]
+            gu_rows = _row_norms(gate_up, 1)  # [E, 2I]
+            down_rows = _row_norms(down, 1)  # [E, H]
         else:
-            gu_rows = torch.linalg.vector_norm(gate_up, dim=2, dtype=torch.float64)
-            down_rows = torch.linalg.vector_norm(down, dim=2, dtype=torch.float64)
+            gu_rows = _row_norms(gate_up, 2)
+            down_rows = _row_norms(down, 2)
         if layout.interleaved:
             gate_rows, up_rows = gu_rows[:, 0::2], gu_rows[:, 1::2]
         else:
@@ -40,9 +48,9 @@ def max_neuron_norms(experts: nn.Module, layout: ExpertLayout) -> dict[str, torc
 
 def max_neuron_norms_canonical(gate_up: torch.Tensor, down: torch.Tensor) -> dict[str, torch.Tensor]:
     """Same as :func:`max_neuron_norms` for canonical ``gate_up [n, 2I, H]``, ``down [n, H, I]``."""
-    gu_rows = torch.linalg.vector_norm(gate_up, dim=2, dtype=torch.float64)
+    gu_rows = _row_norms(gate_up, 2)
     gate_rows, up_rows = gu_rows.chunk(2, dim=1)
-    down_rows = torch.linalg.vector_norm(down, dim=2, dtype=torch.float64)
+    down_rows = _row_norms(down, 2)
     return {"gate": gate_rows.amax(1), "up": up_rows.amax(1), "down": down_rows.amax(1)}
 
 
