@@ -14,13 +14,17 @@ from .placement.policy import SCOPES, PlacementPolicy, parse_override
 EXIT_USAGE = 2
 
 
+class _ArgError(argparse.ArgumentTypeError, HetMoEError):
+    """A bad option value: argparse reports it at parse time, other callers get a HetMoEError."""
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a number; give a fraction in [0, 1], e.g. 0.25") from None
+        raise _ArgError(f"'{text}' is not a number; give a fraction in [0, 1], e.g. 0.25") from None
     if not 0.0 <= value <= 1.0 or math.isnan(value):
-        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]; give a fraction of experts, e.g. 0.25")
+        raise _ArgError(f"{value} is outside [0, 1]; give a fraction of experts, e.g. 0.25")
     return value
 
 
@@ -82,7 +86,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="FILE", help="placement JSON to write")
     p.add_argument("--no-graph", action="store_true", help="skip torch.export and node tagging")
     p.add_argument("--verbose", action="store_true", help="list every graph node with its placement and reason")
+
+    e = sub.add_parser("eval", help="perplexity / task accuracy of a placement under simulated AIMC noise")
+    _add_model_args(e)
+    how = e.add_mutually_exclusive_group(required=True)
+    how.add_argument("--placement", metavar="FILE", help="a placement.json from 'place'")
+    how.add_argument("--digital-fraction", type=_fraction, metavar="F", help="place on the fly with --selector")
+    e.add_argument("--selector", default="max-neuron-norm", metavar="NAME", help="with --digital-fraction")
+    e.add_argument("--dense", choices=["digital", "analog"], default=None,
+                   help="dense modules (default: the placement's, else digital)")
+    _add_noise_args(e)
+    e.add_argument("--out", required=True, metavar="FILE", help="results JSON to write")
+
+    w = sub.add_parser("sweep", help="evaluate fractions x selectors; write results.json, results.md and plots")
+    _add_model_args(w)
+    w.add_argument("--fractions", default="0,0.125,0.25,0.5,1", metavar="LIST", help="digital fractions")
+    w.add_argument("--selectors", default="max-neuron-norm,router-norm,random", metavar="LIST",
+                   help="comma-separated selectors (data-driven ones need --calib)")
+    w.add_argument("--no-ablation", action="store_true", help="skip the dense-modules-on-analog ablation rows")
+    _add_noise_args(w)
+    w.add_argument("--out", required=True, metavar="DIR", help="output directory")
     return parser
+
+
+def _add_noise_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--noise", default="pcm", metavar="PRESET", help="pcm (default), dac-adc, gaussian or ideal")
+    p.add_argument("--noise-scale", type=float, default=None, metavar="C", help="multiply the weight noise by C")
+    p.add_argument("--t-inference", type=float, default=None, metavar="S", help="seconds after programming (3600)")
+    p.add_argument("--seeds", type=int, default=3, metavar="N", help="hardware instances to average (default 3)")
+    p.add_argument("--ppl", metavar="TEXTFILE", help="measure perplexity of this text")
+    p.add_argument("--ppl-tokens", type=_positive_int, default=None, metavar="N", help="first N tokens only")
+    p.add_argument("--tasks", default="", metavar="LIST", help="comma-separated tasks, e.g. piqa,arc_easy")
+    p.add_argument("--tasks-dir", metavar="DIR", help="folder with <task>.jsonl files")
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="first N examples per task")
+    p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N")
+
+
+def _noise_and_spec(args):
+    from .analog.config import analog_config
+    from .evaluation import EvalSpec, prepare
+
+    cfg = analog_config(args.noise, args.noise_scale, args.t_inference)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    spec = EvalSpec(args.ppl, args.ppl_tokens, tasks, args.tasks_dir, args.limit, args.seeds, args.batch_size)
+    return cfg, spec, prepare(spec)
+
+
+def _list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise HetMoEError(f"--{what}: empty list")
+    return items
 
 
 def _device(name: str) -> str:
@@ -201,11 +255,86 @@ def cmd_place(args) -> int:
     return 0
 
 
+def cmd_eval(args) -> int:
+    from .canonicalize import canonicalize
+    from .evaluation import check_placement_matches, evaluate_under_noise
+    from .io import atomic_write_text
+    from .models import load_tokenizer
+    from .pipeline import place_model
+    from .placement import Placement
+    from .report import format_table
+    from .scoring import check_selectors
+
+    cfg, spec, prepared = _noise_and_spec(args)
+    placement = Placement.load(args.placement) if args.placement else None
+    if placement is None:
+        check_selectors([args.selector], bool(args.calib))
+    out = Path(args.out)
+    if out.is_dir():
+        raise HetMoEError(f"--out {out}: is a directory; give a file path such as {out / 'results.json'}")
+    model, info, calibration = _load(args)
+    tokenizer = load_tokenizer(args.model)
+    if placement is None:
+        dense = args.dense or "digital"
+        placement = place_model(model, PlacementPolicy(args.digital_fraction, args.selector, dense=dense, seed=args.seed),
+                                calibration, args.model, info)
+    else:
+        check_placement_matches(placement.model, model, args.placement)
+        dense = args.dense or placement.policy.dense
+    canonicalize(model, placement.devices(), info)
+    has_analog = any(l.ids("analog") for l in placement.layers)
+    metrics = evaluate_under_noise(model, info, tokenizer, cfg, spec, prepared, dense, has_analog)
+    doc = {
+        "producer": f"hetmoe-compile {__version__}",
+        "model": placement.model,
+        "policy": {**placement.policy.to_dict(), "dense": dense},
+        "analog": cfg.to_dict(),
+        "seeds": spec.seeds,
+        "ppl_text": spec.ppl_path,
+        "ppl_tokens": spec.ppl_tokens,
+        "tasks": spec.tasks,
+        "limit": spec.limit,
+        "metrics": metrics,
+    }
+    atomic_write_text(out, json.dumps(doc, indent=2) + "\n")
+    print(format_table(["metric", "mean", "std", "seeds"],
+                       [[k, f"{v['mean']:.4f}", f"{v['std']:.4f}", len(v["values"])] for k, v in metrics.items()]))
+    print(f"\nwrote {out}")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .models import load_tokenizer
+    from .placement.placement import model_identity
+    from .scoring import check_selectors
+    from .sweep import results_markdown, run_sweep, write_sweep
+
+    fractions = sorted({_fraction(f) for f in _list(args.fractions, "fractions")})
+    selectors_ = _list(args.selectors, "selectors")
+    check_selectors(selectors_, bool(args.calib))
+    cfg, spec, prepared = _noise_and_spec(args)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise HetMoEError(f"--out {out}: exists and is not a directory; choose a directory path")
+    model, info, calibration = _load(args)
+    tokenizer = load_tokenizer(args.model)
+    rows = run_sweep(model, info, tokenizer, fractions, selectors_, cfg, spec, calibration, not args.no_ablation,
+                     prepared)
+    meta = {"producer": f"hetmoe-compile {__version__}", "model": model_identity(model, info, args.model),
+            "fractions": fractions, "selectors": selectors_, "ppl_text": spec.ppl_path, "ppl_tokens": spec.ppl_tokens,
+            "tasks": spec.tasks, "limit": spec.limit}
+    written = write_sweep(out, rows, cfg, spec, meta)
+    print(results_markdown(rows, cfg, spec.seeds))
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return {"analyze": cmd_analyze, "place": cmd_place}[args.command](args)
+        commands = {"analyze": cmd_analyze, "place": cmd_place, "eval": cmd_eval, "sweep": cmd_sweep}
+        return commands[args.command](args)
     except HetMoEError as exc:
         print(f"hetmoe-compile {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -1,0 +1,141 @@
+"""Speed of the AIMC simulation, side by side in one run (reference model; demo model without ../shared):
+
+1. forward of the simulated model (25 % digital, pcm) against the clean canonical model (target <= 1.3x);
+2. programming all analog experts (vectorised, hetmoe-compile) against building and programming one aihwkit
+   ``TorchInferenceRPUConfig`` layer per expert weight slice with the same statistics (target >= 20x);
+3. the whole simulated model against aihwkit's ``convert_to_analog`` on an equivalent model holding one
+   ``nn.Linear`` per expert weight (forward over the same tokens).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+REF = REPO.parent / "shared" / "models" / "olmoe-ref"
+
+
+def timed(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+class LinearExperts(nn.Module):
+    """An experts module with one nn.Linear per expert weight (gate, up, down), for aihwkit's convert_to_analog."""
+
+    def __init__(self, group) -> None:
+        super().__init__()
+        self.ids = group.ids
+        self.gate_up = nn.ModuleList()
+        self.down = nn.ModuleList()
+        for local in range(len(self.ids)):
+            gu, dn = group.gate_up[local], group.down[local]
+            a = nn.Linear(gu.shape[1], gu.shape[0], bias=False)
+            b = nn.Linear(dn.shape[1], dn.shape[0], bias=False)
+            a.weight.data.copy_(gu)
+            b.weight.data.copy_(dn)
+            self.gate_up.append(a)
+            self.down.append(b)
+        self.num_experts = group.num_experts
+
+    def forward(self, hidden, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden)
+        for local, e in enumerate(self.ids):
+            tok, slot = torch.nonzero(top_k_index == e, as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            gate, up = self.gate_up[local](hidden[tok]).chunk(2, dim=-1)
+            y = self.down[local](nn.functional.silu(gate) * up)
+            out.index_add_(0, tok, y * top_k_weights[tok, slot, None])
+        return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", default=str(REF if REF.is_dir() else REPO / "examples" / "olmoe-demo"))
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=5)
+    ap.add_argument("--aihwkit-slices", type=int, default=8, help="expert weight slices to build with aihwkit")
+    args = ap.parse_args()
+
+    from aihwkit.nn.conversion import convert_to_analog
+
+    from hetmoe_compile.analog import analog_config, simulate
+    from hetmoe_compile.analog.aihwkit_reference import aihwkit_linear, aihwkit_rpu_config
+    from hetmoe_compile.analog.expert_group_op import program_group
+    from hetmoe_compile.canonicalize import canonicalize
+    from hetmoe_compile.models import load_model, recognize
+    from hetmoe_compile.pipeline import place_model
+    from hetmoe_compile.placement import PlacementPolicy
+    from hetmoe_compile.report import format_table
+
+    torch.manual_seed(0)
+    model = load_model(args.model)
+    info = recognize(model)
+    placement = place_model(model, PlacementPolicy(0.25), info=info)
+    canonicalize(model, placement.devices(), info)
+    cfg = analog_config("pcm")
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
+    print(f"model {args.model}: {len(info.moe_layers)} MoE layers x {info.moe_layers[0].num_experts} experts, "
+          f"25% digital; forward on {args.batch}x{args.seq} tokens; {torch.get_num_threads()} threads")
+
+    def forward():
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+
+    clean = timed(forward, args.repeat)
+    simulate(model, cfg, seed=0)
+    sim = timed(forward, args.repeat)
+
+    # 2. programming: all analog experts (ours) vs aihwkit layers per expert weight slice
+    groups = [model.get_submodule(l.experts).groups["analog"] for l in info.moe_layers]
+    slices = sum(2 * len(g.ids) for g in groups)
+    t = time.perf_counter()
+    for layer, g in zip(info.moe_layers, groups):
+        program_group(g.source.gate_up, g.source.down, g.source.expert_ids, cfg, 1, layer.index)
+    ours_prog = time.perf_counter() - t
+    src = groups[0].source
+    n = min(args.aihwkit_slices, 2 * len(src.ids))
+    t = time.perf_counter()
+    for k in range(n):
+        w = src.gate_up[k // 2] if k % 2 == 0 else src.down[k // 2]
+        aihwkit_linear(w, cfg, seed=k)
+    aihwkit_per_slice = (time.perf_counter() - t) / n
+    aihwkit_prog = aihwkit_per_slice * slices
+
+    # 3. whole simulated model vs aihwkit convert_to_analog on an equivalent nn.Linear-per-expert model
+    for layer, g in zip(info.moe_layers, groups):
+        het = model.get_submodule(layer.experts)
+        het.groups["analog"] = convert_to_analog(LinearExperts(g.source), aihwkit_rpu_config(cfg)).eval()
+        het.groups["analog"].drift_analog_weights(cfg.t_inference)
+    aihwkit_fwd = timed(forward, max(1, args.repeat // 2))
+
+    rows = [
+        ["forward: clean canonical model", f"{clean * 1e3:.0f} ms", "1.00x"],
+        ["forward: simulated (hetmoe-compile, pcm)", f"{sim * 1e3:.0f} ms", f"{sim / clean:.2f}x"],
+        ["forward: aihwkit convert_to_analog (per-expert nn.Linear)", f"{aihwkit_fwd * 1e3:.0f} ms",
+         f"{aihwkit_fwd / clean:.2f}x"],
+        [f"program {slices} analog expert slices: hetmoe-compile", f"{ours_prog:.3f} s", "1.00x"],
+        [f"program {slices} slices: aihwkit per slice (timed on {n})", f"{aihwkit_prog:.3f} s",
+         f"{aihwkit_prog / ours_prog:.1f}x"],
+    ]
+    print(format_table(["measurement", "time", "ratio"], rows))
+    print(f"simulated / clean forward: {sim / clean:.2f}x; aihwkit / hetmoe-compile simulated forward: "
+          f"{aihwkit_fwd / sim:.2f}x; programming speed-up: {aihwkit_prog / ours_prog:.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Analog (AIMC) hardware configuration and its presets.
+
+Sources: the periphery follows aihwkit's ``StandardHWATrainingPreset`` (8-bit DAC and ADC, ``inp_res = out_res =
+1/254``, output noise 0.04, output bound 10, per-column weight scaling, 512x512 tiles, ``PCMLikeNoiseModel``,
+``GlobalDriftCompensation``) with abs-max noise management and no bound management (iterative bound management
+needs data-dependent control flow); the paper used 8-bit converters, 512x512 tiles and PCM programming noise.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+
+from ..errors import HetMoEError
+
+
+@dataclass(frozen=True)
+class AnalogConfig:
+    """What the simulated AIMC tiles do. ``noise_scale`` multiplies the weight noise (PCM programming noise, or
+    the Gaussian sigma); the paper used 1.5 and 2.5."""
+
+    preset: str = "pcm"
+    programming_noise: bool = True
+    drift: bool = True
+    drift_compensation: bool = True
+    noise_scale: float = 1.0
+    t_inference: float = 3600.0
+    gaussian_sigma: float = 0.0
+    dac_bits: int = 8
+    adc_bits: int = 8
+    out_noise: float = 0.04
+    out_bound: float = 10.0
+    tile_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.noise_scale < 0:
+            raise HetMoEError(f"noise scale must be >= 0, got {self.noise_scale}")
+        if not self.t_inference > 0:
+            raise HetMoEError(f"t_inference must be > 0 seconds, got {self.t_inference}; the default is 3600")
+        if self.gaussian_sigma < 0 or self.out_noise < 0 or self.out_bound <= 0:
+            raise HetMoEError("gaussian_sigma and out_noise must be >= 0 and out_bound > 0")
+        for name in ("dac_bits", "adc_bits"):
+            bits = getattr(self, name)
+            if bits != 0 and not 2 <= bits <= 24:
+                raise HetMoEError(f"{name} must be 0 (no quantisation) or in 2..24, got {bits}")
+        if self.tile_size < 1:
+            raise HetMoEError(f"tile_size must be >= 1, got {self.tile_size}")
+
+    @property
+    def is_ideal(self) -> bool:
+        """No noise and no quantisation: the analog op equals the digital one."""
+        return (not self.programming_noise and not self.drift and self.gaussian_sigma == 0 and self.dac_bits == 0
+                and self.adc_bits == 0 and self.out_noise == 0)
+
+    @property
+    def inp_res(self) -> float:
+        """DAC step in units of the input bound (aihwkit's ``inp_res``); 0 = no quantisation."""
+        return 1.0 / (2**self.dac_bits - 2) if self.dac_bits else 0.0
+
+    @property
+    def out_res(self) -> float:
+        return 1.0 / (2**self.adc_bits - 2) if self.adc_bits else 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AnalogConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise HetMoEError(f"unknown analog config key(s) {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AnalogConfig":
+        return cls.from_dict(json.loads(text))
+
+
+PRESETS: dict[str, AnalogConfig] = {
+    "pcm": AnalogConfig(),
+    "dac-adc": AnalogConfig(preset="dac-adc", programming_noise=False, drift=False, drift_compensation=False),
+    "gaussian": AnalogConfig(preset="gaussian", programming_noise=False, drift=False, drift_compensation=False,
+                             gaussian_sigma=0.05, dac_bits=0, adc_bits=0, out_noise=0.0),
+    "ideal": AnalogConfig(preset="ideal", programming_noise=False, drift=False, drift_compensation=False,
+                          dac_bits=0, adc_bits=0, out_noise=0.0),
+}
+PRESET_SUMMARIES = {
+    "pcm": "PCM programming noise, drift + read noise to t_inference, global drift compensation, 8-bit DAC/ADC, "
+           "output noise, 512x512 tiles, per-row scaling (default)",
+    "dac-adc": "8-bit DAC/ADC quantisation and output noise only; weights exact",
+    "gaussian": "additive weight noise, std = sigma x the row's abs-max (sigma 0.05)",
+    "ideal": "no noise, no quantisation: reproduces the digital model",
+}
+
+
+def analog_config(preset: str = "pcm", noise_scale: float | None = None, t_inference: float | None = None,
+                  **overrides) -> AnalogConfig:
+    """A preset, optionally with ``noise_scale``, ``t_inference`` or any other field changed."""
+    if preset not in PRESETS:
+        raise HetMoEError(f"unknown noise preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    changes = dict(overrides)
+    if noise_scale is not None:
+        changes["noise_scale"] = float(noise_scale)
+    if t_inference is not None:
+        changes["t_inference"] = float(t_inference)
+    return replace(PRESETS[preset], **changes)

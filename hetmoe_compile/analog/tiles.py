@@ -1,0 +1,155 @@
+"""Program weight matrices onto simulated AIMC tiles (vectorised) and run noisy tiled MVMs.
+
+A matrix ``W [out, in]`` is cut into ``ceil(n / tile_size)`` equal column blocks (inputs) and row blocks (outputs), as
+aihwkit's ``TileModuleArray`` does. Each row of each tile is mapped to conductances on its own scale (its abs-max:
+aihwkit's ``weight_scaling_columnwise``), programmed with the noise model, drifted to ``t_inference`` with read
+noise, and compensated by one global factor per tile (aihwkit's ``GlobalDriftCompensation``, using its expected
+read-out). The MVM applies per-token abs-max noise management and DAC quantisation per tile, output noise, ADC
+quantisation and clipping per tile, and sums the tiles' partial outputs digitally.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .config import AnalogConfig
+
+
+class Periphery(NamedTuple):
+    """DAC/ADC and output-noise settings of a tiled MVM (floats, so they can travel as custom-op arguments)."""
+
+    inp_res: float
+    out_res: float
+    out_noise: float
+    out_bound: float
+
+    @classmethod
+    def of(cls, cfg: AnalogConfig) -> "Periphery":
+        return cls(cfg.inp_res, cfg.out_res, cfg.out_noise, cfg.out_bound)
+
+
+class ProgrammedMatrix(NamedTuple):
+    """One matrix on tiles: normalised conductance-domain weights and the per-(row, tile) output scale."""
+
+    weight: torch.Tensor  # [out, C, T]: programmed (noisy, drifted) weights, each (row, tile) in [-1, 1]
+    scale: torch.Tensor  # [out, C]: row abs-max x drift compensation, to bring outputs back to weight units
+
+
+def _pcm_model(cfg: AnalogConfig):
+    from aihwkit.inference import PCMLikeNoiseModel
+
+    return PCMLikeNoiseModel(prog_noise_scale=cfg.noise_scale)
+
+
+def split_sizes(n: int, tile: int) -> tuple[int, int]:
+    """``(count, size)``: ``n`` cut into ``ceil(n / tile)`` equal tiles, as aihwkit's ``TileModuleArray`` does."""
+    count = -(-n // tile)
+    return count, -(-n // count)
+
+
+def _tiles(w: torch.Tensor, tile: int) -> torch.Tensor:
+    """``[..., out, in] -> [..., out, C, T]`` with zero padding of the last input tile."""
+    n_in = w.shape[-1]
+    c, t = split_sizes(n_in, tile)
+    if c * t != n_in:
+        w = F.pad(w, (0, c * t - n_in))
+    return w.reshape(*w.shape[:-1], c, t)
+
+
+def program_matrix(weight: torch.Tensor, cfg: AnalogConfig, seed: int) -> ProgrammedMatrix:
+    """Program ``weight [out, in]`` (one hardware instance given by ``seed``); float32, weight's device."""
+    w = _tiles(weight.detach().to(torch.float32), cfg.tile_size)  # [out, C, T]
+    row_max = w.abs().amax(-1)  # [out, C]
+    scale = torch.where(row_max > 0, row_max, torch.ones_like(row_max))
+    target = w / scale[..., None]
+    valid = _tiles(torch.ones_like(weight[:1], dtype=torch.float32), cfg.tile_size)[0]  # [C, T] 1 = real column
+    programmed = target
+    if cfg.programming_noise or cfg.drift or cfg.gaussian_sigma > 0:
+        with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            if cfg.programming_noise or cfg.drift:
+                model = _pcm_model(cfg)
+                if cfg.programming_noise:
+                    programmed, nu = model.apply_programming_noise(target)
+                else:
+                    g, _ = model.g_converter.convert_to_conductances(target)
+                    nu = [model.generate_drift_coefficients(x) for x in g]
+                baseline = _mean_abs_per_tile(programmed, valid, cfg.tile_size)
+                if cfg.drift:
+                    programmed = model.apply_drift_noise(programmed, nu, cfg.t_inference)
+                if cfg.drift_compensation:
+                    current = _mean_abs_per_tile(programmed, valid, cfg.tile_size).clamp(min=1e-4)
+                    scale = scale * _per_row(baseline / current, cfg.tile_size, w.shape[0])
+            if cfg.gaussian_sigma > 0:
+                programmed = programmed + cfg.gaussian_sigma * cfg.noise_scale * torch.randn_like(programmed)
+        programmed = programmed * valid  # padding carries no conductance
+    return ProgrammedMatrix(programmed.contiguous(), scale.contiguous())
+
+
+def _row_tile_index(out: int, tile: int, device: torch.device) -> torch.Tensor:
+    return torch.arange(out, device=device) // split_sizes(out, tile)[1]
+
+
+def _mean_abs_per_tile(w: torch.Tensor, valid: torch.Tensor, tile: int) -> torch.Tensor:
+    """Mean |w| over each (row tile, column tile) of ``w [out, C, T]`` -> ``[R, C]``, padding excluded: the
+    expected read-out of aihwkit's ``GlobalDriftCompensation`` (one-hot inputs, mean absolute output)."""
+    out = w.shape[0]
+    rows = _row_tile_index(out, tile, w.device)
+    r = int(rows[-1]) + 1
+    per_row = (w.abs() * valid).sum(-1)  # [out, C]
+    sums = torch.zeros(r, w.shape[1], device=w.device, dtype=w.dtype).index_add_(0, rows, per_row)
+    counts = torch.bincount(rows, minlength=r).to(w.dtype)[:, None] * valid.sum(-1)[None, :]
+    return sums / counts
+
+
+def _per_row(ratio: torch.Tensor, tile: int, out: int) -> torch.Tensor:
+    """``[R, C]`` per-tile values -> ``[out, C]`` per row."""
+    return ratio[_row_tile_index(out, tile, ratio.device)]
+
+
+def quantize(x: torch.Tensor, res: float, bound: float) -> torch.Tensor:
+    """aihwkit's ``UniformQuantize`` (round to nearest; step ``res * 2 * bound``) followed by clipping."""
+    if res > 0:
+        step = res * 2 * bound
+        x = torch.round(x / step) * step
+    return x.clamp(-bound, bound)
+
+
+def analog_matmul(x: torch.Tensor, prog: ProgrammedMatrix, cfg: AnalogConfig | Periphery,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x [n, in] @ W.T`` through the tiles of ``prog``; returns ``[n, out]`` in ``x``'s dtype.
+
+    Same arithmetic as aihwkit's forward (abs-max noise management, uniform quantisation, output noise, clipping),
+    arranged for few passes over memory: inputs are quantised to integer DAC levels, the tile computes in level
+    units, and one multiply per output maps ADC levels back to weight units."""
+    cfg = Periphery.of(cfg) if isinstance(cfg, AnalogConfig) else cfg
+    w = prog.weight  # [out, C, T]
+    out_f, c, t = w.shape
+    xf = x.to(torch.float32)
+    if c * t != xf.shape[-1]:
+        xf = F.pad(xf, (0, c * t - xf.shape[-1]))
+    xt = xf.reshape(-1, c, t).transpose(0, 1)  # [C, n, T]
+    nm = torch.linalg.vector_norm(xt, ord=float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)  # abs-max per tile
+    in_step = cfg.inp_res * 2.0 if cfg.inp_res > 0 else 1.0  # DAC step relative to the input bound (1)
+    xq = xt / (nm * in_step)
+    if cfg.inp_res > 0:
+        xq.round_()  # integer DAC levels; |level| <= 1 / inp_res / 2 since |x / nm| <= 1
+    y = torch.bmm(xq, w.permute(1, 2, 0))  # [C, n, out], in units of in_step
+    if cfg.out_res > 0 or cfg.out_noise > 0:
+        out_step = cfg.out_res * 2.0 * cfg.out_bound if cfg.out_res > 0 else 1.0
+        y.mul_(in_step / out_step)  # now in ADC levels
+        if cfg.out_noise > 0:
+            noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+            y.add_(noise, alpha=cfg.out_noise / out_step)
+        if cfg.out_res > 0:
+            y.round_()
+        limit = cfg.out_bound / out_step
+        y.clamp_(-limit, limit)
+        unit = out_step
+    else:
+        unit = in_step
+    y.mul_(nm).mul_(prog.scale.T[:, None, :] * unit)
+    y = y[0] if c == 1 else y.sum(0)  # digital sum of the tiles' partial outputs
+    return y.to(x.dtype)

@@ -1,0 +1,30 @@
+"""Small helpers shared by the evaluators: where the model lives, how long its context is, plain token ids."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+DEFAULT_MAX_POSITIONS = 2048
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (CPU for a parameter-less model)."""
+    try:
+        return next(model.parameters()).device
+    except (StopIteration, AttributeError):
+        return torch.device("cpu")
+
+
+def max_positions(model: nn.Module) -> int:
+    """The longest input the model takes: ``config.max_position_embeddings`` (or ``n_positions``), else 2048."""
+    config = getattr(model, "config", None)
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return DEFAULT_MAX_POSITIONS
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without special tokens."""
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])

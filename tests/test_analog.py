@@ -1,0 +1,218 @@
+"""AIMC simulation: presets, programming, the tiled MVM against aihwkit, the analog expert-group op, simulate()
+and the rewrite_analog graph pass."""
+import numpy as np
+import pytest
+import torch
+
+from hetmoe_compile.analog import (AnalogConfig, analog_config, analog_matmul, program_matrix, restore_digital,
+                                   simulate)
+from hetmoe_compile.analog.aihwkit_reference import aihwkit_linear
+from hetmoe_compile.analog.expert_group_op import program_group
+from hetmoe_compile.analog.tiles import split_sizes
+from hetmoe_compile.canonicalize import canonicalize
+from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.models import recognize
+from hetmoe_compile.models.tiny import TINY_CONFIGS, tiny_model
+from hetmoe_compile.passes import PLACEMENT_META, RewriteAnalogPass, is_expert_group
+from hetmoe_compile.pipeline import place_model, tag_graph
+from hetmoe_compile.placement import PlacementPolicy
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _rel(y, ref):
+    return ((y - ref).norm() / ref.norm()).item()
+
+
+# ---- configuration -------------------------------------------------------------------------------------------
+
+def test_presets_and_json_round_trip():
+    for name in ("pcm", "dac-adc", "gaussian", "ideal"):
+        cfg = analog_config(name, noise_scale=1.5, t_inference=86400)
+        assert AnalogConfig.from_json(cfg.to_json()) == cfg
+    assert analog_config("ideal").is_ideal and not analog_config("pcm").is_ideal
+    assert analog_config("pcm").dac_bits == 8 and analog_config("pcm").tile_size == 512
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(preset="magic"), "unknown noise preset 'magic'; choose one of pcm, dac-adc, gaussian, ideal"),
+    (dict(preset="pcm", noise_scale=-1), "noise scale must be >= 0"),
+    (dict(preset="pcm", t_inference=0), "t_inference must be > 0"),
+])
+def test_bad_config(kwargs, message):
+    with pytest.raises(HetMoEError, match=message):
+        analog_config(**kwargs)
+    with pytest.raises(HetMoEError, match="unknown analog config key"):
+        AnalogConfig.from_dict({"preset": "pcm", "bogus": 1})
+
+
+# ---- programming and the tiled MVM --------------------------------------------------------------------------
+
+def test_tiles_split_like_aihwkit():
+    assert split_sizes(700, 512) == (2, 350)
+    assert split_sizes(512, 512) == (1, 512)
+    assert split_sizes(1025, 512) == (3, 342)
+    prog = program_matrix(torch.randn(600, 700), analog_config("pcm"), seed=0)
+    assert prog.weight.shape == (600, 2, 350) and prog.scale.shape == (600, 2)
+
+
+def test_ideal_matmul_is_exact_and_per_row_scaled():
+    w = torch.randn(96, 700)
+    w[3] *= 1000.0  # a huge neuron must not compress the others
+    x = torch.randn(16, 700)
+    prog = program_matrix(w, analog_config("ideal"), seed=0)
+    assert prog.weight.abs().max() <= 1.0 + 1e-6
+    torch.testing.assert_close(analog_matmul(x, prog, analog_config("ideal")), x @ w.T, rtol=1e-5, atol=1e-3)
+
+
+def test_programming_is_seeded_and_isolated():
+    w = torch.randn(64, 128)
+    cfg = analog_config("pcm")
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = program_matrix(w, cfg, seed=5)
+    assert torch.equal(torch.rand(1), before)  # the global RNG stream is untouched
+    b = program_matrix(w, cfg, seed=5)
+    c = program_matrix(w, cfg, seed=6)
+    assert torch.equal(a.weight, b.weight) and torch.equal(a.scale, b.scale)
+    assert not torch.equal(a.weight, c.weight)
+
+
+@pytest.mark.parametrize("preset", ["dac-adc", "pcm"])
+def test_relative_mvm_error_agrees_with_aihwkit(preset):
+    """Same weights, same preset: mean relative MVM error over 20 instances within 5 % of aihwkit's tiles."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(192, 700, generator=gen) * 0.05  # two input tiles, as aihwkit maps it
+    x = torch.randn(48, 700, generator=gen)
+    ref = x @ w.T
+    cfg = analog_config(preset)
+    ours, theirs = [], []
+    for seed in range(20):
+        ours.append(_rel(analog_matmul(x, program_matrix(w, cfg, seed), cfg, torch.Generator().manual_seed(seed)),
+                         ref))
+        with torch.no_grad():
+            theirs.append(_rel(aihwkit_linear(w, cfg, seed)(x), ref))
+    ratio = np.mean(ours) / np.mean(theirs)
+    assert abs(ratio - 1) < 0.05, (np.mean(ours), np.mean(theirs))
+
+
+def test_noise_scale_and_drift_increase_error():
+    gen = torch.Generator().manual_seed(1)
+    w, x = torch.randn(64, 256, generator=gen), torch.randn(32, 256, generator=gen)
+    ref = x @ w.T
+    err = lambda cfg: np.mean([_rel(analog_matmul(x, program_matrix(w, cfg, s), cfg,
+                                                  torch.Generator().manual_seed(s)), ref) for s in range(5)])
+    assert err(analog_config("pcm", noise_scale=2.5)) > err(analog_config("pcm", noise_scale=1.0))
+    assert err(analog_config("gaussian", noise_scale=2.0)) > err(analog_config("gaussian"))
+    assert err(analog_config("dac-adc")) < err(analog_config("pcm"))
+
+
+def test_program_group_common_random_numbers():
+    """An expert's programmed weights depend only on (seed, layer, expert, matrix), not on its group."""
+    gen = torch.Generator().manual_seed(2)
+    gate_up, down = torch.randn(4, 32, 16, generator=gen), torch.randn(4, 16, 16, generator=gen)
+    cfg = analog_config("pcm")
+    full = program_group(gate_up, down, torch.tensor([1, 3, 5, 7]), cfg, seed=9, layer=2)
+    part = program_group(gate_up[2:3], down[2:3], torch.tensor([5]), cfg, seed=9, layer=2)
+    assert torch.equal(full["gate_up_weight"][2], part["gate_up_weight"][0])
+    assert torch.equal(full["down_scale"][2], part["down_scale"][0])
+    other_layer = program_group(gate_up[2:3], down[2:3], torch.tensor([5]), cfg, seed=9, layer=3)
+    assert not torch.equal(other_layer["gate_up_weight"][0], part["gate_up_weight"][0])
+
+
+# ---- simulate() on models ------------------------------------------------------------------------------------
+
+def _placed(family="olmoe", fraction=0.25):
+    model = tiny_model(family)
+    info = recognize(model)
+    placement = place_model(model, PlacementPolicy(fraction), info=info)
+    canonicalize(model, placement.devices(), info)
+    return model, info, placement
+
+
+IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_simulate_ideal_is_exact_noisy_is_seeded(family):
+    model, info, _ = _placed(family)
+    with torch.no_grad():
+        clean = model(input_ids=IDS).logits
+        simulate(model, analog_config("ideal"), seed=0)
+        assert torch.equal(model(input_ids=IDS).logits, clean)
+        cfg = analog_config("pcm")
+        simulate(model, cfg, seed=0)
+        a = model(input_ids=IDS).logits
+        simulate(model, cfg, seed=0)
+        b = model(input_ids=IDS).logits
+        simulate(model, cfg, seed=1)
+        c = model(input_ids=IDS).logits
+        assert torch.equal(a, b) and not torch.equal(a, c) and not torch.equal(a, clean)
+        restore_digital(model)
+        assert torch.equal(model(input_ids=IDS).logits, clean)
+
+
+def test_simulate_only_touches_analog_experts():
+    model, info, placement = _placed("qwen2_moe")
+    het = model.get_submodule(info.moe_layers[0].experts)
+    digital_before = het.groups["digital"]
+    simulate(model, analog_config("pcm"), seed=0)
+    assert het.groups["digital"] is digital_before
+    assert type(het.groups["analog"]).__name__ == "AnalogExpertGroup"
+    assert het.groups["analog"].ids == placement.layers[0].ids("analog")
+
+
+def test_dense_on_analog_ablation_swaps_dense_linears():
+    model, info, _ = _placed("qwen2_moe")
+    simulate(model, analog_config("pcm"), seed=0, dense="analog")
+    swapped = {n for n, m in model.named_modules() if type(m).__name__ == "AnalogLinear"}
+    assert any(".self_attn.q_proj" in n for n in swapped) and "lm_head" in swapped
+    assert any(".shared_expert." in n for n in swapped)
+    assert not any(".gate" == n[-5:] for n in swapped)  # routers stay digital
+    restore_digital(model)
+    assert not any(type(m).__name__ == "AnalogLinear" for m in model.modules())
+
+
+def test_simulate_needs_canonical_model():
+    model = tiny_model("olmoe")
+    with pytest.raises(ValueError, match="canonical model"):
+        simulate(model, analog_config("pcm"))
+
+
+# ---- graph path ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
+def test_rewrite_analog_pass_matches_eager_simulation(family):
+    model = tiny_model(family)
+    info = recognize(model)
+    placement = place_model(model, PlacementPolicy(0.25), info=info)
+    gm = tag_graph(model, placement, info).module()
+    cfg = analog_config("pcm")
+    result = RewriteAnalogPass(cfg, seed=3)(gm)
+    assert result.modified
+    nodes = list(result.graph_module.graph.nodes)
+    analog_ops = [n for n in nodes if "analog_expert_group" in str(n.target)]
+    assert len(analog_ops) == len(info.moe_layers)
+    assert all(n.meta[PLACEMENT_META].device == "digital" for n in nodes if is_expert_group(n))  # digital untouched
+    assert all("AIMC pcm, seed 3" in n.meta[PLACEMENT_META].reason for n in analog_ops)
+    simulate(model, cfg, seed=3)
+    with torch.no_grad():
+        torch.testing.assert_close(result.graph_module(IDS, torch.ones_like(IDS)), model(input_ids=IDS).logits,
+                                   rtol=0, atol=0)
+
+
+def test_simulated_model_runs_under_torch_compile():
+    model, info, _ = _placed("olmoe")
+    simulate(model, analog_config("gaussian"), seed=0)  # no quantisation: compiled numerics stay close
+    with torch.no_grad():
+        eager = model(input_ids=IDS).logits
+        simulate(model, analog_config("gaussian"), seed=0)
+        compiled = torch.compile(model)(input_ids=IDS).logits
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
