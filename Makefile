@@ -7,7 +7,8 @@ STAMP  := $(VENV)/.installed
 OUT    ?= out/demo
 DEMO_MODEL ?= examples/olmoe-demo
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench noise-scan sweep clean
+SHARED ?= ../shared
 
 install: $(STAMP)
 
@@ -32,6 +33,18 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/family_parity.py
 	$(PY) benchmarks/bench_scoring.py
+	$(PY) benchmarks/bench_analog.py
+
+noise-scan: $(STAMP)
+	$(PY) benchmarks/noise_scan.py --ppl-tokens 8192 --scales 0,1,2.5,4,8 --plot benchmarks/results/noise_scan.png
+
+# The reference-model sweeps of benchmarks/RESULTS.md (about an hour on 2 CPU cores).
+sweep: $(STAMP)
+	for c in 2.5 8; do $(VENV)/bin/hetmoe-compile sweep $(SHARED)/models/olmoe-ref --fractions 0,0.125,0.25,0.5,1 \
+	  --selectors max-neuron-norm,router-norm,activation-frequency,activation-weight,measured,random \
+	  --calib $(SHARED)/data/wikitext2-tokenized-valid.txt --calib-tokens 8192 --noise pcm --noise-scale $$c \
+	  --seeds 3 --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 16384 \
+	  --tasks piqa,arc_easy,lambada --tasks-dir $(SHARED)/data/qa --limit 100 --out benchmarks/results/pcm_x$$c; done
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

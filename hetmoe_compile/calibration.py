@@ -10,6 +10,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import HetMoEError
+from .io import read_text_file
 from .models.recognize import ModelInfo
 
 
@@ -60,16 +61,7 @@ def calibration_from_text(
 
 def read_calibration_text(path: str | Path) -> str:
     """The text of a calibration file; clear errors for missing, non-UTF-8 or empty files (check before work)."""
-    path = Path(path)
-    if not path.is_file():
-        raise HetMoEError(f"{path}: calibration file not found; pass an existing text file to --calib")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise HetMoEError(f"{path}: calibration file is not UTF-8 text; pass a plain text file") from exc
-    if not text.strip():
-        raise HetMoEError(f"{path}: calibration text is empty; give a file with some natural-language text")
-    return text
+    return read_text_file(path, "calibration", "--calib")
 
 
 def calibration_from_file(path: str | Path, tokenizer, window: int = 256, max_tokens: int = 8192) -> Calibration:

@@ -18,7 +18,8 @@ from .models.expert_weights import ExpertWeights
 DEVICES = ("digital", "analog")
 
 
-def _activate(gate_up: torch.Tensor, activation: str, act_name: str, alpha: float, limit: float) -> torch.Tensor:
+def activate(gate_up: torch.Tensor, activation: str, act_name: str, alpha: float, limit: float) -> torch.Tensor:
+    """The expert's gated activation on ``[..., 2I]`` pre-activations (gate half first)."""
     gate, up = gate_up.chunk(2, dim=-1)
     if activation == "glu":
         act = F.silu if act_name == "silu" else ACT2FN[act_name]
@@ -62,7 +63,7 @@ def expert_mlp(
     limit: float = 0.0,
 ) -> torch.Tensor:
     """One expert on tokens ``x [n, H]`` with canonical weights ``gate_up [2I, H]``, ``down [H, I]``."""
-    h = _activate(F.linear(x, gate_up, gate_up_bias), activation, act_name, alpha, limit)
+    h = activate(F.linear(x, gate_up, gate_up_bias), activation, act_name, alpha, limit)
     return F.linear(h, down, down_bias)
 
 

@@ -8,6 +8,25 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from .errors import HetMoEError
+
+
+def read_text_file(path: str | Path, what: str = "text", option: str = "") -> str:
+    """The UTF-8 text of ``path``, with one-line errors for a missing, non-UTF-8 or empty file.
+
+    ``what`` names the file in messages ("calibration" -> "calibration file not found"); ``option`` the flag."""
+    path = Path(path)
+    to = f" to {option}" if option else ""
+    if not path.is_file():
+        raise HetMoEError(f"{path}: {what} file not found; pass an existing UTF-8 text file{to}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise HetMoEError(f"{path}: {what} file is not UTF-8 text; pass a plain text file{to}") from exc
+    if not text.strip():
+        raise HetMoEError(f"{path}: {what} text is empty; give a file with some natural-language text")
+    return text
+
 
 def atomic_write_text(path: Path, text: str) -> Path:
     """Write ``text`` to ``path`` atomically; creates the parent directory."""

@@ -36,6 +36,8 @@ def run_sweep(model: nn.Module, info: ModelInfo, tokenizer, fractions: list[floa
     Fractions 0 and 1 do not depend on the selector and are evaluated once. All placements share hardware
     instances (seed s programs the same devices for an expert in every placement).
     """
+    if not selectors:
+        raise ValueError("run_sweep needs at least one selector")
     prepared = prepared or prepare(spec)
     scores = {s: score(model, info, s, calibration) for s in selectors}
     jobs: list[tuple[str, str, float, str]] = [("all-digital", "-", 1.0, "digital"), ("all-analog", "-", 0.0, "analog"),
@@ -46,9 +48,7 @@ def run_sweep(model: nn.Module, info: ModelInfo, tokenizer, fractions: list[floa
         jobs += [(f"{selectors[0]} {f:g} (dense analog)", selectors[0], f, "analog") for f in inner]
     rows = []
     for label, selector, fraction, dense in tqdm(jobs, desc="sweep", unit="placement"):
-        sel_scores = scores[selector] if selector in scores else next(iter(scores.values()), None)
-        if sel_scores is None:
-            sel_scores = score(model, info, "random")
+        sel_scores = scores.get(selector, scores[selectors[0]])  # fractions 0 and 1 do not depend on scores
         placement = place(model, info, sel_scores, PlacementPolicy(fraction, sel_scores.selector, dense=dense))
         canonicalize(model, placement.devices(), info)
         has_analog = any(l.ids("analog") for l in placement.layers)

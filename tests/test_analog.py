@@ -103,6 +103,30 @@ def test_relative_mvm_error_agrees_with_aihwkit(preset):
     assert abs(ratio - 1) < 0.05, (np.mean(ours), np.mean(theirs))
 
 
+@pytest.mark.parametrize("drift", [False, True])
+def test_fused_pcm_statistics_match_aihwkit(drift):
+    """The fused programming step draws weights with aihwkit's distribution (programming, drift, read noise)."""
+    from aihwkit.inference import PCMLikeNoiseModel
+
+    from hetmoe_compile.analog.pcm_fused import pcm_program
+
+    gen = torch.Generator().manual_seed(4)
+    target = torch.rand(1, 256, 256, generator=gen) * 2 - 1
+    ours, _ = pcm_program(target, [11], noise_scale=1.0, programming=True, drift=drift, t_inference=3600.0)
+    model = PCMLikeNoiseModel()
+    torch.manual_seed(11)
+    ref, nu = model.apply_programming_noise(target[0])
+    if drift:
+        ref = model.apply_drift_noise(ref, nu, 3600.0)
+    err_ours, err_ref = (ours[0] - target[0]), (ref - target[0])
+    assert err_ours.std().item() == pytest.approx(err_ref.std().item(), rel=0.03)
+    assert err_ours.mean().item() == pytest.approx(err_ref.mean().item(), abs=0.1 * err_ref.std().item())
+    # the conductance-dependent spread: small and large weights see different noise, as in aihwkit
+    small, large = target[0].abs() < 0.2, target[0].abs() > 0.8
+    for mask in (small, large):
+        assert err_ours[mask].std().item() == pytest.approx(err_ref[mask].std().item(), rel=0.06)
+
+
 def test_noise_scale_and_drift_increase_error():
     gen = torch.Generator().manual_seed(1)
     w, x = torch.randn(64, 256, generator=gen), torch.randn(32, 256, generator=gen)

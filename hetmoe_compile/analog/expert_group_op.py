@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from ..expert_group import _activate, routed_slots
+from ..expert_group import activate, routed_slots
 from .programming_noise import stream_seed
 from .config import AnalogConfig
-from .tiles import Periphery, ProgrammedMatrix, analog_matmul, program_matrix
+from .tiles import Periphery, ProgrammedMatrix, analog_matmul, program_matrices
 
 MATRICES = ("gate_up", "down")
 
@@ -21,13 +21,12 @@ def program_group(gate_up: torch.Tensor, down: torch.Tensor, expert_ids: torch.T
                   seed: int, layer: int) -> dict[str, torch.Tensor]:
     """Program every expert of a group. An expert's devices depend only on (seed, layer, expert id, matrix), so
     two placements evaluated with the same seed see the same devices (common random numbers)."""
-    out: dict[str, list[torch.Tensor]] = {f"{m}_{k}": [] for m in MATRICES for k in ("weight", "scale")}
-    for local, expert in enumerate(expert_ids.tolist()):
-        for m, (name, w) in enumerate(zip(MATRICES, (gate_up[local], down[local]))):
-            prog = program_matrix(w, cfg, stream_seed(seed, layer, expert, m))
-            out[f"{name}_weight"].append(prog.weight)
-            out[f"{name}_scale"].append(prog.scale)
-    return {k: torch.stack(v) for k, v in out.items()}
+    out: dict[str, torch.Tensor] = {}
+    experts = expert_ids.tolist()
+    for m, (name, stack) in enumerate(zip(MATRICES, (gate_up, down))):
+        prog = program_matrices(stack, cfg, [stream_seed(seed, layer, e, m) for e in experts])
+        out[f"{name}_weight"], out[f"{name}_scale"] = prog.weight, prog.scale
+    return out
 
 
 @torch.library.custom_op("hetmoe::analog_expert_group", mutates_args=("rng_state",))
@@ -67,7 +66,7 @@ def analog_expert_group_op(
         h = analog_matmul(hidden[tok], ProgrammedMatrix(gate_up_weight[e], gate_up_scale[e]), io, gen)
         if gate_up_bias is not None:
             h = h + gate_up_bias[e]
-        h = _activate(h, activation, act_name, alpha, limit)
+        h = activate(h, activation, act_name, alpha, limit)
         y = analog_matmul(h, ProgrammedMatrix(down_weight[e], down_scale[e]), io, gen)
         if down_bias is not None:
             y = y + down_bias[e]

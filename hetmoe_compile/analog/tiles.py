@@ -37,12 +37,6 @@ class ProgrammedMatrix(NamedTuple):
     scale: torch.Tensor  # [out, C]: row abs-max x drift compensation, to bring outputs back to weight units
 
 
-def _pcm_model(cfg: AnalogConfig):
-    from aihwkit.inference import PCMLikeNoiseModel
-
-    return PCMLikeNoiseModel(prog_noise_scale=cfg.noise_scale)
-
-
 def split_sizes(n: int, tile: int) -> tuple[int, int]:
     """``(count, size)``: ``n`` cut into ``ceil(n / tile)`` equal tiles, as aihwkit's ``TileModuleArray`` does."""
     count = -(-n // tile)
@@ -60,31 +54,33 @@ def _tiles(w: torch.Tensor, tile: int) -> torch.Tensor:
 
 def program_matrix(weight: torch.Tensor, cfg: AnalogConfig, seed: int) -> ProgrammedMatrix:
     """Program ``weight [out, in]`` (one hardware instance given by ``seed``); float32, weight's device."""
-    w = _tiles(weight.detach().to(torch.float32), cfg.tile_size)  # [out, C, T]
-    row_max = w.abs().amax(-1)  # [out, C]
+    prog = program_matrices(weight[None], cfg, [seed])
+    return ProgrammedMatrix(prog.weight[0], prog.scale[0])
+
+
+def program_matrices(weights: torch.Tensor, cfg: AnalogConfig, seeds: list[int]) -> ProgrammedMatrix:
+    """Program a stack ``weights [E, out, in]`` in one vectorised pass; matrix ``e``'s devices depend only on
+    ``seeds[e]``. Returns ``weight [E, out, C, T]`` and ``scale [E, out, C]``."""
+    from .pcm_fused import pcm_program
+
+    w = _tiles(weights.detach().to(torch.float32), cfg.tile_size)  # [E, out, C, T]
+    row_max = w.abs().amax(-1)  # [E, out, C]
     scale = torch.where(row_max > 0, row_max, torch.ones_like(row_max))
     target = w / scale[..., None]
-    valid = _tiles(torch.ones_like(weight[:1], dtype=torch.float32), cfg.tile_size)[0]  # [C, T] 1 = real column
+    valid = _tiles(torch.ones_like(weights[0, :1], dtype=torch.float32), cfg.tile_size)[0]  # [C, T]
     programmed = target
-    if cfg.programming_noise or cfg.drift or cfg.gaussian_sigma > 0:
-        with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
-            torch.manual_seed(seed)
-            if cfg.programming_noise or cfg.drift:
-                model = _pcm_model(cfg)
-                if cfg.programming_noise:
-                    programmed, nu = model.apply_programming_noise(target)
-                else:
-                    g, _ = model.g_converter.convert_to_conductances(target)
-                    nu = [model.generate_drift_coefficients(x) for x in g]
-                baseline = _mean_abs_per_tile(programmed, valid, cfg.tile_size)
-                if cfg.drift:
-                    programmed = model.apply_drift_noise(programmed, nu, cfg.t_inference)
-                if cfg.drift_compensation:
-                    current = _mean_abs_per_tile(programmed, valid, cfg.tile_size).clamp(min=1e-4)
-                    scale = scale * _per_row(baseline / current, cfg.tile_size, w.shape[0])
-            if cfg.gaussian_sigma > 0:
-                programmed = programmed + cfg.gaussian_sigma * cfg.noise_scale * torch.randn_like(programmed)
-        programmed = programmed * valid  # padding carries no conductance
+    if cfg.programming_noise or cfg.drift:
+        programmed, baseline = pcm_program(target, seeds, cfg.noise_scale, cfg.programming_noise, cfg.drift,
+                                           cfg.t_inference)
+        programmed = programmed * valid
+        if cfg.drift_compensation:
+            base = _mean_abs_per_tile(baseline * valid, valid, cfg.tile_size)
+            current = _mean_abs_per_tile(programmed, valid, cfg.tile_size).clamp(min=1e-4)
+            scale = scale * _per_row(base / current, cfg.tile_size, w.shape[1])
+    if cfg.gaussian_sigma > 0:
+        noise = torch.stack([torch.randn(target.shape[1:], generator=torch.Generator(device=w.device).manual_seed(
+            int(s) ^ 0x5A5A), device=w.device) for s in seeds])
+        programmed = (programmed + cfg.gaussian_sigma * cfg.noise_scale * noise) * valid
     return ProgrammedMatrix(programmed.contiguous(), scale.contiguous())
 
 
@@ -93,20 +89,20 @@ def _row_tile_index(out: int, tile: int, device: torch.device) -> torch.Tensor:
 
 
 def _mean_abs_per_tile(w: torch.Tensor, valid: torch.Tensor, tile: int) -> torch.Tensor:
-    """Mean |w| over each (row tile, column tile) of ``w [out, C, T]`` -> ``[R, C]``, padding excluded: the
-    expected read-out of aihwkit's ``GlobalDriftCompensation`` (one-hot inputs, mean absolute output)."""
-    out = w.shape[0]
+    """Mean |w| over each (row tile, column tile) of ``w [E, out, C, T]`` -> ``[E, R, C]``, padding excluded:
+    the expected read-out of aihwkit's ``GlobalDriftCompensation`` (one-hot inputs, mean absolute output)."""
+    out = w.shape[1]
     rows = _row_tile_index(out, tile, w.device)
     r = int(rows[-1]) + 1
-    per_row = (w.abs() * valid).sum(-1)  # [out, C]
-    sums = torch.zeros(r, w.shape[1], device=w.device, dtype=w.dtype).index_add_(0, rows, per_row)
+    per_row = (w.abs() * valid).sum(-1)  # [E, out, C]
+    sums = torch.zeros(w.shape[0], r, w.shape[2], device=w.device, dtype=w.dtype).index_add_(1, rows, per_row)
     counts = torch.bincount(rows, minlength=r).to(w.dtype)[:, None] * valid.sum(-1)[None, :]
     return sums / counts
 
 
 def _per_row(ratio: torch.Tensor, tile: int, out: int) -> torch.Tensor:
-    """``[R, C]`` per-tile values -> ``[out, C]`` per row."""
-    return ratio[_row_tile_index(out, tile, ratio.device)]
+    """``[E, R, C]`` per-tile values -> ``[E, out, C]`` per row."""
+    return ratio[:, _row_tile_index(out, tile, ratio.device)]
 
 
 def quantize(x: torch.Tensor, res: float, bound: float) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..errors import HetMoEError
+from ..io import read_text_file
 from .common import encode, max_positions, model_device
 
 MAX_DEFAULT_CONTEXT = 1024
@@ -100,16 +101,7 @@ def perplexity(
 
 def read_text(path: str | Path) -> str:
     """The UTF-8 text of ``path``; clear errors for a missing, non-UTF-8 or empty file."""
-    path = Path(path)
-    if not path.is_file():
-        raise HetMoEError(f"{path}: text file not found; pass an existing UTF-8 text file")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise HetMoEError(f"{path}: file is not UTF-8 text; pass a plain text file") from exc
-    if not text.strip():
-        raise HetMoEError(f"{path}: text is empty; give a file with some natural-language text")
-    return text
+    return read_text_file(path, "text")
 
 
 def perplexity_of_file(
