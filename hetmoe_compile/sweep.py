@@ -102,7 +102,8 @@ def plot_sweep(rows: list[SweepRow], metric: str, path: Path, title: str) -> Pat
     ax.axhline(by["all-analog"].metrics[metric]["mean"], color="grey", ls="-.", label="all-analog")
     ax.set_xlabel("digital fraction of routed experts (per layer)")
     ax.set_ylabel(metric)
-    if metric == "ppl":
+    values = [r.metrics[metric]["mean"] for r in rows]
+    if metric == "ppl" and min(values) > 0 and max(values) / min(values) > 5:
         ax.set_yscale("log")
     ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7)

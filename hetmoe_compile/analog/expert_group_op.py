@@ -12,7 +12,7 @@ import torch
 from ..expert_group import activate, routed_slots
 from .programming_noise import stream_seed
 from .config import AnalogConfig
-from .tiles import Periphery, ProgrammedMatrix, analog_matmul, program_matrices
+from .tiles import Periphery, ProgrammedMatrix, analog_matmul, dac, program_matrices, tile_mvm
 
 MATRICES = ("gate_up", "down")
 
@@ -58,12 +58,15 @@ def analog_expert_group_op(
     out = torch.zeros_like(hidden)
     token, flat_slot, counts = routed_slots(top_k_index, expert_ids, num_experts)
     weights = top_k_weights.reshape(-1)[flat_slot]
+    # A token routed to several analog experts enters the DACs with the same levels: convert every token once.
+    levels, nm = dac(hidden, gate_up_weight.shape[2:], io)
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         tok = token[start : start + n]
-        h = analog_matmul(hidden[tok], ProgrammedMatrix(gate_up_weight[e], gate_up_scale[e]), io, gen)
+        gate_up = ProgrammedMatrix(gate_up_weight[e], gate_up_scale[e])
+        h = tile_mvm(levels[:, tok], nm[:, tok], gate_up, io, gen).to(hidden.dtype)
         if gate_up_bias is not None:
             h = h + gate_up_bias[e]
         h = activate(h, activation, act_name, alpha, limit)

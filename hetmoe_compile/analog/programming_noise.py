@@ -12,6 +12,10 @@ import torch
 from ..errors import HetMoEError
 
 
+OUT_NOISE_STREAM = 1 << 20
+"""Stream key of an analog layer's output noise (kept apart from its weight-programming streams)."""
+
+
 def stream_seed(*key: int) -> int:
     """A 63-bit seed that depends only on the integers in ``key`` (e.g. seed, layer, expert, matrix)."""
     return int(np.random.SeedSequence([int(k) for k in key]).generate_state(2, dtype=np.uint64)[0] >> np.uint64(1))

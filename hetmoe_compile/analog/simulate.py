@@ -14,11 +14,10 @@ from ..expert_group import ExpertGroup, HetExperts
 from ..models.recognize import ModelInfo, recognize
 from .config import AnalogConfig
 from .expert_group_op import program_group
-from .programming_noise import stream_seed
+from .programming_noise import OUT_NOISE_STREAM, stream_seed
 from .tiles import Periphery, ProgrammedMatrix, analog_matmul, program_matrix
 
 DENSE_ANALOG_KINDS = ("attention", "shared_expert", "dense_mlp", "lm_head")
-_OUT_NOISE_STREAM = 1 << 20  # stream key for output noise, apart from weight programming
 
 
 class AnalogExpertGroup(nn.Module):
@@ -41,7 +40,7 @@ class AnalogExpertGroup(nn.Module):
     def program(self, seed: int) -> None:
         """Program a new hardware instance ``seed`` (and reset the output-noise stream)."""
         self.seed = seed
-        self.rng_state.fill_(stream_seed(seed, self.layer, _OUT_NOISE_STREAM))
+        self.rng_state.fill_(stream_seed(seed, self.layer, OUT_NOISE_STREAM))
         if self.cfg.is_ideal:
             return
         progs = program_group(self.source.gate_up, self.source.down, self.source.expert_ids, self.cfg, seed, self.layer)
@@ -73,7 +72,7 @@ class AnalogLinear(nn.Module):
 
     @torch.no_grad()
     def program(self, seed: int) -> None:
-        self.rng_state.fill_(stream_seed(seed, self.key, _OUT_NOISE_STREAM))
+        self.rng_state.fill_(stream_seed(seed, self.key, OUT_NOISE_STREAM))
         prog = program_matrix(self.source.weight, self.cfg, stream_seed(seed, self.key, 1 << 21))
         self.register_buffer("weight_prog", prog.weight, persistent=False)
         self.register_buffer("scale_prog", prog.scale, persistent=False)

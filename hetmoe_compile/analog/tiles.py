@@ -113,29 +113,35 @@ def quantize(x: torch.Tensor, res: float, bound: float) -> torch.Tensor:
     return x.clamp(-bound, bound)
 
 
-def analog_matmul(x: torch.Tensor, prog: ProgrammedMatrix, cfg: AnalogConfig | Periphery,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
-    """``x [n, in] @ W.T`` through the tiles of ``prog``; returns ``[n, out]`` in ``x``'s dtype.
-
-    Same arithmetic as aihwkit's forward (abs-max noise management, uniform quantisation, output noise, clipping),
-    arranged for few passes over memory: inputs are quantised to integer DAC levels, the tile computes in level
-    units, and one multiply per output maps ADC levels back to weight units."""
-    cfg = Periphery.of(cfg) if isinstance(cfg, AnalogConfig) else cfg
-    w = prog.weight  # [out, C, T]
-    out_f, c, t = w.shape
+def dac(x: torch.Tensor, tiles: tuple[int, int], cfg: Periphery) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input side of a tiled MVM: ``x [n, in]`` -> integer DAC levels ``[C, n, T]`` and the per-token, per-tile
+    abs-max scale ``[C, n, 1]`` (aihwkit's abs-max noise management and input quantisation)."""
+    c, t = tiles
     xf = x.to(torch.float32)
     if c * t != xf.shape[-1]:
         xf = F.pad(xf, (0, c * t - xf.shape[-1]))
     xt = xf.reshape(-1, c, t).transpose(0, 1)  # [C, n, T]
-    nm = torch.linalg.vector_norm(xt, ord=float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)  # abs-max per tile
-    in_step = cfg.inp_res * 2.0 if cfg.inp_res > 0 else 1.0  # DAC step relative to the input bound (1)
-    xq = xt / (nm * in_step)
+    nm = torch.linalg.vector_norm(xt, ord=float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
+    levels = xt / (nm * _in_step(cfg))
     if cfg.inp_res > 0:
-        xq.round_()  # integer DAC levels; |level| <= 1 / inp_res / 2 since |x / nm| <= 1
-    y = torch.bmm(xq, w.permute(1, 2, 0))  # [C, n, out], in units of in_step
+        levels.round_()  # |level| <= 1 / (2 inp_res) since |x / nm| <= 1
+    return levels, nm
+
+
+def _in_step(cfg: Periphery) -> float:
+    return cfg.inp_res * 2.0 if cfg.inp_res > 0 else 1.0
+
+
+def tile_mvm(levels: torch.Tensor, nm: torch.Tensor, prog: ProgrammedMatrix, cfg: Periphery,
+             generator: torch.Generator | None = None) -> torch.Tensor:
+    """Tile side of a tiled MVM on DAC ``levels``: output noise, ADC quantisation and clipping per tile, then the
+    digital sum of the tiles' partial outputs in weight units; ``[n, out]`` float32."""
+    w = prog.weight  # [out, C, T]
+    y = torch.bmm(levels, w.permute(1, 2, 0))  # [C, n, out], in units of the DAC step
+    unit = _in_step(cfg)
     if cfg.out_res > 0 or cfg.out_noise > 0:
         out_step = cfg.out_res * 2.0 * cfg.out_bound if cfg.out_res > 0 else 1.0
-        y.mul_(in_step / out_step)  # now in ADC levels
+        y.mul_(unit / out_step)  # now in ADC levels
         if cfg.out_noise > 0:
             noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
             y.add_(noise, alpha=cfg.out_noise / out_step)
@@ -144,8 +150,17 @@ def analog_matmul(x: torch.Tensor, prog: ProgrammedMatrix, cfg: AnalogConfig | P
         limit = cfg.out_bound / out_step
         y.clamp_(-limit, limit)
         unit = out_step
-    else:
-        unit = in_step
     y.mul_(nm).mul_(prog.scale.T[:, None, :] * unit)
-    y = y[0] if c == 1 else y.sum(0)  # digital sum of the tiles' partial outputs
-    return y.to(x.dtype)
+    return y[0] if y.shape[0] == 1 else y.sum(0)
+
+
+def analog_matmul(x: torch.Tensor, prog: ProgrammedMatrix, cfg: AnalogConfig | Periphery,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """``x [n, in] @ W.T`` through the tiles of ``prog``; returns ``[n, out]`` in ``x``'s dtype.
+
+    Same arithmetic as aihwkit's forward (abs-max noise management, uniform quantisation, output noise, clipping),
+    arranged for few passes over memory: inputs are quantised to integer DAC levels, the tile computes in level
+    units, and one multiply per output maps ADC levels back to weight units."""
+    cfg = Periphery.of(cfg) if isinstance(cfg, AnalogConfig) else cfg
+    levels, nm = dac(x, prog.weight.shape[1:], cfg)
+    return tile_mvm(levels, nm, prog, cfg, generator).to(x.dtype)

@@ -13,12 +13,11 @@ from torch import fx, nn
 
 from ..analog.config import AnalogConfig
 from ..analog.expert_group_op import program_group
-from ..analog.programming_noise import stream_seed
+from ..analog.programming_noise import OUT_NOISE_STREAM, stream_seed
 from ..analog.tiles import Periphery
 from .pass_base import PLACEMENT_META, PassBase, PassError, PassResult, is_expert_group
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
-_OUT_NOISE_STREAM = 1 << 20  # as in analog.simulate: the eager and graph paths draw the same output noise
 
 
 def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
@@ -65,7 +64,7 @@ class RewriteAnalogPass(PassBase):
              limit) = node.args
             ids, gate_up, down = _attr(gm, ids_n), _attr(gm, gu_n), _attr(gm, down_n)
             holder = nn.Module()
-            holder.register_buffer("rng_state", torch.full((1,), stream_seed(self.seed, layer, _OUT_NOISE_STREAM)))
+            holder.register_buffer("rng_state", torch.full((1,), stream_seed(self.seed, layer, OUT_NOISE_STREAM)))
             for key, value in program_group(gate_up, down, ids, self.cfg, self.seed, layer).items():
                 holder.register_buffer(key, value)
             store.add_module(f"L{layer}", holder)
