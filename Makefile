@@ -24,8 +24,10 @@ $(STAMP): constraints.txt requirements.txt pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/hetmoe-compile analyze $(DEMO_MODEL) --out $(OUT) --calib examples/calibration.txt
 	$(VENV)/bin/hetmoe-compile place $(DEMO_MODEL) --digital-fraction 0.25 --out $(OUT)/placement.json
+	$(VENV)/bin/hetmoe-compile eval $(DEMO_MODEL) --placement $(OUT)/placement.json --noise pcm --noise-scale 2.5 \
+	  --seeds 2 --ppl examples/calibration.txt --out $(OUT)/results.json
 	@echo
-	@echo "Demo outputs are in $(OUT)/: scores.json, scores.png, placement.json"
+	@echo "Demo outputs are in $(OUT)/: scores.json, scores.png, placement.json, results.json"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
