@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/family_parity.py
 	$(PY) benchmarks/bench_scoring.py
 	$(PY) benchmarks/bench_analog.py
+	$(PY) benchmarks/aihwkit_agreement.py
 
 noise-scan: $(STAMP)
 	$(PY) benchmarks/noise_scan.py --ppl-tokens 8192 --scales 0,1,2.5,4,8 --plot benchmarks/results/noise_scan.png
@@ -47,6 +48,7 @@ sweep: $(STAMP)
 	  --calib $(SHARED)/data/wikitext2-tokenized-valid.txt --calib-tokens 8192 --noise pcm --noise-scale $$c \
 	  --seeds 3 --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 16384 \
 	  --tasks piqa,arc_easy,lambada --tasks-dir $(SHARED)/data/qa --limit 100 --out benchmarks/results/pcm_x$$c; done
+	$(PY) benchmarks/paired_differences.py benchmarks/results/pcm_x2.5/results.json benchmarks/results/pcm_x8/results.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
