@@ -9,26 +9,18 @@
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
+from timing import timed
 from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 REF = REPO.parent / "shared" / "models" / "olmoe-ref"
 
 
-def timed(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 class LinearExperts(nn.Module):

@@ -7,12 +7,11 @@ Spearman rank correlation of every selector with the `measured` oracle.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
+from timing import timed
 
 REPO = Path(__file__).resolve().parents[1]
 REF = REPO.parent / "shared" / "models" / "olmoe-ref"
@@ -34,14 +33,6 @@ def naive_max_neuron_norm(model, info):
     return out
 
 
-def timed(fn, repeat: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> int:
