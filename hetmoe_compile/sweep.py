@@ -116,7 +116,6 @@ def write_sweep(out_dir: Path, rows: list[SweepRow], cfg: AnalogConfig, spec: Ev
     """``results.json``, ``results.md`` and one PNG per metric, written atomically into ``out_dir``."""
     from .io import atomic_output_dir
 
-    written = []
     with atomic_output_dir(out_dir) as tmp:
         doc = {**meta, "analog": cfg.to_dict(), "seeds": spec.seeds, "rows": [asdict(r) for r in rows]}
         (tmp / "results.json").write_text(json.dumps(doc, indent=2) + "\n")

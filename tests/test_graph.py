@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from hetmoe_compile.canonicalize import canonicalize
 from hetmoe_compile.capture import export_model
 from hetmoe_compile.errors import HetMoEError
 from hetmoe_compile.models import recognize
