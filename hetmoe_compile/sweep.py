@@ -75,7 +75,8 @@ def results_markdown(rows: list[SweepRow], cfg: AnalogConfig, seeds: int) -> str
 
 
 def plot_sweep(rows: list[SweepRow], metric: str, path: Path, title: str) -> Path:
-    """Metric against digital fraction: one line per selector (dense digital), references as horizontal lines."""
+    """Metric against digital fraction: one line per selector (dense digital), references as horizontal lines and
+    the dense-on-analog ablation dashed (left); the dense-digital placements alone, zoomed (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -83,30 +84,33 @@ def plot_sweep(rows: list[SweepRow], metric: str, path: Path, title: str) -> Pat
 
     from .plots import _save
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
     by = {r.label: r for r in rows}
     ends = [by["dense-digital"], by["all-digital"]]
     selectors = list(dict.fromkeys(r.selector for r in rows if r.selector != "-"))
-    for i, sel in enumerate(selectors):
-        pts = sorted([r for r in rows if r.selector == sel and r.dense == "digital"], key=lambda r: r.digital_fraction)
-        pts = [ends[0]] + pts + [ends[1]]
-        xs = [r.digital_fraction for r in pts]
-        ys = [r.metrics[metric]["mean"] for r in pts]
-        es = [r.metrics[metric]["std"] for r in pts]
-        ax.errorbar(xs, ys, yerr=es, marker="o", ms=4, capsize=2, label=sel, color=f"C{i}")
-        abl = sorted([r for r in rows if r.selector == sel and r.dense == "analog"], key=lambda r: r.digital_fraction)
-        if abl:
-            ax.plot([r.digital_fraction for r in abl], [r.metrics[metric]["mean"] for r in abl], ls="--", marker="x",
-                    color=f"C{i}", label=f"{sel}, dense on analog")
-    ax.axhline(by["all-digital"].metrics[metric]["mean"], color="k", ls=":", label="all-digital")
-    ax.axhline(by["all-analog"].metrics[metric]["mean"], color="grey", ls="-.", label="all-analog")
-    ax.set_xlabel("digital fraction of routed experts (per layer)")
-    ax.set_ylabel(metric)
+    for zoom, ax in enumerate(axes):
+        for i, sel in enumerate(selectors):
+            pts = sorted([r for r in rows if r.selector == sel and r.dense == "digital"],
+                         key=lambda r: r.digital_fraction)
+            pts = [ends[0]] + pts + [ends[1]]
+            ax.errorbar([r.digital_fraction for r in pts], [r.metrics[metric]["mean"] for r in pts],
+                        yerr=[r.metrics[metric]["std"] for r in pts], marker="o", ms=4, capsize=2, label=sel,
+                        color=f"C{i}")
+            abl = sorted([r for r in rows if r.selector == sel and r.dense == "analog"],
+                         key=lambda r: r.digital_fraction)
+            if abl and not zoom:
+                ax.plot([r.digital_fraction for r in abl], [r.metrics[metric]["mean"] for r in abl], ls="--",
+                        marker="x", color=f"C{i}", label=f"{sel}, dense on analog")
+        ax.axhline(by["all-digital"].metrics[metric]["mean"], color="k", ls=":", label="all-digital")
+        if not zoom:
+            ax.axhline(by["all-analog"].metrics[metric]["mean"], color="grey", ls="-.", label="all-analog")
+        ax.set_xlabel("digital fraction of routed experts (per layer)")
+        ax.set_ylabel(metric)
+        ax.set_title(title if not zoom else "dense modules digital (zoom)", fontsize=9)
     values = [r.metrics[metric]["mean"] for r in rows]
     if metric == "ppl" and min(values) > 0 and max(values) / min(values) > 5:
-        ax.set_yscale("log")
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+        axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7)
     out = _save(fig, path)
     plt.close(fig)
     return out
