@@ -18,12 +18,6 @@ from hetmoe_compile.pipeline import place_model, tag_graph
 from hetmoe_compile.placement import PlacementPolicy
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def _rel(y, ref):

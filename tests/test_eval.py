@@ -34,15 +34,6 @@ CHOICES = {"piqa": {2}, "arc_easy": {3, 4, 5}, "arc_challenge": {3, 4, 5}, "bool
            "winogrande": {2}, "openbookqa": {4}, "sciq": {4}, "copa": {2}, "lambada": {1}}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny forwards: one thread is as fast, and far faster when other jobs share the cores."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def demo():
     return load_model(str(DEMO)), load_tokenizer(str(DEMO))

@@ -43,13 +43,6 @@ EXPECTED = {
 PARITY_TOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: one intra-op thread is as fast, and avoids OpenMP spin-waiting on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _input_ids(seed: int = 0, batch: int = 2, seq: int = 12) -> torch.Tensor:

@@ -27,13 +27,6 @@ DATA_FREE = ("max-neuron-norm", "router-norm", "random")
 DATA_DRIVEN = ("activation-frequency", "activation-weight", "measured")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The models are tiny: one intra-op thread is as fast, and avoids OpenMP spin-waiting on a busy 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _calib_ids(seed: int = 0, windows: int = 3, length: int = 16) -> torch.Tensor:

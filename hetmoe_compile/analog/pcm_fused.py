@@ -15,7 +15,14 @@ import torch
 
 
 def _noise_model(noise_scale: float):
-    from aihwkit.inference import PCMLikeNoiseModel
+    try:
+        from aihwkit.inference import PCMLikeNoiseModel
+    except ImportError as exc:  # pragma: no cover - aihwkit is installed by `make install`
+        from ..errors import HetMoEError
+
+        raise HetMoEError(
+            "PCM noise needs aihwkit: pip install --no-deps aihwkit==1.1.0 (see the README)"
+        ) from exc
 
     return PCMLikeNoiseModel(prog_noise_scale=noise_scale)
 
