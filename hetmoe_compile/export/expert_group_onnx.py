@@ -1,0 +1,182 @@
+"""The ONNX body of an expert group, built from standard ops (numpy weights in, no torch).
+
+Interface ``(hidden [T, H], top_k_index [T, K], top_k_weights [T, K]) -> partial output [T, H]``, the same as
+``hetmoe::expert_group``. Compute scales with routed tokens: per expert, ``NonZero`` finds the (token, slot) pairs
+routed to it, ``Gather`` picks those tokens, two ``Gemm`` run the expert, and one ``ScatterND(reduction="add")``
+adds every expert's weighted output into the result. Each expert's matrices are separate initializers named
+``L<layer>.E<expert>.<matrix>`` in canonical ``[out, in]`` layout, ready for a toolchain to program.
+
+With a :class:`ProgrammedExpert` per expert the body instead simulates one AIMC hardware instance exactly as
+``hetmoe::analog_expert_group`` does: abs-max noise management and DAC rounding per token and tile, the MVM on the
+programmed (noisy, drifted) normalised weights, output noise, ADC rounding and clipping per tile, then the tiles'
+digital sum scaled back to weight units.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from ..errors import HetMoEError
+from .graph_builder import GraphBuilder
+
+
+@dataclass(frozen=True)
+class ExpertArrays:
+    """One expert's canonical weights: ``gate_up [2I, H]`` (gate rows first), ``down [H, I]``, optional biases.
+    Arrays may be lazy tensors (``shape``, ``dtype``, ``load()``): they are read when the partition is written."""
+
+    expert_id: int
+    gate_up: np.ndarray
+    down: np.ndarray
+    gate_up_bias: np.ndarray | None = None
+    down_bias: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class ProgrammedExpert:
+    """One expert as programmed on tiles: normalised weights ``[out, C, T]`` and scales ``[out, C]`` per matrix."""
+
+    gate_up_weight: np.ndarray
+    gate_up_scale: np.ndarray
+    down_weight: np.ndarray
+    down_scale: np.ndarray
+
+
+@dataclass(frozen=True)
+class Activation:
+    """The experts' gated activation (see ``hetmoe_compile.expert_group.activate``)."""
+
+    kind: str = "glu"  # "glu" or "gpt_oss_glu"
+    act_name: str = "silu"
+    alpha: float = 0.0
+    limit: float = 0.0
+
+
+@dataclass(frozen=True)
+class TilePeriphery:
+    """DAC/ADC settings of the simulated tiles (``Periphery`` of the analog package, as plain floats)."""
+
+    inp_res: float
+    out_res: float
+    out_noise: float
+    out_bound: float
+    noise_seed: int = 0
+
+
+SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
+
+
+def expert_group_body(b: GraphBuilder, hidden: str, top_k_index: str, top_k_weights: str, output: str,
+                      experts: list[ExpertArrays], act: Activation, dtype: np.dtype,
+                      programmed: list[ProgrammedExpert] | None = None, periphery: TilePeriphery | None = None,
+                      layer: int = 0) -> None:
+    """Append the nodes computing ``output`` from the three routing inputs to ``b``."""
+    if programmed is not None and (periphery is None or len(programmed) != len(experts)):
+        raise ValueError("a programmed instance needs one ProgrammedExpert per expert and a TilePeriphery")
+    dtype = np.dtype(dtype)
+    ys, toks = [], []
+    for i, ex in enumerate(experts):
+        p = f"L{layer}.E{ex.expert_id}."
+        hit = b.op("Equal", [top_k_index, b.scalar(ex.expert_id, np.int64)], "hit")
+        pairs = b.op("NonZero", [hit], "pairs")  # [2, n]: (token, slot)
+        tok = b.op("Gather", [pairs, b.scalar(0, np.int64)], "tok", axis=0)  # [n]
+        w = b.op("GatherND", [top_k_weights, b.op("Transpose", [pairs], perm=[1, 0])], "w")  # [n]
+        x = b.op("Gather", [hidden, tok], "x", axis=0)  # [n, H]
+        if programmed is None:
+            h = _linear(b, x, b.const(p + "gate_up", ex.gate_up, public=True), _bias(b, p + "gate_up_bias", ex.gate_up_bias))
+            h = _activate(b, h, act, dtype, ex.gate_up.shape[0] // 2)
+            y = _linear(b, h, b.const(p + "down", ex.down, public=True), _bias(b, p + "down_bias", ex.down_bias))
+        else:
+            prog = programmed[i]
+            h = _tiled(b, x, ex.gate_up.shape[1], prog.gate_up_weight, prog.gate_up_scale, periphery, p + "gate_up", dtype)
+            if ex.gate_up_bias is not None:
+                h = b.op("Add", [h, b.const(p + "gate_up_bias", ex.gate_up_bias, public=True)])
+            h = _activate(b, h, act, dtype, ex.gate_up.shape[0] // 2)
+            y = _tiled(b, h, ex.down.shape[1], prog.down_weight, prog.down_scale, periphery, p + "down", dtype)
+            if ex.down_bias is not None:
+                y = b.op("Add", [y, b.const(p + "down_bias", ex.down_bias, public=True)])
+        ys.append(b.op("Mul", [y, b.op("Unsqueeze", [w, b.vector([1])])], "y"))
+        toks.append(tok)
+    zeros = b.op("ConstantOfShape", [b.op("Shape", [hidden])], "zeros",
+                 value=helper.make_tensor("v", helper.np_dtype_to_tensor_dtype(dtype), [1], [0]))
+    if not experts:
+        b.op("Identity", [zeros], outputs=[output])
+        return
+    y = ys[0] if len(ys) == 1 else b.op("Concat", ys, "ys", axis=0)
+    tok = toks[0] if len(toks) == 1 else b.op("Concat", toks, "toks", axis=0)
+    index = b.op("Unsqueeze", [tok, b.vector([1])], "index")
+    b.op("ScatterND", [zeros, index, y], outputs=[output], reduction="add")
+
+
+def _bias(b: GraphBuilder, name: str, bias: np.ndarray | None) -> str | None:
+    return None if bias is None else b.const(name, bias, public=True)
+
+
+def _linear(b: GraphBuilder, x: str, weight: str, bias: str | None) -> str:
+    """``x @ W.T (+ bias)`` with ``W`` kept in ``[out, in]`` layout."""
+    return b.op("Gemm", [x, weight] + ([bias] if bias else []), "lin", transB=1)
+
+
+def _activate(b: GraphBuilder, h: str, act: Activation, dtype: np.dtype, inter: int) -> str:
+    gate, up = b.op("Split", [h, b.vector([inter, inter])], n_out=2, axis=-1)
+    if act.kind == "glu":
+        return b.op("Mul", [_act(b, gate, act.act_name), up], "act")
+    if act.kind == "gpt_oss_glu":
+        lim = b.scalar(act.limit, dtype)
+        gate = b.op("Min", [gate, lim])
+        up = b.op("Clip", [up, b.scalar(-act.limit, dtype), lim])
+        glu = b.op("Mul", [gate, b.op("Sigmoid", [b.op("Mul", [gate, b.scalar(act.alpha, dtype)])])])
+        return b.op("Mul", [b.op("Add", [up, b.scalar(1, dtype)]), glu], "act")
+    raise HetMoEError(f"expert activation '{act.kind}' has no ONNX body; supported: glu, gpt_oss_glu")
+
+
+def _act(b: GraphBuilder, x: str, name: str) -> str:
+    if name == "silu":
+        return b.op("Mul", [x, b.op("Sigmoid", [x])], "silu")
+    if name == "gelu":
+        return b.op("Gelu", [x])
+    if name in ("gelu_pytorch_tanh", "gelu_new"):
+        return b.op("Gelu", [x], approximate="tanh")
+    if name == "relu":
+        return b.op("Relu", [x])
+    raise HetMoEError(f"expert activation function '{name}' has no ONNX body; supported: "
+                      f"{', '.join(SUPPORTED_ACTIVATIONS)}")
+
+
+def _tiled(b: GraphBuilder, x: str, n_in: int, weight: np.ndarray, scale: np.ndarray, io: TilePeriphery,
+           name: str, dtype: np.dtype) -> str:
+    """``x [n, in] -> [n, out]`` through the tiles of one programmed matrix (mirrors ``analog.tiles``)."""
+    out, c, t = weight.shape
+    xf = b.op("Cast", [x], to=TensorProto.FLOAT) if dtype != np.float32 else x
+    pad = c * t - n_in
+    if pad:
+        xf = b.op("Pad", [xf, b.vector([0, 0, 0, pad])])
+    xt = b.op("Transpose", [b.op("Reshape", [xf, b.vector([-1, c, t])])], "xt", perm=[1, 0, 2])  # [C, n, T]
+    nm = b.op("ReduceMax", [b.op("Abs", [xt]), b.vector([-1])], "nm", keepdims=1)
+    nm = b.op("Max", [nm, b.scalar(1e-30, np.float32)])
+    in_step = io.inp_res * 2.0 if io.inp_res > 0 else 1.0
+    levels = b.op("Div", [xt, b.op("Mul", [nm, b.scalar(in_step, np.float32)])], "levels")
+    if io.inp_res > 0:
+        levels = b.op("Round", [levels])
+    w = b.const(name + ".programmed", public=True, array= np.ascontiguousarray(weight.transpose(1, 2, 0), dtype=np.float32))
+    y = b.op("MatMul", [levels, w], "tile")  # [C, n, out] in DAC steps
+    unit = in_step
+    if io.out_res > 0 or io.out_noise > 0:
+        out_step = io.out_res * 2.0 * io.out_bound if io.out_res > 0 else 1.0
+        y = b.op("Mul", [y, b.scalar(unit / out_step, np.float32)])
+        if io.out_noise > 0:
+            noise = b.op("RandomNormalLike", [y], "noise", dtype=TensorProto.FLOAT, mean=0.0,
+                         scale=float(io.out_noise / out_step), seed=float(io.noise_seed % (1 << 24)))
+            y = b.op("Add", [y, noise])
+        if io.out_res > 0:
+            y = b.op("Round", [y])
+        limit = io.out_bound / out_step
+        y = b.op("Clip", [y, b.scalar(-limit, np.float32), b.scalar(limit, np.float32)])
+        unit = out_step
+    s = b.const(name + ".scale", public=True, array= np.ascontiguousarray((scale.T[:, None, :] * unit), dtype=np.float32))
+    y = b.op("Mul", [b.op("Mul", [y, nm]), s], "scaled")
+    y = b.op("ReduceSum", [y, b.vector([0])], "sum", keepdims=0)
+    return b.op("Cast", [y], to=helper.np_dtype_to_tensor_dtype(dtype)) if dtype != np.float32 else y
+

@@ -1,0 +1,135 @@
+"""Ahead-of-time export: a placed model -> one ONNX file per partition + ``manifest.json`` (+ its tokenizer).
+
+Steps: canonicalise and ``torch.export`` with placement tags (:func:`~hetmoe_compile.pipeline.tag_graph`), translate
+to an ONNX graph with expert-group placeholders (:mod:`.onnx_capture`), partition (:mod:`.partition`), write and
+check each partition (:mod:`.writer`), then the manifest (:mod:`.manifest`). Everything is written into a
+temporary sibling of the output directory and moved into place only when all of it succeeded.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .. import __version__
+from ..analog.config import AnalogConfig
+from ..analog.expert_group_op import program_group
+from ..analog.programming_noise import OUT_NOISE_STREAM, stream_seed
+from ..capture import ROOT_PREFIX
+from ..errors import HetMoEError
+from ..io import atomic_output_dir
+from ..models.recognize import recognize
+from ..pipeline import tag_graph
+from ..placement.placement import Placement
+from .expert_group_onnx import ProgrammedExpert, TilePeriphery
+from .manifest import MANIFEST_NAME, build_manifest, write_manifest
+from .onnx_capture import OPSET, to_onnx
+from .partition import GroupNode, analog_partition, find_groups, partition_graph, value_types
+from .tensor_store import TensorStore
+from .writer import EXTERNAL_DATA_THRESHOLD, write_partition
+
+PRODUCER = f"hetmoe-compile {__version__}"
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """What :func:`export_onnx` writes besides the ideal partitions."""
+
+    analog: AnalogConfig | None = None  # recorded in the manifest; needed for an instance variant
+    instance_seed: int | None = None  # also write one programmed hardware instance of every analog partition
+    monolithic: bool = False  # one ONNX file, every group inlined with ideal weights (a baseline)
+    external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
+    progress: bool = True
+
+
+def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, options: ExportOptions = ExportOptions(),
+                tokenizer=None) -> Path:
+    """Export ``model`` placed by ``placement`` to ``out_dir``; returns the manifest's path.
+
+    ``model`` is canonicalised in place (see :func:`~hetmoe_compile.canonicalize.canonicalize`)."""
+    if placement.policy.dense != "digital":
+        raise HetMoEError("export keeps dense modules digital; the dense-on-analog ablation is simulation-only "
+                          "(place with --dense digital)")
+    if options.instance_seed is not None and options.monolithic:
+        raise HetMoEError("a monolithic export has no analog partitions to program; drop --instance-seed")
+    cfg = options.analog or AnalogConfig()
+    if options.instance_seed is not None and cfg.gaussian_sigma == 0 and cfg.is_ideal:
+        raise HetMoEError("--instance-seed with the 'ideal' preset programs nothing; choose pcm, dac-adc or gaussian")
+    info = recognize(model)
+    out_dir = Path(out_dir)
+    dtype = np.dtype(str(next(model.parameters()).dtype).removeprefix("torch."))
+    steps = tqdm(total=4, desc="export", unit="step", disable=not options.progress)
+    steps.set_postfix_str("torch.export")
+    ep = tag_graph(model, placement, info)
+    steps.update()
+    group_of = {f"{ROOT_PREFIX}{l.experts}.groups.{d}.gate_up": (l.index, d) for l in info.moe_layers
+                for d in ("digital", "analog")}
+    with atomic_output_dir(out_dir) as tmp, tempfile.TemporaryDirectory(prefix="hetmoe-onnx-") as scratch:
+        steps.set_postfix_str("ONNX translation")
+        captured = to_onnx(ep, Path(scratch))
+        del ep
+        steps.update()
+        store = TensorStore(captured.model, captured.directory)
+        groups = find_groups(captured.model, store, group_of)
+        steps.set_postfix_str("partitioning")
+        parts = partition_graph(captured.model, store, groups, dtype, ROOT_PREFIX, options.monolithic)
+        steps.update()
+        opsets = [o for o in captured.model.opset_import if o.domain != "hetmoe"]
+        files: dict[str, list[Path]] = {}
+        variants: dict[str, list[Path]] = {}
+        by_layer = {g.layer: g for g in groups if g.device == "analog"}
+        types = value_types(captured.model)
+        steps.set_postfix_str("writing partitions")
+        for part in tqdm(parts, desc="partitions", unit="file", disable=not options.progress, leave=False):
+            files[part.name] = write_partition(part, tmp, f"{part.name}.onnx", opsets, PRODUCER,
+                                               options.external_data_threshold, _doc(part))
+            if part.device == "analog" and options.instance_seed is not None:
+                group = by_layer[part.layer]
+                programmed, periphery = program_instance(model, info, group, cfg, options.instance_seed)
+                inst = analog_partition(group, store, dtype, types, programmed, periphery)
+                variants[part.name] = write_partition(inst, tmp, f"{inst.name}.onnx", opsets, PRODUCER,
+                                                      options.external_data_threshold, _doc(inst))
+                del programmed, inst
+        steps.update()
+        steps.close()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / "tokenizer"))
+        manifest = build_manifest(placement, cfg, options.instance_seed, parts, files, variants, tmp,
+                                  captured.model, OPSET, PRODUCER, tokenizer is not None, options.monolithic,
+                                  _generation_ids(model))
+        write_manifest(manifest, tmp / MANIFEST_NAME)
+    return out_dir / MANIFEST_NAME
+
+
+def _generation_ids(model: nn.Module) -> dict:
+    cfg = model.config
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or getattr(cfg, "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    return {"vocab_size": int(cfg.vocab_size), "eos_token_id": None if eos is None else int(eos)}
+
+
+def _doc(part) -> str:
+    experts = "; ".join(f"layer {l}: experts {ids}" for l, ids in sorted(part.expert_ids.items()))
+    return f"hetmoe-compile partition {part.name} ({part.device}){': ' + experts if experts else ''}"
+
+
+@torch.no_grad()
+def program_instance(model: nn.Module, info, group: GroupNode, cfg: AnalogConfig,
+                     seed: int) -> tuple[list[ProgrammedExpert], TilePeriphery]:
+    """Hardware instance ``seed`` of one analog group: the same devices as ``simulate(model, cfg, seed)``."""
+    layer = info.layer(group.layer)
+    source = model.get_submodule(layer.experts).groups["analog"]
+    source = getattr(source, "source", source)  # an AnalogExpertGroup keeps the ideal group as .source
+    progs = program_group(source.gate_up, source.down, source.expert_ids, cfg, seed, group.layer)
+    arr = {k: v.detach().cpu().numpy() for k, v in progs.items()}
+    experts = [ProgrammedExpert(arr["gate_up_weight"][i], arr["gate_up_scale"][i], arr["down_weight"][i],
+                                arr["down_scale"][i]) for i in range(len(group.expert_ids))]
+    periphery = TilePeriphery(cfg.inp_res, cfg.out_res, cfg.out_noise, cfg.out_bound,
+                              stream_seed(seed, group.layer, OUT_NOISE_STREAM))
+    return experts, periphery

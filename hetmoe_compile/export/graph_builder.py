@@ -1,0 +1,45 @@
+"""A small ONNX graph builder: nodes and numpy initializers under one name prefix (no torch)."""
+from __future__ import annotations
+
+import numpy as np
+from onnx import NodeProto, helper
+
+
+class GraphBuilder:
+    """Collects nodes and initializers; every name it makes starts with ``prefix``."""
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.nodes: list[NodeProto] = []
+        self.initializers: dict[str, object] = {}  # numpy arrays or lazy tensors
+        self._count = 0
+
+    def fresh(self, hint: str) -> str:
+        self._count += 1
+        return f"{self.prefix}{hint}_{self._count}"
+
+    def const(self, name: str, array, public: bool = False) -> str:
+        """An initializer: ``array`` is a numpy array or a lazy tensor (``shape``, ``dtype``, ``load()``).
+        A ``public`` name is kept verbatim (the name a toolchain sees); others get the prefix."""
+        full = name if public else self.prefix + name
+        if full in self.initializers:
+            raise ValueError(f"initializer '{full}' defined twice")
+        self.initializers[full] = array if hasattr(array, "load") else np.asarray(array, order="C")
+        return full
+
+    def scalar(self, value: float | int, dtype: np.dtype) -> str:
+        return self.const(f"c{self._next()}", np.asarray(value, dtype=dtype))
+
+    def vector(self, values: list[int]) -> str:
+        return self.const(f"c{self._next()}", np.asarray(values, dtype=np.int64))
+
+    def _next(self) -> int:
+        self._count += 1
+        return self._count
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, outputs: list[str] | None = None,
+           n_out: int = 1, **attrs) -> str | list[str]:
+        """Append one node; returns its output name (or names when ``n_out > 1``)."""
+        outs = outputs or [self.fresh(hint or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.fresh(op_type), **attrs))
+        return outs[0] if len(outs) == 1 else outs

@@ -1,0 +1,121 @@
+"""Translate a tagged ``ExportedProgram`` to one ONNX graph in which every expert group is a placeholder node.
+
+Each ``hetmoe::expert_group`` node becomes ``hetmoe.ExpertGroup(hidden, top_k_index, top_k_weights, expert_ids,
+gate_up, down[, gate_up_bias, down_bias])`` with the op's attributes; :mod:`.partition` later inlines the digital
+groups' standard-op bodies and cuts the analog ones out as partitions. The graph is saved with external data into a
+scratch directory and read back without it, so no 2 GB protobuf limit applies and weights stay on disk.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from onnx.defs import OpSchema
+from torch.export import ExportedProgram
+
+from ..errors import HetMoEError
+
+DOMAIN = "hetmoe"
+PLACEHOLDER = "ExpertGroup"
+OPSET = 20
+FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+
+
+def register_placeholder_schema() -> None:
+    """Register ``hetmoe.ExpertGroup`` (version 1) with ONNX so onnxscript can emit it."""
+    try:
+        onnx.defs.get_schema(PLACEHOLDER, 1, DOMAIN)
+        return
+    except onnx.defs.SchemaError:
+        pass
+    P, A = OpSchema.FormalParameter, OpSchema.Attribute
+    opt = OpSchema.FormalParameterOption.Optional
+    schema = OpSchema(
+        PLACEHOLDER, DOMAIN, 1,
+        doc="Routed contribution of a group of MoE experts (placeholder replaced by hetmoe-compile).",
+        inputs=[P("hidden", "T"), P("top_k_index", "I"), P("top_k_weights", "T"), P("expert_ids", "I"),
+                P("gate_up", "T"), P("down", "T"), P("gate_up_bias", "T", param_option=opt),
+                P("down_bias", "T", param_option=opt)],
+        outputs=[P("output", "T")],
+        type_constraints=[("T", FLOATS, "float tensors"), ("I", ["tensor(int64)"], "indices")],
+        attributes=[A("num_experts", OpSchema.AttrType.INT, "experts in the layer"),
+                    A("activation", OpSchema.AttrType.STRING, "glu or gpt_oss_glu"),
+                    A("act_name", OpSchema.AttrType.STRING, "activation function"),
+                    A("alpha", OpSchema.AttrType.FLOAT, "gpt_oss_glu alpha"),
+                    A("limit", OpSchema.AttrType.FLOAT, "gpt_oss_glu limit")],
+    )
+    onnx.defs.register_schema(schema)
+
+
+def _translate(hidden, top_k_index, top_k_weights, expert_ids, gate_up, down, gate_up_bias=None, down_bias=None,
+               num_experts=0, activation="glu", act_name="silu", alpha=0.0, limit=0.0):
+    import onnxscript
+
+    het = onnxscript.values.Opset(DOMAIN, 1)
+    inputs = [hidden, top_k_index, top_k_weights, expert_ids, gate_up, down]
+    if gate_up_bias is not None or down_bias is not None:
+        inputs += [gate_up_bias, down_bias]
+    return het.ExpertGroup(*inputs, num_experts=int(num_experts), activation=str(activation),
+                           act_name=str(act_name), alpha=float(alpha), limit=float(limit))
+
+
+@dataclass
+class CapturedGraph:
+    """The placeholder graph (weights as external data in ``directory``)."""
+
+    model: onnx.ModelProto
+    directory: Path
+
+
+def to_onnx(ep: ExportedProgram, directory: Path) -> CapturedGraph:
+    """Translate ``ep`` to ONNX with expert-group placeholders; write it (external data) under ``directory``."""
+    register_placeholder_schema()
+    table = {torch.ops.hetmoe.expert_group.default: _translate}
+    try:
+        program = torch.onnx.export(ep, dynamo=True, custom_translation_table=table, optimize=True,
+                                    opset_version=OPSET, verbose=False)
+    except Exception as exc:  # one line for the user; the traceback stays chained
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise HetMoEError(f"ONNX translation failed: {first}") from exc
+    path = directory / "graph.onnx"
+    program.save(path, external_data=True)
+    del program
+    model = onnx.load(str(path), load_external_data=False)
+    _name_dims(model)
+    _name_output(model, "logits")
+    return CapturedGraph(model, directory)
+
+
+def _name_dims(model: onnx.ModelProto) -> None:
+    """Rename the exporter's symbols (``s43``) after the inputs' axes: ``batch``, ``seq``, ``batch*seq``."""
+    names: dict[str, str] = {}
+    for inp in model.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        for dim, label in zip(dims, ("batch", "seq")):
+            if dim.dim_param and re.fullmatch(r"s\d+", dim.dim_param):
+                names.setdefault(dim.dim_param, label)
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: names[m.group(1)], dim.dim_param)
+
+
+def _name_output(model: onnx.ModelProto, name: str) -> None:
+    """Call the single graph output ``name`` (every reference renamed)."""
+    old = model.graph.output[0].name
+    if old == name:
+        return
+    for node in model.graph.node:
+        for i, n in enumerate(node.output):
+            if n == old:
+                node.output[i] = name
+        for i, n in enumerate(node.input):
+            if n == old:
+                node.input[i] = name
+    model.graph.output[0].name = name

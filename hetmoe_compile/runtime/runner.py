@@ -1,0 +1,166 @@
+"""Run an exported model with ONNX Runtime: one session per partition, in the manifest's schedule (no torch).
+
+Tensors pass between partitions as ``OrtValue``s (``run_with_ort_values``), so nothing is copied through numpy
+between sessions, and each is released after its last use. A caller may hand any device's partitions to its own
+executor (an accelerator toolchain): ``load(dir, executors={"analog": fn})`` calls ``fn(partition, feeds)`` with
+the partition's manifest entry and numpy inputs, and expects ``{output_name: array}`` back.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import HetMoEError
+from .manifest import check_files, read_manifest
+
+Executor = Callable[[dict, dict[str, np.ndarray]], dict[str, np.ndarray]]
+VARIANTS = ("auto", "ideal", "instance")
+
+
+class Runner:
+    """``runner(input_ids, attention_mask=None) -> logits [batch, seq, vocab]`` and greedy :meth:`generate`."""
+
+    def __init__(self, directory: Path, manifest: dict, sessions: dict, executors: dict[str, Executor],
+                 variant: str) -> None:
+        self.directory = directory
+        self.manifest = manifest
+        self.sessions = sessions
+        self.executors = executors
+        self.variant = variant
+        self.partitions = {p["name"]: p for p in manifest["partitions"]}
+        self.output = manifest["outputs"][0]["name"]
+        self._last_use = _last_use(manifest["schedule"], self.output)
+
+    @property
+    def vocab_size(self) -> int | None:
+        return self.manifest["model"].get("vocab_size")
+
+    def __call__(self, input_ids, attention_mask=None) -> np.ndarray:
+        import onnxruntime as ort
+
+        ids, mask = self._check_inputs(input_ids, attention_mask)
+        env: dict[str, object] = {"input_ids": ort.OrtValue.ortvalue_from_numpy(ids),
+                                  "attention_mask": ort.OrtValue.ortvalue_from_numpy(mask)}
+        for i, step in enumerate(self.manifest["schedule"]):
+            part = self.partitions[step["partition"]]
+            feeds = {local: env[glob] for local, glob in step["inputs"].items()}
+            names = list(step["outputs"])
+            executor = self.executors.get(part["device"])
+            if executor is not None:
+                arrays = {k: v.numpy() for k, v in feeds.items()}
+                got = executor(part, arrays)
+                _check_executor_outputs(part, got, names)
+                results = [ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(got[n])) for n in names]
+            else:
+                results = self.sessions[part["name"]].run_with_ort_values(names, feeds)
+            for local, value in zip(names, results):
+                env[step["outputs"][local]] = value
+            for glob in self._last_use.get(i, ()):
+                env.pop(glob, None)
+        return env[self.output].numpy()
+
+    def generate(self, input_ids, max_new_tokens: int = 20, eos_token_id: int | None = None) -> np.ndarray:
+        """Greedy decoding; every step re-runs the whole prefix (the export has no KV cache)."""
+        if max_new_tokens < 0:
+            raise HetMoEError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        ids = self._check_inputs(input_ids, None)[0]
+        if eos_token_id is None:
+            eos_token_id = self.manifest["model"].get("eos_token_id")
+        done = np.zeros(ids.shape[0], dtype=bool)
+        for _ in range(max_new_tokens):
+            nxt = self(ids)[:, -1].argmax(-1).astype(np.int64)
+            if eos_token_id is not None:
+                nxt = np.where(done, eos_token_id, nxt)
+                done |= nxt == eos_token_id
+            ids = np.concatenate([ids, nxt[:, None]], axis=1)
+            if done.all():
+                break
+        return ids
+
+    def _check_inputs(self, input_ids, attention_mask) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.shape[1] < 1:
+            raise HetMoEError(f"input_ids: expected shape [batch, seq] with seq >= 1, got {list(ids.shape)}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise HetMoEError(f"input_ids: expected integer token ids (int64), got dtype {ids.dtype}")
+        vocab = self.vocab_size
+        if vocab is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab):
+            raise HetMoEError(f"input_ids: token ids must lie in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}")
+        if attention_mask is None:
+            mask = np.ones_like(ids, dtype=np.int64)
+        else:
+            mask = np.asarray(attention_mask)
+            if mask.ndim == 1:
+                mask = mask[None]
+            if mask.shape != ids.shape:
+                raise HetMoEError(f"attention_mask: expected the shape of input_ids {list(ids.shape)}, "
+                                  f"got {list(mask.shape)}")
+            if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
+                raise HetMoEError(f"attention_mask: expected 0/1 integers (int64), got dtype {mask.dtype}")
+        return np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(mask, dtype=np.int64)
+
+
+def _last_use(schedule: list[dict], keep: str) -> dict[int, list[str]]:
+    """Step index -> model-level tensors that no later step reads (freed after that step)."""
+    last: dict[str, int] = {}
+    for i, step in enumerate(schedule):
+        for glob in step["inputs"].values():
+            last[glob] = i
+    out: dict[int, list[str]] = {}
+    for glob, i in last.items():
+        if glob != keep:
+            out.setdefault(i, []).append(glob)
+    return out
+
+
+def _check_executor_outputs(part: dict, got, names: list[str]) -> None:
+    if not isinstance(got, dict) or any(n not in got for n in names):
+        raise HetMoEError(f"executor for partition '{part['name']}' must return a dict with {names}, "
+                          f"got {sorted(got) if isinstance(got, dict) else type(got).__name__}")
+    for spec in part["outputs"]:
+        arr = np.asarray(got[spec["name"]])
+        if str(arr.dtype) != spec["dtype"]:
+            raise HetMoEError(f"executor for partition '{part['name']}': output '{spec['name']}' must be "
+                              f"{spec['dtype']}, got {arr.dtype}")
+
+
+def load(directory: str | Path, analog: str = "auto", executors: dict[str, Executor] | None = None,
+         providers: list[str] | None = None, verify_hashes: bool = True, threads: int = 0) -> Runner:
+    """Load the export in ``directory``: check its manifest (schema, version, files, sha256) and open one ONNX
+    Runtime session per partition. ``analog``: ``ideal`` weights, the programmed ``instance`` (needs an export
+    with ``--instance-seed``), or ``auto`` (the instance when there is one). Partitions of a device in
+    ``executors`` run through that callable instead of ONNX Runtime."""
+    import onnxruntime as ort
+
+    if analog not in VARIANTS:
+        raise HetMoEError(f"analog must be one of {', '.join(VARIANTS)}, got '{analog}'")
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    has_instance = manifest["analog"]["instance_seed"] is not None
+    if analog == "instance" and not has_instance:
+        raise HetMoEError(f"{directory}: the export holds no programmed instance; re-export with --instance-seed N "
+                          "or load with analog='ideal'")
+    variant = "instance" if (analog == "instance" or (analog == "auto" and has_instance)) else "ideal"
+    executors = dict(executors or {})
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    providers = providers or ["CPUExecutionProvider"]
+    sessions = {}
+    for part in manifest["partitions"]:
+        v = variant if (part["device"] == "analog" and "instance" in part) else "ideal"
+        path = check_files(directory, part, v, verify_hashes)
+        if part["device"] in executors:
+            continue
+        try:
+            sessions[part["name"]] = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:
+            raise HetMoEError(f"partition '{part['name']}': ONNX Runtime cannot load {path.name}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+    return Runner(directory, manifest, sessions, executors, variant)
