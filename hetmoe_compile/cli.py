@@ -106,6 +106,30 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--no-ablation", action="store_true", help="skip the dense-modules-on-analog ablation rows")
     _add_noise_args(w)
     w.add_argument("--out", required=True, metavar="DIR", help="output directory")
+
+    x = sub.add_parser("export", help="partitioned ONNX (one file per partition) + manifest.json + tokenizer")
+    x.add_argument("model", metavar="MODEL", help="a local Hugging Face model directory or a hub id (owner/name)")
+    x.add_argument("--placement", required=True, metavar="FILE", help="a placement.json from 'place'")
+    x.add_argument("--noise", default="pcm", metavar="PRESET",
+                   help="analog preset recorded in the manifest and used by --instance-seed (default pcm)")
+    x.add_argument("--noise-scale", type=float, default=None, metavar="C", help="multiply the weight noise by C")
+    x.add_argument("--t-inference", type=float, default=None, metavar="S", help="seconds after programming (3600)")
+    x.add_argument("--instance-seed", type=int, default=None, metavar="N",
+                   help="also write hardware instance N of every analog partition (programmed, drifted, DAC/ADC)")
+    x.add_argument("--monolithic", action="store_true",
+                   help="one ONNX file with every expert inlined (ideal weights): a baseline, no partitions")
+    x.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="weight dtype (auto: float32 on CPU)")
+    x.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
+
+    r = sub.add_parser("run", help="generate text with an export, on ONNX Runtime (no torch needed)")
+    r.add_argument("export_dir", metavar="DIR", help="a directory written by 'export'")
+    what = r.add_mutually_exclusive_group(required=True)
+    what.add_argument("--prompt", metavar="TEXT", help="prompt text (needs the tokenizer saved in the export)")
+    what.add_argument("--ids", metavar="LIST", help="comma-separated prompt token ids")
+    r.add_argument("--max-new-tokens", type=_positive_int, default=20, metavar="N", help="default 20")
+    r.add_argument("--analog", choices=["auto", "ideal", "instance"], default="auto",
+                   help="analog partitions: the programmed instance if exported (auto), or ideal weights")
     return parser
 
 
@@ -329,11 +353,81 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .analog.config import analog_config
+    from .evaluation import check_placement_matches
+    from .export import ExportOptions, export_onnx
+    from .models import load_model, load_tokenizer
+    from .placement import Placement
+
+    cfg = analog_config(args.noise, args.noise_scale, args.t_inference)
+    placement = Placement.load(args.placement)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise HetMoEError(f"--out {out}: exists and is not a directory; choose a directory path")
+    import torch
+
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model = load_model(args.model, dtype=dtype, device="cpu")
+    check_placement_matches(placement.model, model, args.placement)
+    try:
+        tokenizer = load_tokenizer(args.model)
+    except HetMoEError:
+        tokenizer = None
+    manifest = export_onnx(model, placement, out, ExportOptions(cfg, args.instance_seed, args.monolithic),
+                           tokenizer)
+    doc = json.loads(manifest.read_text())
+    rows = [[p["name"], p["device"], _size(manifest.parent, p), ",".join(f"{k}:{len(v)}" for k, v in
+                                                                         p["experts"].items()) or "-"]
+            for p in doc["partitions"]]
+    from .report import format_table
+
+    print(format_table(["partition", "device", "size", "layer:experts"], rows))
+    if tokenizer is None:
+        print("(no tokenizer beside the model: 'run' will need --ids)")
+    print(f"\nwrote {manifest} and {len(doc['partitions'])} partitions")
+    return 0
+
+
+def _size(directory: Path, entry: dict) -> str:
+    files = [entry["file"]] + [d["file"] for d in entry["external_data"]]
+    n = sum((directory / f).stat().st_size for f in files)
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def cmd_run(args) -> int:
+    import time
+
+    from .runtime import load
+    from .runtime.tokenizer import load_export_tokenizer
+
+    runner = load(args.export_dir, analog=args.analog)
+    tokenizer = None
+    if args.prompt is not None:
+        tokenizer = load_export_tokenizer(Path(args.export_dir), runner.manifest)
+        ids = tokenizer.encode(args.prompt).ids
+        if not ids:
+            raise HetMoEError("--prompt: the text encodes to no tokens; give some text")
+    else:
+        try:
+            ids = [int(t) for t in _list(args.ids, "ids")]
+        except ValueError as exc:
+            raise HetMoEError(f"--ids {args.ids}: expected comma-separated integers") from exc
+    start = time.perf_counter()
+    out = runner.generate([ids], args.max_new_tokens)[0]
+    took = time.perf_counter() - start
+    new = out[len(ids):].tolist()
+    print(tokenizer.decode(out.tolist()) if tokenizer else " ".join(map(str, out.tolist())))
+    print(f"\n({len(new)} new tokens in {took:.2f} s; analog partitions: {runner.variant})", file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        commands = {"analyze": cmd_analyze, "place": cmd_place, "eval": cmd_eval, "sweep": cmd_sweep}
+        commands = {"analyze": cmd_analyze, "place": cmd_place, "eval": cmd_eval, "sweep": cmd_sweep,
+                    "export": cmd_export, "run": cmd_run}
         return commands[args.command](args)
     except HetMoEError as exc:
         print(f"hetmoe-compile {args.command}: error: {exc}", file=sys.stderr)

@@ -35,11 +35,18 @@ def atomic_write_text(path: Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -53,5 +60,38 @@ def atomic_output_dir(path: Path) -> Iterator[Path]:
         path.mkdir(exist_ok=True)
         for item in tmp.iterdir():
             os.replace(item, path / item.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_replace_dir(path: Path, marker: str) -> Iterator[Path]:
+    """Like :func:`atomic_output_dir`, but the finished directory *replaces* ``path`` as a whole, so no file of an
+    earlier run survives beside the new ones. ``path`` must be absent, empty, or hold ``marker`` (an earlier run's
+    output); anything else is refused rather than deleted."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            raise HetMoEError(f"{path}: exists and is not a directory; choose a directory path")
+        if any(path.iterdir()) and not (path / marker).is_file():
+            raise HetMoEError(f"{path}: directory is not empty and holds no {marker}; choose a new or empty "
+                              "directory (it would be replaced)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if path.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old.", dir=path.parent))
+            os.replace(path, old / "dir")
+        try:
+            os.replace(tmp, path)
+        except BaseException:
+            if old is not None:
+                os.replace(old / "dir", path)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

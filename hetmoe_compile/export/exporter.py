@@ -22,7 +22,7 @@ from ..analog.expert_group_op import program_group
 from ..analog.programming_noise import OUT_NOISE_STREAM, stream_seed
 from ..capture import ROOT_PREFIX
 from ..errors import HetMoEError
-from ..io import atomic_output_dir
+from ..io import atomic_replace_dir
 from ..models.recognize import recognize
 from ..pipeline import tag_graph
 from ..placement.placement import Placement
@@ -69,7 +69,7 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
     steps.update()
     group_of = {f"{ROOT_PREFIX}{l.experts}.groups.{d}.gate_up": (l.index, d) for l in info.moe_layers
                 for d in ("digital", "analog")}
-    with atomic_output_dir(out_dir) as tmp, tempfile.TemporaryDirectory(prefix="hetmoe-onnx-") as scratch:
+    with atomic_replace_dir(out_dir, MANIFEST_NAME) as tmp, tempfile.TemporaryDirectory(prefix="hetmoe-onnx-") as scratch:
         steps.set_postfix_str("ONNX translation")
         captured = to_onnx(ep, Path(scratch))
         del ep

@@ -162,6 +162,7 @@ def partition_graph(model: ModelProto, store: TensorStore, groups: list[GroupNod
         mod = _module_of(node, root_prefix)
         if mod and mod not in modules.setdefault(s, []):
             modules[s].append(mod)
+        del node.metadata_props[:]  # the exporter's stack traces; the manifest keeps the module paths
         if group is not None:
             b = inline_group(group, store, dtype)
             digital.setdefault(s, []).extend(b.nodes)
@@ -180,10 +181,13 @@ def partition_graph(model: ModelProto, store: TensorStore, groups: list[GroupNod
         if s in digital:
             parts_order.append(("digital", s))
         parts_order += [("analog", g) for st, g in analog if st == s]
-    names = {}
+    def name_of(kind: str, key) -> str:
+        if kind == "analog":
+            return f"analog_L{key.layer}"
+        return "model" if monolithic else f"digital_{key}"
+
     for kind, key in parts_order:
-        name = f"digital_{key}" if kind == "digital" else f"analog_L{key.layer}"
-        names[(kind, id(key) if kind == "analog" else key)] = name
+        name = name_of(kind, key)
         used = ([n for node in digital[key] for n in _node_inputs(node)] if kind == "digital"
                 else list(key.node.input[:3]))
         for n in used:
@@ -196,7 +200,7 @@ def partition_graph(model: ModelProto, store: TensorStore, groups: list[GroupNod
         if kind == "analog":
             parts.append(analog_partition(key, store, dtype, types))
             continue
-        name = f"digital_{key}"
+        name = name_of(kind, key)
         nodes = digital[key]
         produced = {o for node in nodes for o in node.output}
         needed, inits, const_nodes = [], {}, []

@@ -10,9 +10,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from .partition import Partition
 
-EXTERNAL_DATA_THRESHOLD = 1 << 30
-"""Partitions whose initializers exceed this many bytes keep them in a ``.data`` file beside the model (the
-protobuf format cannot exceed 2 GB)."""
+EXTERNAL_DATA_THRESHOLD = 1 << 28
+"""Partitions whose initializers exceed this many bytes (256 MiB) keep them in a ``.data`` file beside the model:
+protobuf files cannot exceed 2 GB, and streaming tensors to a data file keeps the exporter's memory flat."""
 
 
 def sha256(path: Path) -> str:

@@ -1,0 +1,348 @@
+"""Partitioned ONNX export and the torch-free runtime: parity, manifest, instances, files, bad input."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from hetmoe_compile import runtime
+from hetmoe_compile.analog.config import analog_config
+from hetmoe_compile.analog.simulate import restore_digital, simulate
+from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.export import ExportOptions, export_onnx
+from hetmoe_compile.export import exporter as exporter_module
+from hetmoe_compile.models import load_model, recognize
+from hetmoe_compile.models.tiny import TINY_CONFIGS, tiny_model
+from hetmoe_compile.pipeline import place_model
+from hetmoe_compile.placement import PlacementPolicy
+from hetmoe_compile.runtime.manifest import validate_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+REF = REPO.parent / "shared" / "models" / "olmoe-ref"
+QUIET = ExportOptions(progress=False)
+
+
+def _ids(batch=2, seq=9, vocab=128, seed=1):
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def _rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def _export(model, tmp, fraction=0.25, options=QUIET):
+    placement = place_model(model, PlacementPolicy(digital_fraction=fraction))
+    return placement, export_onnx(model, placement, tmp, options).parent
+
+
+@pytest.fixture(scope="module")
+def olmoe_export(tmp_path_factory):
+    """A tiny OLMoE exported with hardware instance 7 of the pcm preset without output noise."""
+    model = tiny_model("olmoe")
+    cfg = analog_config("pcm", out_noise=0.0)
+    out = tmp_path_factory.mktemp("export") / "olmoe"
+    placement, path = _export(model, out, options=ExportOptions(analog=cfg, instance_seed=7, progress=False))
+    return model, placement, path, cfg
+
+
+@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+def test_runtime_matches_pytorch_on_every_family(family, tmp_path):
+    model = tiny_model(family)
+    _, out = _export(model, tmp_path / family)
+    manifest = json.loads((out / "manifest.json").read_text())
+    analog = [p for p in manifest["partitions"] if p["device"] == "analog"]
+    assert len(analog) == len(recognize(model).moe_layers)  # one analog partition per MoE layer
+    runner = runtime.load(out)
+    for batch, seq in ((2, 9), (1, 5)):  # dynamic batch and sequence
+        ids = _ids(batch, seq)
+        with torch.no_grad():
+            ref = model(input_ids=ids, use_cache=False).logits.numpy()
+        assert _rel(runner(ids.numpy()), ref) < 1e-4
+
+
+@pytest.mark.skipif(not REF.is_dir(), reason="needs ../shared/models/olmoe-ref")
+def test_runtime_matches_pytorch_on_the_reference_model(tmp_path):
+    model = load_model(str(REF))
+    _, out = _export(model, tmp_path / "ref")
+    ids = _ids(2, 32, model.config.vocab_size)
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0  # left padding
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask, use_cache=False).logits.numpy()
+    got = runtime.load(out)(ids.numpy(), mask.numpy())
+    keep = mask.numpy().astype(bool)  # padded positions attend to nothing: their logits are arbitrary
+    assert _rel(got[keep], ref[keep]) < 1e-4
+
+
+def test_partitions_are_valid_onnx_with_dynamic_dims(olmoe_export):
+    _, _, out, _ = olmoe_export
+    manifest = json.loads((out / "manifest.json").read_text())
+    for p in manifest["partitions"]:
+        for f in (p["file"], p["instance"]["file"]) if "instance" in p else (p["file"],):
+            onnx.checker.check_model(str(out / f), full_check=True)
+            model = onnx.load(str(out / f))
+            assert not [n for n in model.graph.node if n.domain not in ("", "ai.onnx")]  # standard ops only
+            dims = [d.dim_param for i in model.graph.input for d in i.type.tensor_type.shape.dim if d.dim_param]
+            assert dims and set(dims) <= {"batch", "seq", "batch*seq"}
+    order = [s["partition"] for s in manifest["schedule"]]
+    assert order == ["digital_0", "analog_L0", "digital_1", "analog_L1", "digital_2"]
+
+
+def test_manifest_records_placement_files_and_bindings(olmoe_export):
+    model, placement, out, cfg = olmoe_export
+    doc = json.loads((out / "manifest.json").read_text())
+    validate_manifest(doc)
+    assert doc["model"]["config_sha256"] == placement.model["config_sha256"]
+    assert doc["placement"]["layers"] == placement.to_dict()["layers"]  # scores, devices, reasons
+    assert doc["analog"] == {"config": cfg.to_dict(), "instance_seed": 7}
+    assert doc["parameter_share"] == placement.parameter_share
+    devices = placement.devices()
+    produced = {"input_ids", "attention_mask"}
+    for step in doc["schedule"]:
+        assert set(step["inputs"].values()) <= produced  # every input was produced by an earlier step
+        produced |= set(step["outputs"].values())
+    assert "logits" in produced
+    for p in doc["partitions"]:
+        for layer, ids in p["experts"].items():
+            assert {devices[int(layer)][e] for e in ids} == {p["device"]}
+        if p["device"] == "analog":
+            assert [t["name"] for t in p["inputs"]] == ["hidden_states", "top_k_index", "top_k_weights"]
+            assert p["inputs"][0]["shape"] == ["batch*seq", 32] and p["inputs"][1]["dtype"] == "int64"
+            assert p["source_modules"] == [f"model.layers.{p['layer']}.mlp.experts.groups.analog"]
+            assert p["instance"]["seed"] == 7
+    # each analog expert's ideal weights are named initializers in [out, in] layout
+    a0 = next(p for p in doc["partitions"] if p["name"] == "analog_L0")
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in onnx.load(str(out / a0["file"])).graph.initializer}
+    group = model.get_submodule("model.layers.0.mlp.experts").groups["analog"]
+    for i, e in enumerate(a0["experts"]["0"]):
+        np.testing.assert_array_equal(inits[f"L0.E{e}.gate_up"], group.gate_up[i].numpy())
+        np.testing.assert_array_equal(inits[f"L0.E{e}.down"], group.down[i].numpy())
+
+
+def test_analog_partition_computes_only_routed_tokens(olmoe_export):
+    model, _, out, _ = olmoe_export
+    import onnxruntime as ort
+
+    doc = json.loads((out / "manifest.json").read_text())
+    a0 = next(p for p in doc["partitions"] if p["name"] == "analog_L0")
+    sess = ort.InferenceSession(str(out / a0["file"]))
+    group = model.get_submodule("model.layers.0.mlp.experts").groups["analog"]
+    digital = [e for e in range(8) if e not in a0["experts"]["0"]]
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(6, 32, generator=gen)
+    index = torch.tensor([[a0["experts"]["0"][0], digital[0]]] * 3 + [[digital[0], digital[1]]] * 3)
+    weights = torch.rand(6, 2, generator=gen)
+    feeds = {"hidden_states": hidden.numpy(), "top_k_index": index.numpy(), "top_k_weights": weights.numpy()}
+    got = sess.run(None, feeds)[0]
+    with torch.no_grad():
+        ref = group(hidden, index, weights).numpy()
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    assert np.all(got[3:] == 0) and np.any(got[:3] != 0)  # tokens routed elsewhere get nothing
+    ops = [n.op_type for n in onnx.load(str(out / a0["file"])).graph.node]
+    assert ops.count("NonZero") == len(a0["experts"]["0"]) and ops.count("ScatterND") == 1
+
+
+def test_instance_matches_pytorch_simulation_with_the_same_seed(olmoe_export):
+    model, _, out, cfg = olmoe_export
+    ids = _ids()
+    simulate(model, cfg, seed=7)
+    try:
+        with torch.no_grad():
+            ref = model(input_ids=ids, use_cache=False).logits.numpy()
+    finally:
+        restore_digital(model)
+    with torch.no_grad():
+        clean = model(input_ids=ids, use_cache=False).logits.numpy()
+    instance = runtime.load(out)
+    assert instance.variant == "instance"
+    got = instance(ids.numpy())
+    assert _rel(got, ref) < 1e-3
+    assert _rel(got, clean) > 1e-2  # the instance really is noisy
+    ideal = runtime.load(out, analog="ideal")(ids.numpy())
+    assert _rel(ideal, clean) < 1e-4
+
+
+def test_instance_with_output_noise_has_the_simulations_spread(tmp_path):
+    """ORT draws output noise with its own generator: compare its spread, not its values, with PyTorch's."""
+    model = tiny_model("olmoe")
+    cfg = analog_config("dac-adc")  # exact weights; DAC/ADC and output noise 0.04
+    _, out = _export(model, tmp_path / "noisy", options=ExportOptions(analog=cfg, instance_seed=3, progress=False))
+    ids = _ids()
+    quiet = runtime.load(out, analog="ideal")(ids.numpy())
+    runner = runtime.load(out)
+    ort_dev = [np.abs(runner(ids.numpy()) - quiet).mean() for _ in range(3)]
+    simulate(model, cfg, seed=3)
+    with torch.no_grad():
+        torch_dev = [np.abs(model(input_ids=ids, use_cache=False).logits.numpy() - quiet).mean() for _ in range(3)]
+    restore_digital(model)
+    assert len(set(ort_dev)) == 3  # fresh noise on every call
+    assert 0.5 < np.mean(ort_dev) / np.mean(torch_dev) < 2.0
+
+
+def test_monolithic_export_matches_partitioned(olmoe_export, tmp_path):
+    model, placement, out, _ = olmoe_export
+    mono = export_onnx(model, placement, tmp_path / "mono", ExportOptions(monolithic=True, progress=False)).parent
+    doc = json.loads((mono / "manifest.json").read_text())
+    assert [p["name"] for p in doc["partitions"]] == ["model"] and doc["monolithic"]
+    ids = _ids()
+    np.testing.assert_allclose(runtime.load(mono)(ids.numpy()), runtime.load(out, analog="ideal")(ids.numpy()),
+                               rtol=0, atol=1e-5)
+
+
+def test_external_data_above_the_threshold(tmp_path):
+    model = tiny_model("mixtral")
+    _, out = _export(model, tmp_path / "ext", options=ExportOptions(external_data_threshold=0, progress=False))
+    doc = json.loads((out / "manifest.json").read_text())
+    assert all(p["external_data"] for p in doc["partitions"])
+    for p in doc["partitions"]:  # the weights are in the data files
+        assert (out / p["external_data"][0]["file"]).stat().st_size > 2 * (out / p["file"]).stat().st_size
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits.numpy()
+    assert _rel(runtime.load(out)(ids.numpy()), ref) < 1e-4
+    data = out / doc["partitions"][1]["external_data"][0]["file"]
+    data.write_bytes(data.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(HetMoEError, match=r"partition 'analog_L0'.*\.data does not match its sha256"):
+        runtime.load(out)
+
+
+def test_failed_export_leaves_nothing(tmp_path, monkeypatch):
+    model = tiny_model("olmoe")
+    placement = place_model(model, PlacementPolicy(digital_fraction=0.25))
+    calls = []
+
+    def failing(part, *args, **kwargs):
+        calls.append(part.name)
+        if len(calls) == 3:
+            raise OSError("disk full")
+        return real(part, *args, **kwargs)
+
+    real = exporter_module.write_partition
+    monkeypatch.setattr(exporter_module, "write_partition", failing)
+    with pytest.raises(OSError, match="disk full"):
+        export_onnx(model, placement, tmp_path / "out", QUIET)
+    assert list(tmp_path.iterdir()) == []  # neither the directory nor a temporary sibling
+
+
+def test_export_rejects_what_it_cannot_write(tmp_path):
+    model = tiny_model("olmoe")
+    dense_analog = place_model(model, PlacementPolicy(digital_fraction=0.25, dense="analog"))
+    with pytest.raises(HetMoEError, match="dense-on-analog ablation is simulation-only"):
+        export_onnx(model, dense_analog, tmp_path / "a", QUIET)
+    placement = place_model(model, PlacementPolicy(digital_fraction=0.25))
+    with pytest.raises(HetMoEError, match="'ideal' preset programs nothing"):
+        export_onnx(model, placement, tmp_path / "b", ExportOptions(analog_config("ideal"), 1, progress=False))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.fixture
+def export_copy(olmoe_export, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(olmoe_export[2], out)
+    return out
+
+
+def test_tampered_partition_is_named(export_copy):
+    path = export_copy / "digital_1.onnx"
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(HetMoEError, match=r"partition 'digital_1': digital_1.onnx does not match its sha256"):
+        runtime.load(export_copy)
+
+
+def test_missing_partition_is_named(export_copy):
+    (export_copy / "analog_L1.instance.onnx").unlink()
+    with pytest.raises(HetMoEError, match=r"partition 'analog_L1': file analog_L1.instance.onnx is missing"):
+        runtime.load(export_copy)
+    runtime.load(export_copy, analog="ideal")  # the ideal variant is complete
+
+
+def test_newer_schema_and_broken_manifest(export_copy):
+    path = export_copy / "manifest.json"
+    doc = json.loads(path.read_text())
+    path.write_text(json.dumps({**doc, "schema_version": "2.0"}))
+    with pytest.raises(HetMoEError, match="schema version 2.0 is newer than this runtime reads"):
+        runtime.load(export_copy)
+    broken = dict(doc)
+    broken["partitions"] = [{**doc["partitions"][0], "sha256": "xyz"}] + doc["partitions"][1:]
+    path.write_text(json.dumps(broken))
+    with pytest.raises(HetMoEError, match=r"invalid manifest at partitions/0/sha256"):
+        runtime.load(export_copy)
+    with pytest.raises(HetMoEError, match="no manifest.json"):
+        runtime.load(export_copy / "tokenizer")
+
+
+def test_runner_rejects_wrong_inputs(olmoe_export):
+    runner = runtime.load(olmoe_export[2])
+    ids = _ids().numpy()
+    with pytest.raises(HetMoEError, match="input_ids: expected integer token ids"):
+        runner(ids.astype(np.float32))
+    with pytest.raises(HetMoEError, match=r"input_ids: expected shape \[batch, seq\]"):
+        runner(ids[None])
+    with pytest.raises(HetMoEError, match=r"attention_mask: expected the shape of input_ids \[2, 9\], got \[2, 8\]"):
+        runner(ids, np.ones((2, 8), dtype=np.int64))
+    with pytest.raises(HetMoEError, match=r"input_ids: token ids must lie in \[0, 128\)"):
+        runner(ids + 200)
+    with pytest.raises(HetMoEError, match="analog must be one of auto, ideal, instance, got 'bogus'"):
+        runtime.load(olmoe_export[2], analog="bogus")
+
+
+def test_generate_is_greedy(olmoe_export):
+    model, _, out, _ = olmoe_export
+    runner = runtime.load(out, analog="ideal")
+    prompt = _ids(1, 4).numpy()
+    got = runner.generate(prompt, max_new_tokens=5, eos_token_id=-1)
+    ids = torch.from_numpy(prompt)
+    for _ in range(5):
+        with torch.no_grad():
+            nxt = model(input_ids=ids, use_cache=False).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, nxt], dim=1)
+    np.testing.assert_array_equal(got, ids.numpy())
+
+
+def test_analog_partitions_can_run_on_a_callable(olmoe_export):
+    """A toolchain takes the analog partitions; ONNX Runtime keeps the digital ones."""
+    import onnxruntime as ort
+
+    out = olmoe_export[2]
+    calls = []
+
+    def accelerator(partition, feeds):
+        calls.append((partition["name"], feeds["hidden_states"].shape))
+        sess = ort.InferenceSession(str(out / partition["file"]))
+        return dict(zip(["partial_output"], sess.run(None, feeds)))
+
+    runner = runtime.load(out, analog="ideal", executors={"analog": accelerator})
+    ids = _ids()
+    np.testing.assert_allclose(runner(ids.numpy()), runtime.load(out, analog="ideal")(ids.numpy()), atol=1e-6)
+    assert calls == [("analog_L0", (18, 32)), ("analog_L1", (18, 32))]
+    bad = runtime.load(out, executors={"analog": lambda p, f: {"partial_output": f["hidden_states"].astype(int)}})
+    with pytest.raises(HetMoEError, match="output 'partial_output' must be float32, got int64"):
+        bad(ids.numpy())
+
+
+def test_runtime_imports_and_runs_without_torch(olmoe_export, tmp_path):
+    _, _, out, _ = olmoe_export
+    ids = _ids().numpy()
+    np.save(tmp_path / "ids.npy", ids)
+    expected = runtime.load(out)(ids)
+    np.save(tmp_path / "expected.npy", expected)
+    script = f"""
+import sys
+sys.modules["torch"] = None  # any 'import torch' now raises ImportError
+import numpy as np
+from hetmoe_compile.runtime import load
+runner = load({str(out)!r})
+got = runner(np.load({str(tmp_path / 'ids.npy')!r}))
+assert np.array_equal(got, np.load({str(tmp_path / 'expected.npy')!r}))
+assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules if sys.modules[m] is not None)
+print("ok")
+"""
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=os.environ.copy())
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "ok"
