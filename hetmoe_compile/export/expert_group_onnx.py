@@ -2,8 +2,8 @@
 
 Interface ``(hidden [T, H], top_k_index [T, K], top_k_weights [T, K]) -> partial output [T, H]``, the same as
 ``hetmoe::expert_group``. Compute scales with routed tokens: per expert, ``NonZero`` finds the (token, slot) pairs
-routed to it, ``Gather`` picks those tokens, two ``Gemm`` run the expert, and one ``ScatterND(reduction="add")``
-adds every expert's weighted output into the result. Each expert's matrices are separate initializers named
+routed to it, ``Gather`` picks those tokens and two ``Gemm`` run the expert; one ``ScatterND`` places every
+weighted expert output at its (token, slot) row, and a sum over the K slots gives the result. Each expert's matrices are separate initializers named
 ``L<layer>.E<expert>.<matrix>`` in canonical ``[out, in]`` layout, ready for a toolchain to program.
 
 With a :class:`ProgrammedExpert` per expert the body instead simulates one AIMC hardware instance exactly as
@@ -76,21 +76,26 @@ def expert_group_body(b: GraphBuilder, hidden: str, top_k_index: str, top_k_weig
     if programmed is not None and (periphery is None or len(programmed) != len(experts)):
         raise ValueError("a programmed instance needs one ProgrammedExpert per expert and a TilePeriphery")
     dtype = np.dtype(dtype)
-    ys, toks = [], []
+    routing = b.op("Shape", [top_k_index], "routing_shape")  # [T, K]
+    k = b.op("Gather", [routing, b.scalar(1, np.int64)], "k")
+    ys, slots = [], []
     for i, ex in enumerate(experts):
         p = f"L{layer}.E{ex.expert_id}."
         hit = b.op("Equal", [top_k_index, b.scalar(ex.expert_id, np.int64)], "hit")
         pairs = b.op("NonZero", [hit], "pairs")  # [2, n]: (token, slot)
         tok = b.op("Gather", [pairs, b.scalar(0, np.int64)], "tok", axis=0)  # [n]
+        slot = b.op("Gather", [pairs, b.scalar(1, np.int64)], "slot", axis=0)
         w = b.op("GatherND", [top_k_weights, b.op("Transpose", [pairs], perm=[1, 0])], "w")  # [n]
         x = b.op("Gather", [hidden, tok], "x", axis=0)  # [n, H]
         if programmed is None:
-            h = _linear(b, x, b.const(p + "gate_up", ex.gate_up, public=True), _bias(b, p + "gate_up_bias", ex.gate_up_bias))
+            h = _linear(b, x, b.const(p + "gate_up", ex.gate_up, public=True),
+                        _bias(b, p + "gate_up_bias", ex.gate_up_bias))
             h = _activate(b, h, act, dtype, ex.gate_up.shape[0] // 2)
             y = _linear(b, h, b.const(p + "down", ex.down, public=True), _bias(b, p + "down_bias", ex.down_bias))
         else:
             prog = programmed[i]
-            h = _tiled(b, x, ex.gate_up.shape[1], prog.gate_up_weight, prog.gate_up_scale, periphery, p + "gate_up", dtype)
+            h = _tiled(b, x, ex.gate_up.shape[1], prog.gate_up_weight, prog.gate_up_scale, periphery,
+                       p + "gate_up", dtype)
             if ex.gate_up_bias is not None:
                 h = b.op("Add", [h, b.const(p + "gate_up_bias", ex.gate_up_bias, public=True)])
             h = _activate(b, h, act, dtype, ex.gate_up.shape[0] // 2)
@@ -98,16 +103,26 @@ def expert_group_body(b: GraphBuilder, hidden: str, top_k_index: str, top_k_weig
             if ex.down_bias is not None:
                 y = b.op("Add", [y, b.const(p + "down_bias", ex.down_bias, public=True)])
         ys.append(b.op("Mul", [y, b.op("Unsqueeze", [w, b.vector([1])])], "y"))
-        toks.append(tok)
-    zeros = b.op("ConstantOfShape", [b.op("Shape", [hidden])], "zeros",
-                 value=helper.make_tensor("v", helper.np_dtype_to_tensor_dtype(dtype), [1], [0]))
+        slots.append(b.op("Add", [b.op("Mul", [tok, k]), slot], "flat_slot"))  # token * K + slot
+    width = b.op("Slice", [b.op("Shape", [hidden]), b.vector([1]), b.vector([2])], "width")  # [H]
     if not experts:
+        zeros = b.op("ConstantOfShape", [b.op("Shape", [hidden])], "zeros", value=_zero(dtype))
         b.op("Identity", [zeros], outputs=[output])
         return
+    # Every (token, slot) pair belongs to exactly one expert, so the scatter indices are unique (a scatter-add
+    # with repeated indices is not deterministic in ONNX Runtime's multi-threaded kernel); the K slots of each
+    # token are then summed.
+    pairs_shape = b.op("Concat", [b.op("ReduceProd", [routing], keepdims=1), width], "pairs_shape", axis=0)
+    zeros = b.op("ConstantOfShape", [pairs_shape], "zeros", value=_zero(dtype))  # [T*K, H]
     y = ys[0] if len(ys) == 1 else b.op("Concat", ys, "ys", axis=0)
-    tok = toks[0] if len(toks) == 1 else b.op("Concat", toks, "toks", axis=0)
-    index = b.op("Unsqueeze", [tok, b.vector([1])], "index")
-    b.op("ScatterND", [zeros, index, y], outputs=[output], reduction="add")
+    flat = slots[0] if len(slots) == 1 else b.op("Concat", slots, "slots", axis=0)
+    per_slot = b.op("ScatterND", [zeros, b.op("Unsqueeze", [flat, b.vector([1])], "index"), y], "per_slot")
+    per_slot = b.op("Reshape", [per_slot, b.op("Concat", [routing, width], "tkh", axis=0)])  # [T, K, H]
+    b.op("ReduceSum", [per_slot, b.vector([1])], outputs=[output], keepdims=0)
+
+
+def _zero(dtype: np.dtype):
+    return helper.make_tensor("v", helper.np_dtype_to_tensor_dtype(dtype), [1], [0])
 
 
 def _bias(b: GraphBuilder, name: str, bias: np.ndarray | None) -> str | None:
