@@ -357,14 +357,14 @@ def cmd_export(args) -> int:
     from .analog.config import analog_config
     from .evaluation import check_placement_matches
     from .export import ExportOptions, export_onnx
+    from .io import check_replaceable_dir
     from .models import load_model, load_tokenizer
+    from .runtime import MANIFEST_NAME
     from .placement import Placement
 
     cfg = analog_config(args.noise, args.noise_scale, args.t_inference)
     placement = Placement.load(args.placement)
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise HetMoEError(f"--out {out}: exists and is not a directory; choose a directory path")
+    check_replaceable_dir(Path(args.out), MANIFEST_NAME)
     import torch
 
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -374,7 +374,7 @@ def cmd_export(args) -> int:
         tokenizer = load_tokenizer(args.model)
     except HetMoEError:
         tokenizer = None
-    manifest = export_onnx(model, placement, out, ExportOptions(cfg, args.instance_seed, args.monolithic),
+    manifest = export_onnx(model, placement, Path(args.out), ExportOptions(cfg, args.instance_seed, args.monolithic),
                            tokenizer)
     doc = json.loads(manifest.read_text())
     rows = [[p["name"], p["device"], _size(manifest.parent, p), ",".join(f"{k}:{len(v)}" for k, v in

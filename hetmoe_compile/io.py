@@ -64,11 +64,8 @@ def atomic_output_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@contextmanager
-def atomic_replace_dir(path: Path, marker: str) -> Iterator[Path]:
-    """Like :func:`atomic_output_dir`, but the finished directory *replaces* ``path`` as a whole, so no file of an
-    earlier run survives beside the new ones. ``path`` must be absent, empty, or hold ``marker`` (an earlier run's
-    output); anything else is refused rather than deleted."""
+def check_replaceable_dir(path: Path, marker: str) -> None:
+    """Refuse an output directory that :func:`atomic_replace_dir` must not replace (call it before long work)."""
     path = Path(path)
     if path.exists():
         if not path.is_dir():
@@ -76,6 +73,15 @@ def atomic_replace_dir(path: Path, marker: str) -> Iterator[Path]:
         if any(path.iterdir()) and not (path / marker).is_file():
             raise HetMoEError(f"{path}: directory is not empty and holds no {marker}; choose a new or empty "
                               "directory (it would be replaced)")
+
+
+@contextmanager
+def atomic_replace_dir(path: Path, marker: str) -> Iterator[Path]:
+    """Like :func:`atomic_output_dir`, but the finished directory *replaces* ``path`` as a whole, so no file of an
+    earlier run survives beside the new ones. ``path`` must be absent, empty, or hold ``marker`` (an earlier run's
+    output); anything else is refused rather than deleted."""
+    path = Path(path)
+    check_replaceable_dir(path, marker)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

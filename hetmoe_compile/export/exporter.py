@@ -22,7 +22,7 @@ from ..analog.expert_group_op import program_group
 from ..analog.programming_noise import OUT_NOISE_STREAM, stream_seed
 from ..capture import ROOT_PREFIX
 from ..errors import HetMoEError
-from ..io import atomic_replace_dir
+from ..io import atomic_replace_dir, check_replaceable_dir
 from ..models.recognize import recognize
 from ..pipeline import tag_graph
 from ..placement.placement import Placement
@@ -62,6 +62,7 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
         raise HetMoEError("--instance-seed with the 'ideal' preset programs nothing; choose pcm, dac-adc or gaussian")
     info = recognize(model)
     out_dir = Path(out_dir)
+    check_replaceable_dir(out_dir, MANIFEST_NAME)
     dtype = np.dtype(str(next(model.parameters()).dtype).removeprefix("torch."))
     steps = tqdm(total=4, desc="export", unit="step", disable=not options.progress)
     steps.set_postfix_str("torch.export")

@@ -1,0 +1,111 @@
+"""The export and run commands on the demo model: files, printed output, and bad input (one line, exit 2)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hetmoe_compile.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "examples" / "olmoe-demo"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-export")
+    placement = root / "placement.json"
+    assert main(["place", str(DEMO), "--out", str(placement), "--no-graph"]) == 0
+    out = root / "export"
+    assert main(["export", str(DEMO), "--placement", str(placement), "--instance-seed", "5", "--out", str(out)]) == 0
+    return placement, out
+
+
+def test_export_writes_partitions_manifest_and_tokenizer(exported, capsys):
+    placement, out = exported
+    doc = json.loads((out / "manifest.json").read_text())
+    assert doc["model"]["source"] == str(DEMO) and doc["tokenizer"] == "tokenizer"
+    assert (out / "tokenizer" / "tokenizer.json").is_file()
+    assert doc["analog"]["config"]["preset"] == "pcm" and doc["analog"]["instance_seed"] == 5
+    names = [p["name"] for p in doc["partitions"]]
+    assert names == ["digital_0", "analog_L0", "digital_1", "analog_L1", "digital_2", "analog_L2", "digital_3",
+                     "analog_L3", "digital_4"]
+    files = {p.name for p in out.iterdir()}
+    assert {f"{n}.onnx" for n in names} | {f"analog_L{i}.instance.onnx" for i in range(4)} <= files
+    assert not [f for f in out.parent.iterdir() if f.name.startswith(".")]  # no temporary leftovers
+
+
+def test_run_generates_from_a_prompt_and_from_ids(exported, capsys):
+    _, out = exported
+    capsys.readouterr()
+    assert main(["run", str(out), "--prompt", "The king said", "--max-new-tokens", "6"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("The king said")
+    assert "new tokens in" in captured.err and "analog partitions: instance" in captured.err
+    assert main(["run", str(out), "--ids", "5,6,7", "--max-new-tokens", "3", "--analog", "ideal"]) == 0
+    captured = capsys.readouterr()
+    tokens = captured.out.split()
+    assert tokens[:3] == ["5", "6", "7"] and 3 < len(tokens) <= 6
+    assert "analog partitions: ideal" in captured.err
+
+
+def test_reexport_replaces_the_directory(exported, tmp_path):
+    placement, out = exported
+    target = tmp_path / "again"
+    assert main(["export", str(DEMO), "--placement", str(placement), "--out", str(target)]) == 0
+    assert any(p.name.endswith(".instance.onnx") for p in out.iterdir())
+    (target / "stale.txt").write_text("from an earlier run")
+    assert main(["export", str(DEMO), "--placement", str(placement), "--monolithic", "--out", str(target)]) == 0
+    assert sorted(p.name for p in target.iterdir()) == ["manifest.json", "model.onnx", "tokenizer"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["export", str(DEMO), "--placement", "{tmp}/missing.json", "--out", "{tmp}/x"], "placement file not found"),
+        (["export", str(DEMO), "--placement", "{placement}", "--noise", "loud", "--out", "{tmp}/x"],
+         "unknown noise preset 'loud'"),
+        (["export", str(DEMO), "--placement", "{placement}", "--noise", "ideal", "--instance-seed", "1",
+          "--out", "{tmp}/x"], "'ideal' preset programs nothing"),
+        (["export", str(DEMO), "--placement", "{placement}", "--out", "{tmp}/full"],
+         "directory is not empty and holds no manifest.json"),
+        (["export", "{other}", "--placement", "{placement}", "--out", "{tmp}/x"], "placement was made for another"),
+        (["run", "{tmp}", "--prompt", "hi"], "no manifest.json"),
+        (["run", "{export}", "--ids", "1,x"], "expected comma-separated integers"),
+        (["run", "{export}", "--ids", "99999"], "token ids must lie in [0, 4096)"),
+    ],
+)
+def test_bad_input_one_line_exit_2(exported, tmp_path, argv, message, capsys):
+    placement, out = exported
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("keep me")
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg = json.loads((DEMO / "config.json").read_text())
+    (other / "config.json").write_text(json.dumps({**cfg, "num_hidden_layers": 2}))
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(DEMO).config.__class__(
+        **{**cfg, "num_hidden_layers": 2})).save_pretrained(other)
+    argv = [a.format(tmp=tmp_path, placement=placement, export=out, other=other) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "x").exists()
+    assert (tmp_path / "full" / "notes.txt").read_text() == "keep me"
+
+
+def test_run_console_script_without_tokenizer_names_the_fix(exported, tmp_path):
+    import shutil
+
+    _, out = exported
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    shutil.rmtree(copy / "tokenizer")
+    res = subprocess.run([sys.executable, "-m", "hetmoe_compile", "run", str(copy), "--prompt", "hello"],
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert "the export has no tokenizer" in res.stderr and "--ids" in res.stderr
