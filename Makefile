@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= out/demo
 DEMO_MODEL ?= examples/olmoe-demo
 
-.PHONY: install demo test bench noise-scan sweep clean
+.PHONY: install demo test bench bench-export noise-scan sweep clean
 SHARED ?= ../shared
 
 install: $(STAMP)
@@ -26,8 +26,11 @@ demo: $(STAMP)
 	$(VENV)/bin/hetmoe-compile place $(DEMO_MODEL) --digital-fraction 0.25 --out $(OUT)/placement.json
 	$(VENV)/bin/hetmoe-compile eval $(DEMO_MODEL) --placement $(OUT)/placement.json --noise pcm --noise-scale 2.5 \
 	  --seeds 2 --ppl examples/calibration.txt --out $(OUT)/results.json
+	$(VENV)/bin/hetmoe-compile export $(DEMO_MODEL) --placement $(OUT)/placement.json --noise pcm --instance-seed 0 \
+	  --out $(OUT)/onnx
+	$(VENV)/bin/hetmoe-compile run $(OUT)/onnx --prompt "The history of" --max-new-tokens 12
 	@echo
-	@echo "Demo outputs are in $(OUT)/: scores.json, scores.png, placement.json, results.json"
+	@echo "Demo outputs are in $(OUT)/: scores.json, scores.png, placement.json, results.json, onnx/ (partitions + manifest.json)"
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -37,6 +40,14 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_scoring.py
 	$(PY) benchmarks/bench_analog.py
 	$(PY) benchmarks/aihwkit_agreement.py
+	$(MAKE) bench-export
+
+# Export parity per family, runtime speed (partitioned vs monolithic vs eager), export at OLMoE-1B-7B width
+# (needs about 6 GB of RAM and 5 GB of temporary disk).
+bench-export: $(STAMP)
+	$(PY) benchmarks/export_parity.py
+	$(PY) benchmarks/bench_runtime.py --repeat 9
+	$(PY) benchmarks/bench_export_scale.py
 
 noise-scan: $(STAMP)
 	$(PY) benchmarks/noise_scan.py --ppl-tokens 8192 --scales 0,1,2.5,4,8 --plot benchmarks/results/noise_scan.png

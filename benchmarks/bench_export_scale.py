@@ -70,7 +70,7 @@ def main() -> None:
     gib = 2**30
     print(f"OLMoE-1B-7B-shaped, {res['layers']} layers, {res['params'] / 1e9:.2f} B params "
           f"({res['weights_bytes'] / gib:.2f} GiB fp32), instance variant: {res['instance']}")
-    print(f"| measure | value | target |\n|---|---:|---:|")
+    print("| measure | value | target |\n|---|---:|---:|")
     print(f"| export time (torch.export -> ONNX -> partitions -> manifest) | {res['export_s']:.1f} s | <= 300 s |")
     print(f"| placement (max-neuron-norm scoring) | {res['place_s']:.1f} s | |")
     print(f"| peak RSS | {res['peak_rss'] / gib:.2f} GiB = {res['peak_rss'] / res['weights_bytes']:.2f}x weights "

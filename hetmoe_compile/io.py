@@ -1,6 +1,7 @@
 """Atomic file output: write to a temporary sibling, then rename, so nothing is left half-written."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -26,6 +27,16 @@ def read_text_file(path: str | Path, what: str = "text", option: str = "") -> st
     if not text.strip():
         raise HetMoEError(f"{path}: {what} text is empty; give a file with some natural-language text")
     return text
+
+
+def read_json_file(path: Path, missing: str) -> object:
+    """The parsed JSON of ``path``; ``missing`` is the error message (problem and fix) when there is no such file."""
+    if not path.is_file():
+        raise HetMoEError(missing)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise HetMoEError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
 
 
 def atomic_write_text(path: Path, text: str) -> Path:

@@ -3,8 +3,9 @@
 Interface ``(hidden [T, H], top_k_index [T, K], top_k_weights [T, K]) -> partial output [T, H]``, the same as
 ``hetmoe::expert_group``. Compute scales with routed tokens: per expert, ``NonZero`` finds the (token, slot) pairs
 routed to it, ``Gather`` picks those tokens and two ``Gemm`` run the expert; one ``ScatterND`` places every
-weighted expert output at its (token, slot) row, and a sum over the K slots gives the result. Each expert's matrices are separate initializers named
-``L<layer>.E<expert>.<matrix>`` in canonical ``[out, in]`` layout, ready for a toolchain to program.
+weighted expert output at its (token, slot) row, and a sum over the K slots gives the result. Each expert's
+matrices are separate initializers named ``L<layer>.E<expert>.<matrix>`` in canonical ``[out, in]`` layout, ready
+for a toolchain to program.
 
 With a :class:`ProgrammedExpert` per expert the body instead simulates one AIMC hardware instance exactly as
 ``hetmoe::analog_expert_group`` does: abs-max noise management and DAC rounding per token and tile, the MVM on the
@@ -19,7 +20,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from ..errors import HetMoEError
-from .graph_builder import GraphBuilder
+from .graph_builder import Deferred, GraphBuilder, materialize
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,8 @@ class ExpertArrays:
 
 @dataclass(frozen=True)
 class ProgrammedExpert:
-    """One expert as programmed on tiles: normalised weights ``[out, C, T]`` and scales ``[out, C]`` per matrix."""
+    """One expert as programmed on tiles: normalised weights ``[out, C, T]`` and scales ``[out, C]`` per matrix
+    (numpy arrays, or lazy objects with ``shape`` and ``load()``)."""
 
     gate_up_weight: np.ndarray
     gate_up_scale: np.ndarray
@@ -175,7 +177,8 @@ def _tiled(b: GraphBuilder, x: str, n_in: int, weight: np.ndarray, scale: np.nda
     levels = b.op("Div", [xt, b.op("Mul", [nm, b.scalar(in_step, np.float32)])], "levels")
     if io.inp_res > 0:
         levels = b.op("Round", [levels])
-    w = b.const(name + ".programmed", public=True, array= np.ascontiguousarray(weight.transpose(1, 2, 0), dtype=np.float32))
+    w = b.const(name + ".programmed", Deferred((c, t, out), np.float32, lambda: np.ascontiguousarray(
+        materialize(weight).transpose(1, 2, 0), dtype=np.float32)), public=True)
     y = b.op("MatMul", [levels, w], "tile")  # [C, n, out] in DAC steps
     unit = in_step
     if io.out_res > 0 or io.out_noise > 0:
@@ -190,7 +193,8 @@ def _tiled(b: GraphBuilder, x: str, n_in: int, weight: np.ndarray, scale: np.nda
         limit = io.out_bound / out_step
         y = b.op("Clip", [y, b.scalar(-limit, np.float32), b.scalar(limit, np.float32)])
         unit = out_step
-    s = b.const(name + ".scale", public=True, array= np.ascontiguousarray((scale.T[:, None, :] * unit), dtype=np.float32))
+    s = b.const(name + ".scale", Deferred((c, 1, out), np.float32, lambda u=unit: np.ascontiguousarray(
+        materialize(scale).T[:, None, :] * u, dtype=np.float32)), public=True)
     y = b.op("Mul", [b.op("Mul", [y, nm]), s], "scaled")
     y = b.op("ReduceSum", [y, b.vector([0])], "sum", keepdims=0)
     return b.op("Cast", [y], to=helper.np_dtype_to_tensor_dtype(dtype)) if dtype != np.float32 else y

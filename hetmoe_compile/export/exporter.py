@@ -8,6 +8,7 @@ temporary sibling of the output directory and moved into place only when all of 
 from __future__ import annotations
 
 import tempfile
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .. import __version__
 from ..analog.config import AnalogConfig
 from ..analog.expert_group_op import program_group
 from ..analog.programming_noise import OUT_NOISE_STREAM, stream_seed
+from ..analog.tiles import split_sizes
 from ..capture import ROOT_PREFIX
 from ..errors import HetMoEError
 from ..io import atomic_replace_dir, check_replaceable_dir
@@ -27,6 +29,7 @@ from ..models.recognize import recognize
 from ..pipeline import tag_graph
 from ..placement.placement import Placement
 from .expert_group_onnx import ProgrammedExpert, TilePeriphery
+from .graph_builder import Deferred
 from .manifest import MANIFEST_NAME, build_manifest, write_manifest
 from .onnx_capture import OPSET, to_onnx
 from .partition import GroupNode, analog_partition, find_groups, partition_graph, value_types
@@ -70,7 +73,8 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
     steps.update()
     group_of = {f"{ROOT_PREFIX}{l.experts}.groups.{d}.gate_up": (l.index, d) for l in info.moe_layers
                 for d in ("digital", "analog")}
-    with atomic_replace_dir(out_dir, MANIFEST_NAME) as tmp, tempfile.TemporaryDirectory(prefix="hetmoe-onnx-") as scratch:
+    scratch_dir = tempfile.TemporaryDirectory(prefix="hetmoe-onnx-")
+    with atomic_replace_dir(out_dir, MANIFEST_NAME) as tmp, scratch_dir as scratch:
         steps.set_postfix_str("ONNX translation")
         captured = to_onnx(ep, Path(scratch))
         del ep
@@ -120,17 +124,31 @@ def _doc(part) -> str:
     return f"hetmoe-compile partition {part.name} ({part.device}){': ' + experts if experts else ''}"
 
 
-@torch.no_grad()
 def program_instance(model: nn.Module, info, group: GroupNode, cfg: AnalogConfig,
                      seed: int) -> tuple[list[ProgrammedExpert], TilePeriphery]:
-    """Hardware instance ``seed`` of one analog group: the same devices as ``simulate(model, cfg, seed)``."""
-    layer = info.layer(group.layer)
-    source = model.get_submodule(layer.experts).groups["analog"]
+    """Hardware instance ``seed`` of one analog group: the same devices as ``simulate(model, cfg, seed)`` (an
+    expert's devices depend only on seed, layer, expert and matrix). Experts are programmed one at a time, when
+    the partition writer asks for their weights."""
+    source = model.get_submodule(info.layer(group.layer).experts).groups["analog"]
     source = getattr(source, "source", source)  # an AnalogExpertGroup keeps the ideal group as .source
-    progs = program_group(source.gate_up, source.down, source.expert_ids, cfg, seed, group.layer)
-    arr = {k: v.detach().cpu().numpy() for k, v in progs.items()}
-    experts = [ProgrammedExpert(arr["gate_up_weight"][i], arr["gate_up_scale"][i], arr["down_weight"][i],
-                                arr["down_scale"][i]) for i in range(len(group.expert_ids))]
+
+    @lru_cache(maxsize=1)
+    def programmed(i: int) -> dict[str, np.ndarray]:
+        with torch.no_grad():
+            progs = program_group(source.gate_up[i:i + 1], source.down[i:i + 1], source.expert_ids[i:i + 1], cfg,
+                                  seed, group.layer)
+        return {k: v[0].detach().cpu().numpy() for k, v in progs.items()}
+
+    def field(i: int, key: str, shape: tuple[int, ...]) -> Deferred:
+        return Deferred(shape, np.float32, lambda: programmed(i)[key])
+
+    experts = []
+    for i in range(len(group.expert_ids)):
+        shapes = {}
+        for name, w in (("gate_up", source.gate_up[i]), ("down", source.down[i])):
+            count, size = split_sizes(w.shape[1], cfg.tile_size)
+            shapes[f"{name}_weight"], shapes[f"{name}_scale"] = (w.shape[0], count, size), (w.shape[0], count)
+        experts.append(ProgrammedExpert(**{k: field(i, k, v) for k, v in shapes.items()}))
     periphery = TilePeriphery(cfg.inp_res, cfg.out_res, cfg.out_noise, cfg.out_bound,
                               stream_seed(seed, group.layer, OUT_NOISE_STREAM))
     return experts, periphery

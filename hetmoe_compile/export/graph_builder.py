@@ -5,6 +5,25 @@ import numpy as np
 from onnx import NodeProto, helper
 
 
+class Deferred:
+    """An initializer computed only when its partition is written, so large weights never pile up in memory."""
+
+    def __init__(self, shape: tuple[int, ...], dtype, fn) -> None:
+        self.shape, self.dtype, self._fn = tuple(shape), np.dtype(dtype), fn
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def load(self) -> np.ndarray:
+        return self._fn()
+
+
+def materialize(array) -> np.ndarray:
+    """A numpy array from a numpy array, a lazy tensor or a :class:`Deferred`."""
+    return array.load() if hasattr(array, "load") else np.asarray(array)
+
+
 class GraphBuilder:
     """Collects nodes and initializers; every name it makes starts with ``prefix``."""
 

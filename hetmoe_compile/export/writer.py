@@ -1,7 +1,6 @@
 """Write one partition as an ONNX file (external data above a size threshold), check it, and hash it."""
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -13,14 +12,6 @@ from .partition import Partition
 EXTERNAL_DATA_THRESHOLD = 1 << 28
 """Partitions whose initializers exceed this many bytes (256 MiB) keep them in a ``.data`` file beside the model:
 protobuf files cannot exceed 2 GB, and streaming tensors to a data file keeps the exporter's memory flat."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _nbytes(array) -> int:

@@ -12,7 +12,7 @@ from torch import nn
 
 from .. import __version__
 from ..errors import HetMoEError
-from ..io import atomic_write_text
+from ..io import atomic_write_text, read_json_file
 from ..models.recognize import ROUTED_EXPERTS, ModelInfo
 from ..scoring.base import Scores
 from .policy import PlacementPolicy, parse_override_key
@@ -103,12 +103,7 @@ class Placement:
     @classmethod
     def load(cls, path: str | Path) -> "Placement":
         path = Path(path)
-        if not path.is_file():
-            raise HetMoEError(f"{path}: placement file not found; create one with 'hetmoe-compile place'")
-        try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise HetMoEError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        data = read_json_file(path, f"{path}: placement file not found; create one with 'hetmoe-compile place'")
         return cls.from_dict(data, str(path))
 
 

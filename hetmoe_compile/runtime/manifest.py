@@ -8,6 +8,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..errors import HetMoEError
+from ..io import read_json_file
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = "1.0"
@@ -68,11 +69,6 @@ def read_manifest(directory: str | Path) -> dict:
     """The validated manifest of the export in ``directory``."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
-    if not path.is_file():
-        raise HetMoEError(f"{directory}: no {MANIFEST_NAME}; pass a directory written by 'hetmoe-compile export'")
-    try:
-        doc = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise HetMoEError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+    doc = read_json_file(path, f"{directory}: no {MANIFEST_NAME}; pass a directory written by 'hetmoe-compile export'")
     validate_manifest(doc, str(path))
     return doc

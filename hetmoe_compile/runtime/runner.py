@@ -1,10 +1,10 @@
 """Run an exported model with ONNX Runtime: one session per partition, in the manifest's schedule (no torch).
 
 Tensors pass between partitions as ``OrtValue``s (``run_with_ort_values``), so nothing is copied through numpy
-between sessions, and each is released after its last use. Sessions stop spinning between runs and share one memory arena
-(see :func:`_session_options`). A caller may hand any device's partitions to its own
-executor (an accelerator toolchain): ``load(dir, executors={"analog": fn})`` calls ``fn(partition, feeds)`` with
-the partition's manifest entry and numpy inputs, and expects ``{output_name: array}`` back.
+between sessions, and each is released after its last use. Sessions stop spinning between runs and share one
+memory arena (see :func:`_session_options`). A caller may hand any device's partitions to its own executor (an
+accelerator toolchain): ``load(dir, executors={"analog": fn})`` calls ``fn(partition, feeds)`` with the
+partition's manifest entry and numpy inputs, and expects ``{output_name: array}`` back.
 """
 from __future__ import annotations
 
@@ -167,8 +167,9 @@ def _session_options(threads: int):
 def load(directory: str | Path, analog: str = "auto", executors: dict[str, Executor] | None = None,
          providers: list[str] | None = None, verify_hashes: bool = True, threads: int = 0) -> Runner:
     """Load the export in ``directory``: check its manifest (schema, version, files, sha256) and open one ONNX
-    Runtime session per partition (``threads``: intra-op threads per session, 0 = one per core). ``analog``: ``ideal`` weights, the programmed ``instance`` (needs an export
-    with ``--instance-seed``), or ``auto`` (the instance when there is one). Partitions of a device in
+    Runtime session per partition (``threads``: intra-op threads per session, 0 = one per core). ``analog``:
+    ``ideal`` weights, the programmed ``instance`` (needs an export with ``--instance-seed``), or ``auto`` (the
+    instance when there is one). Partitions of a device in
     ``executors`` run through that callable instead of ONNX Runtime."""
     import onnxruntime as ort
 
