@@ -57,12 +57,14 @@ def test_tiles_split_like_aihwkit():
 
 
 def test_ideal_matmul_is_exact_and_per_row_scaled():
-    w = torch.randn(96, 700)
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 700, generator=gen)
     w[3] *= 1000.0  # a huge neuron must not compress the others
-    x = torch.randn(16, 700)
+    x = torch.randn(16, 700, generator=gen)
     prog = program_matrix(w, analog_config("ideal"), seed=0)
     assert prog.weight.abs().max() <= 1.0 + 1e-6
-    torch.testing.assert_close(analog_matmul(x, prog, analog_config("ideal")), x @ w.T, rtol=1e-5, atol=1e-3)
+    # float32 sums of 700 products in another order: relative rounding up to a few 1e-5 on the 1000x row
+    torch.testing.assert_close(analog_matmul(x, prog, analog_config("ideal")), x @ w.T, rtol=1e-4, atol=1e-3)
 
 
 def test_programming_is_seeded_and_isolated():

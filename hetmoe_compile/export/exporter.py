@@ -96,7 +96,7 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
             if part.device == "analog" and options.instance_seed is not None:
                 group = by_layer[part.layer]
                 programmed, periphery = program_instance(model, info, group, cfg, options.instance_seed)
-                inst = analog_partition(group, store, dtype, types, programmed, periphery)
+                inst = analog_partition(group, store, dtype, types, programmed, periphery, ROOT_PREFIX)
                 variants[part.name] = write_partition(inst, tmp, f"{inst.name}.onnx", opsets, PRODUCER,
                                                       options.external_data_threshold, _doc(inst))
                 del programmed, inst

@@ -10,7 +10,6 @@ copied into every partition that uses them.
 from __future__ import annotations
 
 import ast
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,98 +130,111 @@ def _module_of(node: NodeProto, root_prefix: str) -> str | None:
     return None
 
 
+@dataclass
+class _Stages:
+    """Nodes grouped by stage: digital nodes (with inlined digital groups) per stage, analog groups per stage."""
+
+    digital: dict[int, list[NodeProto]] = field(default_factory=dict)
+    body_inits: dict[int, dict[str, object]] = field(default_factory=dict)
+    modules: dict[int, list[str]] = field(default_factory=dict)
+    experts: dict[int, dict[int, list[int]]] = field(default_factory=dict)
+    analog: list[tuple[int, GroupNode]] = field(default_factory=list)
+    constants: dict[str, NodeProto] = field(default_factory=dict)
+
+
+def _assign_stages(model: ModelProto, store: TensorStore, groups: list[GroupNode], dtype: np.dtype,
+                   root_prefix: str, monolithic: bool) -> _Stages:
+    by_node = {id(g.node): g for g in groups}
+    out = _Stages()
+    stage: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and not node.input:
+            out.constants.update({o: node for o in node.output})  # copied into every partition that uses it
+            continue
+        s = max((stage.get(n, 0) for n in _node_inputs(node)), default=0)
+        group = by_node.get(id(node))
+        if group is not None and group.device == "analog" and not monolithic:
+            out.analog.append((s, group))
+            stage[node.output[0]] = s + 1
+            continue
+        stage.update({o: s for o in node.output})
+        mod = _module_of(node, root_prefix)
+        if mod and mod not in out.modules.setdefault(s, []):
+            out.modules[s].append(mod)
+        del node.metadata_props[:]  # the exporter's stack traces; the manifest keeps the module paths
+        if group is None:
+            out.digital.setdefault(s, []).append(node)
+            continue
+        b = inline_group(group, store, dtype)
+        out.digital.setdefault(s, []).extend(b.nodes)
+        out.body_inits.setdefault(s, {}).update(b.initializers)
+        out.experts.setdefault(s, {}).setdefault(group.layer, []).extend(group.expert_ids)
+    return out
+
+
 def partition_graph(model: ModelProto, store: TensorStore, groups: list[GroupNode], dtype: np.dtype,
                     root_prefix: str, monolithic: bool = False) -> list[Partition]:
     """Split ``model`` into the scheduled partitions (``monolithic``: one partition, analog groups inlined ideal).
 
     Analog partitions are returned with their ideal body; :func:`analog_partition` builds instance variants."""
-    by_node = {id(g.node): g for g in groups}
-    types = value_types(model)
-    init = {t.name for t in model.graph.initializer}
-    constants: dict[str, NodeProto] = {}
-    stage: dict[str, int] = {}
-    digital: dict[int, list[NodeProto]] = {}
-    body_inits: dict[int, dict[str, object]] = {}
-    modules: dict[int, list[str]] = {}
-    layer_experts: dict[int, dict[int, list[int]]] = {}
-    analog: list[tuple[int, GroupNode]] = []
-    for node in model.graph.node:
-        if node.op_type == "Constant" and not node.input:
-            for o in node.output:
-                constants[o] = node
-            continue
-        s = max((stage.get(n, 0) for n in _node_inputs(node)), default=0)
-        group = by_node.get(id(node))
-        if group is not None and group.device == "analog" and not monolithic:
-            analog.append((s, group))
-            stage[node.output[0]] = s + 1
-            continue
-        for o in node.output:
-            stage[o] = s
-        mod = _module_of(node, root_prefix)
-        if mod and mod not in modules.setdefault(s, []):
-            modules[s].append(mod)
-        del node.metadata_props[:]  # the exporter's stack traces; the manifest keeps the module paths
-        if group is not None:
-            b = inline_group(group, store, dtype)
-            digital.setdefault(s, []).extend(b.nodes)
-            body_inits.setdefault(s, {}).update(b.initializers)
-            layer_experts.setdefault(s, {}).setdefault(group.layer, []).extend(group.expert_ids)
-        else:
-            digital.setdefault(s, []).append(node)
+    st = _assign_stages(model, store, groups, dtype, root_prefix, monolithic)
+    order: list[tuple[str, object]] = []  # ("digital", stage) or ("analog", group), in execution order
+    for s in sorted(set(st.digital) | {s for s, _ in st.analog}):
+        if s in st.digital:
+            order.append(("digital", s))
+        order += [("analog", g) for gs, g in st.analog if gs == s]
 
-    graph_inputs = [i.name for i in model.graph.input]
-    graph_outputs = [o.name for o in model.graph.output]
-    # Who consumes what: digital stages, analog groups (by their inputs), and the graph outputs.
-    consumers: dict[str, set[str]] = {}
-    parts_order: list[tuple[str, object]] = []
-    stages = sorted(set(digital) | {s for s, _ in analog} | {s + 1 for s, _ in analog})
-    for s in stages:
-        if s in digital:
-            parts_order.append(("digital", s))
-        parts_order += [("analog", g) for st, g in analog if st == s]
     def name_of(kind: str, key) -> str:
         if kind == "analog":
             return f"analog_L{key.layer}"
         return "model" if monolithic else f"digital_{key}"
 
-    for kind, key in parts_order:
-        name = name_of(kind, key)
-        used = ([n for node in digital[key] for n in _node_inputs(node)] if kind == "digital"
+    consumers: dict[str, set[str]] = {n.name: {"<output>"} for n in model.graph.output}
+    for kind, key in order:
+        used = ([n for node in st.digital[key] for n in _node_inputs(node)] if kind == "digital"
                 else list(key.node.input[:3]))
         for n in used:
-            consumers.setdefault(n, set()).add(name)
-    for n in graph_outputs:
-        consumers.setdefault(n, set()).add("<output>")
-
-    parts: list[Partition] = []
-    for kind, key in parts_order:
+            consumers.setdefault(n, set()).add(name_of(kind, key))
+    types = value_types(model)
+    inits = {t.name for t in model.graph.initializer}
+    graph_inputs = [i.name for i in model.graph.input]
+    parts = []
+    for kind, key in order:
         if kind == "analog":
-            parts.append(analog_partition(key, store, dtype, types))
-            continue
-        name = name_of(kind, key)
-        nodes = digital[key]
-        produced = {o for node in nodes for o in node.output}
-        needed, inits, const_nodes = [], {}, []
-        for node in nodes:
-            for n in _node_inputs(node):
-                if n in produced or n in needed:
-                    continue
-                if n in init:
-                    inits[n] = store.ref(n)
-                elif n in constants:
-                    if constants[n] not in const_nodes:
-                        const_nodes.append(constants[n])
-                elif n in body_inits.get(key, {}):
-                    inits[n] = body_inits[key][n]
-                else:
-                    needed.append(n)
-        outputs = [n for n in _ordered(nodes) if n in produced and consumers.get(n, set()) - {name}]
-        ins = [n for n in graph_inputs if n in needed] + [n for n in needed if n not in graph_inputs]
-        parts.append(Partition(name, "digital", const_nodes + nodes, inits, ins, outputs,
-                               {n: n for n in ins + outputs}, {n: types[n] for n in ins + outputs if n in types},
-                               expert_ids=layer_experts.get(key, {}), source_modules=modules.get(key, [])))
+            parts.append(analog_partition(key, store, dtype, types, root_prefix=root_prefix))
+        else:
+            parts.append(_digital_partition(name_of(kind, key), key, st, store, inits, consumers, graph_inputs,
+                                            types))
     return parts
+
+
+def _digital_partition(name: str, stage: int, st: _Stages, store: TensorStore, inits: set[str],
+                       consumers: dict[str, set[str]], graph_inputs: list[str],
+                       types: dict[str, ValueInfoProto]) -> Partition:
+    """One digital stage: its inputs are the tensors it reads that no node, initializer or constant of it makes;
+    its outputs are the tensors it makes that another partition (or the model output) reads."""
+    nodes = st.digital[stage]
+    produced = {o for node in nodes for o in node.output}
+    body = st.body_inits.get(stage, {})
+    needed: dict[str, None] = {}
+    weights: dict[str, object] = {}
+    const_nodes: dict[int, NodeProto] = {}
+    for n in (n for node in nodes for n in _node_inputs(node)):
+        if n in produced:
+            continue
+        if n in inits:
+            weights[n] = store.ref(n)
+        elif n in body:
+            weights[n] = body[n]
+        elif n in st.constants:
+            const_nodes[id(st.constants[n])] = st.constants[n]
+        else:
+            needed[n] = None
+    outputs = [n for n in _ordered(nodes) if consumers.get(n, set()) - {name}]
+    ins = [n for n in graph_inputs if n in needed] + [n for n in needed if n not in graph_inputs]
+    return Partition(name, "digital", list(const_nodes.values()) + nodes, weights, ins, outputs,
+                     {n: n for n in ins + outputs}, {n: types[n] for n in ins + outputs if n in types},
+                     expert_ids=st.experts.get(stage, {}), source_modules=st.modules.get(stage, []))
 
 
 def _ordered(nodes: list[NodeProto]) -> list[str]:
@@ -230,8 +242,8 @@ def _ordered(nodes: list[NodeProto]) -> list[str]:
 
 
 def analog_partition(group: GroupNode, store: TensorStore, dtype: np.dtype, types: dict[str, ValueInfoProto],
-                     programmed: list[ProgrammedExpert] | None = None,
-                     periphery: TilePeriphery | None = None) -> Partition:
+                     programmed: list[ProgrammedExpert] | None = None, periphery: TilePeriphery | None = None,
+                     root_prefix: str = "model.") -> Partition:
     """The partition of one analog group: ideal weights, or one programmed instance when ``programmed`` is given."""
     b = inline_group(group, store, dtype, programmed, periphery, list(ANALOG_INPUTS), ANALOG_OUTPUT)
     glob = [*group.node.input[:3], group.node.output[0]]
@@ -246,7 +258,4 @@ def analog_partition(group: GroupNode, store: TensorStore, dtype: np.dtype, type
     suffix = "" if programmed is None else ".instance"
     return Partition(f"analog_L{group.layer}{suffix}", "analog", b.nodes, b.initializers, list(ANALOG_INPUTS),
                      [ANALOG_OUTPUT], dict(zip(local, glob)), typ, group.layer, {group.layer: group.expert_ids},
-                     [_module_of(group.node, "model.") or f"layers.{group.layer}.experts"])
-
-
-ProgramFn = Callable[[GroupNode], tuple[list[ProgrammedExpert], TilePeriphery]]
+                     [_module_of(group.node, root_prefix) or f"layers.{group.layer}.experts"])
