@@ -1,2 +1,51 @@
-"""hetmoe-compile: deploy Mixture-of-Experts LLMs on heterogeneous analog-digital accelerators."""
+"""hetmoe-compile: deploy Mixture-of-Experts LLMs on heterogeneous analog-digital accelerators.
+
+    import hetmoe_compile as hc
+    analysis = hc.analyze(model)                                   # every expert's sensitivity scores
+    compiled = hc.compile(model, hc.PlacementPolicy(0.25), "pcm")  # place experts, canonicalise the model
+    compiled.simulate(seed=0); compiled.export("out/onnx")         # simulate AIMC; partitioned ONNX
+
+The public names are imported on first use, so ``hetmoe_compile.runtime`` (ONNX Runtime + numpy) imports
+without torch.
+"""
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 __version__ = "0.1.0"
+
+_PUBLIC = {
+    "compile": "api", "analyze": "api", "CompiledMoE": "api",
+    "prepare": "backend", "BackendOptions": "backend",
+    "PlacementPolicy": "placement.policy", "Placement": "placement.placement",
+    "AnalogConfig": "analog.config", "analog_config": "analog.config", "PRESETS": "analog.config",
+    "Calibration": "calibration", "calibration_from_text": "calibration",
+    "load_model": "models", "load_tokenizer": "models", "recognize": "models",
+    "ExportOptions": "export", "export_onnx": "export",
+    "HetMoEError": "errors",
+}
+__all__ = ["__version__", *sorted(_PUBLIC)]
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
+    from .analog.config import PRESETS, AnalogConfig, analog_config
+    from .api import CompiledMoE, analyze, compile
+    from .backend import BackendOptions, prepare
+    from .calibration import Calibration, calibration_from_text
+    from .errors import HetMoEError
+    from .export import ExportOptions, export_onnx
+    from .models import load_model, load_tokenizer, recognize
+    from .placement.placement import Placement
+    from .placement.policy import PlacementPolicy
+
+
+def __getattr__(name: str):
+    if name in _PUBLIC:
+        value = getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_PUBLIC))

@@ -242,17 +242,8 @@ def cmd_analyze(args) -> int:
           f"experts, top-{info.moe_layers[0].top_k}")
     print()
     print(format_table(["selector", "seconds"], [[n, f"{s.seconds:.3f}"] for n, s in analysis.scores.items()]))
-    k = max(1, math.ceil(args.digital_fraction * info.moe_layers[0].num_experts - 1e-9))
-    first = names[0]
-    rows = []
-    for l in info.moe_layers:
-        s = analysis.scores[first].layers[l.index]
-        top = sorted(range(l.num_experts), key=lambda e: (-s[e], e))[:k]
-        rows.append([l.index, " ".join(map(str, top))] + [f"{rho[n][l.index]:+.2f}" for n in rho])
     print()
-    print(format_table(["layer", f"top {k} by {first}"] + [f"rho({n})" for n in rho], rows))
-    if rho:
-        print(f"(rho: Spearman rank correlation with '{analysis.reference}' per layer)")
+    print(analysis.table(args.digital_fraction))
     print(f"\nwrote {out_dir / 'scores.json'} and {out_dir / 'scores.png'}")
     return 0
 

@@ -1,6 +1,7 @@
 """The ahead-of-time pipeline steps, composed: load -> recognise -> score -> place -> canonicalise -> capture -> tag."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -41,6 +42,24 @@ class Analysis:
                 rho = spearmanr(a, b)[0] if np.ptp(a) > 0 and np.ptp(b) > 0 else float("nan")
                 out[name][layer.index] = float(rho)
         return out
+
+    def table(self, digital_fraction: float = 0.25) -> str:
+        """Per layer, the experts a ``digital_fraction`` placement makes digital by the first selector, and each
+        selector's Spearman correlation with the reference."""
+        from .report import format_table
+
+        rho = self.spearman()
+        first = next(iter(self.scores))
+        k = max(1, math.ceil(digital_fraction * self.info.moe_layers[0].num_experts - 1e-9))
+        rows = []
+        for layer in self.info.moe_layers:
+            s = self.scores[first].layers[layer.index]
+            top = sorted(range(layer.num_experts), key=lambda e: (-s[e], e))[:k]
+            rows.append([layer.index, " ".join(map(str, top))] + [f"{rho[n][layer.index]:+.2f}" for n in rho])
+        text = format_table(["layer", f"top {k} by {first}"] + [f"rho({n})" for n in rho], rows)
+        if rho:
+            text += f"\n(rho: Spearman rank correlation with '{self.reference}' per layer)"
+        return text
 
 
 def analyze_model(model: nn.Module, selectors: list[str], calibration: Calibration | None = None, seed: int = 0,

@@ -131,6 +131,32 @@ def _n_digital(fraction: float, n: int) -> int:
     return min(n, math.ceil(fraction * n - 1e-9))
 
 
+def rank_digital(scores: dict[int, np.ndarray], policy: PlacementPolicy,
+                 selector: str) -> tuple[set[tuple[int, int]], dict[tuple[int, int], str]]:
+    """The ``(layer, expert)`` pairs on digital by ``policy`` (top fraction per layer, or over all layers), and a
+    note per expert saying its rank. Ties go to the lower expert id."""
+    digital: set[tuple[int, int]] = set()
+    notes: dict[tuple[int, int], str] = {}
+    if policy.scope == "per-layer":
+        for layer, values in scores.items():
+            s = np.asarray(values, dtype=float)
+            order = sorted(range(len(s)), key=lambda e: (-s[e], e))
+            k = _n_digital(policy.digital_fraction, len(s))
+            for rank, e in enumerate(order):
+                if rank < k:
+                    digital.add((layer, e))
+                notes[(layer, e)] = f"rank {rank + 1}/{len(s)} by {selector} in layer {layer} (top {k} digital)"
+    else:
+        keys = [(layer, e) for layer, values in scores.items() for e in range(len(values))]
+        order = sorted(keys, key=lambda key: (-float(scores[key[0]][key[1]]), key))
+        k = _n_digital(policy.digital_fraction, len(keys))
+        for rank, key in enumerate(order):
+            if rank < k:
+                digital.add(key)
+            notes[key] = f"rank {rank + 1}/{len(keys)} by {selector} over all layers (top {k} digital)"
+    return digital, notes
+
+
 def place(model: nn.Module, info: ModelInfo, scores: Scores, policy: PlacementPolicy, source: str = "") -> Placement:
     """Rank experts by ``scores`` and put the top ``digital_fraction`` (per layer or globally) on digital."""
     policy.validate()
@@ -138,27 +164,8 @@ def place(model: nn.Module, info: ModelInfo, scores: Scores, policy: PlacementPo
         got = scores.layers.get(layer.index)
         if got is None or len(got) != layer.num_experts:
             raise HetMoEError(f"scores from '{scores.selector}' do not cover layer {layer.index}'s experts")
-    digital: set[tuple[int, int]] = set()
-    rank_note: dict[tuple[int, int], str] = {}
-    sel = scores.selector
-    if policy.scope == "per-layer":
-        for layer in info.moe_layers:
-            s = np.asarray(scores.layers[layer.index], dtype=float)
-            order = sorted(range(layer.num_experts), key=lambda e: (-s[e], e))
-            k = _n_digital(policy.digital_fraction, layer.num_experts)
-            for rank, e in enumerate(order):
-                key = (layer.index, e)
-                if rank < k:
-                    digital.add(key)
-                rank_note[key] = f"rank {rank + 1}/{layer.num_experts} by {sel} in layer {layer.index} (top {k} digital)"
-    else:
-        keys = [(l.index, e) for l in info.moe_layers for e in range(l.num_experts)]
-        order = sorted(keys, key=lambda key: (-float(scores.layers[key[0]][key[1]]), key))
-        k = _n_digital(policy.digital_fraction, len(keys))
-        for rank, key in enumerate(order):
-            if rank < k:
-                digital.add(key)
-            rank_note[key] = f"rank {rank + 1}/{len(keys)} by {sel} over all layers (top {k} digital)"
+    digital, rank_note = rank_digital({l.index: scores.layers[l.index] for l in info.moe_layers}, policy,
+                                      scores.selector)
     overrides = {parse_override_key(k): v for k, v in policy.overrides.items()}
     for (li, e) in overrides:
         if li not in {l.index for l in info.moe_layers} or not 0 <= e < info.layer(li).num_experts:
