@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from onnx import ModelProto, ValueInfoProto, helper
@@ -52,6 +53,8 @@ def build_manifest(placement: Placement, cfg: AnalogConfig, instance_seed: int |
         }
         if part.expert_ids:
             entry["weights"] = WEIGHT_NAMING
+        if part.activation is not None:
+            entry["activation"] = asdict(part.activation)
         if part.name in variants:
             entry["instance"] = {**_files(variants[part.name]), "seed": int(instance_seed)}
         partitions.append(entry)

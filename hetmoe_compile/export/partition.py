@@ -59,6 +59,7 @@ class Partition:
     layer: int | None = None
     expert_ids: dict[int, list[int]] = field(default_factory=dict)  # layer -> experts computed here
     source_modules: list[str] = field(default_factory=list)
+    activation: Activation | None = None  # the experts' activation (expert-group partitions)
 
 
 def find_groups(model: ModelProto, store: TensorStore, group_of: dict[str, tuple[int, str]]) -> list[GroupNode]:
@@ -258,4 +259,4 @@ def analog_partition(group: GroupNode, store: TensorStore, dtype: np.dtype, type
     suffix = "" if programmed is None else ".instance"
     return Partition(f"analog_L{group.layer}{suffix}", "analog", b.nodes, b.initializers, list(ANALOG_INPUTS),
                      [ANALOG_OUTPUT], dict(zip(local, glob)), typ, group.layer, {group.layer: group.expert_ids},
-                     [_module_of(group.node, root_prefix) or f"layers.{group.layer}.experts"])
+                     [_module_of(group.node, root_prefix) or f"layers.{group.layer}.experts"], group.act)
