@@ -8,8 +8,8 @@ temporary sibling of the output directory and moved into place only when all of 
 from __future__ import annotations
 
 import tempfile
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np

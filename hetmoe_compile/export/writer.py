@@ -1,6 +1,7 @@
-"""Write one partition as an ONNX file (external data above a size threshold), check it, and hash it."""
+"""Write one partition as an ONNX file (external data above a size threshold) and check it."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +15,15 @@ EXTERNAL_DATA_THRESHOLD = 1 << 28
 protobuf files cannot exceed 2 GB, and streaming tensors to a data file keeps the exporter's memory flat."""
 
 
-def _nbytes(array) -> int:
-    if isinstance(array, np.ndarray):
-        return array.nbytes
-    return int(array.nbytes)
-
-
 def write_partition(part: Partition, directory: Path, filename: str, opsets: list, producer: str,
                     threshold: int = EXTERNAL_DATA_THRESHOLD, doc: str = "") -> list[Path]:
     """Write ``part`` to ``directory / filename``; returns the files written (model first, then its data)."""
     path = directory / filename
-    total = sum(_nbytes(a) for a in part.initializers.values())
+    total = sum(int(a.nbytes) for a in part.initializers.values())
     external = total > threshold
     data_name = filename + ".data"
     initializers = []
-    with open(directory / data_name, "wb") if external else _NoFile() as data:
+    with open(directory / data_name, "wb") if external else nullcontext() as data:
         for name, src in part.initializers.items():
             array = src.load() if hasattr(src, "load") else src
             array = np.asarray(array, order="C")
@@ -60,11 +55,3 @@ def _vi(part: Partition, name: str):
     if name in part.types:
         return part.types[name]
     raise ValueError(f"partition {part.name}: no type recorded for tensor '{name}'")
-
-
-class _NoFile:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
