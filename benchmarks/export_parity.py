@@ -1,6 +1,7 @@
 """Parity of the partitioned ONNX export run by the torch-free runtime, per family and on the reference model.
 
-ideal: runtime logits vs PyTorch with the same placement (canonical model, no noise), max |diff| / max |logit|.
+ideal: runtime logits vs PyTorch with the same placement (canonical model, no noise), max |diff| / max |logit|;
+also with ``--ort-moe`` (digital expert groups as com.microsoft::MoE).
 instance: the ``--instance-seed`` variant vs the PyTorch simulation with the same seed and preset (pcm without
 output noise, since ONNX Runtime draws that noise from its own generator). Targets 1e-4 and 1e-3. DAC and ADC
 round to integer levels, so a 1e-7 difference upstream (float32 summation order) can move one value across a
@@ -44,11 +45,13 @@ def parity(name: str, model, seq: int, tmp: Path, converters: bool = True) -> li
         noisy = model(input_ids=ids, use_cache=False).logits.float().numpy()
         restore_digital(model)
     ideal = runtime.load(out, analog="ideal")(ids.numpy())
+    fused_dir = export_onnx(model, placement, tmp / f"{name}-moe", ExportOptions(ort_moe=True, progress=False)).parent
+    fused = runtime.load(fused_dir)(ids.numpy())
     instance = runtime.load(out, analog="instance")(ids.numpy())
     n_parts = len(runtime.read_manifest(out)["partitions"])
     per_position = np.abs(instance - noisy).max(-1) / np.abs(noisy).max()
-    return [name, n_parts, _rel(ideal, clean), _rel(instance, noisy), float((per_position <= 1e-3).mean()),
-            _rel(noisy, clean)]
+    return [name, n_parts, _rel(ideal, clean), _rel(fused, clean), _rel(instance, noisy),
+            float((per_position <= 1e-3).mean()), _rel(noisy, clean)]
 
 
 def main() -> None:
@@ -60,11 +63,11 @@ def main() -> None:
             rows.append(parity("olmoe-ref (17.9 M)", load_model(str(REF)), 256, Path(tmp)))
             rows.append(parity("olmoe-ref, PCM weights without DAC/ADC", load_model(str(REF)), 256, Path(tmp),
                                converters=False))
-    print("| model | partitions | ideal vs PyTorch | instance vs simulation (max) | positions within 1e-3 | "
-          "(noise effect: simulation vs clean) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, n, ideal, inst, within, effect in rows:
-        print(f"| {name} | {n} | {ideal:.1e} | {inst:.1e} | {100 * within:.1f} % | {effect:.1e} |")
+    print("| model | partitions | ideal vs PyTorch | ideal, `--ort-moe` | instance vs simulation (max) | "
+          "positions within 1e-3 | (noise effect: simulation vs clean) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, n, ideal, fused, inst, within, effect in rows:
+        print(f"| {name} | {n} | {ideal:.1e} | {fused:.1e} | {inst:.1e} | {100 * within:.1f} % | {effect:.1e} |")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write hardware instance N of every analog partition (programmed, drifted, DAC/ADC)")
     x.add_argument("--monolithic", action="store_true",
                    help="one ONNX file with every expert inlined (ideal weights): a baseline, no partitions")
+    x.add_argument("--ort-moe", action="store_true",
+                   help="digital expert groups as ONNX Runtime's com.microsoft::MoE (fused kernel, not standard ONNX)")
     x.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight dtype (auto: float32 on CPU)")
     x.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
@@ -350,8 +352,8 @@ def cmd_export(args) -> int:
     from .export import ExportOptions, export_onnx
     from .io import check_replaceable_dir
     from .models import load_model, load_tokenizer
-    from .runtime import MANIFEST_NAME
     from .placement import Placement
+    from .runtime import MANIFEST_NAME
 
     cfg = analog_config(args.noise, args.noise_scale, args.t_inference)
     placement = Placement.load(args.placement)
@@ -365,7 +367,8 @@ def cmd_export(args) -> int:
         tokenizer = load_tokenizer(args.model)
     except HetMoEError:
         tokenizer = None
-    manifest = export_onnx(model, placement, Path(args.out), ExportOptions(cfg, args.instance_seed, args.monolithic),
+    manifest = export_onnx(model, placement, Path(args.out), ExportOptions(cfg, args.instance_seed, args.monolithic,
+                                                                          ort_moe=args.ort_moe),
                            tokenizer)
     doc = json.loads(manifest.read_text())
     rows = [[p["name"], p["device"], _size(manifest.parent, p), ",".join(f"{k}:{len(v)}" for k, v in

@@ -392,3 +392,20 @@ def test_instance_partition_equals_the_simulated_op_on_the_same_inputs(olmoe_exp
     sess = ort.InferenceSession(str(out / "analog_L1.instance.onnx"))
     feeds = dict(zip(["hidden_states", "top_k_index", "top_k_weights"], (a.numpy() for a in seen["args"])))
     np.testing.assert_allclose(sess.run(None, feeds)[0], seen["y"].numpy(), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
+def test_digital_groups_as_onnxruntime_moe(family, tmp_path):
+    """--ort-moe: each digital group is one com.microsoft::MoE node; logits still match PyTorch."""
+    model = tiny_model(family)
+    _, out = _export(model, tmp_path / family, options=ExportOptions(ort_moe=True, progress=False))
+    doc = json.loads((out / "manifest.json").read_text())
+    assert doc["contrib_ops"] == ["com.microsoft.MoE"]
+    for p in doc["partitions"]:
+        ops = [(n.domain, n.op_type) for n in onnx.load(str(out / p["file"])).graph.node]
+        groups = len(p["experts"]) if p["device"] == "digital" else 0
+        assert ops.count(("com.microsoft", "MoE")) == groups
+    ids = _ids()
+    with torch.no_grad():
+        ref = model(input_ids=ids, use_cache=False).logits.numpy()
+    assert _rel(runtime.load(out)(ids.numpy()), ref) < 1e-4

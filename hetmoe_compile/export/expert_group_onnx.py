@@ -199,3 +199,71 @@ def _tiled(b: GraphBuilder, x: str, n_in: int, weight: np.ndarray, scale: np.nda
     y = b.op("ReduceSum", [y, b.vector([0])], "sum", keepdims=0)
     return b.op("Cast", [y], to=helper.np_dtype_to_tensor_dtype(dtype)) if dtype != np.float32 else y
 
+
+
+MOE_DOMAIN = "com.microsoft"
+
+
+def ort_moe_body(b: GraphBuilder, hidden: str, top_k_index: str, top_k_weights: str, output: str,
+                 experts: list[ExpertArrays], act: Activation, dtype: np.dtype, num_experts: int, top_k: int,
+                 layer: int = 0) -> None:
+    """The group as one ONNX Runtime ``com.microsoft::MoE`` node (fused CPU/CUDA kernel), same result.
+
+    ``MoE`` routes by itself (softmax over router logits, then top-k), so the routing given by the model is encoded
+    as logits: ``log w`` for the slots routed to this group's experts, a zero-weight *null* expert with logit 0,
+    and -1e4 elsewhere. Softmax then yields ``w / (S + 1)`` (``S``: the token's summed weight on this group) and
+    the null expert adds nothing, so multiplying by ``S + 1`` gives the exact weighted sum. Top-k takes
+    ``K + 1`` so that the null expert never displaces a routed one."""
+    if act.kind == "glu" and act.act_name != "silu":
+        raise HetMoEError(f"com.microsoft::MoE has no gated '{act.act_name}' activation; export without --ort-moe")
+    dtype = np.dtype(dtype)
+    n = len(experts)
+    lut = np.full(num_experts, n + 1, dtype=np.int64)  # experts of other groups -> a trash column
+    lut[[e.expert_id for e in experts]] = np.arange(n)
+    local = b.op("Gather", [b.const("lut", lut), top_k_index], "local", axis=0)  # [T, K]
+    in_group = b.op("Less", [local, b.scalar(n, np.int64)], "in_group")
+    zero = b.scalar(0, dtype)
+    routed_w = b.op("Where", [in_group, top_k_weights, zero], "routed_w")
+    scale = b.op("Add", [b.op("ReduceSum", [routed_w, b.vector([1])], keepdims=1), b.scalar(1, dtype)], "scale")
+    tokens = b.op("Gather", [b.op("Shape", [hidden]), b.scalar(0, np.int64)], "tokens")
+    base_shape = b.op("Concat", [b.op("Unsqueeze", [tokens, b.vector([0])]), b.vector([n + 2])], "base_shape",
+                      axis=0)
+    row = np.full((1, n + 2), -1e4, dtype=dtype)
+    row[0, n] = 0.0  # the null expert
+    base = b.op("Expand", [b.const("logit_row", row), base_shape], "base")  # [T, n + 2]
+    logits = b.op("ScatterElements", [base, local, b.op("Log", [top_k_weights])], "logits", axis=1)
+    logits = b.op("Slice", [logits, b.vector([0]), b.vector([n + 1]), b.vector([1])], "router_logits")
+    fc1 = Deferred((n + 1, *experts[0].gate_up.shape), dtype, lambda: _stack(experts, "gate_up", True))
+    fc2 = Deferred((n + 1, *experts[0].down.shape), dtype, lambda: _stack(experts, "down", False))
+    inputs = [hidden, logits, b.const(f"L{layer}.experts.fc1", fc1, public=True)]
+    if experts[0].gate_up_bias is not None:
+        inputs.append(b.const(f"L{layer}.experts.fc1_bias", Deferred(
+            (n + 1, experts[0].gate_up_bias.shape[0]), dtype, lambda: _stack(experts, "gate_up_bias", True)),
+            public=True))
+    else:
+        inputs.append("")
+    inputs.append(b.const(f"L{layer}.experts.fc2", fc2, public=True))
+    if experts[0].down_bias is not None:
+        inputs.append(b.const(f"L{layer}.experts.fc2_bias", Deferred(
+            (n + 1, experts[0].down_bias.shape[0]), dtype, lambda: _stack(experts, "down_bias", False)), public=True))
+    gpt_oss = act.kind == "gpt_oss_glu"
+    attrs = dict(k=min(top_k + 1, n + 1), activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=0,
+                 activation_alpha=float(act.alpha) if gpt_oss else 1.0, activation_beta=1.0 if gpt_oss else 0.0)
+    if gpt_oss and act.limit:
+        attrs["swiglu_limit"] = float(act.limit)
+    moe = b.op("MoE", inputs, "moe", domain=MOE_DOMAIN, **attrs)
+    b.op("Mul", [moe, scale], outputs=[output])
+
+
+def _stack(experts: list[ExpertArrays], name: str, interleave: bool) -> np.ndarray:
+    """``[n + 1, ...]`` stack of one matrix (or bias) of every expert plus a zero null expert; gate/up rows
+    interleaved (gate0, up0, gate1, ...) as ``MoE``'s ``swiglu_fusion=1`` expects."""
+    arrays = [materialize(getattr(e, name)) for e in experts]
+    out = np.zeros((len(arrays) + 1, *arrays[0].shape), dtype=arrays[0].dtype)
+    for i, a in enumerate(arrays):
+        if interleave:
+            half = a.shape[0] // 2
+            out[i, 0::2], out[i, 1::2] = a[:half], a[half:]
+        else:
+            out[i] = a
+    return out

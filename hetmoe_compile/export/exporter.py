@@ -13,6 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 from tqdm import tqdm
@@ -28,7 +29,7 @@ from ..io import atomic_replace_dir, check_replaceable_dir
 from ..models.recognize import recognize
 from ..pipeline import tag_graph
 from ..placement.placement import Placement
-from .expert_group_onnx import ProgrammedExpert, TilePeriphery
+from .expert_group_onnx import MOE_DOMAIN, ProgrammedExpert, TilePeriphery
 from .graph_builder import Deferred
 from .manifest import MANIFEST_NAME, build_manifest, write_manifest
 from .onnx_capture import OPSET, to_onnx
@@ -46,6 +47,7 @@ class ExportOptions:
     analog: AnalogConfig | None = None  # recorded in the manifest; needed for an instance variant
     instance_seed: int | None = None  # also write one programmed hardware instance of every analog partition
     monolithic: bool = False  # one ONNX file, every group inlined with ideal weights (a baseline)
+    ort_moe: bool = False  # digital expert groups as ONNX Runtime's com.microsoft::MoE (fused kernel)
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
     progress: bool = True
 
@@ -82,9 +84,12 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
         store = TensorStore(captured.model, captured.directory)
         groups = find_groups(captured.model, store, group_of)
         steps.set_postfix_str("partitioning")
-        parts = partition_graph(captured.model, store, groups, dtype, ROOT_PREFIX, options.monolithic)
+        parts = partition_graph(captured.model, store, groups, dtype, ROOT_PREFIX, options.monolithic,
+                                options.ort_moe)
         steps.update()
-        opsets = [o for o in captured.model.opset_import if o.domain != "hetmoe"]
+        opsets = [o for o in captured.model.opset_import if o.domain not in ("hetmoe", MOE_DOMAIN)]
+        if options.ort_moe:
+            opsets.append(onnx.helper.make_opsetid(MOE_DOMAIN, 1))
         files: dict[str, list[Path]] = {}
         variants: dict[str, list[Path]] = {}
         by_layer = {g.layer: g for g in groups if g.device == "analog"}
@@ -106,7 +111,7 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
             tokenizer.save_pretrained(str(tmp / "tokenizer"))
         manifest = build_manifest(placement, cfg, options.instance_seed, parts, files, variants, tmp,
                                   captured.model, OPSET, PRODUCER, tokenizer is not None, options.monolithic,
-                                  _generation_ids(model))
+                                  _generation_ids(model), options.ort_moe)
         write_manifest(manifest, tmp / MANIFEST_NAME)
     return out_dir / MANIFEST_NAME
 

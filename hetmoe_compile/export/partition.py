@@ -13,9 +13,24 @@ import ast
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, ValueInfoProto, helper
+from onnx import (
+    AttributeProto,
+    GraphProto,
+    ModelProto,
+    NodeProto,
+    ValueInfoProto,
+    helper,
+)
 
-from .expert_group_onnx import Activation, ExpertArrays, ProgrammedExpert, TilePeriphery, expert_group_body
+from ..errors import HetMoEError
+from .expert_group_onnx import (
+    Activation,
+    ExpertArrays,
+    ProgrammedExpert,
+    TilePeriphery,
+    expert_group_body,
+    ort_moe_body,
+)
 from .graph_builder import GraphBuilder
 from .onnx_capture import DOMAIN, PLACEHOLDER
 from .tensor_store import TensorStore
@@ -33,6 +48,7 @@ class GroupNode:
     device: str
     expert_ids: list[int]
     act: Activation
+    top_k: int = 0
 
     def experts(self, store: TensorStore) -> list[ExpertArrays]:
         """Lazy per-expert weights read from the group's stacked initializers."""
@@ -65,17 +81,20 @@ class Partition:
 def find_groups(model: ModelProto, store: TensorStore, group_of: dict[str, tuple[int, str]]) -> list[GroupNode]:
     """The placeholders, resolved to ``(layer, device)`` by their ``gate_up`` initializer's name."""
     out = []
+    types = value_types(model)
     for node in model.graph.node:
         if node.domain != DOMAIN or node.op_type != PLACEHOLDER:
             continue
         if node.input[4] not in group_of:
             raise ValueError(f"expert group with weights '{node.input[4]}' is not in the placement")
         layer, device = group_of[node.input[4]]
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        attrs = _attrs(node)
         act = Activation(_str(attrs.get("activation", "glu")), _str(attrs.get("act_name", "silu")),
                          float(attrs.get("alpha", 0.0)), float(attrs.get("limit", 0.0)))
         ids = [int(i) for i in store.load(node.input[3]).reshape(-1)]
-        out.append(GroupNode(node, layer, device, ids, act))
+        dims = types[node.input[1]].type.tensor_type.shape.dim if node.input[1] in types else []
+        top_k = dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else 0
+        out.append(GroupNode(node, layer, device, ids, act, top_k))
     return out
 
 
@@ -85,13 +104,25 @@ def _str(v) -> str:
 
 def inline_group(group: GroupNode, store: TensorStore, dtype: np.dtype,
                  programmed: list[ProgrammedExpert] | None = None, periphery: TilePeriphery | None = None,
-                 inputs: list[str] | None = None, output: str | None = None) -> GraphBuilder:
-    """The standard-op body of ``group`` (on the placeholder's tensors unless ``inputs``/``output`` are given)."""
+                 inputs: list[str] | None = None, output: str | None = None, ort_moe: bool = False) -> GraphBuilder:
+    """The body of ``group`` (on the placeholder's tensors unless ``inputs``/``output`` are given): standard ops,
+    or with ``ort_moe`` one ``com.microsoft::MoE`` node."""
     b = GraphBuilder(f"hetmoe/L{group.layer}/{group.device}/")
     hidden, index, weights = inputs or list(group.node.input[:3])
-    expert_group_body(b, hidden, index, weights, output or group.node.output[0], group.experts(store), group.act,
-                      dtype, programmed, periphery, group.layer)
+    out = output or group.node.output[0]
+    if ort_moe:
+        if not group.top_k:
+            raise HetMoEError(f"layer {group.layer}: the routing width K is not static; export without --ort-moe")
+        ort_moe_body(b, hidden, index, weights, out, group.experts(store), group.act, dtype,
+                     int(_attrs(group.node).get("num_experts", 0)), group.top_k, group.layer)
+    else:
+        expert_group_body(b, hidden, index, weights, out, group.experts(store), group.act, dtype, programmed,
+                          periphery, group.layer)
     return b
+
+
+def _attrs(node: NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 def value_types(model: ModelProto) -> dict[str, ValueInfoProto]:
@@ -144,7 +175,7 @@ class _Stages:
 
 
 def _assign_stages(model: ModelProto, store: TensorStore, groups: list[GroupNode], dtype: np.dtype,
-                   root_prefix: str, monolithic: bool) -> _Stages:
+                   root_prefix: str, monolithic: bool, ort_moe: bool) -> _Stages:
     by_node = {id(g.node): g for g in groups}
     out = _Stages()
     stage: dict[str, int] = {}
@@ -166,7 +197,7 @@ def _assign_stages(model: ModelProto, store: TensorStore, groups: list[GroupNode
         if group is None:
             out.digital.setdefault(s, []).append(node)
             continue
-        b = inline_group(group, store, dtype)
+        b = inline_group(group, store, dtype, ort_moe=ort_moe and group.device == "digital")
         out.digital.setdefault(s, []).extend(b.nodes)
         out.body_inits.setdefault(s, {}).update(b.initializers)
         out.experts.setdefault(s, {}).setdefault(group.layer, []).extend(group.expert_ids)
@@ -174,11 +205,12 @@ def _assign_stages(model: ModelProto, store: TensorStore, groups: list[GroupNode
 
 
 def partition_graph(model: ModelProto, store: TensorStore, groups: list[GroupNode], dtype: np.dtype,
-                    root_prefix: str, monolithic: bool = False) -> list[Partition]:
-    """Split ``model`` into the scheduled partitions (``monolithic``: one partition, analog groups inlined ideal).
+                    root_prefix: str, monolithic: bool = False, ort_moe: bool = False) -> list[Partition]:
+    """Split ``model`` into the scheduled partitions (``monolithic``: one partition, analog groups inlined ideal;
+    ``ort_moe``: digital expert groups as ``com.microsoft::MoE`` nodes).
 
     Analog partitions are returned with their ideal body; :func:`analog_partition` builds instance variants."""
-    st = _assign_stages(model, store, groups, dtype, root_prefix, monolithic)
+    st = _assign_stages(model, store, groups, dtype, root_prefix, monolithic, ort_moe)
     order: list[tuple[str, object]] = []  # ("digital", stage) or ("analog", group), in execution order
     for s in sorted(set(st.digital) | {s for s, _ in st.analog}):
         if s in st.digital:
