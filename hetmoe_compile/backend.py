@@ -17,8 +17,7 @@ from torch import fx, nn
 
 from .analog.config import AnalogConfig, analog_config
 from .errors import HetMoEError
-from .passes import RewriteAnalogPass, is_expert_group
-from .passes.split_expert_groups_pass import SplitExpertGroupsPass
+from .passes import RewriteAnalogPass, SplitExpertGroupsPass, is_expert_group
 from .placement.policy import PlacementPolicy
 
 
