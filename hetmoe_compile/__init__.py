@@ -25,7 +25,12 @@ _PUBLIC = {
     "ExportOptions": "export", "export_onnx": "export",
     "HetMoEError": "errors",
 }
-__all__ = ["__version__", *sorted(_PUBLIC)]
+__all__ = [
+    "PRESETS", "AnalogConfig", "BackendOptions", "Calibration", "CompiledMoE", "ExportOptions", "HetMoEError",
+    "Placement", "PlacementPolicy", "__version__", "analog_config", "analyze", "calibration_from_text", "compile",
+    "export_onnx", "load_model", "load_tokenizer", "prepare", "recognize",
+]
+assert set(__all__) == {"__version__", *_PUBLIC}
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from .analog.config import PRESETS, AnalogConfig, analog_config

@@ -13,24 +13,11 @@ import ast
 from dataclasses import dataclass, field
 
 import numpy as np
-from onnx import (
-    AttributeProto,
-    GraphProto,
-    ModelProto,
-    NodeProto,
-    ValueInfoProto,
-    helper,
-)
+from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, ValueInfoProto, helper
 
 from ..errors import HetMoEError
-from .expert_group_onnx import (
-    Activation,
-    ExpertArrays,
-    ProgrammedExpert,
-    TilePeriphery,
-    expert_group_body,
-    ort_moe_body,
-)
+from .expert_group_onnx import (Activation, ExpertArrays, ProgrammedExpert, TilePeriphery, expert_group_body,
+                                ort_moe_body)
 from .graph_builder import GraphBuilder
 from .onnx_capture import DOMAIN, PLACEHOLDER
 from .tensor_store import TensorStore

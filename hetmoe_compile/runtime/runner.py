@@ -169,8 +169,8 @@ def load(directory: str | Path, analog: str = "auto", executors: dict[str, Execu
     """Load the export in ``directory``: check its manifest (schema, version, files, sha256) and open one ONNX
     Runtime session per partition (``threads``: intra-op threads per session, 0 = one per core). ``analog``:
     ``ideal`` weights, the programmed ``instance`` (needs an export with ``--instance-seed``), or ``auto`` (the
-    instance when there is one). Partitions of a device in
-    ``executors`` run through that callable instead of ONNX Runtime."""
+    instance when there is one). Partitions of a device in ``executors`` run through that callable instead of ONNX
+    Runtime. ``providers`` default to CUDA when ONNX Runtime has it, else CPU."""
     import onnxruntime as ort
 
     if analog not in VARIANTS:
@@ -184,7 +184,8 @@ def load(directory: str | Path, analog: str = "auto", executors: dict[str, Execu
     variant = "instance" if (analog == "instance" or (analog == "auto" and has_instance)) else "ideal"
     executors = dict(executors or {})
     options = _session_options(threads)
-    providers = providers or ["CPUExecutionProvider"]
+    providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
+                              if p in ort.get_available_providers()]
     sessions = {}
     for part in manifest["partitions"]:
         v = variant if (part["device"] == "analog" and "instance" in part) else "ideal"
