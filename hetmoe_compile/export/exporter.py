@@ -69,50 +69,57 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
     out_dir = Path(out_dir)
     check_replaceable_dir(out_dir, MANIFEST_NAME)
     dtype = np.dtype(str(next(model.parameters()).dtype).removeprefix("torch."))
-    steps = tqdm(total=4, desc="export", unit="step", disable=not options.progress)
-    steps.set_postfix_str("torch.export")
-    ep = tag_graph(model, placement, info)
-    steps.update()
-    group_of = {f"{ROOT_PREFIX}{l.experts}.groups.{d}.gate_up": (l.index, d) for l in info.moe_layers
-                for d in ("digital", "analog")}
-    scratch_dir = tempfile.TemporaryDirectory(prefix="hetmoe-onnx-")
-    with atomic_replace_dir(out_dir, MANIFEST_NAME) as tmp, scratch_dir as scratch:
-        steps.set_postfix_str("ONNX translation")
-        captured = to_onnx(ep, Path(scratch))
-        del ep
+    steps = tqdm(total=3, desc="export", unit="step", disable=not options.progress)
+    try:
+        steps.set_postfix_str("torch.export")
+        ep = tag_graph(model, placement, info)
         steps.update()
-        store = TensorStore(captured.model, captured.directory)
-        groups = find_groups(captured.model, store, group_of)
-        steps.set_postfix_str("partitioning")
-        parts = partition_graph(captured.model, store, groups, dtype, ROOT_PREFIX, options.monolithic,
-                                options.ort_moe)
-        steps.update()
-        opsets = [o for o in captured.model.opset_import if o.domain not in ("hetmoe", MOE_DOMAIN)]
-        if options.ort_moe:
-            opsets.append(onnx.helper.make_opsetid(MOE_DOMAIN, 1))
-        files: dict[str, list[Path]] = {}
-        variants: dict[str, list[Path]] = {}
-        by_layer = {g.layer: g for g in groups if g.device == "analog"}
-        types = value_types(captured.model)
-        steps.set_postfix_str("writing partitions")
-        for part in tqdm(parts, desc="partitions", unit="file", disable=not options.progress, leave=False):
-            files[part.name] = write_partition(part, tmp, f"{part.name}.onnx", opsets, PRODUCER,
-                                               options.external_data_threshold, _doc(part))
-            if part.device == "analog" and options.instance_seed is not None:
-                group = by_layer[part.layer]
-                programmed, periphery = program_instance(model, info, group, cfg, options.instance_seed)
-                inst = analog_partition(group, store, dtype, types, programmed, periphery, ROOT_PREFIX)
-                variants[part.name] = write_partition(inst, tmp, f"{inst.name}.onnx", opsets, PRODUCER,
-                                                      options.external_data_threshold, _doc(inst))
-                del programmed, inst
-        steps.update()
+        group_of = {f"{ROOT_PREFIX}{l.experts}.groups.{d}.gate_up": (l.index, d) for l in info.moe_layers
+                    for d in ("digital", "analog")}
+        scratch_dir = tempfile.TemporaryDirectory(prefix="hetmoe-onnx-")
+        with atomic_replace_dir(out_dir, MANIFEST_NAME) as tmp, scratch_dir as scratch:
+            steps.set_postfix_str("ONNX translation")
+            captured = to_onnx(ep, Path(scratch))
+            del ep
+            steps.update()
+            store = TensorStore(captured.model, captured.directory)
+            groups = find_groups(captured.model, store, group_of)
+            steps.set_postfix_str("partitioning")
+            parts = partition_graph(captured.model, store, groups, dtype, ROOT_PREFIX, options.monolithic,
+                                    options.ort_moe)
+            steps.update()
+            instances = options.instance_seed is not None
+            steps.total += sum(1 + (instances and p.device == "analog") for p in parts)
+            steps.refresh()
+            opsets = [o for o in captured.model.opset_import if o.domain not in ("hetmoe", MOE_DOMAIN)]
+            if options.ort_moe:
+                opsets.append(onnx.helper.make_opsetid(MOE_DOMAIN, 1))
+            files: dict[str, list[Path]] = {}
+            variants: dict[str, list[Path]] = {}
+            by_layer = {g.layer: g for g in groups if g.device == "analog"}
+            types = value_types(captured.model)
+            for part in parts:
+                steps.set_postfix_str(f"writing {part.name}")
+                files[part.name] = write_partition(part, tmp, f"{part.name}.onnx", opsets, PRODUCER,
+                                                   options.external_data_threshold, _doc(part))
+                steps.update()
+                if part.device == "analog" and instances:
+                    steps.set_postfix_str(f"programming and writing {part.name}.instance")
+                    group = by_layer[part.layer]
+                    programmed, periphery = program_instance(model, info, group, cfg, options.instance_seed)
+                    inst = analog_partition(group, store, dtype, types, programmed, periphery, ROOT_PREFIX)
+                    variants[part.name] = write_partition(inst, tmp, f"{inst.name}.onnx", opsets, PRODUCER,
+                                                          options.external_data_threshold, _doc(inst))
+                    del programmed, inst
+                    steps.update()
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            manifest = build_manifest(placement, cfg, options.instance_seed, parts, files, variants, tmp,
+                                      captured.model, OPSET, PRODUCER, tokenizer is not None, options.monolithic,
+                                      _generation_ids(model), options.ort_moe)
+            write_manifest(manifest, tmp / MANIFEST_NAME)
+    finally:
         steps.close()
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(tmp / "tokenizer"))
-        manifest = build_manifest(placement, cfg, options.instance_seed, parts, files, variants, tmp,
-                                  captured.model, OPSET, PRODUCER, tokenizer is not None, options.monolithic,
-                                  _generation_ids(model), options.ort_moe)
-        write_manifest(manifest, tmp / MANIFEST_NAME)
     return out_dir / MANIFEST_NAME
 
 
