@@ -48,6 +48,7 @@ bench-export: $(STAMP)
 	$(PY) benchmarks/export_parity.py
 	$(PY) benchmarks/bench_runtime.py --repeat 9
 	$(PY) benchmarks/bench_export_scale.py
+	$(PY) benchmarks/lowbit_ppl.py
 
 noise-scan: $(STAMP)
 	$(PY) benchmarks/noise_scan.py --ppl-tokens 8192 --scales 0,1,2.5,4,8 --plot benchmarks/results/noise_scan.png

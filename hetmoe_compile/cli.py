@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--selector", default="max-neuron-norm", metavar="NAME", help="with --digital-fraction")
     e.add_argument("--dense", choices=["digital", "analog"], default=None,
                    help="dense modules (default: the placement's, else digital)")
+    _add_lowbit_args(e)
     _add_noise_args(e)
     e.add_argument("--out", required=True, metavar="FILE", help="results JSON to write")
 
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digital expert groups as ONNX Runtime's com.microsoft::MoE (fused kernel, not standard ONNX)")
     x.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight dtype (auto: float32 on CPU)")
+    _add_lowbit_args(x)
     x.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
 
     r = sub.add_parser("run", help="generate text with an export, on ONNX Runtime (no torch needed)")
@@ -133,6 +135,31 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--analog", choices=["auto", "ideal", "instance"], default="auto",
                    help="analog partitions: the programmed instance if exported (auto), or ideal weights")
     return parser
+
+
+def _add_lowbit_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--digital-bits", type=int, default=None, choices=[4, 8], metavar="B",
+                   help="quantise the digital experts' weights to B bits: 4 or 8 (group-wise, symmetric)")
+    p.add_argument("--group-size", type=_positive_int, default=128, metavar="G",
+                   help="inputs per quantisation group with --digital-bits (default 128)")
+
+
+def _quantize_digital(args, model, info) -> dict | None:
+    """Apply --digital-bits (after canonicalisation); print a summary; the JSON-ready record."""
+    if args.digital_bits is None:
+        return None
+    from .lowbit import quantize_digital_experts
+    from .report import format_table
+
+    rows = quantize_digital_experts(model, args.digital_bits, args.group_size, info, seed=getattr(args, "seed", 0))
+    if rows:
+        cols = ("gate_up_bound", "gate_up_error", "down_bound", "down_error", "output_error")
+        print(f"digital experts quantised to INT{args.digital_bits}, groups of {args.group_size} "
+              f"({len(rows)} experts; relative errors, worst case from the steps vs measured):")
+        print(format_table(["", *cols], [[stat] + [f"{fn(getattr(r, c) for r in rows):.2e}" for c in cols]
+                                         for stat, fn in (("mean", lambda v: sum(v) / len(rows)), ("max", max))]))
+        print()
+    return {"bits": args.digital_bits, "group_size": args.group_size, "experts": [r.to_dict() for r in rows]}
 
 
 def _add_noise_args(p: argparse.ArgumentParser) -> None:
@@ -299,6 +326,7 @@ def cmd_eval(args) -> int:
         check_placement_matches(placement.model, model, args.placement)
         dense = args.dense or placement.policy.dense
     canonicalize(model, placement.devices(), info)
+    quant = _quantize_digital(args, model, info)
     has_analog = any(l.ids("analog") for l in placement.layers)
     metrics = evaluate_under_noise(model, info, tokenizer, cfg, spec, prepared, dense, has_analog)
     doc = {
@@ -312,6 +340,7 @@ def cmd_eval(args) -> int:
         "tasks": spec.tasks,
         "limit": spec.limit,
         "metrics": metrics,
+        "digital_quantization": quant,
     }
     atomic_write_text(out, json.dumps(doc, indent=2) + "\n")
     print(format_table(["metric", "mean", "std", "seeds"],
@@ -351,7 +380,7 @@ def cmd_export(args) -> int:
     from .evaluation import check_placement_matches
     from .export import ExportOptions, export_onnx
     from .io import check_replaceable_dir
-    from .models import load_model, load_tokenizer
+    from .models import load_model, load_tokenizer, recognize
     from .placement import Placement
     from .runtime import MANIFEST_NAME
 
@@ -363,6 +392,12 @@ def cmd_export(args) -> int:
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     model = load_model(args.model, dtype=dtype, device="cpu")
     check_placement_matches(placement.model, model, args.placement)
+    if args.digital_bits is not None:
+        from .canonicalize import canonicalize
+
+        info = recognize(model)
+        canonicalize(model, placement.devices(), info)
+        _quantize_digital(args, model, info)
     try:
         tokenizer = load_tokenizer(args.model)
     except HetMoEError:

@@ -15,12 +15,14 @@ digital sum scaled back to weight units.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from onnx import TensorProto, helper
 
 from ..errors import HetMoEError
 from .graph_builder import Deferred, GraphBuilder, materialize
+from .matmul_nbits import pack_matmul_nbits
 
 
 @dataclass(frozen=True)
@@ -68,13 +70,16 @@ class TilePeriphery:
 
 
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
+MOE_DOMAIN = "com.microsoft"
+"""ONNX Runtime's contrib-op domain (``MoE``, ``MatMulNBits``)."""
 
 
 def expert_group_body(b: GraphBuilder, hidden: str, top_k_index: str, top_k_weights: str, output: str,
                       experts: list[ExpertArrays], act: Activation, dtype: np.dtype,
                       programmed: list[ProgrammedExpert] | None = None, periphery: TilePeriphery | None = None,
-                      layer: int = 0) -> None:
-    """Append the nodes computing ``output`` from the three routing inputs to ``b``."""
+                      layer: int = 0, lowbit: tuple[int, int] | None = None) -> None:
+    """Append the nodes computing ``output`` from the three routing inputs to ``b``. ``lowbit = (bits,
+    group_size)``: the experts' matrices as ``com.microsoft::MatMulNBits`` weights (low-bit digital experts)."""
     if programmed is not None and (periphery is None or len(programmed) != len(experts)):
         raise ValueError("a programmed instance needs one ProgrammedExpert per expert and a TilePeriphery")
     dtype = np.dtype(dtype)
@@ -89,7 +94,12 @@ def expert_group_body(b: GraphBuilder, hidden: str, top_k_index: str, top_k_weig
         slot = b.op("Gather", [pairs, b.scalar(1, np.int64)], "slot", axis=0)
         w = b.op("GatherND", [top_k_weights, b.op("Transpose", [pairs], perm=[1, 0])], "w")  # [n]
         x = b.op("Gather", [hidden, tok], "x", axis=0)  # [n, H]
-        if programmed is None:
+        if lowbit is not None:
+            h = _linear_nbits(b, x, ex.gate_up, _bias(b, p + "gate_up_bias", ex.gate_up_bias), p + "gate_up", lowbit,
+                              dtype)
+            h = _activate(b, h, act, dtype, ex.gate_up.shape[0] // 2)
+            y = _linear_nbits(b, h, ex.down, _bias(b, p + "down_bias", ex.down_bias), p + "down", lowbit, dtype)
+        elif programmed is None:
             h = _linear(b, x, b.const(p + "gate_up", ex.gate_up, public=True),
                         _bias(b, p + "gate_up_bias", ex.gate_up_bias))
             h = _activate(b, h, act, dtype, ex.gate_up.shape[0] // 2)
@@ -134,6 +144,25 @@ def _bias(b: GraphBuilder, name: str, bias: np.ndarray | None) -> str | None:
 def _linear(b: GraphBuilder, x: str, weight: str, bias: str | None) -> str:
     """``x @ W.T (+ bias)`` with ``W`` kept in ``[out, in]`` layout."""
     return b.op("Gemm", [x, weight] + ([bias] if bias else []), "lin", transB=1)
+
+
+def _linear_nbits(b: GraphBuilder, x: str, weight, bias: str | None, name: str, lowbit: tuple[int, int],
+                  dtype: np.dtype) -> str:
+    """``x @ W.T (+ bias)`` with ``W`` as ``bits``-bit group-wise integers (``com.microsoft::MatMulNBits``)."""
+    bits, block = lowbit
+    n, k = weight.shape
+    if block < 16 or block & (block - 1) or k % block:
+        raise HetMoEError(f"MatMulNBits needs a power-of-two group size >= 16 dividing {k}, got {block}")
+    packed_shape = (n, k // block, block * bits // 8)
+
+    @lru_cache(maxsize=1)
+    def pack() -> tuple[np.ndarray, np.ndarray]:
+        return pack_matmul_nbits(materialize(weight), bits, block)
+
+    q = b.const(name + f".int{bits}", Deferred(packed_shape, np.uint8, lambda: pack()[0]), public=True)
+    s = b.const(name + ".scales", Deferred((n * k // block,), dtype, lambda: pack()[1].astype(dtype)), public=True)
+    y = b.op("MatMulNBits", [x, q, s], "lin", domain=MOE_DOMAIN, K=k, N=n, bits=bits, block_size=block)
+    return b.op("Add", [y, bias]) if bias else y
 
 
 def _activate(b: GraphBuilder, h: str, act: Activation, dtype: np.dtype, inter: int) -> str:
@@ -200,8 +229,6 @@ def _tiled(b: GraphBuilder, x: str, n_in: int, weight: np.ndarray, scale: np.nda
     return b.op("Cast", [y], to=helper.np_dtype_to_tensor_dtype(dtype)) if dtype != np.float32 else y
 
 
-
-MOE_DOMAIN = "com.microsoft"
 
 
 def ort_moe_body(b: GraphBuilder, hidden: str, top_k_index: str, top_k_weights: str, output: str,

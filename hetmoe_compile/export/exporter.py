@@ -66,6 +66,9 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
     if options.instance_seed is not None and cfg.gaussian_sigma == 0 and cfg.is_ideal:
         raise HetMoEError("--instance-seed with the 'ideal' preset programs nothing; choose pcm, dac-adc or gaussian")
     info = recognize(model)
+    lowbit = _lowbit_layers(model, info)
+    if lowbit and options.ort_moe:
+        raise HetMoEError("low-bit digital experts are exported as MatMulNBits; drop --ort-moe")
     out_dir = Path(out_dir)
     check_replaceable_dir(out_dir, MANIFEST_NAME)
     dtype = np.dtype(str(next(model.parameters()).dtype).removeprefix("torch."))
@@ -73,6 +76,7 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
     try:
         steps.set_postfix_str("torch.export")
         ep = tag_graph(model, placement, info)
+        _mark_lowbit(model, info, lowbit)  # canonicalisation rebuilt the groups; their weights stay quantised
         steps.update()
         group_of = {f"{ROOT_PREFIX}{l.experts}.groups.{d}.gate_up": (l.index, d) for l in info.moe_layers
                     for d in ("digital", "analog")}
@@ -86,13 +90,13 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
             groups = find_groups(captured.model, store, group_of)
             steps.set_postfix_str("partitioning")
             parts = partition_graph(captured.model, store, groups, dtype, ROOT_PREFIX, options.monolithic,
-                                    options.ort_moe)
+                                    options.ort_moe, lowbit)
             steps.update()
             instances = options.instance_seed is not None
             steps.total += sum(1 + (instances and p.device == "analog") for p in parts)
             steps.refresh()
             opsets = [o for o in captured.model.opset_import if o.domain not in ("hetmoe", MOE_DOMAIN)]
-            if options.ort_moe:
+            if options.ort_moe or lowbit:
                 opsets.append(onnx.helper.make_opsetid(MOE_DOMAIN, 1))
             files: dict[str, list[Path]] = {}
             variants: dict[str, list[Path]] = {}
@@ -116,11 +120,38 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
                 tokenizer.save_pretrained(str(tmp / "tokenizer"))
             manifest = build_manifest(placement, cfg, options.instance_seed, parts, files, variants, tmp,
                                       captured.model, OPSET, PRODUCER, tokenizer is not None, options.monolithic,
-                                      _generation_ids(model), options.ort_moe)
+                                      _generation_ids(model), _contrib_ops(options.ort_moe, lowbit))
             write_manifest(manifest, tmp / MANIFEST_NAME)
     finally:
         steps.close()
     return out_dir / MANIFEST_NAME
+
+
+def _lowbit_layers(model: nn.Module, info) -> dict[int, tuple[int, int]]:
+    """Layer -> ``(bits, group_size)`` of digital expert groups quantised by ``quantize_digital_experts``."""
+    from ..lowbit import QUANT_ATTR
+
+    out = {}
+    for layer in info.moe_layers:
+        groups = getattr(model.get_submodule(layer.experts), "groups", {})
+        quant = getattr(groups["digital"], QUANT_ATTR, None) if "digital" in groups else None
+        if quant:
+            out[layer.index] = (quant["bits"], quant["group_size"])
+    return out
+
+
+def _mark_lowbit(model: nn.Module, info, lowbit: dict[int, tuple[int, int]]) -> None:
+    from ..lowbit import QUANT_ATTR
+
+    for layer in info.moe_layers:
+        if layer.index in lowbit:
+            bits, group_size = lowbit[layer.index]
+            setattr(model.get_submodule(layer.experts).groups["digital"], QUANT_ATTR,
+                    {"bits": bits, "group_size": group_size})
+
+
+def _contrib_ops(ort_moe: bool, lowbit: dict) -> list[str]:
+    return (["com.microsoft.MoE"] if ort_moe else []) + (["com.microsoft.MatMulNBits"] if lowbit else [])
 
 
 def _generation_ids(model: nn.Module) -> dict:

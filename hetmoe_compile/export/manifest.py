@@ -37,7 +37,7 @@ def _files(paths: list[Path]) -> dict:
 def build_manifest(placement: Placement, cfg: AnalogConfig, instance_seed: int | None, parts: list[Partition],
                    files: dict[str, list[Path]], variants: dict[str, list[Path]], directory: Path,
                    graph: ModelProto, opset: int, producer: str, has_tokenizer: bool, monolithic: bool,
-                   extra_model: dict | None = None, ort_moe: bool = False) -> dict:
+                   extra_model: dict | None = None, contrib_ops: list[str] | None = None) -> dict:
     doc = placement.to_dict()
     partitions, schedule = [], []
     for part in parts:
@@ -75,7 +75,7 @@ def build_manifest(placement: Placement, cfg: AnalogConfig, instance_seed: int |
         "opset": opset,
         "tokenizer": "tokenizer" if has_tokenizer else None,
         "monolithic": monolithic,
-        "contrib_ops": ["com.microsoft.MoE"] if ort_moe else [],
+        "contrib_ops": list(contrib_ops or []),
     }
 
 

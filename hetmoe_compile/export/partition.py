@@ -91,9 +91,10 @@ def _str(v) -> str:
 
 def inline_group(group: GroupNode, store: TensorStore, dtype: np.dtype,
                  programmed: list[ProgrammedExpert] | None = None, periphery: TilePeriphery | None = None,
-                 inputs: list[str] | None = None, output: str | None = None, ort_moe: bool = False) -> GraphBuilder:
+                 inputs: list[str] | None = None, output: str | None = None, ort_moe: bool = False,
+                 lowbit: tuple[int, int] | None = None) -> GraphBuilder:
     """The body of ``group`` (on the placeholder's tensors unless ``inputs``/``output`` are given): standard ops,
-    or with ``ort_moe`` one ``com.microsoft::MoE`` node."""
+    with ``ort_moe`` one ``com.microsoft::MoE`` node, with ``lowbit = (bits, group_size)`` ``MatMulNBits``."""
     b = GraphBuilder(f"hetmoe/L{group.layer}/{group.device}/")
     hidden, index, weights = inputs or list(group.node.input[:3])
     out = output or group.node.output[0]
@@ -104,7 +105,7 @@ def inline_group(group: GroupNode, store: TensorStore, dtype: np.dtype,
                      int(_attrs(group.node).get("num_experts", 0)), group.top_k, group.layer)
     else:
         expert_group_body(b, hidden, index, weights, out, group.experts(store), group.act, dtype, programmed,
-                          periphery, group.layer)
+                          periphery, group.layer, lowbit)
     return b
 
 
@@ -162,7 +163,8 @@ class _Stages:
 
 
 def _assign_stages(model: ModelProto, store: TensorStore, groups: list[GroupNode], dtype: np.dtype,
-                   root_prefix: str, monolithic: bool, ort_moe: bool) -> _Stages:
+                   root_prefix: str, monolithic: bool, ort_moe: bool,
+                   lowbit: dict[int, tuple[int, int]]) -> _Stages:
     by_node = {id(g.node): g for g in groups}
     out = _Stages()
     stage: dict[str, int] = {}
@@ -184,7 +186,9 @@ def _assign_stages(model: ModelProto, store: TensorStore, groups: list[GroupNode
         if group is None:
             out.digital.setdefault(s, []).append(node)
             continue
-        b = inline_group(group, store, dtype, ort_moe=ort_moe and group.device == "digital")
+        digital = group.device == "digital"
+        b = inline_group(group, store, dtype, ort_moe=ort_moe and digital,
+                         lowbit=lowbit.get(group.layer) if digital else None)
         out.digital.setdefault(s, []).extend(b.nodes)
         out.body_inits.setdefault(s, {}).update(b.initializers)
         out.experts.setdefault(s, {}).setdefault(group.layer, []).extend(group.expert_ids)
@@ -192,12 +196,14 @@ def _assign_stages(model: ModelProto, store: TensorStore, groups: list[GroupNode
 
 
 def partition_graph(model: ModelProto, store: TensorStore, groups: list[GroupNode], dtype: np.dtype,
-                    root_prefix: str, monolithic: bool = False, ort_moe: bool = False) -> list[Partition]:
+                    root_prefix: str, monolithic: bool = False, ort_moe: bool = False,
+                    lowbit: dict[int, tuple[int, int]] | None = None) -> list[Partition]:
     """Split ``model`` into the scheduled partitions (``monolithic``: one partition, analog groups inlined ideal;
-    ``ort_moe``: digital expert groups as ``com.microsoft::MoE`` nodes).
+    ``ort_moe``: digital expert groups as ``com.microsoft::MoE`` nodes; ``lowbit``: layer -> ``(bits, group_size)``
+    of low-bit digital experts, emitted as ``MatMulNBits``).
 
     Analog partitions are returned with their ideal body; :func:`analog_partition` builds instance variants."""
-    st = _assign_stages(model, store, groups, dtype, root_prefix, monolithic, ort_moe)
+    st = _assign_stages(model, store, groups, dtype, root_prefix, monolithic, ort_moe, lowbit or {})
     order: list[tuple[str, object]] = []  # ("digital", stage) or ("analog", group), in execution order
     for s in sorted(set(st.digital) | {s for s, _ in st.analog}):
         if s in st.digital:
