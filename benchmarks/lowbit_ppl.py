@@ -52,8 +52,8 @@ def main() -> None:
         m = {k: np.mean([getattr(r, k) for r in rows]) for k in
              ("gate_up_bound", "gate_up_error", "down_bound", "down_error", "output_error")}
         worst = max(r.output_error for r in rows)
-        print(f"| INT{bits} | {len(rows)} | {m['gate_up_bound']:.2e} | {m['gate_up_error']:.2e} | {m['down_bound']:.2e} "
-              f"| {m['down_error']:.2e} | {m['output_error']:.2e} / {worst:.2e} |")
+        print(f"| INT{bits} | {len(rows)} | {m['gate_up_bound']:.2e} | {m['gate_up_error']:.2e} "
+              f"| {m['down_bound']:.2e} | {m['down_error']:.2e} | {m['output_error']:.2e} / {worst:.2e} |")
 
 
 if __name__ == "__main__":
