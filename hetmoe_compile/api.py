@@ -52,6 +52,13 @@ class CompiledMoE:
 
         return restore_digital(self.model, self.info)
 
+    def quantize_digital(self, bits: int, group_size: int = 128) -> list:
+        """Quantise the digital experts' weights to INT8 or INT4, group-wise (in place; see
+        :func:`hetmoe_compile.lowbit.quantize_digital_experts`); returns each expert's error bound and error."""
+        from .lowbit import quantize_digital_experts
+
+        return quantize_digital_experts(self.model, bits, group_size, self.info)
+
     def export(self, directory: str | Path, instance_seed: int | None = None, monolithic: bool = False,
                tokenizer=None) -> Path:
         """Partitioned ONNX + ``manifest.json`` in ``directory`` (see :func:`hetmoe_compile.export.export_onnx`);
