@@ -184,3 +184,13 @@ class HetExperts(nn.Module):
             y = group(hidden, top_k_index, top_k_weights)
             out = y if out is None else out + y
         return torch.zeros_like(hidden) if out is None else out
+
+
+def device_groups(model: nn.Module, moe_layers, device: str, caller: str):
+    """``(layer, het_experts, group)`` for each MoE layer of a canonical model that has a ``device`` group."""
+    for layer in moe_layers:
+        het = model.get_submodule(layer.experts)
+        if not isinstance(het, HetExperts):
+            raise ValueError(f"{caller}() needs a canonical model: call canonicalize(model, placement.devices())")
+        if device in het.groups:
+            yield layer, het, het.groups[device]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..expert_group import ExpertGroup, HetExperts
+from ..expert_group import ExpertGroup, HetExperts, device_groups
 from ..models.recognize import ModelInfo, recognize
 from .config import AnalogConfig
 from .expert_group_op import program_group
@@ -93,13 +93,7 @@ def simulate(model: nn.Module, cfg: AnalogConfig, seed: int = 0, dense: str = "d
              info: ModelInfo | None = None) -> nn.Module:
     """Put hardware instance ``seed`` of ``cfg`` under the analog parts of a canonical model (in place)."""
     info = info or recognize(model)
-    for layer in info.moe_layers:
-        het = model.get_submodule(layer.experts)
-        if not isinstance(het, HetExperts):
-            raise ValueError("simulate() needs a canonical model: call canonicalize(model, placement.devices())")
-        group = het.groups["analog"] if "analog" in het.groups else None
-        if group is None:
-            continue
+    for layer, het, group in device_groups(model, info.moe_layers, "analog", "simulate"):
         if isinstance(group, AnalogExpertGroup) and group.cfg == cfg:
             group.program(seed)
         else:

@@ -22,7 +22,7 @@ from onnx import TensorProto, helper
 
 from ..errors import HetMoEError
 from .graph_builder import Deferred, GraphBuilder, materialize
-from .matmul_nbits import pack_matmul_nbits
+from .matmul_nbits import check_block, pack_matmul_nbits
 
 
 @dataclass(frozen=True)
@@ -151,8 +151,7 @@ def _linear_nbits(b: GraphBuilder, x: str, weight, bias: str | None, name: str, 
     """``x @ W.T (+ bias)`` with ``W`` as ``bits``-bit group-wise integers (``com.microsoft::MatMulNBits``)."""
     bits, block = lowbit
     n, k = weight.shape
-    if block < 16 or block & (block - 1) or k % block:
-        raise HetMoEError(f"MatMulNBits needs a power-of-two group size >= 16 dividing {k}, got {block}")
+    check_block(k, block)
     packed_shape = (n, k // block, block * bits // 8)
 
     @lru_cache(maxsize=1)

@@ -12,11 +12,15 @@ import numpy as np
 from ..errors import HetMoEError
 
 
+def check_block(k: int, block: int) -> None:
+    if block < 16 or block & (block - 1) or k % block:
+        raise HetMoEError(f"MatMulNBits needs a power-of-two group size >= 16 dividing {k}, got {block}")
+
+
 def pack_matmul_nbits(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray, np.ndarray]:
     """``(B, scales)`` for ``w [N, K]``."""
     n, k = w.shape
-    if block < 16 or block & (block - 1) or k % block:
-        raise HetMoEError(f"MatMulNBits needs a power-of-two group size >= 16 dividing {k}, got {block}")
+    check_block(k, block)
     qmax = 2 ** (bits - 1) - 1
     groups = w.astype(np.float32).reshape(n, k // block, block)
     amax = np.abs(groups).max(-1)

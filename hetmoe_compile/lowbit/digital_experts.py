@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from ..expert_group import HetExperts
+from ..expert_group import device_groups
 from ..models.recognize import ModelInfo, recognize
 from .groupwise import check_quant_args, error_bound, quantize_groupwise
 
@@ -48,13 +48,7 @@ def quantize_digital_experts(model: nn.Module, bits: int, group_size: int = 128,
     tokens the output error is measured on (default: 256 standard-normal vectors drawn with ``seed``)."""
     info = info or recognize(model)
     rows: list[ExpertQuantError] = []
-    for layer in info.moe_layers:
-        het = model.get_submodule(layer.experts)
-        if not isinstance(het, HetExperts):
-            raise ValueError("quantize_digital_experts() needs a canonical model: call canonicalize(model, devices)")
-        group = het.groups["digital"] if "digital" in het.groups else None
-        if group is None:
-            continue
+    for layer, _, group in device_groups(model, info.moe_layers, "digital", "quantize_digital_experts"):
         if getattr(group, QUANT_ATTR, None):
             raise ValueError(f"layer {layer.index}: digital experts are quantised already")
         hidden, inter = group.gate_up.shape[2], group.down.shape[2]
