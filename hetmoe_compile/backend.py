@@ -73,7 +73,17 @@ def hetmoe_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict |
     SplitExpertGroupsPass(policy, example_inputs)(gm)
     if not cfg.is_ideal:
         RewriteAnalogPass(cfg, opts.seed)(gm)
+        _drop_unused_weights(gm)
     return gm.forward
+
+
+def _drop_unused_weights(gm: fx.GraphModule) -> None:
+    """Free the split pass's copies of ideal analog weights once the programmed ones replaced them."""
+    used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, module in gm.hetmoe_groups.named_modules(prefix="hetmoe_groups"):
+        for key, buf in list(module.named_buffers(recurse=False)):
+            if buf is not None and f"{name}.{key}" not in used:
+                setattr(module, key, None)
 
 
 def prepare(model: nn.Module) -> nn.Module:

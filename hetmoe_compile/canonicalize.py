@@ -31,7 +31,8 @@ def canonicalize(model: nn.Module, devices: DeviceMap | None = None, info: Model
     """Replace, in place, every routed-experts module of ``model`` by a :class:`HetExperts`.
 
     ``devices`` gives each expert's device (missing experts are digital). A model that is already canonical is
-    re-split to the new devices. Returns ``model``.
+    re-split to the new devices; a layer already split that way is left as it is (no weight copies, and any state
+    of its groups, such as low-bit quantisation, is kept). Returns ``model``.
     """
     info = info or recognize(model)
     _check_devices(devices or {}, info)
@@ -43,14 +44,16 @@ def canonicalize(model: nn.Module, devices: DeviceMap | None = None, info: Model
         bad = {d for d in layer_devices.values() if d not in DEVICES}
         if bad:
             raise ValueError(f"layer {layer.index}: unknown device(s) {sorted(bad)}; use one of {DEVICES}")
+        wanted = {d: [e for e in range(layer.num_experts) if layer_devices.get(e, "digital") == d] for d in DEVICES}
+        if _split_as(experts, {d: ids for d, ids in wanted.items() if ids}):
+            continue
         if isinstance(experts, HetExperts):
             experts = _fuse_groups(experts)
             source_layout = type(layout)(has_bias=layout.has_bias, activation=layout.activation)
         else:
             source_layout = layout
         groups: dict[str, ExpertGroup] = {}
-        for device in DEVICES:
-            ids = [e for e in range(layer.num_experts) if layer_devices.get(e, "digital") == device]
+        for device, ids in wanted.items():
             if not ids:
                 continue
             id_tensor = torch.tensor(ids, dtype=torch.long, device=experts.down_proj.device)
@@ -59,6 +62,13 @@ def canonicalize(model: nn.Module, devices: DeviceMap | None = None, info: Model
         parent_path, attr = layer.experts.rsplit(".", 1)
         setattr(model.get_submodule(parent_path), attr, HetExperts(groups, layer.num_experts, layer.index))
     return model
+
+
+def _split_as(experts: nn.Module, wanted: dict[str, list[int]]) -> bool:
+    """True if ``experts`` is a :class:`HetExperts` of plain expert groups holding exactly ``wanted``."""
+    if not isinstance(experts, HetExperts) or set(experts.groups) != set(wanted):
+        return False
+    return all(type(g) is ExpertGroup and g.ids == wanted[d] for d, g in experts.groups.items())
 
 
 def _check_devices(devices: DeviceMap, info: ModelInfo) -> None:

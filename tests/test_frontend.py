@@ -223,6 +223,21 @@ def test_recanonicalize_keeps_parity(family):
         assert (_logits(model, ids) - ref).abs().max().item() <= PARITY_TOL, kind
 
 
+def test_recanonicalize_with_the_same_devices_keeps_the_groups():
+    """Asking for the split a layer already has copies nothing and keeps the groups (and their state)."""
+    model = tiny_model("olmoe")
+    info = recognize(model)
+    devices = _split(info, "alternating")
+    canonicalize(model, devices)
+    before = {l.index: dict(model.get_submodule(l.experts).groups) for l in info.moe_layers}
+    canonicalize(model, devices)
+    for layer in info.moe_layers:
+        groups = model.get_submodule(layer.experts).groups
+        assert all(groups[d] is g for d, g in before[layer.index].items())
+    canonicalize(model, _split(info, "all-digital"))
+    assert model.get_submodule(info.moe_layers[0].experts).groups["digital"] is not before[0]["digital"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_parity_check_is_sensitive(family):
     """Guard against a vacuous parity test: a visible change to one routed expert changes the logits."""

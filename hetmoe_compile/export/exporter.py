@@ -76,7 +76,6 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
     try:
         steps.set_postfix_str("torch.export")
         ep = tag_graph(model, placement, info)
-        _mark_lowbit(model, info, lowbit)  # canonicalisation rebuilt the groups; their weights stay quantised
         steps.update()
         group_of = {f"{ROOT_PREFIX}{l.experts}.groups.{d}.gate_up": (l.index, d) for l in info.moe_layers
                     for d in ("digital", "analog")}
@@ -138,16 +137,6 @@ def _lowbit_layers(model: nn.Module, info) -> dict[int, tuple[int, int]]:
         if quant:
             out[layer.index] = (quant["bits"], quant["group_size"])
     return out
-
-
-def _mark_lowbit(model: nn.Module, info, lowbit: dict[int, tuple[int, int]]) -> None:
-    from ..lowbit import QUANT_ATTR
-
-    for layer in info.moe_layers:
-        if layer.index in lowbit:
-            bits, group_size = lowbit[layer.index]
-            setattr(model.get_submodule(layer.experts).groups["digital"], QUANT_ATTR,
-                    {"bits": bits, "group_size": group_size})
 
 
 def _contrib_ops(ort_moe: bool, lowbit: dict) -> list[str]:

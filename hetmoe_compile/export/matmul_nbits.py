@@ -2,14 +2,16 @@
 
 Layout: ``B [N, K / block, block * bits / 8]`` unsigned integers with the default zero point ``2^(bits-1)`` (INT4:
 two per byte, low nibble first) and ``scales [N * K / block]``; the op computes ``A @ dequant(B).T``. The integers
-are re-derived from the (already dequantised) weights with the same group-wise rule as
-:func:`hetmoe_compile.lowbit.quantize_groupwise`, so they are exactly the ones PyTorch used.
+are re-derived from the (already dequantised) weights by :func:`hetmoe_compile.lowbit.quantize_groupwise`, so they
+are exactly the ones PyTorch used.
 """
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..errors import HetMoEError
+from ..lowbit.groupwise import quantize_groupwise
 
 
 def check_block(k: int, block: int) -> None:
@@ -21,11 +23,7 @@ def pack_matmul_nbits(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray,
     """``(B, scales)`` for ``w [N, K]``."""
     n, k = w.shape
     check_block(k, block)
-    qmax = 2 ** (bits - 1) - 1
-    groups = w.astype(np.float32).reshape(n, k // block, block)
-    amax = np.abs(groups).max(-1)
-    scale = np.where(amax > 0, amax / qmax, 1.0).astype(np.float32)
-    q = np.clip(np.round(groups / scale[..., None]), -qmax, qmax).astype(np.int16) + 2 ** (bits - 1)
-    u = q.astype(np.uint8)
+    quant = quantize_groupwise(torch.from_numpy(np.ascontiguousarray(w)), bits, block)
+    u = (quant.q.numpy().astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8).reshape(n, k // block, block)
     packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else u
-    return np.ascontiguousarray(packed), np.ascontiguousarray(scale.reshape(-1))
+    return np.ascontiguousarray(packed), np.ascontiguousarray(quant.scale.numpy().reshape(-1))

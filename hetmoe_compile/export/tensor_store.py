@@ -40,9 +40,6 @@ class TensorStore:
         self.directory = Path(directory)
         self.tensors: dict[str, TensorProto] = {t.name: t for t in model.graph.initializer}
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(int(d) for d in self.tensors[name].dims)
 

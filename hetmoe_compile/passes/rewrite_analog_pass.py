@@ -83,6 +83,7 @@ class RewriteAnalogPass(PassBase):
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             modified = True
+        gm.graph.eliminate_dead_code()  # the ideal weights' get_attr nodes
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, modified)

@@ -17,7 +17,7 @@ import torch
 from torch import fx, nn
 
 from ..placement.placement import rank_digital
-from ..placement.policy import PlacementPolicy
+from ..placement.policy import PlacementPolicy, parse_override_key
 from ..scoring.max_neuron_norm import max_neuron_norms_canonical
 from .pass_base import PLACEMENT_META, NodePlacement, PassBase, PassError, PassResult, is_expert_group
 
@@ -25,9 +25,9 @@ SELECTORS = ("max-neuron-norm", "random")
 _LAYER = re.compile(r"layers\W*(\d+)")
 
 
-def evaluate(gm: fx.GraphModule, node, example_inputs: Sequence) -> object:
-    """The concrete value of ``node`` computed from the graph's inputs and attributes (weights, not activations:
-    only the nodes ``node`` depends on are run)."""
+def evaluate(gm: fx.GraphModule, nodes: Sequence, example_inputs: Sequence) -> list:
+    """The concrete values of ``nodes`` computed from the graph's inputs and attributes (weights, not activations:
+    only the nodes they depend on run, each once)."""
     placeholders = {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
     memo: dict[fx.Node, object] = {}
 
@@ -54,7 +54,7 @@ def evaluate(gm: fx.GraphModule, node, example_inputs: Sequence) -> object:
         memo[n] = value
         return value
 
-    return run(node)
+    return [run(n) for n in nodes]
 
 
 def layer_of(node: fx.Node) -> int | None:
@@ -90,13 +90,13 @@ class SplitExpertGroupsPass(PassBase):
         gm = graph_module
         groups = [n for n in gm.graph.nodes if is_expert_group(n)]
         layers: dict[int, tuple[fx.Node, dict[str, torch.Tensor | None]]] = {}
+        values = iter(evaluate(gm, [a for n in groups for a in n.args[3:8]], self.example_inputs))
         for node in groups:
             layer = layer_of(node)
             if layer is None or layer in layers:
                 raise PassError(self.name, f"cannot tell the decoder layer of {node.name}")
-            weights = {k: evaluate(gm, a, self.example_inputs) for k, a in
-                       zip(("ids", "gate_up", "down", "gate_up_bias", "down_bias"), node.args[3:8])}
-            layers[layer] = (node, weights)
+            keys = ("ids", "gate_up", "down", "gate_up_bias", "down_bias")
+            layers[layer] = (node, {k: next(values) for k in keys})
         scores = {layer: self._scores(layer, w) for layer, (_, w) in layers.items()}
         digital, notes = rank_digital(scores, self.policy, self.policy.selector)
         if not hasattr(gm, "hetmoe_groups"):
@@ -105,7 +105,7 @@ class SplitExpertGroupsPass(PassBase):
             ids = w["ids"].tolist()
             devices = {e: ("digital" if (layer, e) in digital else "analog") for e in ids}
             for key, device in self.policy.overrides.items():
-                lay, e = (int(x) for x in key.split(":"))
+                lay, e = parse_override_key(key)
                 if lay == layer and e in devices:
                     devices[e] = device
             self.placed[layer] = devices
