@@ -23,7 +23,7 @@ def pack_matmul_nbits(w: np.ndarray, bits: int, block: int) -> tuple[np.ndarray,
     """``(B, scales)`` for ``w [N, K]``."""
     n, k = w.shape
     check_block(k, block)
-    quant = quantize_groupwise(torch.from_numpy(np.ascontiguousarray(w)), bits, block)
+    quant = quantize_groupwise(torch.from_numpy(np.array(w)), bits, block)  # a writable copy
     u = (quant.q.numpy().astype(np.int16) + 2 ** (bits - 1)).astype(np.uint8).reshape(n, k // block, block)
     packed = (u[..., 0::2] | (u[..., 1::2] << 4)).astype(np.uint8) if bits == 4 else u
     return np.ascontiguousarray(packed), np.ascontiguousarray(quant.scale.numpy().reshape(-1))
