@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= out/demo
 DEMO_MODEL ?= examples/olmoe-demo
 
-.PHONY: install demo test bench bench-export noise-scan sweep clean
+.PHONY: install demo test bench bench-export noise-scan sweep peers clean
 SHARED ?= ../shared
 
 install: $(STAMP)
@@ -61,6 +61,14 @@ sweep: $(STAMP)
 	  --seeds 3 --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 16384 \
 	  --tasks piqa,arc_easy,lambada --tasks-dir $(SHARED)/data/qa --limit 100 --out benchmarks/results/pcm_x$$c; done
 	$(PY) benchmarks/paired_differences.py benchmarks/results/pcm_x2.5/results.json benchmarks/results/pcm_x8/results.json
+
+# The peers (ROMER, HPD, INT8/INT4 digital experts) alone and with 25 % max-neuron-norm, at two noise levels, with
+# estimated energy per token and a Pareto plot (benchmarks/results/peers_pcm_x*/; about 40 minutes on 2 CPU cores).
+peers: $(STAMP)
+	for c in 2.5 8; do $(VENV)/bin/hetmoe-compile sweep $(SHARED)/models/olmoe-ref --fractions 0,0.25,1 \
+	  --selectors max-neuron-norm --peers romer,romer-recalibrate,romer-replace,hpd,int8,int4 \
+	  --calib $(SHARED)/data/wikitext2-tokenized-valid.txt --calib-tokens 8192 --noise pcm --noise-scale $$c \
+	  --seeds 3 --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 8192 --out benchmarks/results/peers_pcm_x$$c; done
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

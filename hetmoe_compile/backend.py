@@ -90,5 +90,7 @@ def prepare(model: nn.Module) -> nn.Module:
     """Route every MoE layer's experts through one ``hetmoe::expert_group`` op (in place; numerics unchanged), so
     that ``torch.compile(..., backend="hetmoe")`` sees one expert-group node per layer. Re-joins a split model."""
     from .canonicalize import canonicalize
+    from .hpd import require_unsplit
 
+    require_unsplit(model, "the torch.compile backend")
     return canonicalize(model, None)

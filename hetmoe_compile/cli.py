@@ -38,6 +38,31 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _byte_size(text: str) -> int:
+    from .cost.units import parse_bytes
+
+    try:
+        return parse_bytes(text, "")
+    except HetMoEError as exc:
+        raise _ArgError(str(exc)) from None
+
+
+def _energy(text: str) -> float:
+    from .cost.units import parse_energy
+
+    try:
+        return parse_energy(text, "")
+    except HetMoEError as exc:
+        raise _ArgError(str(exc)) from None
+
+
+def _cost_epilog() -> str:
+    from .cost.params import describe_params
+
+    return ("cost model (printed after the report, stored as \"cost\" in placement.json); parameters, their defaults "
+            "and sources, each overridable in --cost-config:\n" + describe_params())
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a local Hugging Face model directory or a hub id (owner/name)")
     p.add_argument("--calib", metavar="TEXTFILE", help="calibration text for data-driven selectors")
@@ -72,10 +97,22 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--digital-fraction", type=_fraction, default=0.25, metavar="F",
                    help="outline the top F experts per layer in the plot (default 0.25)")
 
-    p = sub.add_parser("place", help="place experts by a selector; write placement.json; print a report")
+    p = sub.add_parser("place", help="place experts by a selector; write placement.json; print a report",
+                       epilog=_cost_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
-    p.add_argument("--digital-fraction", type=_fraction, default=0.25, metavar="F",
-                   help="fraction of routed experts on digital (default 0.25)")
+    p.add_argument("--digital-fraction", type=_fraction, default=None, metavar="F",
+                   help="fraction of routed experts on digital (default 0.25; a budget replaces it)")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--digital-memory-budget", type=_byte_size, default=None, metavar="BYTES",
+                        help="digital experts by score per byte while dense modules + digital experts fit BYTES "
+                             "(e.g. 12000000, 64MiB, 1.5GB)")
+    budget.add_argument("--energy-budget", type=_energy, default=None, metavar="J",
+                        help="digital experts by score per joule while the estimate stays <= J per token (e.g. 2.5e-3)")
+    p.add_argument("--cost-config", metavar="FILE", help="cost-model parameters (JSON or TOML; see below)")
+    p.add_argument("--digital-bits", type=int, default=None, choices=[4, 8], metavar="B",
+                   help="cost (and budget) the digital experts as group-wise INT4 or INT8, as eval/export run them")
+    p.add_argument("--group-size", type=_positive_int, default=128, metavar="G",
+                   help="inputs per quantisation group with --digital-bits (default 128)")
     p.add_argument("--selector", default="max-neuron-norm", metavar="NAME", help="default: max-neuron-norm")
     p.add_argument("--scope", choices=SCOPES, default="per-layer",
                    help="per-layer: top ceil(F*E) of each layer (default); global: top F over all layers")
@@ -96,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dense", choices=["digital", "analog"], default=None,
                    help="dense modules (default: the placement's, else digital)")
     _add_lowbit_args(e)
+    _add_peer_args(e, "apply these peers (in order: low-bit, hpd, romer) before evaluating")
     _add_noise_args(e)
     e.add_argument("--out", required=True, metavar="FILE", help="results JSON to write")
 
@@ -105,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--selectors", default="max-neuron-norm,router-norm,random", metavar="LIST",
                    help="comma-separated selectors (data-driven ones need --calib)")
     w.add_argument("--no-ablation", action="store_true", help="skip the dense-modules-on-analog ablation rows")
+    _add_peer_args(w, "add rows for each peer alone and with the first selector's fractions")
+    w.add_argument("--group-size", type=_positive_int, default=128, metavar="G",
+                   help="inputs per quantisation group for the int8/int4 peers (default 128)")
+    w.add_argument("--cost-config", metavar="FILE", help="cost-model parameters (JSON or TOML) for the energy column")
     _add_noise_args(w)
     w.add_argument("--out", required=True, metavar="DIR", help="output directory")
 
@@ -124,6 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weight dtype (auto: float32 on CPU)")
     _add_lowbit_args(x)
+    x.add_argument("--cost-config", metavar="FILE", help="cost-model parameters (JSON or TOML) for the manifest's cost")
     x.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
 
     r = sub.add_parser("run", help="generate text with an export, on ONNX Runtime (no torch needed)")
@@ -160,6 +203,30 @@ def _quantize_digital(args, model, info) -> dict | None:
                                          for stat, fn in (("mean", lambda v: sum(v) / len(rows)), ("max", max))]))
         print()
     return {"bits": args.digital_bits, "group_size": args.group_size, "experts": [r.to_dict() for r in rows]}
+
+
+def _add_peer_args(p: argparse.ArgumentParser, what: str) -> None:
+    from .peers import PEERS
+
+    p.add_argument("--peers", default="", metavar="LIST", help=f"comma-separated, from {', '.join(PEERS)}: {what}")
+    p.add_argument("--romer-threshold", type=_fraction, default=0.25, metavar="F",
+                   help="ROMER: analog experts used less than F x the uniform share are replaced (default 0.25)")
+    p.add_argument("--hpd-targets", default="lm_head,attention_output", metavar="LIST",
+                   help="HPD: projections to split (default lm_head,attention_output)")
+    p.add_argument("--hpd-rank", type=float, default=None, metavar="R",
+                   help="HPD: rank kept (an integer, or a fraction of full rank in (0, 1); default full rank)")
+
+
+def _peer_options(args):
+    from .peers import PeerOptions
+
+    rank = args.hpd_rank
+    if rank is not None and rank >= 1:
+        if rank != int(rank):
+            raise HetMoEError(f"--hpd-rank {rank}: give an integer rank or a fraction in (0, 1)")
+        rank = int(rank)
+    return PeerOptions(group_size=args.group_size, hpd_targets=tuple(_list(args.hpd_targets, "hpd-targets")),
+                       hpd_rank=rank, romer_threshold=args.romer_threshold, batch_size=args.batch_size)
 
 
 def _add_noise_args(p: argparse.ArgumentParser) -> None:
@@ -278,23 +345,43 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_place(args) -> int:
-    from .pipeline import place_model, tag_graph
+    from .cost import estimate_cost, format_cost, load_cost_params
+    from .pipeline import tag_graph
+    from .placement import place
     from .report import placement_report
-    from .scoring import check_selectors
+    from .scoring import check_selectors, score
 
     check_selectors([args.selector], bool(args.calib))
     overrides = dict(parse_override(o) for o in args.override)
-    policy = PlacementPolicy(args.digital_fraction, args.selector, args.scope, args.dense, overrides, args.seed)
+    budget = args.digital_memory_budget is not None or args.energy_budget is not None
+    if budget and args.digital_fraction is not None:
+        raise HetMoEError("--digital-fraction and a budget exclude each other: the budget decides how many experts "
+                          "go digital; drop --digital-fraction")
+    fraction = 0.25 if args.digital_fraction is None else args.digital_fraction
+    policy = PlacementPolicy(fraction, args.selector, args.scope, args.dense, overrides, args.seed,
+                             args.digital_memory_budget, args.energy_budget)
+    params = load_cost_params(args.cost_config, digital_bits=args.digital_bits,
+                              group_size=args.group_size if args.digital_bits else None)
     out = Path(args.out)
     if out.is_dir():
         raise HetMoEError(f"--out {out}: is a directory; give a file path such as {out / 'placement.json'}")
     model, info, calibration = _load(args)
-    placement = place_model(model, policy, calibration, args.model, info)
+    frequencies = None
+    if calibration is not None:  # measured routing for the cost model
+        from .scoring.routing_stats import routing_stats
+
+        frequencies = {i: s["frequency"].tolist() for i, s in routing_stats(model, info, calibration).items()}
+    scores = score(model, info, policy.selector, calibration, policy.seed)
+    placement = place(model, info, scores, policy, args.model, params, frequencies)
+    if placement.cost is None:
+        placement.cost = estimate_cost(model, placement, params, info=info, frequencies=frequencies).to_dict()
     graph = None
     if not args.no_graph:
         graph = tag_graph(model, placement, info).graph_module
     placement.save(out)
     print(placement_report(placement, graph, verbose=args.verbose))
+    print()
+    print(format_cost(placement.cost))
     print(f"\nwrote {out}")
     return 0
 
@@ -309,7 +396,13 @@ def cmd_eval(args) -> int:
     from .report import format_table
     from .scoring import check_selectors
 
+    from .peers import PeerContext, apply_peers, check_peers
+
     cfg, spec, prepared = _noise_and_spec(args)
+    peers = check_peers(_list(args.peers, "peers"), bool(args.calib)) if args.peers.strip() else []
+    if args.digital_bits is not None and {"int8", "int4"} & set(peers):
+        raise HetMoEError("--digital-bits and the int8/int4 peers both quantise the digital experts: use one")
+    options = _peer_options(args)
     placement = Placement.load(args.placement) if args.placement else None
     if placement is None:
         check_selectors([args.selector], bool(args.calib))
@@ -327,7 +420,8 @@ def cmd_eval(args) -> int:
         dense = args.dense or placement.policy.dense
     canonicalize(model, placement.devices(), info)
     quant = _quantize_digital(args, model, info)
-    has_analog = any(l.ids("analog") for l in placement.layers)
+    applied = apply_peers(peers, PeerContext(model, info, cfg, calibration, options)) if peers else None
+    has_analog = any(l.ids("analog") for l in placement.layers) or "hpd" in peers
     metrics = evaluate_under_noise(model, info, tokenizer, cfg, spec, prepared, dense, has_analog)
     doc = {
         "producer": f"hetmoe-compile {__version__}",
@@ -341,6 +435,7 @@ def cmd_eval(args) -> int:
         "limit": spec.limit,
         "metrics": metrics,
         "digital_quantization": quant,
+        "peers": None if applied is None else applied.record,
     }
     atomic_write_text(out, json.dumps(doc, indent=2) + "\n")
     print(format_table(["metric", "mean", "std", "seeds"],
@@ -353,11 +448,15 @@ def cmd_sweep(args) -> int:
     from .models import load_tokenizer
     from .placement.placement import model_identity
     from .scoring import check_selectors
-    from .sweep import results_markdown, run_sweep, write_sweep
+    from .cost import load_cost_params
+    from .peers import check_peers
+    from .sweep import results_markdown, run_sweep, sweep_cost_fn, write_sweep
 
     fractions = sorted({_fraction(f) for f in _list(args.fractions, "fractions")})
     selectors_ = _list(args.selectors, "selectors")
     check_selectors(selectors_, bool(args.calib))
+    peers = check_peers(_list(args.peers, "peers"), bool(args.calib), combined=False) if args.peers.strip() else []
+    cost_params = load_cost_params(args.cost_config)
     cfg, spec, prepared = _noise_and_spec(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -365,10 +464,11 @@ def cmd_sweep(args) -> int:
     model, info, calibration = _load(args)
     tokenizer = load_tokenizer(args.model)
     rows = run_sweep(model, info, tokenizer, fractions, selectors_, cfg, spec, calibration, not args.no_ablation,
-                     prepared)
+                     prepared, peers, _peer_options(args), sweep_cost_fn(cost_params, cfg))
     meta = {"producer": f"hetmoe-compile {__version__}", "model": model_identity(model, info, args.model),
-            "fractions": fractions, "selectors": selectors_, "ppl_text": spec.ppl_path, "ppl_tokens": spec.ppl_tokens,
-            "tasks": spec.tasks, "limit": spec.limit}
+            "fractions": fractions, "selectors": selectors_, "peers": peers, "ppl_text": spec.ppl_path,
+            "ppl_tokens": spec.ppl_tokens, "tasks": spec.tasks, "limit": spec.limit,
+            "cost_params": cost_params.to_dict()}
     written = write_sweep(out, rows, cfg, spec, meta)
     print(results_markdown(rows, cfg, spec.seeds))
     print("wrote " + ", ".join(str(p) for p in written))
@@ -384,7 +484,10 @@ def cmd_export(args) -> int:
     from .placement import Placement
     from .runtime import MANIFEST_NAME
 
+    from .cost import format_cost, load_cost_params
+
     cfg = analog_config(args.noise, args.noise_scale, args.t_inference)
+    cost_params = load_cost_params(args.cost_config)
     placement = Placement.load(args.placement)
     check_replaceable_dir(Path(args.out), MANIFEST_NAME)
     import torch
@@ -403,7 +506,7 @@ def cmd_export(args) -> int:
     except HetMoEError:
         tokenizer = None
     manifest = export_onnx(model, placement, Path(args.out), ExportOptions(cfg, args.instance_seed, args.monolithic,
-                                                                          ort_moe=args.ort_moe),
+                                                                          ort_moe=args.ort_moe, cost=cost_params),
                            tokenizer)
     doc = json.loads(manifest.read_text())
     rows = [[p["name"], p["device"], _size(manifest.parent, p), ",".join(f"{k}:{len(v)}" for k, v in
@@ -412,6 +515,8 @@ def cmd_export(args) -> int:
     from .report import format_table
 
     print(format_table(["partition", "device", "size", "layer:experts"], rows))
+    print()
+    print(format_cost(doc["cost"]))
     if tokenizer is None:
         print("(no tokenizer beside the model: 'run' will need --ids)")
     print(f"\nwrote {manifest} and {len(doc['partitions'])} partitions")

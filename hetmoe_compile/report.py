@@ -30,10 +30,19 @@ def format_table(headers: list[str], rows: list[list]) -> str:
 def placement_report(placement: Placement, graph_module: fx.GraphModule | None = None, verbose: bool = False) -> str:
     """Parameter share per device, experts per layer and (with a tagged graph) node counts per device."""
     share = placement.parameter_share
+    policy = placement.policy
+    how = f"digital fraction {policy.digital_fraction:g}"
+    if policy.budget is not None:
+        from .cost.units import format_bytes, format_si
+
+        kind, value = policy.budget
+        shown = format_bytes(value) if kind == "digital_memory" else f"{format_si(value, 'J', 4)}/token"
+        n = sum(len(l.experts) for l in placement.layers)
+        how = (f"{kind.replace('_', ' ')} budget {shown} (replaces --digital-fraction: "
+               f"{round(policy.digital_fraction * n)}/{n} experts digital)")
     out = [
         f"placement of {placement.model['architecture']} ({placement.model['source'] or 'in memory'}): "
-        f"digital fraction {placement.policy.digital_fraction:g}, selector {placement.policy.selector}, "
-        f"scope {placement.policy.scope}, dense modules {placement.policy.dense}",
+        f"{how}, selector {policy.selector}, scope {policy.scope}, dense modules {policy.dense}",
         "",
         format_table(
             ["device", "parameters", "share"],

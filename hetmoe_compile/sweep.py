@@ -1,10 +1,12 @@
-"""Sweep digital fraction x selector under one noise setting, with all-digital / all-analog references and the
-dense-on-analog ablation; results as JSON, a Markdown table and plots."""
+"""Sweep digital fraction x selector under one noise setting, with all-digital / all-analog references, the
+dense-on-analog ablation and the peers (ROMER, HPD, low-bit digital experts) alone and combined with the first
+selector; each placement's estimated energy per token; results as JSON, a Markdown table and plots."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -14,9 +16,13 @@ from .calibration import Calibration
 from .canonicalize import canonicalize
 from .evaluation import EvalSpec, Prepared, evaluate_under_noise, prepare
 from .models.recognize import ModelInfo
-from .placement.placement import place
+from .peers import PEERS, PeerContext, PeerOptions, apply_peers, check_peer_options, check_peers
+from .placement.placement import Placement, place
 from .placement.policy import PlacementPolicy
 from .scoring import score
+
+CostFn = Callable[[nn.Module, ModelInfo, Placement, str, dict], dict]
+"""``(model, info, placement, dense, peer_record) -> cost dict`` (with ``energy_per_token_j``) for a row."""
 
 
 @dataclass
@@ -26,51 +32,135 @@ class SweepRow:
     digital_fraction: float
     dense: str
     metrics: dict
+    peer: str = "-"
+    peer_summary: dict = field(default_factory=dict)
+    cost: dict | None = None
+
+
+@dataclass(frozen=True)
+class _Job:
+    label: str
+    selector: str
+    fraction: float
+    dense: str
+    peer: str = "-"
+
+
+def sweep_cost_fn(params, cfg: AnalogConfig) -> CostFn:
+    """A :data:`CostFn` estimating each row with the cost model ``params`` (a ``CostParams``; the tile size of
+    ``cfg`` unless ``params`` sets one). It costs the model as the row runs it: HPD halves and low-bit experts
+    included, dense modules where the row puts them."""
+    from .cost.estimate import estimate_cost
+
+    if params.analog_tile_size is None:
+        params = params.replace(analog_tile_size=cfg.tile_size)
+
+    def cost(model: nn.Module, info: ModelInfo, placement: Placement, dense: str, record: dict) -> dict:
+        return estimate_cost(model, placement, params, info=info, dense=dense).to_dict()
+
+    return cost
+
+
+def sweep_jobs(fractions: list[float], selectors: list[str], ablation: bool = True,
+               peers: list[str] = ()) -> list[_Job]:
+    """References, every (selector, inner fraction) with dense modules digital, the ablation for the first
+    selector, then each peer alone (dense digital, at its own fraction) and with the first selector's inner
+    fractions."""
+    jobs = [_Job("all-digital", "-", 1.0, "digital"), _Job("all-analog", "-", 0.0, "analog"),
+            _Job("dense-digital", "-", 0.0, "digital")]
+    inner = [f for f in fractions if 0.0 < f < 1.0]
+    jobs += [_Job(f"{s} {f:g}", s, f, "digital") for s in selectors for f in inner]
+    if ablation and selectors:
+        jobs += [_Job(f"{selectors[0]} {f:g} (dense analog)", selectors[0], f, "analog") for f in inner]
+    for peer in peers:
+        alone = PEERS[peer].alone_fraction
+        jobs.append(_Job(peer, "-", alone, "digital", peer))
+        jobs += [_Job(f"{peer} + {selectors[0]} {f:g}", selectors[0], f, "digital", peer) for f in inner]
+    return jobs
 
 
 def run_sweep(model: nn.Module, info: ModelInfo, tokenizer, fractions: list[float], selectors: list[str],
               cfg: AnalogConfig, spec: EvalSpec, calibration: Calibration | None = None, ablation: bool = True,
-              prepared: Prepared | None = None) -> list[SweepRow]:
-    """Evaluate every (selector, fraction) placement with dense modules digital, plus references and ablation.
+              prepared: Prepared | None = None, peers: list[str] = (), peer_options: PeerOptions | None = None,
+              cost_fn: CostFn | None = None) -> list[SweepRow]:
+    """Evaluate every job of :func:`sweep_jobs` under ``cfg``.
 
     Fractions 0 and 1 do not depend on the selector and are evaluated once. All placements share hardware
-    instances (seed s programs the same devices for an expert in every placement).
+    instances (seed s programs the same devices for an expert in every placement). A peer is applied after
+    placement and taken back after its row, so rows do not leak into each other.
     """
     if not selectors:
         raise ValueError("run_sweep needs at least one selector")
+    peers = check_peers(list(peers), calibration is not None, combined=False) if peers else []
+    peer_options = peer_options or PeerOptions()
+    check_peer_options(peers, info, peer_options)
     prepared = prepared or prepare(spec)
     scores = {s: score(model, info, s, calibration) for s in selectors}
-    jobs: list[tuple[str, str, float, str]] = [("all-digital", "-", 1.0, "digital"), ("all-analog", "-", 0.0, "analog"),
-                                               ("dense-digital", "-", 0.0, "digital")]
-    inner = [f for f in fractions if 0.0 < f < 1.0]
-    jobs += [(f"{s} {f:g}", s, f, "digital") for s in selectors for f in inner]
-    if ablation and selectors:
-        jobs += [(f"{selectors[0]} {f:g} (dense analog)", selectors[0], f, "analog") for f in inner]
     rows = []
-    for label, selector, fraction, dense in tqdm(jobs, desc="sweep", unit="placement"):
-        sel_scores = scores.get(selector, scores[selectors[0]])  # fractions 0 and 1 do not depend on scores
-        placement = place(model, info, sel_scores, PlacementPolicy(fraction, sel_scores.selector, dense=dense))
+    for job in tqdm(sweep_jobs(fractions, selectors, ablation, peers), desc="sweep", unit="placement"):
+        sel_scores = scores.get(job.selector, scores[selectors[0]])  # fractions 0 and 1 do not depend on scores
+        placement = place(model, info, sel_scores, PlacementPolicy(job.fraction, sel_scores.selector,
+                                                                   dense=job.dense))
         canonicalize(model, placement.devices(), info)
-        has_analog = any(l.ids("analog") for l in placement.layers)
-        metrics = evaluate_under_noise(model, info, tokenizer, cfg, spec, prepared, dense, has_analog)
-        rows.append(SweepRow(label, selector, fraction, dense, metrics))
+        record: dict = {}
+        undo = None
+        if job.peer != "-":
+            applied = apply_peers([job.peer], PeerContext(model, info, cfg, calibration, peer_options))
+            record, undo = applied.record, applied.undo
+        try:
+            has_analog = any(l.ids("analog") for l in placement.layers) or job.peer == "hpd"
+            metrics = evaluate_under_noise(model, info, tokenizer, cfg, spec, prepared, job.dense, has_analog)
+            cost = cost_fn(model, info, placement, job.dense, record) if cost_fn else None
+        finally:
+            if undo is not None:
+                undo()
+        rows.append(SweepRow(job.label, job.selector, job.fraction, job.dense, metrics, job.peer,
+                             peer_summary(record), cost))
     canonicalize(model, None, info)  # leave the model all-digital
     return rows
+
+
+def peer_summary(record: dict) -> dict:
+    """A few numbers that say what a peer did (the full record can hold one entry per expert)."""
+    out: dict = {}
+    for name, rec in record.items():
+        if "replacements" in rec:
+            out["experts_replaced"] = len(rec["replacements"])
+        if "router_calibration" in rec:
+            out["router_calibration"] = {k: v for k, v in rec["router_calibration"].items()
+                                         if not isinstance(v, (list, dict))}
+        if "projections" in rec:
+            out["projections"] = [{k: p[k] for k in ("module", "rank", "rel_error") if k in p}
+                                  for p in rec["projections"]]
+        if "bits" in rec:
+            errs = [e["output_error"] for e in rec["experts"]]
+            out["bits"] = rec["bits"]
+            out["mean_output_error"] = sum(errs) / len(errs) if errs else 0.0
+    return out
 
 
 def _fmt(m: dict) -> str:
     return f"{m['mean']:.3f} ± {m['std']:.3f}" if m["std"] > 0 else f"{m['mean']:.3f}"
 
 
+def _energy(r: SweepRow) -> float | None:
+    return None if r.cost is None else r.cost.get("energy_per_token_j")
+
+
 def results_markdown(rows: list[SweepRow], cfg: AnalogConfig, seeds: int) -> str:
     metrics = list(rows[0].metrics)
+    energy = any(_energy(r) is not None for r in rows)
     head = (f"Noise preset `{cfg.preset}` (noise scale {cfg.noise_scale:g}, t_inference {cfg.t_inference:g} s), "
-            f"mean ± std over {seeds} hardware instances.\n\n")
-    lines = ["| placement | selector | digital fraction | dense | " + " | ".join(metrics) + " |",
-             "|---|---|---|---|" + "---|" * len(metrics)]
+            f"mean ± std over {seeds} hardware instances"
+            + ("; energy per token from the cost model (decode, batch as configured)" if energy else "") + ".\n\n")
+    cols = ["placement", "selector", "digital fraction", "dense", *metrics] + (["energy/token (µJ)"] if energy else [])
+    lines = ["| " + " | ".join(cols) + " |", "|---|---|---|---|" + "---|" * (len(cols) - 4)]
     for r in rows:
-        lines.append(f"| {r.label} | {r.selector} | {r.digital_fraction:g} | {r.dense} | "
-                     + " | ".join(_fmt(r.metrics[m]) for m in metrics) + " |")
+        cells = [r.label, r.selector, f"{r.digital_fraction:g}", r.dense, *(_fmt(r.metrics[m]) for m in metrics)]
+        if energy:
+            e = _energy(r)
+            cells.append("-" if e is None else f"{e * 1e6:.3f}")
+        lines.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -90,17 +180,22 @@ def plot_sweep(rows: list[SweepRow], metric: str, path: Path, title: str) -> Pat
     selectors = list(dict.fromkeys(r.selector for r in rows if r.selector != "-"))
     for zoom, ax in enumerate(axes):
         for i, sel in enumerate(selectors):
-            pts = sorted([r for r in rows if r.selector == sel and r.dense == "digital"],
+            pts = sorted([r for r in rows if r.selector == sel and r.dense == "digital" and r.peer == "-"],
                          key=lambda r: r.digital_fraction)
             pts = [ends[0]] + pts + [ends[1]]
             ax.errorbar([r.digital_fraction for r in pts], [r.metrics[metric]["mean"] for r in pts],
                         yerr=[r.metrics[metric]["std"] for r in pts], marker="o", ms=4, capsize=2, label=sel,
                         color=f"C{i}")
-            abl = sorted([r for r in rows if r.selector == sel and r.dense == "analog"],
+            abl = sorted([r for r in rows if r.selector == sel and r.dense == "analog" and r.peer == "-"],
                          key=lambda r: r.digital_fraction)
             if abl and not zoom:
                 ax.plot([r.digital_fraction for r in abl], [r.metrics[metric]["mean"] for r in abl], ls="--",
                         marker="x", color=f"C{i}", label=f"{sel}, dense on analog")
+        for j, peer in enumerate(dict.fromkeys(r.peer for r in rows if r.peer != "-")):
+            pts = sorted([r for r in rows if r.peer == peer], key=lambda r: r.digital_fraction)
+            ax.errorbar([r.digital_fraction for r in pts], [r.metrics[metric]["mean"] for r in pts],
+                        yerr=[r.metrics[metric]["std"] for r in pts], marker="s", ms=4, capsize=2, ls=":",
+                        label=f"peer: {peer}", color=f"C{len(selectors) + j}")
         ax.axhline(by["all-digital"].metrics[metric]["mean"], color="k", ls=":", label="all-digital")
         if not zoom:
             ax.axhline(by["all-analog"].metrics[metric]["mean"], color="grey", ls="-.", label="all-analog")
@@ -114,6 +209,69 @@ def plot_sweep(rows: list[SweepRow], metric: str, path: Path, title: str) -> Pat
     out = _save(fig, path)
     plt.close(fig)
     return out
+
+
+LOWER_IS_BETTER = ("ppl",)
+
+
+def plot_pareto(rows: list[SweepRow], metric: str, path: Path, title: str) -> Path:
+    """``metric`` against estimated energy per token, one point per placement, the Pareto front (no other
+    placement is both cheaper and better) drawn as a step line and its points labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .plots import _save
+
+    pts = [(r, _energy(r)) for r in rows if _energy(r) is not None]
+    if not pts:
+        raise ValueError("plot_pareto needs rows with a cost estimate")
+    lower = metric in LOWER_IS_BETTER
+    front = pareto_front([(e, r.metrics[metric]["mean"]) for r, e in pts], lower)
+    fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
+    for i, g in enumerate(dict.fromkeys(_family(r) for r, _ in pts)):
+        sel = [(r, e) for r, e in pts if _family(r) == g]
+        ax.errorbar([e * 1e6 for _, e in sel], [r.metrics[metric]["mean"] for r, _ in sel],
+                    yerr=[r.metrics[metric]["std"] for r, _ in sel], ls="none", marker="o", ms=5, capsize=2,
+                    color=f"C{i}", label=g)
+    fx = [pts[i][1] * 1e6 for i in front]
+    fy = [pts[i][0].metrics[metric]["mean"] for i in front]
+    ax.step(fx, fy, where="post", color="k", lw=1, alpha=0.6, label="Pareto front")
+    for i in front:
+        r, e = pts[i]
+        ax.annotate(r.label, (e * 1e6, r.metrics[metric]["mean"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    ax.set_xscale("log")
+    if lower and min(fy) > 0 and max(r.metrics[metric]["mean"] for r, _ in pts) / min(fy) > 5:
+        ax.set_yscale("log")
+    ax.set_xlabel("estimated energy per token (µJ, log)")
+    ax.set_ylabel(metric + (" (lower is better)" if lower else " (higher is better)"))
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    out = _save(fig, path)
+    plt.close(fig)
+    return out
+
+
+def _family(r: SweepRow) -> str:
+    if r.peer != "-":
+        return f"peer: {r.peer}"
+    return r.selector if r.selector != "-" else "reference"
+
+
+def pareto_front(points: list[tuple[float, float]], lower_is_better: bool) -> list[int]:
+    """Indices of the points ``(cost, value)`` that no other point dominates (cheaper or as cheap and better),
+    ordered by cost."""
+    sign = 1.0 if lower_is_better else -1.0
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], sign * points[i][1]))
+    front, best = [], float("inf")
+    for i in order:
+        v = sign * points[i][1]
+        if v < best:
+            front.append(i)
+            best = v
+    return front
 
 
 def write_sweep(out_dir: Path, rows: list[SweepRow], cfg: AnalogConfig, spec: EvalSpec, meta: dict) -> list[Path]:
@@ -130,4 +288,9 @@ def write_sweep(out_dir: Path, rows: list[SweepRow], cfg: AnalogConfig, spec: Ev
             plot_sweep(rows, metric, tmp / name, f"{meta.get('model', {}).get('source', '')}: {metric} under "
                        f"{cfg.preset} x{cfg.noise_scale:g}")
             names.append(name)
+        if any(_energy(r) is not None for r in rows):
+            metric = next(iter(rows[0].metrics))
+            plot_pareto(rows, metric, tmp / "pareto.png", f"{meta.get('model', {}).get('source', '')}: {metric} vs "
+                        f"estimated energy under {cfg.preset} x{cfg.noise_scale:g}")
+            names.append("pareto.png")
     return [out_dir / n for n in names]

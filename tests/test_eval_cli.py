@@ -60,7 +60,7 @@ def test_sweep_writes_table_plots_and_rows(tmp_path):
     assert "| max-neuron-norm 0.25 | max-neuron-norm | 0.25 | digital |" in table
     png = (out / "ppl.png").read_bytes()
     assert png[:4] == b"\x89PNG"
-    assert sorted(p.name for p in out.iterdir()) == ["ppl.png", "results.json", "results.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["pareto.png", "ppl.png", "results.json", "results.md"]
 
 
 @pytest.mark.parametrize("extra, message", [

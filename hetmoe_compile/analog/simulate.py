@@ -3,14 +3,19 @@
 :func:`simulate` swaps each analog :class:`ExpertGroup` for an :class:`AnalogExpertGroup` holding one programmed
 hardware instance; calling it again with another seed re-programs (the ideal weights are kept). With
 ``dense="analog"`` (the paper's ablation) the ``nn.Linear`` layers of dense modules (attention, shared experts,
-dense MLPs, LM head) run on tiles too; embeddings, norms and routers stay digital.
+dense MLPs, LM head) run on tiles too; embeddings, norms and routers stay digital. The analog half (``u_sigma``) of
+every HPD-split projection (:mod:`hetmoe_compile.hpd`) runs on tiles whatever ``dense`` is; its digital half
+(``v_t``) never does.
 """
 from __future__ import annotations
+
+import hashlib
 
 import torch
 from torch import nn
 
 from ..expert_group import ExpertGroup, HetExperts, device_groups
+from ..hpd.projection_split import HPDLinear
 from ..models.recognize import ModelInfo, recognize
 from .config import AnalogConfig
 from .expert_group_op import program_group
@@ -18,6 +23,13 @@ from .programming_noise import OUT_NOISE_STREAM, stream_seed
 from .tiles import Periphery, ProgrammedMatrix, analog_matmul, program_matrix
 
 DENSE_ANALOG_KINDS = ("attention", "shared_expert", "dense_mlp", "lm_head")
+HPD_KEY_BASE = 1 << 32
+"""Noise-stream keys of HPD ``u_sigma`` halves start here, apart from the dense layers' keys (their sorted index)."""
+
+
+def hpd_stream_key(path: str) -> int:
+    """Stream key of the ``u_sigma`` half of the HPD-split projection at ``path``: depends only on the path."""
+    return HPD_KEY_BASE + int.from_bytes(hashlib.sha256(path.encode()).digest()[:4], "big")
 
 
 class AnalogExpertGroup(nn.Module):
@@ -103,32 +115,48 @@ def simulate(model: nn.Module, cfg: AnalogConfig, seed: int = 0, dense: str = "d
     return model
 
 
-def _simulate_dense(model: nn.Module, info: ModelInfo, cfg: AnalogConfig, seed: int, dense: str) -> None:
-    names = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, AnalogLinear))
-             and not isinstance(model.get_submodule(n.rsplit(".", 1)[0]) if "." in n else model, AnalogLinear)]
+def _simulate_dense(model: nn.Module, info: ModelInfo, cfg: AnalogConfig | None, seed: int, dense: str) -> None:
+    """Dense layers to tiles (``dense="analog"``) or back; HPD ``u_sigma`` halves to tiles unless ``cfg`` is None
+    (restore everything). Keys: the sorted index of each ``nn.Linear`` name, an HPD module holding the index its
+    unsplit projection had (so the split does not move other layers' streams), and :func:`hpd_stream_key`."""
+    hpd = {n for n, m in model.named_modules() if isinstance(m, HPDLinear)}
+
+    def parent_of(name: str) -> tuple[str, nn.Module]:
+        parent_name = name.rsplit(".", 1)[0] if "." in name else ""
+        return parent_name, model.get_submodule(parent_name) if parent_name else model
+
+    names = [n for n, m in model.named_modules() if (isinstance(m, (nn.Linear, AnalogLinear)) or n in hpd)
+             and not isinstance(parent_of(n)[1], AnalogLinear) and parent_of(n)[0] not in hpd]
     for key, name in enumerate(sorted(names)):
-        module = model.get_submodule(name)
-        if info.kind_of(name) not in DENSE_ANALOG_KINDS:
+        if name in hpd or info.kind_of(name) not in DENSE_ANALOG_KINDS:
             continue
-        parent_name, attr = name.rsplit(".", 1) if "." in name else ("", name)
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if dense == "analog":
-            if isinstance(module, AnalogLinear) and module.cfg == cfg:
-                module.program(seed)
-            else:
-                source = module.source if isinstance(module, AnalogLinear) else module
-                setattr(parent, attr, AnalogLinear(source, cfg, seed, key))
-        elif isinstance(module, AnalogLinear):
-            setattr(parent, attr, module.source)
+        _place_linear(model, name, cfg if dense == "analog" else None, seed, key)
+    for name in sorted(hpd):
+        _place_linear(model, f"{name}.u_sigma", cfg, seed, hpd_stream_key(name))
+
+
+def _place_linear(model: nn.Module, name: str, cfg: AnalogConfig | None, seed: int, key: int) -> None:
+    """The linear at ``name`` on tiles of ``cfg`` (instance ``seed``, stream ``key``), or digital if ``cfg`` is None."""
+    module = model.get_submodule(name)
+    parent_name, attr = name.rsplit(".", 1) if "." in name else ("", name)
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if cfg is not None:
+        if isinstance(module, AnalogLinear) and module.cfg == cfg and module.key == key:
+            module.program(seed)
+        else:
+            source = module.source if isinstance(module, AnalogLinear) else module
+            setattr(parent, attr, AnalogLinear(source, cfg, seed, key))
+    elif isinstance(module, AnalogLinear):
+        setattr(parent, attr, module.source)
 
 
 def restore_digital(model: nn.Module, info: ModelInfo | None = None) -> nn.Module:
-    """Undo :func:`simulate`: the ideal analog groups and dense layers come back (in place)."""
+    """Undo :func:`simulate`: the ideal analog groups, dense layers and HPD halves come back (in place)."""
     info = info or recognize(model)
     for layer in info.moe_layers:
         het = model.get_submodule(layer.experts)
         if isinstance(het, HetExperts) and isinstance(het.groups["analog"] if "analog" in het.groups else None,
                                                       AnalogExpertGroup):
             het.groups["analog"] = het.groups["analog"].source
-    _simulate_dense(model, info, AnalogConfig(), 0, "digital")
+    _simulate_dense(model, info, None, 0, "digital")
     return model

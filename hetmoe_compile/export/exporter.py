@@ -24,6 +24,7 @@ from ..analog.expert_group_op import program_group
 from ..analog.programming_noise import OUT_NOISE_STREAM, stream_seed
 from ..analog.tiles import split_sizes
 from ..capture import ROOT_PREFIX
+from ..cost import CostParams
 from ..errors import HetMoEError
 from ..io import atomic_replace_dir, check_replaceable_dir
 from ..models.recognize import recognize
@@ -50,6 +51,7 @@ class ExportOptions:
     ort_moe: bool = False  # digital expert groups as ONNX Runtime's com.microsoft::MoE (fused kernel)
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
     progress: bool = True
+    cost: CostParams | None = None  # cost-model parameters for the manifest's "cost" (default: CostParams())
 
 
 def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, options: ExportOptions = ExportOptions(),
@@ -57,6 +59,9 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
     """Export ``model`` placed by ``placement`` to ``out_dir``; returns the manifest's path.
 
     ``model`` is canonicalised in place (see :func:`~hetmoe_compile.canonicalize.canonicalize`)."""
+    from ..hpd import require_unsplit
+
+    require_unsplit(model, "ONNX export")
     if placement.policy.dense != "digital":
         raise HetMoEError("export keeps dense modules digital; the dense-on-analog ablation is simulation-only "
                           "(place with --dense digital)")
@@ -69,6 +74,7 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
     lowbit = _lowbit_layers(model, info)
     if lowbit and options.ort_moe:
         raise HetMoEError("low-bit digital experts are exported as MatMulNBits; drop --ort-moe")
+    cost = export_cost(model, info, placement, options, cfg)
     out_dir = Path(out_dir)
     check_replaceable_dir(out_dir, MANIFEST_NAME)
     dtype = np.dtype(str(next(model.parameters()).dtype).removeprefix("torch."))
@@ -119,11 +125,23 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
                 tokenizer.save_pretrained(str(tmp / "tokenizer"))
             manifest = build_manifest(placement, cfg, options.instance_seed, parts, files, variants, tmp,
                                       captured.model, OPSET, PRODUCER, tokenizer is not None, options.monolithic,
-                                      _generation_ids(model), _contrib_ops(options.ort_moe, lowbit))
+                                      _generation_ids(model), _contrib_ops(options.ort_moe, lowbit), cost)
             write_manifest(manifest, tmp / MANIFEST_NAME)
     finally:
         steps.close()
     return out_dir / MANIFEST_NAME
+
+
+def export_cost(model: nn.Module, info, placement: Placement, options: ExportOptions, cfg: AnalogConfig) -> dict:
+    """The cost estimate of what is exported: the placement's experts (all digital for a monolithic export), low-bit
+    digital experts at their bits, the analog config's tile size unless the cost parameters set one."""
+    from ..cost.estimate import estimate_cost
+
+    params = options.cost or CostParams()
+    if params.analog_tile_size is None:
+        params = params.replace(analog_tile_size=cfg.tile_size)
+    extra = {"export": "monolithic: every expert runs digitally"} if options.monolithic else None
+    return estimate_cost(model, placement, params, info=info, all_digital=options.monolithic, extra=extra).to_dict()
 
 
 def _lowbit_layers(model: nn.Module, info) -> dict[int, tuple[int, int]]:

@@ -37,7 +37,9 @@ def _files(paths: list[Path]) -> dict:
 def build_manifest(placement: Placement, cfg: AnalogConfig, instance_seed: int | None, parts: list[Partition],
                    files: dict[str, list[Path]], variants: dict[str, list[Path]], directory: Path,
                    graph: ModelProto, opset: int, producer: str, has_tokenizer: bool, monolithic: bool,
-                   extra_model: dict | None = None, contrib_ops: list[str] | None = None) -> dict:
+                   extra_model: dict | None = None, contrib_ops: list[str] | None = None,
+                   cost: dict | None = None) -> dict:
+    """The manifest document; ``cost`` is the cost-model estimate of the export (optional ``"cost"`` key)."""
     doc = placement.to_dict()
     partitions, schedule = [], []
     for part in parts:
@@ -61,7 +63,7 @@ def build_manifest(placement: Placement, cfg: AnalogConfig, instance_seed: int |
         schedule.append({"partition": part.name,
                          "inputs": {n: part.bindings[n] for n in part.inputs},
                          "outputs": {n: part.bindings[n] for n in part.outputs}})
-    return {
+    manifest = {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "producer": producer,
         "model": {**doc["model"], **(extra_model or {})},
@@ -77,6 +79,9 @@ def build_manifest(placement: Placement, cfg: AnalogConfig, instance_seed: int |
         "monolithic": monolithic,
         "contrib_ops": list(contrib_ops or []),
     }
+    if cost is not None:
+        manifest["cost"] = cost
+    return manifest
 
 
 def write_manifest(doc: dict, path: Path) -> Path:

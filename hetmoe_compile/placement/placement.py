@@ -56,6 +56,8 @@ class Placement:
     parameter_share: dict[str, dict]
     producer: str = field(default_factory=lambda: f"hetmoe-compile {__version__}")
     schema_version: str = SCHEMA_VERSION
+    cost: dict | None = None
+    """The cost-model estimate (:meth:`hetmoe_compile.cost.CostReport.to_dict`), when one was made."""
 
     def devices(self) -> dict[int, dict[int, str]]:
         """Decoder layer index -> expert id -> device (the input of :func:`canonicalize`)."""
@@ -68,7 +70,7 @@ class Placement:
         return self.policy.dense
 
     def to_dict(self) -> dict:
-        return {
+        doc = {
             "schema_version": self.schema_version,
             "producer": self.producer,
             "model": self.model,
@@ -77,6 +79,9 @@ class Placement:
             "dense_modules": [asdict(d) for d in self.dense_modules],
             "parameter_share": self.parameter_share,
         }
+        if self.cost is not None:
+            doc["cost"] = self.cost
+        return doc
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "<placement>") -> "Placement":
@@ -92,6 +97,7 @@ class Placement:
             parameter_share=data["parameter_share"],
             producer=data["producer"],
             schema_version=data["schema_version"],
+            cost=data.get("cost"),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -157,20 +163,38 @@ def rank_digital(scores: dict[int, np.ndarray], policy: PlacementPolicy,
     return digital, notes
 
 
-def place(model: nn.Module, info: ModelInfo, scores: Scores, policy: PlacementPolicy, source: str = "") -> Placement:
-    """Rank experts by ``scores`` and put the top ``digital_fraction`` (per layer or globally) on digital."""
-    policy.validate()
+def check_scores(info: ModelInfo, scores: Scores) -> None:
+    """Every MoE layer has one score per expert."""
     for layer in info.moe_layers:
         got = scores.layers.get(layer.index)
         if got is None or len(got) != layer.num_experts:
             raise HetMoEError(f"scores from '{scores.selector}' do not cover layer {layer.index}'s experts")
-    digital, rank_note = rank_digital({l.index: scores.layers[l.index] for l in info.moe_layers}, policy,
-                                      scores.selector)
+
+
+def policy_overrides(policy: PlacementPolicy, info: ModelInfo) -> dict[tuple[int, int], str]:
+    """``(layer, expert) -> device`` of the policy's overrides, checked against the model."""
     overrides = {parse_override_key(k): v for k, v in policy.overrides.items()}
     for (li, e) in overrides:
         if li not in {l.index for l in info.moe_layers} or not 0 <= e < info.layer(li).num_experts:
             raise HetMoEError(f"override {li}:{e}: no such MoE layer/expert; MoE layers are "
                               f"{[l.index for l in info.moe_layers]} with {info.moe_layers[0].num_experts} experts")
+    return overrides
+
+
+def place(model: nn.Module, info: ModelInfo, scores: Scores, policy: PlacementPolicy, source: str = "",
+          cost_params=None, frequencies: dict[int, list[float]] | None = None) -> Placement:
+    """Rank experts by ``scores`` and put the top ``digital_fraction`` (per layer or globally) on digital; with a
+    budget in ``policy``, place under it instead (:func:`hetmoe_compile.cost.budget.place_under_budget`, costed
+    with ``cost_params`` and routing ``frequencies``)."""
+    policy.validate()
+    if policy.budget is not None:
+        from ..cost.budget import place_under_budget
+
+        return place_under_budget(model, info, scores, policy, cost_params, source=source, frequencies=frequencies)
+    check_scores(info, scores)
+    digital, rank_note = rank_digital({l.index: scores.layers[l.index] for l in info.moe_layers}, policy,
+                                      scores.selector)
+    overrides = policy_overrides(policy, info)
     layers = []
     for layer in info.moe_layers:
         experts = []

@@ -13,7 +13,8 @@ DEVICES = ("digital", "analog")
 @dataclass
 class PlacementPolicy:
     """Digital fraction of routed experts, the selector that ranks them, the scope of the ranking, where dense
-    modules go (``analog`` is the paper's ablation) and per-expert overrides ``{"layer:expert": device}``."""
+    modules go (``analog`` is the paper's ablation) and per-expert overrides ``{"layer:expert": device}``; or,
+    instead of the fraction, a digital-memory or energy budget (:mod:`hetmoe_compile.cost.budget`)."""
 
     digital_fraction: float = 0.25
     selector: str = "max-neuron-norm"
@@ -21,9 +22,22 @@ class PlacementPolicy:
     dense: str = "digital"
     overrides: dict[str, str] = field(default_factory=dict)
     seed: int = 0
+    digital_memory_budget: int | None = None
+    """Bytes of digital memory (dense modules + digital experts); when set, replaces ``digital_fraction``."""
+    energy_budget: float | None = None
+    """Joules per token (cost model estimate); when set, replaces ``digital_fraction``."""
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def budget(self) -> tuple[str, float] | None:
+        """``("digital_memory", bytes)``, ``("energy", joules per token)`` or ``None`` (place by fraction)."""
+        if self.digital_memory_budget is not None:
+            return "digital_memory", self.digital_memory_budget
+        if self.energy_budget is not None:
+            return "energy", self.energy_budget
+        return None
 
     def validate(self) -> None:
         f = self.digital_fraction
@@ -38,9 +52,25 @@ class PlacementPolicy:
             parse_override_key(key)
             if device not in DEVICES:
                 raise HetMoEError(f"override {key}={device}: device must be one of {', '.join(DEVICES)}")
+        if self.digital_memory_budget is not None and self.energy_budget is not None:
+            raise HetMoEError("give one budget: --digital-memory-budget or --energy-budget, not both")
+        for name, value in (("digital memory budget", self.digital_memory_budget),
+                            ("energy budget", self.energy_budget)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not value > 0 or value == float("inf")):
+                raise HetMoEError(f"{name} must be a finite number > 0, got {value!r}")
+        if self.digital_memory_budget is not None:
+            self.digital_memory_budget = int(self.digital_memory_budget)
+        if self.energy_budget is not None:
+            self.energy_budget = float(self.energy_budget)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The policy's fields; budgets only when set (so budget-free placements read as before)."""
+        d = asdict(self)
+        for key in ("digital_memory_budget", "energy_budget"):
+            if d[key] is None:
+                del d[key]
+        return d
 
     @classmethod
     def from_dict(cls, data: dict) -> "PlacementPolicy":
