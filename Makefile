@@ -40,6 +40,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_scoring.py
 	$(PY) benchmarks/bench_analog.py
 	$(PY) benchmarks/aihwkit_agreement.py
+	$(PY) benchmarks/cost_table.py
 	$(MAKE) bench-export
 
 # Export parity per family, runtime speed (partitioned vs monolithic vs eager), export at OLMoE-1B-7B width
@@ -63,12 +64,14 @@ sweep: $(STAMP)
 	$(PY) benchmarks/paired_differences.py benchmarks/results/pcm_x2.5/results.json benchmarks/results/pcm_x8/results.json
 
 # The peers (ROMER, HPD, INT8/INT4 digital experts) alone and with 25 % max-neuron-norm, at two noise levels, with
-# estimated energy per token and a Pareto plot (benchmarks/results/peers_pcm_x*/; about 40 minutes on 2 CPU cores).
+# estimated energy per token and a Pareto plot (benchmarks/results/peers_pcm_x*/; about 30 minutes on 2 CPU cores).
 peers: $(STAMP)
 	for c in 2.5 8; do $(VENV)/bin/hetmoe-compile sweep $(SHARED)/models/olmoe-ref --fractions 0,0.25,1 \
 	  --selectors max-neuron-norm --peers romer,romer-recalibrate,romer-replace,hpd,int8,int4 \
 	  --calib $(SHARED)/data/wikitext2-tokenized-valid.txt --calib-tokens 8192 --noise pcm --noise-scale $$c \
-	  --seeds 3 --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 8192 --out benchmarks/results/peers_pcm_x$$c; done
+	  --seeds 3 --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 16384 \
+	  --tasks piqa,arc_easy,lambada --tasks-dir $(SHARED)/data/qa --limit 100 --out benchmarks/results/peers_pcm_x$$c; done
+	$(PY) benchmarks/peer_differences.py benchmarks/results/peers_pcm_x2.5/results.json benchmarks/results/peers_pcm_x8/results.json
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

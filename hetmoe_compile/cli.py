@@ -109,10 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--energy-budget", type=_energy, default=None, metavar="J",
                         help="digital experts by score per joule while the estimate stays <= J per token (e.g. 2.5e-3)")
     p.add_argument("--cost-config", metavar="FILE", help="cost-model parameters (JSON or TOML; see below)")
-    p.add_argument("--digital-bits", type=int, default=None, choices=[4, 8], metavar="B",
-                   help="cost (and budget) the digital experts as group-wise INT4 or INT8, as eval/export run them")
-    p.add_argument("--group-size", type=_positive_int, default=128, metavar="G",
-                   help="inputs per quantisation group with --digital-bits (default 128)")
+    _add_lowbit_args(p, "cost (and budget) the digital experts as group-wise INT4 or INT8, as eval/export run them")
     p.add_argument("--selector", default="max-neuron-norm", metavar="NAME", help="default: max-neuron-norm")
     p.add_argument("--scope", choices=SCOPES, default="per-layer",
                    help="per-layer: top ceil(F*E) of each layer (default); global: top F over all layers")
@@ -144,8 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated selectors (data-driven ones need --calib)")
     w.add_argument("--no-ablation", action="store_true", help="skip the dense-modules-on-analog ablation rows")
     _add_peer_args(w, "add rows for each peer alone and with the first selector's fractions")
-    w.add_argument("--group-size", type=_positive_int, default=128, metavar="G",
-                   help="inputs per quantisation group for the int8/int4 peers (default 128)")
+    _add_lowbit_args(w, "", "inputs per quantisation group for the int8/int4 peers (default 128)")
     w.add_argument("--cost-config", metavar="FILE", help="cost-model parameters (JSON or TOML) for the energy column")
     _add_noise_args(w)
     w.add_argument("--out", required=True, metavar="DIR", help="output directory")
@@ -180,11 +176,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_lowbit_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--digital-bits", type=int, default=None, choices=[4, 8], metavar="B",
-                   help="quantise the digital experts' weights to B bits: 4 or 8 (group-wise, symmetric)")
-    p.add_argument("--group-size", type=_positive_int, default=128, metavar="G",
-                   help="inputs per quantisation group with --digital-bits (default 128)")
+def _add_lowbit_args(p: argparse.ArgumentParser, bits_help: str | None = None,
+                     group_help: str = "inputs per quantisation group with --digital-bits (default 128)") -> None:
+    """``--digital-bits`` (unless ``bits_help`` is empty) and ``--group-size``."""
+    if bits_help != "":
+        p.add_argument("--digital-bits", type=int, default=None, choices=[4, 8], metavar="B",
+                       help=bits_help or "quantise the digital experts' weights to B bits: 4 or 8 (group-wise, "
+                                         "symmetric)")
+    p.add_argument("--group-size", type=_positive_int, default=128, metavar="G", help=group_help)
 
 
 def _quantize_digital(args, model, info) -> dict | None:
@@ -344,6 +343,15 @@ def cmd_analyze(args) -> int:
     return 0
 
 
+def _routing_frequencies(model, info, calibration) -> dict[int, list[float]] | None:
+    """Each expert's measured share of the calibration tokens, for the cost model (None: uniform routing)."""
+    if calibration is None:
+        return None
+    from .scoring.routing_stats import routing_stats
+
+    return {i: s["frequency"].tolist() for i, s in routing_stats(model, info, calibration).items()}
+
+
 def cmd_place(args) -> int:
     from .cost import estimate_cost, format_cost, load_cost_params
     from .pipeline import tag_graph
@@ -366,11 +374,7 @@ def cmd_place(args) -> int:
     if out.is_dir():
         raise HetMoEError(f"--out {out}: is a directory; give a file path such as {out / 'placement.json'}")
     model, info, calibration = _load(args)
-    frequencies = None
-    if calibration is not None:  # measured routing for the cost model
-        from .scoring.routing_stats import routing_stats
-
-        frequencies = {i: s["frequency"].tolist() for i, s in routing_stats(model, info, calibration).items()}
+    frequencies = _routing_frequencies(model, info, calibration)
     scores = score(model, info, policy.selector, calibration, policy.seed)
     placement = place(model, info, scores, policy, args.model, params, frequencies)
     if placement.cost is None:
@@ -393,10 +397,9 @@ def cmd_eval(args) -> int:
     from .models import load_tokenizer
     from .pipeline import place_model
     from .placement import Placement
+    from .peers import PeerContext, apply_peers, check_peers
     from .report import format_table
     from .scoring import check_selectors
-
-    from .peers import PeerContext, apply_peers, check_peers
 
     cfg, spec, prepared = _noise_and_spec(args)
     peers = check_peers(_list(args.peers, "peers"), bool(args.calib)) if args.peers.strip() else []
@@ -464,7 +467,8 @@ def cmd_sweep(args) -> int:
     model, info, calibration = _load(args)
     tokenizer = load_tokenizer(args.model)
     rows = run_sweep(model, info, tokenizer, fractions, selectors_, cfg, spec, calibration, not args.no_ablation,
-                     prepared, peers, _peer_options(args), sweep_cost_fn(cost_params, cfg))
+                     prepared, peers, _peer_options(args),
+                     sweep_cost_fn(cost_params, cfg, _routing_frequencies(model, info, calibration)))
     meta = {"producer": f"hetmoe-compile {__version__}", "model": model_identity(model, info, args.model),
             "fractions": fractions, "selectors": selectors_, "peers": peers, "ppl_text": spec.ppl_path,
             "ppl_tokens": spec.ppl_tokens, "tasks": spec.tasks, "limit": spec.limit,
@@ -481,10 +485,9 @@ def cmd_export(args) -> int:
     from .export import ExportOptions, export_onnx
     from .io import check_replaceable_dir
     from .models import load_model, load_tokenizer, recognize
+    from .cost import format_cost, load_cost_params
     from .placement import Placement
     from .runtime import MANIFEST_NAME
-
-    from .cost import format_cost, load_cost_params
 
     cfg = analog_config(args.noise, args.noise_scale, args.t_inference)
     cost_params = load_cost_params(args.cost_config)

@@ -46,17 +46,16 @@ class _Job:
     peer: str = "-"
 
 
-def sweep_cost_fn(params, cfg: AnalogConfig) -> CostFn:
+def sweep_cost_fn(params, cfg: AnalogConfig, frequencies: dict[int, list[float]] | None = None) -> CostFn:
     """A :data:`CostFn` estimating each row with the cost model ``params`` (a ``CostParams``; the tile size of
-    ``cfg`` unless ``params`` sets one). It costs the model as the row runs it: HPD halves and low-bit experts
-    included, dense modules where the row puts them."""
+    ``cfg`` unless ``params`` sets one) and the routing ``frequencies`` (None: uniform). It costs the model as the
+    row runs it: HPD halves and low-bit experts included, dense modules where the row puts them."""
     from .cost.estimate import estimate_cost
 
-    if params.analog_tile_size is None:
-        params = params.replace(analog_tile_size=cfg.tile_size)
+    params = params.for_tiles(cfg.tile_size)
 
     def cost(model: nn.Module, info: ModelInfo, placement: Placement, dense: str, record: dict) -> dict:
-        return estimate_cost(model, placement, params, info=info, dense=dense).to_dict()
+        return estimate_cost(model, placement, params, info=info, dense=dense, frequencies=frequencies).to_dict()
 
     return cost
 

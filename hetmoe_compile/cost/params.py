@@ -92,6 +92,10 @@ class CostParams:
         """A copy with ``changes``; ``None`` values are ignored (keep the current value)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    def for_tiles(self, tile_size: int) -> "CostParams":
+        """These parameters with the simulator's tile size (``AnalogConfig.tile_size``) unless they set one."""
+        return self if self.analog_tile_size is not None else self.replace(analog_tile_size=tile_size)
+
     @classmethod
     def from_dict(cls, data: dict, source: str = "cost config") -> "CostParams":
         if not isinstance(data, dict):

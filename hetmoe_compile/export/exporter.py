@@ -137,9 +137,7 @@ def export_cost(model: nn.Module, info, placement: Placement, options: ExportOpt
     digital experts at their bits, the analog config's tile size unless the cost parameters set one."""
     from ..cost.estimate import estimate_cost
 
-    params = options.cost or CostParams()
-    if params.analog_tile_size is None:
-        params = params.replace(analog_tile_size=cfg.tile_size)
+    params = (options.cost or CostParams()).for_tiles(cfg.tile_size)
     extra = {"export": "monolithic: every expert runs digitally"} if options.monolithic else None
     return estimate_cost(model, placement, params, info=info, all_digital=options.monolithic, extra=extra).to_dict()
 
