@@ -237,17 +237,23 @@ def plot_pareto(rows: list[SweepRow], metric: str, path: Path, title: str) -> Pa
     fx = [pts[i][1] * 1e6 for i in front]
     fy = [pts[i][0].metrics[metric]["mean"] for i in front]
     ax.step(fx, fy, where="post", color="k", lw=1, alpha=0.6, label="Pareto front")
-    for i in front:
+    lines = []
+    for n, i in enumerate(front, 1):  # numbered on the plot, named in a box (labels would overlap)
         r, e = pts[i]
-        ax.annotate(r.label, (e * 1e6, r.metrics[metric]["mean"]), fontsize=7, xytext=(4, 4),
+        ax.annotate(str(n), (e * 1e6, r.metrics[metric]["mean"]), fontsize=8, fontweight="bold", xytext=(3, 3),
                     textcoords="offset points")
-    ax.set_xscale("log")
+        lines.append(f"{n}. {r.label}: {e * 1e6:.4g} µJ, {metric} {r.metrics[metric]['mean']:.4g}")
+    ax.text(1.02, 1.0, "Pareto front\n" + "\n".join(lines), transform=ax.transAxes, va="top", ha="left",
+            fontsize=7, bbox={"boxstyle": "round", "fc": "white"})
+    energies = [e for _, e in pts]
+    if max(energies) / min(energies) > 10:
+        ax.set_xscale("log")
     if lower and min(fy) > 0 and max(r.metrics[metric]["mean"] for r, _ in pts) / min(fy) > 5:
         ax.set_yscale("log")
-    ax.set_xlabel("estimated energy per token (µJ, log)")
+    ax.set_xlabel("estimated energy per token (µJ)")
     ax.set_ylabel(metric + (" (lower is better)" if lower else " (higher is better)"))
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="lower left", bbox_to_anchor=(1.02, 0.0))
     out = _save(fig, path)
     plt.close(fig)
     return out
