@@ -7,17 +7,16 @@ and low-bit digital experts. Each pass applies in place and hands back a record 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch import nn
-
-from .analog.config import AnalogConfig
-from .calibration import Calibration
 from .errors import HetMoEError
-from .expert_group import device_groups
-from .models.recognize import ModelInfo
-from .romer import DEFAULT_SEEDS as ROMER_SEEDS  # disjoint from the evaluation seeds 0..N-1
+
+if TYPE_CHECKING:  # the CLI reads the peer names without importing torch
+    from torch import nn
+
+    from .analog.config import AnalogConfig
+    from .calibration import Calibration
+    from .models.recognize import ModelInfo
 
 
 @dataclass
@@ -29,7 +28,8 @@ class PeerOptions:
     hpd_targets: tuple[str, ...] = ("lm_head", "attention_output")
     hpd_rank: int | float | None = None
     romer_threshold: float = 0.25
-    romer_seeds: tuple[int, ...] = ROMER_SEEDS
+    romer_seeds: tuple[int, ...] | None = None
+    """Hardware instances ROMER fits on (None: ``romer.DEFAULT_SEEDS``, disjoint from the evaluation seeds)."""
     batch_size: int = 8
 
 
@@ -60,11 +60,17 @@ class Peer:
     apply: Callable[[PeerContext], Applied]
 
 
+def _romer_seeds(options: PeerOptions) -> tuple[int, ...]:
+    from .romer import DEFAULT_SEEDS
+
+    return DEFAULT_SEEDS if options.romer_seeds is None else options.romer_seeds
+
+
 def _romer_replace(ctx: PeerContext) -> Applied:
     from .romer import replace_underused_experts, restore_replaced_experts
 
     o = ctx.options
-    reps = replace_underused_experts(ctx.model, ctx.info, ctx.calibration, ctx.cfg, seeds=o.romer_seeds,
+    reps = replace_underused_experts(ctx.model, ctx.info, ctx.calibration, ctx.cfg, seeds=_romer_seeds(o),
                                      threshold=o.romer_threshold, batch_size=o.batch_size)
     return Applied({"replacements": [r.to_dict() for r in reps]},
                    lambda: restore_replaced_experts(ctx.model, ctx.info, reps))
@@ -74,7 +80,7 @@ def _romer_recalibrate(ctx: PeerContext) -> Applied:
     from .romer import apply_router_calibration, fit_router_calibration, remove_router_calibration
 
     o = ctx.options
-    rc = fit_router_calibration(ctx.model, ctx.info, ctx.calibration, ctx.cfg, seeds=o.romer_seeds,
+    rc = fit_router_calibration(ctx.model, ctx.info, ctx.calibration, ctx.cfg, seeds=_romer_seeds(o),
                                 batch_size=o.batch_size)
     apply_router_calibration(ctx.model, ctx.info, rc)
     return Applied({"router_calibration": rc.to_dict()}, lambda: remove_router_calibration(ctx.model, ctx.info))
@@ -100,6 +106,9 @@ def _hpd(ctx: PeerContext) -> Applied:
 
 def _lowbit(bits: int) -> Callable[[PeerContext], Applied]:
     def apply(ctx: PeerContext) -> Applied:
+        import torch
+
+        from .expert_group import device_groups
         from .lowbit import quantize_digital_experts
         from .lowbit.digital_experts import QUANT_ATTR
 
