@@ -33,12 +33,11 @@ def placement_report(placement: Placement, graph_module: fx.GraphModule | None =
     policy = placement.policy
     how = f"digital fraction {policy.digital_fraction:g}"
     if policy.budget is not None:
-        from .cost.units import format_bytes, format_si
+        from .cost.units import format_budget
 
         kind, value = policy.budget
-        shown = format_bytes(value) if kind == "digital_memory" else f"{format_si(value, 'J', 4)}/token"
         n = sum(len(l.experts) for l in placement.layers)
-        how = (f"{kind.replace('_', ' ')} budget {shown} (replaces --digital-fraction: "
+        how = (f"{kind.replace('_', ' ')} budget {format_budget(kind, value)} (replaces --digital-fraction: "
                f"{round(policy.digital_fraction * n)}/{n} experts digital)")
     out = [
         f"placement of {placement.model['architecture']} ({placement.model['source'] or 'in memory'}): "

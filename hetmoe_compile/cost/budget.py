@@ -23,11 +23,7 @@ from ..scoring.base import Scores
 from .estimate import Estimator
 from .params import CostParams
 from .profile import profile_model
-from .units import format_bytes, format_si
-
-
-def _fmt(kind: str, value: float) -> str:
-    return format_bytes(value) if kind == "digital_memory" else f"{format_si(value, 'J', 4)}/token"
+from .units import format_budget as _fmt
 
 
 class _Search:

@@ -57,3 +57,8 @@ def format_si(value: float, unit: str, digits: int = 3) -> str:
     scaled = value / 10**exp
     decimals = max(0, digits - 1 - math.floor(math.log10(abs(scaled)))) if scaled else 0
     return f"{scaled:.{decimals}f} {prefixes[exp]}{unit}"
+
+
+def format_budget(kind: str, value: float) -> str:
+    """A budget of ``kind`` (``digital_memory``: bytes, ``energy``: joules per token) for people."""
+    return format_bytes(value) if kind == "digital_memory" else f"{format_si(value, 'J', 4)}/token"
