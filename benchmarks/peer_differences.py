@@ -40,8 +40,8 @@ def main(paths: list[str]) -> int:
             d = a - b
             energy = (r["cost"]["energy_per_token_j"] / base["cost"]["energy_per_token_j"] - 1) * 100 \
                 if r.get("cost") and base.get("cost") else float("nan")
-            table.append([r["label"], base["label"], f"{d.mean():+.2f} ± {d.std():.2f}", f"{int((d < 0).sum())}/{len(d)}",
-                          f"{energy:+.1f} %"])
+            table.append([r["label"], base["label"], f"{d.mean():+.2f} ± {d.std():.2f}",
+                          f"{int((d < 0).sum())}/{len(d)}", f"{energy:+.1f} %"])
         scale = doc["analog"]["noise_scale"]
         print(f"\n{path}: pcm x{scale:g}, perplexity difference to the same placement without the peer "
               f"(mean ± std over {doc['seeds']} seeds)")
