@@ -1,6 +1,9 @@
-"""Suite-wide test settings."""
+"""Suite-wide test settings and shared fixtures."""
 import pytest
 import torch
+
+from hetmoe_compile.models.recognize import recognize
+from hetmoe_compile.models.tiny import tiny_model
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -10,3 +13,10 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def olmoe():
+    """A tiny random OLMoE and what the front end recognised in it (shared by a test module)."""
+    model = tiny_model("olmoe")
+    return model, recognize(model)

@@ -6,33 +6,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from hetmoe_compile.cli import main
 from hetmoe_compile.cost import (CostParams, Estimator, estimate_cost, format_bytes, load_cost_params, parse_bytes,
                                  parse_energy, place_under_budget, profile_model)
 from hetmoe_compile.cost.params import SOURCES, describe_params
 from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.hpd import split_linear
 from hetmoe_compile.models import recognize
 from hetmoe_compile.models.tiny import tiny_model
 from hetmoe_compile.placement import Placement, PlacementPolicy, place, validate_placement
 from hetmoe_compile.runtime.manifest import validate_manifest
 from hetmoe_compile.scoring.base import Scores
+from hetmoe_compile.scoring.random_scores import score_random
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "olmoe-demo"
 P = CostParams()
 
 
-@pytest.fixture(scope="module")
-def olmoe():
-    model = tiny_model("olmoe")
-    return model, recognize(model)
-
-
 def _scores(info, seed=0):
-    rng = np.random.default_rng(seed)
-    return Scores("test", {l.index: rng.random(l.num_experts) for l in info.moe_layers})
+    return Scores("test", score_random(None, info, seed=seed))
 
 
 def _expected(model, n_digital: int, ctx: int = 2048) -> dict:
@@ -138,24 +132,13 @@ def test_measured_routing_and_quantised_digital_experts(olmoe):
         estimate_cost(model, placement, CostParams(digital_bits=8), info=info)
 
 
-class HPDLinear(nn.Module):
-    """A stand-in for hetmoe_compile.hpd's split projection: ``u_sigma(v_t(x))``."""
-
-    def __init__(self, in_features: int, rank: int, out_features: int) -> None:
-        super().__init__()
-        self.v_t = nn.Linear(in_features, rank, bias=False)
-        self.u_sigma = nn.Linear(rank, out_features, bias=False)
-
-    def forward(self, x):
-        return self.u_sigma(self.v_t(x))
-
-
 def test_hpd_split_projection_counts_u_sigma_as_analog():
     model = tiny_model("olmoe")
     info = recognize(model)
     placement = place(model, info, _scores(info), PlacementPolicy(digital_fraction=1.0))
     before = estimate_cost(model, placement, info=info)
-    model.model.layers[0].self_attn.o_proj = HPDLinear(32, 8, 32)
+    attn = model.model.layers[0].self_attn
+    attn.o_proj = split_linear(attn.o_proj, 8, "attention_output", "attention")[0]  # rank 8 of 32
     after = estimate_cost(model, placement, info=info)
     assert after.per_token["digital_macs"] == before.per_token["digital_macs"] - 32 * 32 + 32 * 8
     assert after.digital_memory_bytes == before.digital_memory_bytes - (32 * 32 - 32 * 8) * 4

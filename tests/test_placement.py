@@ -6,22 +6,15 @@ import numpy as np
 import pytest
 
 from hetmoe_compile.errors import HetMoEError
-from hetmoe_compile.models import recognize
 from hetmoe_compile.models.tiny import tiny_model
 from hetmoe_compile.placement import Placement, PlacementPolicy, parse_override, place, validate_placement
 from hetmoe_compile.scoring import score
 from hetmoe_compile.scoring.base import Scores
-
-
-@pytest.fixture(scope="module")
-def olmoe():
-    model = tiny_model("olmoe")
-    return model, recognize(model)
+from hetmoe_compile.scoring.random_scores import score_random
 
 
 def _scores(info, seed=0):
-    rng = np.random.default_rng(seed)
-    return Scores("test", {l.index: rng.random(l.num_experts) for l in info.moe_layers})
+    return Scores("test", score_random(None, info, seed=seed))
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.125, 0.25, 0.3, 0.5, 1.0])

@@ -169,6 +169,10 @@ class Estimator:
             return self.params.digital_bits, self.params.group_size
         return layer.quant if layer.quant else (None, self.params.group_size)
 
+    def context(self, att) -> int:
+        """Tokens an attention layer attends to: the context length, capped by a sliding window."""
+        return min(self.params.context_length, att.window) if att.window else self.params.context_length
+
     def expert_bytes(self, index: int) -> float:
         layer = self.layers[index]
         return expert_bytes(layer, self.weight_bytes, *self.quant(layer))
@@ -203,7 +207,7 @@ class Estimator:
             t.digital_bytes += ten.row * wb if ten.row else ten.numel * wb / b
             store(ten.param_id, ten.numel)
         for att in self.profile.attention:
-            ctx = min(prm.context_length, att.window) if att.window else prm.context_length
+            ctx = self.context(att)
             t.digital_macs += att.heads * (att.qk_dim + att.v_dim) * ctx
             t.digital_bytes += att.kv_heads * (att.qk_dim + att.v_dim) * ctx * wb
         t.analog_latency_s += sum(min(2, n) for n in owners.values()) * prm.analog_mvm_latency_s
@@ -249,8 +253,7 @@ class Estimator:
         link = t.link_bits / 8 / prm.link_bytes_per_s
         time = {"digital": max(compute, memory), "analog": t.analog_latency_s, "link": link}
         time["total"] = sum(time.values())
-        kv = sum(a.kv_heads * (a.qk_dim + a.v_dim) * (min(prm.context_length, a.window) if a.window
-                                                      else prm.context_length) for a in self.profile.attention)
+        kv = sum(a.kv_heads * (a.qk_dim + a.v_dim) * self.context(a) for a in self.profile.attention)
         quant = {self.quant(m) for m in self.profile.moe if self.quant(m)[0] is not None}
         assumptions = {
             "params": prm.to_dict(),

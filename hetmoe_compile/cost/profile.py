@@ -9,11 +9,9 @@ import torch
 from torch import nn
 
 from ..analog.simulate import DENSE_ANALOG_KINDS
+from ..hpd import hpd_modules
 from ..models.recognize import ROUTED_EXPERTS, ModelInfo
 from ..placement.placement import _owner
-
-HPD_CLASS = "HPDLinear"
-"""Class name of an HPD-split projection: its ``u_sigma`` child runs on AIMC, its ``v_t`` child digitally."""
 
 
 @dataclass(frozen=True)
@@ -89,7 +87,7 @@ class ModelProfile:
 
 def profile_model(model: nn.Module, info: ModelInfo) -> ModelProfile:
     """Walk ``model``'s modules once; routed experts come from ``info`` (their fused or grouped tensors are skipped)."""
-    hpd = {n for n, m in model.named_modules() if type(m).__name__ == HPD_CLASS}
+    hpd = set(hpd_modules(model))  # an HPD split's u_sigma child runs on AIMC, its v_t child digitally
     linears, tensors = [], []
     for name, module in model.named_modules():
         params = dict(module.named_parameters(recurse=False))

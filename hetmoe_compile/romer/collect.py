@@ -20,9 +20,8 @@ from ..analog.simulate import AnalogExpertGroup, AnalogLinear, restore_digital, 
 from ..calibration import Calibration
 from ..errors import HetMoEError
 from ..expert_group import HetExperts
+from ..hpd import HPDLinear
 from ..models.recognize import ModelInfo
-
-HPD_CLASS = "HPDLinear"
 
 
 @dataclass
@@ -67,7 +66,7 @@ def _dense_on_tiles(model: nn.Module) -> bool:
     """True if dense layers run on tiles (``simulate(dense="analog")``); the analog halves of HPD-split projections
     (``u_sigma`` under an ``HPDLinear``) are on tiles whatever ``dense`` is, so they do not count."""
     modules = dict(model.named_modules())
-    return any(isinstance(m, AnalogLinear) and type(modules.get(n.rpartition(".")[0])).__name__ != HPD_CLASS
+    return any(isinstance(m, AnalogLinear) and not isinstance(modules.get(n.rpartition(".")[0]), HPDLinear)
                for n, m in modules.items())
 
 
