@@ -72,7 +72,7 @@ def hetmoe_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict |
         return gm.forward  # a graph without routed experts (e.g. around a graph break) runs as captured
     SplitExpertGroupsPass(policy, example_inputs)(gm)
     if not cfg.is_ideal:
-        RewriteAnalogPass(cfg, opts.seed)(gm)
+        RewriteAnalogPass(cfg, opts.seed, in_place=True)(gm)  # the split pass's copies are ours to program
         _drop_unused_weights(gm)
     return gm.forward
 

@@ -161,6 +161,8 @@ def test_replacement_copies_popular_experts_into_underused_analog_ones_and_resto
     reps = replace_underused_experts(model, info, CALIB, PCM8, threshold=0.5)
     assert model.get_submodule(info.moe_layers[0].experts).groups["analog"].seed == 5  # re-programmed
     assert reps
+    after = _logits(model)
+    restore_digital(model, info)  # while simulated, the ideal weights' storage holds the programmed tiles
     for layer in info.moe_layers:
         i, e_count = layer.index, layer.num_experts
         f = noisy[i]
@@ -183,9 +185,7 @@ def test_replacement_copies_popular_experts_into_underused_analog_ones_and_resto
             if e not in expected:
                 assert torch.equal(groups[i]["analog"].gate_up[local], weights[(i, "analog")]["gate_up"][local])
         assert torch.equal(groups[i]["digital"].gate_up, weights[(i, "digital")]["gate_up"])
-    after = _logits(model)
     assert not torch.equal(after, before)
-    restore_digital(model, info)
     simulate(model, PCM8, 5, info=info)  # the programmed tiles are those of the new weights
     assert torch.equal(_logits(model), after)
     restore_replaced_experts(model, info, reps)

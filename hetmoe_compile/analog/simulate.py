@@ -1,7 +1,16 @@
 """Run a placed (canonical) model with its analog experts simulated as AIMC tiles, eagerly.
 
 :func:`simulate` swaps each analog :class:`ExpertGroup` for an :class:`AnalogExpertGroup` holding one programmed
-hardware instance; calling it again with another seed re-programs (the ideal weights are kept). With
+hardware instance; calling it again with another seed re-programs.
+
+Memory: the compute device holds one copy of the analog weights, never two. Programming overwrites the ideal
+weights' storage with the programmed tiles, in the model's dtype (:class:`~.programmed_stack.ProgrammedStack`,
+a few matrices at a time, noise in float32); the ideal values wait off the compute device in an
+:class:`~.ideal_store.IdealStore`: pinned host memory when the model is on an accelerator, an unlinked spill file
+read back with plain reads when it is on the CPU (``HETMOE_IDEAL_STORE=host|file`` and ``HETMOE_SPILL_DIR``
+override). Re-programming another seed reads them from there, so memory does not grow; :func:`restore_digital`
+puts them back bit-exactly. While simulated, the ideal group's weight parameters are empty (shape ``[0]``):
+restore before saving a state dict or reading the ideal weights. With
 ``dense="analog"`` (the paper's ablation) the ``nn.Linear`` layers of dense modules (attention, shared experts,
 dense MLPs, LM head) run on tiles too; embeddings, norms and routers stay digital. The analog half (``u_sigma``) of
 every HPD-split projection (:mod:`hetmoe_compile.hpd`) runs on tiles whatever ``dense`` is; its digital half
@@ -18,9 +27,11 @@ from ..expert_group import ExpertGroup, HetExperts, device_groups
 from ..hpd.projection_split import HPDLinear
 from ..models.recognize import ModelInfo, recognize
 from .config import AnalogConfig
-from .expert_group_op import program_group
+from .expert_group_op import MATRICES
+from .ideal_store import IdealStore
+from .programmed_stack import ProgrammedStack
 from .programming_noise import OUT_NOISE_STREAM, stream_seed
-from .tiles import Periphery, ProgrammedMatrix, analog_matmul, program_matrix
+from .tiles import Periphery, ProgrammedMatrix, analog_matmul
 
 DENSE_ANALOG_KINDS = ("attention", "shared_expert", "dense_mlp", "lm_head")
 HPD_KEY_BASE = 1 << 32
@@ -33,7 +44,9 @@ def hpd_stream_key(path: str) -> int:
 
 
 class AnalogExpertGroup(nn.Module):
-    """An analog expert group on simulated tiles (one hardware instance); ``source`` keeps the ideal weights."""
+    """An analog expert group on simulated tiles (one hardware instance). ``source`` is the ideal group; while
+    programmed, its weight storage holds the programmed tiles and its ideal values wait in an
+    :class:`~.ideal_store.IdealStore` (see the module docstring); :meth:`release` puts them back."""
 
     def __init__(self, source: ExpertGroup, cfg: AnalogConfig, seed: int, layer: int) -> None:
         super().__init__()
@@ -41,7 +54,15 @@ class AnalogExpertGroup(nn.Module):
         self.cfg = cfg
         self.layer = layer
         self.device_kind = "analog"
-        self.register_buffer("rng_state", torch.zeros(1, dtype=torch.long), persistent=False)
+        self.register_buffer("rng_state", torch.zeros(1, dtype=torch.long), persistent=False)  # on the host
+        self._stacks: dict[str, ProgrammedStack] = {}
+        if not cfg.is_ideal:
+            store = IdealStore.for_device(source.gate_up.device)
+            for name in MATRICES:
+                stack = ProgrammedStack(getattr(source, name), cfg.tile_size, "store", store, name)
+                self._stacks[name] = stack
+                self.register_buffer(f"{name}_weight", stack.weight, persistent=False)
+                self.register_buffer(f"{name}_scale", stack.scale, persistent=False)
         self.program(seed)
 
     @property
@@ -50,14 +71,22 @@ class AnalogExpertGroup(nn.Module):
 
     @torch.no_grad()
     def program(self, seed: int) -> None:
-        """Program a new hardware instance ``seed`` (and reset the output-noise stream)."""
+        """Program a new hardware instance ``seed`` (and reset the output-noise stream); memory does not grow."""
         self.seed = seed
         self.rng_state.fill_(stream_seed(seed, self.layer, OUT_NOISE_STREAM))
-        if self.cfg.is_ideal:
-            return
-        progs = program_group(self.source.gate_up, self.source.down, self.source.expert_ids, self.cfg, seed, self.layer)
-        for name, tensor in progs.items():
-            self.register_buffer(name, tensor, persistent=False)
+        experts = self.source.ids
+        for m, (name, stack) in enumerate(self._stacks.items()):
+            stack.program(self.cfg, [stream_seed(seed, self.layer, e, m) for e in experts])
+
+    @torch.no_grad()
+    def release(self) -> ExpertGroup:
+        """The ideal group back (its weights restored bit-exactly); this module is unusable afterwards."""
+        for name, stack in self._stacks.items():
+            stack.release()
+            setattr(self, f"{name}_weight", None)
+            setattr(self, f"{name}_scale", None)
+        self._stacks = {}
+        return self.source
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.cfg.is_ideal:  # exactly the digital computation
@@ -74,20 +103,34 @@ class AnalogExpertGroup(nn.Module):
 
 
 class AnalogLinear(nn.Module):
-    """An ``nn.Linear`` on simulated tiles (bias digital); for the dense-on-analog ablation."""
+    """An ``nn.Linear`` on simulated tiles (bias digital); for the dense-on-analog ablation and HPD halves. Its
+    weight is programmed in place like an expert group's (:meth:`release` restores it)."""
 
     def __init__(self, source: nn.Linear, cfg: AnalogConfig, seed: int, key: int) -> None:
         super().__init__()
         self.source, self.cfg, self.key = source, cfg, key
         self.register_buffer("rng_state", torch.zeros(1, dtype=torch.long), persistent=False)
+        self._stack: ProgrammedStack | None = None
+        if not cfg.is_ideal:
+            self._stack = ProgrammedStack(source.weight, cfg.tile_size, "store",
+                                          IdealStore.for_device(source.weight.device), "weight")
+            self.register_buffer("weight_prog", self._stack.weight, persistent=False)
+            self.register_buffer("scale_prog", self._stack.scale, persistent=False)
         self.program(seed)
 
     @torch.no_grad()
     def program(self, seed: int) -> None:
         self.rng_state.fill_(stream_seed(seed, self.key, OUT_NOISE_STREAM))
-        prog = program_matrix(self.source.weight, self.cfg, stream_seed(seed, self.key, 1 << 21))
-        self.register_buffer("weight_prog", prog.weight, persistent=False)
-        self.register_buffer("scale_prog", prog.scale, persistent=False)
+        if self._stack is not None:
+            self._stack.program(self.cfg, [stream_seed(seed, self.key, 1 << 21)])
+
+    @torch.no_grad()
+    def release(self) -> nn.Linear:
+        """The ideal ``nn.Linear`` back (weight restored bit-exactly)."""
+        if self._stack is not None:
+            self._stack.release()
+            self._stack = self.weight_prog = self.scale_prog = None
+        return self.source
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.is_ideal:
@@ -96,7 +139,7 @@ class AnalogLinear(nn.Module):
         if self.cfg.out_noise > 0:
             gen = torch.Generator(device=x.device).manual_seed(int(self.rng_state.item()))
             self.rng_state.add_(1)
-        y = analog_matmul(x.reshape(-1, x.shape[-1]), ProgrammedMatrix(self.weight_prog, self.scale_prog),
+        y = analog_matmul(x.reshape(-1, x.shape[-1]), ProgrammedMatrix(self.weight_prog[0], self.scale_prog[0]),
                           self.cfg, gen).reshape(*x.shape[:-1], -1)
         return y if self.source.bias is None else y + self.source.bias
 
@@ -109,7 +152,7 @@ def simulate(model: nn.Module, cfg: AnalogConfig, seed: int = 0, dense: str = "d
         if isinstance(group, AnalogExpertGroup) and group.cfg == cfg:
             group.program(seed)
         else:
-            source = group.source if isinstance(group, AnalogExpertGroup) else group
+            source = group.release() if isinstance(group, AnalogExpertGroup) else group
             het.groups["analog"] = AnalogExpertGroup(source, cfg, seed, layer.index)
     _simulate_dense(model, info, cfg, seed, dense)
     return model
@@ -144,10 +187,10 @@ def _place_linear(model: nn.Module, name: str, cfg: AnalogConfig | None, seed: i
         if isinstance(module, AnalogLinear) and module.cfg == cfg and module.key == key:
             module.program(seed)
         else:
-            source = module.source if isinstance(module, AnalogLinear) else module
+            source = module.release() if isinstance(module, AnalogLinear) else module
             setattr(parent, attr, AnalogLinear(source, cfg, seed, key))
     elif isinstance(module, AnalogLinear):
-        setattr(parent, attr, module.source)
+        setattr(parent, attr, module.release())
 
 
 def restore_digital(model: nn.Module, info: ModelInfo | None = None) -> nn.Module:
@@ -157,6 +200,6 @@ def restore_digital(model: nn.Module, info: ModelInfo | None = None) -> nn.Modul
         het = model.get_submodule(layer.experts)
         if isinstance(het, HetExperts) and isinstance(het.groups["analog"] if "analog" in het.groups else None,
                                                       AnalogExpertGroup):
-            het.groups["analog"] = het.groups["analog"].source
+            het.groups["analog"] = het.groups["analog"].release()
     _simulate_dense(model, info, None, 0, "digital")
     return model

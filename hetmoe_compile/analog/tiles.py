@@ -9,6 +9,7 @@ quantisation and clipping per tile, and sums the tiles' partial outputs digitall
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
@@ -53,7 +54,8 @@ def _tiles(w: torch.Tensor, tile: int) -> torch.Tensor:
 
 
 def program_matrix(weight: torch.Tensor, cfg: AnalogConfig, seed: int) -> ProgrammedMatrix:
-    """Program ``weight [out, in]`` (one hardware instance given by ``seed``); float32, weight's device."""
+    """Program ``weight [out, in]`` (one hardware instance given by ``seed``); float32, weight's device (see
+    :class:`~.programmed_stack.ProgrammedStack` for programming in place, in the weight's dtype)."""
     prog = program_matrices(weight[None], cfg, [seed])
     return ProgrammedMatrix(prog.weight[0], prog.scale[0])
 
@@ -132,13 +134,23 @@ def _in_step(cfg: Periphery) -> float:
     return cfg.inp_res * 2.0 if cfg.inp_res > 0 else 1.0
 
 
+def _level_scale(cfg: Periphery) -> float:
+    """A power of two that maps every DAC level into [-1, 1] exactly (1 without a DAC: inputs are in [-1, 1])."""
+    return 2.0 ** -math.ceil(math.log2(1.0 / (2.0 * cfg.inp_res) + 1.0)) if cfg.inp_res > 0 else 1.0
+
+
 def tile_mvm(levels: torch.Tensor, nm: torch.Tensor, prog: ProgrammedMatrix, cfg: Periphery,
              generator: torch.Generator | None = None) -> torch.Tensor:
     """Tile side of a tiled MVM on DAC ``levels``: output noise, ADC quantisation and clipping per tile, then the
     digital sum of the tiles' partial outputs in weight units; ``[n, out]`` float32."""
     w = prog.weight  # [out, C, T]
-    y = torch.bmm(levels, w.permute(1, 2, 0))  # [C, n, out], in units of the DAC step
     unit = _in_step(cfg)
+    if w.dtype == torch.float32:
+        y = torch.bmm(levels, w.permute(1, 2, 0))  # [C, n, out], in units of the DAC step
+    else:  # tiles in the model's (lower) precision: levels scaled by a power of two (exact) into [-1, 1]
+        pow2 = _level_scale(cfg)
+        y = torch.bmm((levels * pow2).to(w.dtype), w.permute(1, 2, 0)).float()
+        unit = unit / pow2
     if cfg.out_res > 0 or cfg.out_noise > 0:
         out_step = cfg.out_res * 2.0 * cfg.out_bound if cfg.out_res > 0 else 1.0
         y.mul_(unit / out_step)  # now in ADC levels

@@ -22,6 +22,7 @@ from .. import __version__
 from ..analog.config import AnalogConfig
 from ..analog.expert_group_op import program_group
 from ..analog.programming_noise import OUT_NOISE_STREAM, stream_seed
+from ..analog.simulate import restore_digital
 from ..analog.tiles import split_sizes
 from ..capture import ROOT_PREFIX
 from ..cost import CostParams
@@ -62,6 +63,7 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
     from ..hpd import require_unsplit
 
     require_unsplit(model, "ONNX export")
+    restore_digital(model)  # a simulated model's analog weight storage holds programmed tiles; instances are re-made
     if placement.policy.dense != "digital":
         raise HetMoEError("export keeps dense modules digital; the dense-on-analog ablation is simulation-only "
                           "(place with --dense digital)")
@@ -178,7 +180,6 @@ def program_instance(model: nn.Module, info, group: GroupNode, cfg: AnalogConfig
     expert's devices depend only on seed, layer, expert and matrix). Experts are programmed one at a time, when
     the partition writer asks for their weights."""
     source = model.get_submodule(info.layer(group.layer).experts).groups["analog"]
-    source = getattr(source, "source", source)  # an AnalogExpertGroup keeps the ideal group as .source
 
     @lru_cache(maxsize=1)
     def programmed(i: int) -> dict[str, np.ndarray]:

@@ -1,8 +1,14 @@
 """Replace analog-tagged ``hetmoe.expert_group`` nodes by ``hetmoe.analog_expert_group`` (one hardware instance).
 
 Runs on a graph whose weights are reachable as attributes (``get_attr``): an exported program's ``.module()``
-or a Dynamo graph. The programmed weights are registered on the graph module under ``hetmoe_analog.L<layer>``;
-digital nodes are left untouched. Requires :class:`AnnotatePlacementPass` tags.
+or a Dynamo graph. The programmed weights are registered on the graph module under ``hetmoe_analog.L<layer>``,
+in the weights' dtype, programmed a few experts at a time (:class:`~hetmoe_compile.analog.programmed_stack.
+ProgrammedStack`); digital nodes are left untouched. Requires :class:`AnnotatePlacementPass` tags.
+
+Memory: by default (``in_place=False``) the ideal weights belong to the caller and stay as they are, so the
+programmed copy is a second one. With ``in_place=True`` (the ``torch.compile`` backend, whose split pass made its
+own copies) the programmed tiles take over the ideal weights' storage, which the graph module then drops: one
+copy of the analog weights on the device.
 """
 from __future__ import annotations
 
@@ -12,7 +18,8 @@ import torch
 from torch import fx, nn
 
 from ..analog.config import AnalogConfig
-from ..analog.expert_group_op import program_group
+from ..analog.expert_group_op import MATRICES
+from ..analog.programmed_stack import ProgrammedStack
 from ..analog.programming_noise import OUT_NOISE_STREAM, stream_seed
 from ..analog.tiles import Periphery
 from .pass_base import PLACEMENT_META, PassBase, PassError, PassResult, is_expert_group
@@ -32,14 +39,26 @@ def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
     return value
 
 
+def _drop_attr(gm: fx.GraphModule, target: str) -> None:
+    """Forget the attribute ``target`` (its storage now holds programmed tiles, or was replaced)."""
+    owner_path, _, attr = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    if attr in owner._buffers:
+        owner._buffers[attr] = None
+    elif attr in owner._parameters:
+        owner._parameters[attr] = None
+    else:
+        setattr(owner, attr, None)
+
+
 class RewriteAnalogPass(PassBase):
     """``call(gm) -> PassResult``: analog expert groups -> AIMC op with weights programmed for ``seed``."""
 
     name = "rewrite_analog"
 
-    def __init__(self, cfg: AnalogConfig, seed: int = 0) -> None:
+    def __init__(self, cfg: AnalogConfig, seed: int = 0, in_place: bool = False) -> None:
         super().__init__()
-        self.cfg, self.seed = cfg, seed
+        self.cfg, self.seed, self.in_place = cfg, seed, in_place
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         nodes = [n for n in graph_module.graph.nodes if is_expert_group(n)]
@@ -52,6 +71,7 @@ class RewriteAnalogPass(PassBase):
             gm.add_submodule("hetmoe_analog", nn.Module())
         store = gm.hetmoe_analog
         modified = False
+        programmed_over: list[str] = []
         for node in list(gm.graph.nodes):
             if not is_expert_group(node) or node.meta[PLACEMENT_META].device != "analog":
                 continue
@@ -65,8 +85,14 @@ class RewriteAnalogPass(PassBase):
             ids, gate_up, down = _attr(gm, ids_n), _attr(gm, gu_n), _attr(gm, down_n)
             holder = nn.Module()
             holder.register_buffer("rng_state", torch.full((1,), stream_seed(self.seed, layer, OUT_NOISE_STREAM)))
-            for key, value in program_group(gate_up, down, ids, self.cfg, self.seed, layer).items():
-                holder.register_buffer(key, value)
+            experts = ids.tolist()
+            for m, (key, tensor, tensor_node) in enumerate(zip(MATRICES, (gate_up, down), (gu_n, down_n))):
+                stack = ProgrammedStack(tensor, self.cfg.tile_size, "discard" if self.in_place else "copy", name=key)
+                stack.program(self.cfg, [stream_seed(self.seed, layer, e, m) for e in experts])
+                holder.register_buffer(f"{key}_weight", stack.weight)
+                holder.register_buffer(f"{key}_scale", stack.scale)
+                if self.in_place:
+                    programmed_over.append(str(tensor_node.target))
             store.add_module(f"L{layer}", holder)
             prefix = f"hetmoe_analog.L{layer}"
             with gm.graph.inserting_before(node):
@@ -84,6 +110,10 @@ class RewriteAnalogPass(PassBase):
             gm.graph.erase_node(node)
             modified = True
         gm.graph.eliminate_dead_code()  # the ideal weights' get_attr nodes
+        used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
+        for target in programmed_over:  # their storage holds programmed tiles now
+            if target not in used:
+                _drop_attr(gm, target)
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, modified)

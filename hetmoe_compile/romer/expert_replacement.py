@@ -10,19 +10,20 @@ expert's own crossbars (devices depend on the expert id, so the replica is an in
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..analog.config import AnalogConfig
-from ..analog.simulate import AnalogExpertGroup
+from ..analog.simulate import AnalogExpertGroup, restore_digital
 from ..calibration import Calibration
 from ..errors import HetMoEError
 from ..expert_group import ExpertGroup, HetExperts
 from ..models.recognize import ModelInfo
-from .collect import check_canonical, check_inputs, router_outputs
+from .collect import check_canonical, check_inputs, preserved_state, router_outputs
 from .router_calibration import DEFAULT_SEEDS
 
 WEIGHTS = ("gate_up", "down", "gate_up_bias", "down_bias")
@@ -66,13 +67,14 @@ def _weights(group: ExpertGroup, local: int) -> tuple[torch.Tensor | None, ...]:
     return tuple(None if getattr(group, n) is None else getattr(group, n)[local] for n in WEIGHTS)
 
 
-def _reprogram(model: nn.Module, info: ModelInfo, layers: set[int]) -> None:
-    """Re-program simulated analog groups of ``layers`` from their (changed) ideal weights, same instance."""
-    for layer in info.moe_layers:
-        het = model.get_submodule(layer.experts)
-        group = het.groups["analog"] if layer.index in layers and "analog" in het.groups else None
-        if isinstance(group, AnalogExpertGroup):
-            group.program(group.seed)
+@contextmanager
+def _ideal_weights(model: nn.Module, info: ModelInfo) -> Iterator[None]:
+    """A block that edits the ideal expert weights: the model is restored for it (a simulated model's weight
+    storage holds programmed tiles) and simulated again after it, the same instance programmed from the new
+    weights."""
+    with preserved_state(model, info):
+        restore_digital(model, info)
+        yield
 
 
 def activation_frequencies(model: nn.Module, info: ModelInfo, calibration: Calibration, cfg: AnalogConfig,
@@ -101,6 +103,12 @@ def replace_underused_experts(model: nn.Module, info: ModelInfo, calibration: Ca
         raise HetMoEError(f"max_per_layer must be >= 0 or None (no cap), got {max_per_layer}")
     check_canonical(model, info, "replace_underused_experts")
     clean, noisy = activation_frequencies(model, info, calibration, cfg, seeds, batch_size)
+    with _ideal_weights(model, info):
+        return _replace(model, info, clean, noisy, float(threshold), max_per_layer)
+
+
+def _replace(model: nn.Module, info: ModelInfo, clean: dict, noisy: dict, threshold: float,
+             max_per_layer: int | None) -> list[Replacement]:
     replacements: list[Replacement] = []
     for layer in info.moe_layers:
         het = model.get_submodule(layer.experts)
@@ -132,7 +140,6 @@ def replace_underused_experts(model: nn.Module, info: ModelInfo, calibration: Ca
             replacements.append(Replacement(
                 layer.index, expert, source, source_device, float(freq[expert]), float(freq[source]),
                 float(clean_freq[expert]), float(clean_freq[source]), original))
-    _reprogram(model, info, {r.layer for r in replacements})
     return replacements
 
 
@@ -141,14 +148,15 @@ def restore_replaced_experts(model: nn.Module, info: ModelInfo, replacements: Se
     """Undo :func:`replace_underused_experts` exactly (in place; a simulated model is re-programmed). Returns
     ``model``."""
     check_canonical(model, info, "restore_replaced_experts")
-    for r in reversed(list(replacements)):
+    for r in replacements:
         if not r.original:
             raise HetMoEError(f"replacement of expert {r.expert} in layer {r.layer} carries no original weights "
                               "(it was read back from a record); restore the model from its checkpoint instead")
-        het = model.get_submodule(info.layer(r.layer).experts)
-        _, group, local = _locate(het, r.expert)
-        for dst, src in zip(_weights(group, local), r.original):
-            if dst is not None:
-                dst.copy_(src)
-    _reprogram(model, info, {r.layer for r in replacements})
+    with _ideal_weights(model, info):
+        for r in reversed(list(replacements)):
+            het = model.get_submodule(info.layer(r.layer).experts)
+            _, group, local = _locate(het, r.expert)
+            for dst, src in zip(_weights(group, local), r.original):
+                if dst is not None:
+                    dst.copy_(src)
     return model
