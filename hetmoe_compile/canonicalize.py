@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .expert_group import DEVICES, ExpertGroup, HetExperts
-from .models.expert_weights import canonical_expert_weights
+from .models.expert_weights import ExpertWeights, canonical_expert_weights
 from .models.recognize import ModelInfo, recognize
 
 DeviceMap = Mapping[int, Mapping[int, str]]
@@ -47,17 +47,21 @@ def canonicalize(model: nn.Module, devices: DeviceMap | None = None, info: Model
         wanted = {d: [e for e in range(layer.num_experts) if layer_devices.get(e, "digital") == d] for d in DEVICES}
         if _split_as(experts, {d: ids for d, ids in wanted.items() if ids}):
             continue
-        if isinstance(experts, HetExperts):
-            experts = _fuse_groups(experts)
-            source_layout = type(layout)(has_bias=layout.has_bias, activation=layout.activation)
-        else:
-            source_layout = layout
+        views = _partition_in_place(experts, layout, wanted)
+        if views is None:
+            if isinstance(experts, HetExperts):
+                experts = _fuse_groups(experts)
+                source_layout = type(layout)(has_bias=layout.has_bias, activation=layout.activation)
+            else:
+                source_layout = layout
         groups: dict[str, ExpertGroup] = {}
         for device, ids in wanted.items():
             if not ids:
                 continue
-            id_tensor = torch.tensor(ids, dtype=torch.long, device=experts.down_proj.device)
-            weights = canonical_expert_weights(experts, source_layout, id_tensor)
+            id_tensor = torch.tensor(ids, dtype=torch.long, device=experts.down_proj.device if views is None
+                                     else views[device].down.device)
+            weights = views[device] if views is not None else canonical_expert_weights(experts, source_layout,
+                                                                                       id_tensor)
             groups[device] = ExpertGroup(weights, id_tensor, layer.num_experts, device, layout, act_name, alpha, limit)
         parent_path, attr = layer.experts.rsplit(".", 1)
         setattr(model.get_submodule(parent_path), attr, HetExperts(groups, layer.num_experts, layer.index))
@@ -80,6 +84,85 @@ def _check_devices(devices: DeviceMap, info: ModelInfo) -> None:
         for e in experts:
             if not isinstance(e, int) or not 0 <= e < layers[layer]:
                 raise ValueError(f"device map names expert {e!r} of layer {layer}; experts are 0..{layers[layer] - 1}")
+
+
+_FUSED = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+_CANONICAL = ("gate_up", "down", "gate_up_bias", "down_bias")
+
+
+def _partition_in_place(experts: nn.Module, layout, wanted: dict[str, list[int]]) -> dict[str, ExpertWeights] | None:
+    """Reorder the experts of fused tensors already in canonical layout (not transposed, not interleaved) in place,
+    each device's experts contiguous, and return each device's weights as views: no copy of the layer, so the
+    peak memory of canonicalising is one expert more than the model. Also re-splits a :class:`HetExperts` made this
+    way (its groups' tensors tile one storage). ``None`` where this does not apply (then the caller copies)."""
+    if isinstance(experts, HetExperts):
+        groups = list(experts.groups.values())
+        if not groups or any(type(g) is not ExpertGroup for g in groups):
+            return None
+        current = [e for g in groups for e in g.ids]
+        tensors = [_whole([getattr(g, n) for g in groups]) for n in _CANONICAL]
+        if any(t is False for t in tensors):
+            return None
+    else:
+        if layout.transposed or layout.interleaved:
+            return None
+        current = list(range(experts.down_proj.shape[0]))
+        tensors = [getattr(experts, n, None) if layout.has_bias or not n.endswith("bias") else None for n in _FUSED]
+        if any(t is not None and not t.is_contiguous() for t in tensors):
+            return None
+    order = [e for ids in wanted.values() for e in ids]
+    if sorted(order) != sorted(current):
+        return None
+    position = {e: i for i, e in enumerate(current)}
+    source = [position[e] for e in order]  # new slot i takes the expert now in slot source[i]
+    with torch.no_grad():
+        for t in tensors:
+            if t is not None:
+                _permute_rows(t, source)
+    out, start = {}, 0
+    for device, ids in wanted.items():
+        if ids:
+            stop = start + len(ids)
+            views = [None if t is None else t.detach()[start:stop] for t in tensors]
+            out[device] = ExpertWeights(*views)
+            start = stop
+    return out
+
+
+def _whole(parts: list[torch.Tensor | None]) -> torch.Tensor | None | bool:
+    """The tensor that the consecutive, contiguous views ``parts`` tile (all None: None; anything else: False)."""
+    if all(p is None for p in parts):
+        return None
+    if any(p is None or not p.is_contiguous() for p in parts):
+        return False
+    first = parts[0]
+    step = first[0].numel()
+    offset = first.storage_offset()
+    for p in parts:
+        if p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or p.storage_offset() != offset:
+            return False
+        offset += p.shape[0] * step
+    rows = sum(p.shape[0] for p in parts)
+    return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
+
+
+def _permute_rows(t: torch.Tensor, source: list[int]) -> None:
+    """``t[i] = t[source[i]]`` for every ``i``, in place, cycle by cycle with one row of extra memory."""
+    done = [False] * len(source)
+    for i in range(len(source)):
+        if done[i] or source[i] == i:
+            done[i] = True
+            continue
+        saved = t[i].clone()
+        j = i
+        while True:
+            done[j] = True
+            k = source[j]
+            if k == i:
+                t[j].copy_(saved)
+                break
+            t[j].copy_(t[k])
+            j = k
 
 
 class _Fused(nn.Module):

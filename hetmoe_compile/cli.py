@@ -74,6 +74,13 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available; default)")
 
 
+def _add_load_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--load", default="auto", choices=["auto", "full", "meta"],
+                   help="meta: build the model on the meta device and read the data-free selectors' weights from "
+                        "the safetensors files one expert at a time (checkpoints larger than memory); full: load "
+                        "the model; auto (default): meta when the selectors and inputs allow it")
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (``prog: error: ...``) and exit code 2, like every other bad input."""
 
@@ -92,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("analyze", help="score every routed expert; write scores.json, scores.png; print a table")
     _add_model_args(a)
     a.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    _add_load_arg(a)
     a.add_argument("--selector", action="append", metavar="NAME",
                    help="selector to run (repeatable); default: all, data-driven ones only with --calib")
     a.add_argument("--digital-fraction", type=_fraction, default=0.25, metavar="F",
@@ -100,6 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("place", help="place experts by a selector; write placement.json; print a report",
                        epilog=_cost_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(p)
+    _add_load_arg(p)
     p.add_argument("--digital-fraction", type=_fraction, default=None, metavar="F",
                    help="fraction of routed experts on digital (default 0.25; a budget replaces it)")
     budget = p.add_mutually_exclusive_group()
@@ -291,6 +300,33 @@ def _load(args):
     return model, info, calibration
 
 
+def _scores_from_checkpoint(args, names: list[str]) -> bool:
+    """Whether to score without loading (``--load``): data-free selectors, no calibration, a local directory."""
+    from .scoring.checkpoint_scores import CHECKPOINT_SELECTORS
+
+    possible = not args.calib and all(n in CHECKPOINT_SELECTORS for n in names)
+    if args.load == "meta" and not possible:
+        raise HetMoEError(f"--load meta scores {', '.join(CHECKPOINT_SELECTORS)} without calibration text; drop "
+                          "--calib and data-driven selectors, or use --load full")
+    if args.load == "auto":
+        path = Path(args.model).expanduser()
+        return possible and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())
+    return args.load == "meta"
+
+
+def _load_meta(args, names: list[str]):
+    """``(meta model, info, {selector: Scores})`` read from the checkpoint's files."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from .pipeline import analyze_checkpoint
+
+    hf_logging.disable_progress_bar()
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, analysis = analyze_checkpoint(args.model, names, args.seed, dtype)
+    return model, analysis
+
+
 def cmd_analyze(args) -> int:
     from .io import atomic_output_dir
     from .pipeline import analyze_model
@@ -305,8 +341,12 @@ def cmd_analyze(args) -> int:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise HetMoEError(f"--out {out_dir}: exists and is not a directory; choose a directory path")
-    model, info, calibration = _load(args)
-    analysis = analyze_model(model, names, calibration, args.seed, info)
+    if _scores_from_checkpoint(args, names):
+        model, analysis = _load_meta(args, names)
+        info, calibration = analysis.info, None
+    else:
+        model, info, calibration = _load(args)
+        analysis = analyze_model(model, names, calibration, args.seed, info)
     rho = analysis.spearman()
     doc = {
         "schema_version": SCHEMA_VERSION,
@@ -373,9 +413,13 @@ def cmd_place(args) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise HetMoEError(f"--out {out}: is a directory; give a file path such as {out / 'placement.json'}")
-    model, info, calibration = _load(args)
+    if _scores_from_checkpoint(args, [policy.selector]):
+        model, analysis = _load_meta(args, [policy.selector])
+        info, calibration, scores = analysis.info, None, analysis.scores[policy.selector]
+    else:
+        model, info, calibration = _load(args)
+        scores = score(model, info, policy.selector, calibration, policy.seed)
     frequencies = _routing_frequencies(model, info, calibration)
-    scores = score(model, info, policy.selector, calibration, policy.seed)
     placement = place(model, info, scores, policy, args.model, params, frequencies)
     if placement.cost is None:
         placement.cost = estimate_cost(model, placement, params, info=info, frequencies=frequencies).to_dict()

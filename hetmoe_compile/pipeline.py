@@ -71,6 +71,20 @@ def analyze_model(model: nn.Module, selectors: list[str], calibration: Calibrati
     return Analysis(info, scores, reference)
 
 
+def analyze_checkpoint(source: str, selectors: list[str], seed: int = 0,
+                       dtype="auto") -> tuple[nn.Module, Analysis]:
+    """``(meta model, analysis)`` of a local checkpoint without loading it: the model is built on the meta device
+    and the data-free ``selectors`` read the weights from the safetensors files one expert at a time (see
+    :mod:`hetmoe_compile.scoring.checkpoint_scores`); the scores equal those of the loaded model."""
+    from .models.loader import load_meta_model
+    from .scoring.checkpoint_scores import score_checkpoint
+
+    model, parameters = load_meta_model(source, dtype)
+    info = recognize(model)
+    scores = score_checkpoint(model, info, parameters, selectors, seed, next(model.parameters()).dtype)
+    return model, Analysis(info, scores, "measured" if "measured" in scores else (selectors[0] if selectors else None))
+
+
 def place_model(model: nn.Module, policy: PlacementPolicy, calibration: Calibration | None = None,
                 source: str = "", info: ModelInfo | None = None) -> Placement:
     """Score with ``policy.selector`` and place."""

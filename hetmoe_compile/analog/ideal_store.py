@@ -67,9 +67,13 @@ class IdealStore:
         offset = f.seek(0, os.SEEK_END)
         per = max(1, (64 << 20) // max(1, tensor[0].numel() * tensor.element_size())) if tensor.dim() else 1
         flat = tensor.reshape(1, -1) if tensor.dim() == 0 else tensor
-        for i in range(0, flat.shape[0], per):  # bounded host staging for device tensors
-            chunk = flat[i : i + per].contiguous().cpu()
-            f.write(memoryview(chunk.view(torch.uint8).numpy()))
+        try:
+            for i in range(0, flat.shape[0], per):  # bounded host staging for device tensors
+                chunk = flat[i : i + per].contiguous().cpu()
+                f.write(memoryview(chunk.view(torch.uint8).numpy()))
+        except OSError as exc:
+            raise HetMoEError(f"cannot write the ideal-weight spill file ({exc.strerror}); free disk space or set "
+                              f"${SPILL_DIR_ENV} to a larger disk, or {STORE_ENV}=host to keep them in memory") from exc
         self._layout[name] = (offset, tuple(tensor.shape), tensor.dtype)
 
     def shape(self, name: str) -> tuple[int, ...]:

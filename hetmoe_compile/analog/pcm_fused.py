@@ -27,13 +27,20 @@ def _noise_model(noise_scale: float):
     return PCMLikeNoiseModel(prog_noise_scale=noise_scale)
 
 
-def _normals(shape: tuple[int, ...], seeds: list[int], count: int, device: torch.device) -> torch.Tensor:
-    """``[count, E, *shape]`` standard normals; matrix ``e`` uses only ``seeds[e]``."""
-    out = torch.empty((len(seeds), count, *shape), device=device)
-    for e, seed in enumerate(seeds):
-        gen = torch.Generator(device=device).manual_seed(int(seed))
-        torch.randn((count, *shape), generator=gen, device=device, out=out[e])
-    return out.transpose(0, 1)
+class _Normals:
+    """Standard normals for a stack of matrices, one seeded generator per matrix, drawn one ``[E, *shape]`` field
+    at a time (a matrix's draws depend only on its seed; on the CPU the stream equals one ``randn((5, *shape))``
+    draw per matrix whenever the matrix has a multiple of 16 elements)."""
+
+    def __init__(self, shape: tuple[int, ...], seeds: list[int], device: torch.device) -> None:
+        self.shape, self.device = shape, device
+        self.gens = [torch.Generator(device=device).manual_seed(int(seed)) for seed in seeds]
+
+    def draw(self) -> torch.Tensor:
+        out = torch.empty((len(self.gens), *self.shape), device=self.device)
+        for e, gen in enumerate(self.gens):
+            torch.randn(self.shape, generator=gen, device=self.device, out=out[e])
+        return out
 
 
 def _mu_sd(g_rel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -43,7 +50,7 @@ def _mu_sd(g_rel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _ZERO_CLIP = 1e-7
-CHUNK_ELEMENTS = 1 << 22  # matrices are processed in groups of about this many weights (bounded temporaries)
+CHUNK_ELEMENTS = 1 << 21  # matrices are processed in groups of about this many weights (bounded temporaries)
 
 
 def pcm_program(target: torch.Tensor, seeds: list[int], noise_scale: float, programming: bool, drift: bool,
@@ -58,40 +65,51 @@ def pcm_program(target: torch.Tensor, seeds: list[int], noise_scale: float, prog
     per = max(1, CHUNK_ELEMENTS // max(1, target[0].numel()))
     outs = [_program_chunk(target[i : i + per], seeds[i : i + per], noise_scale, programming, drift, t_inference)
             for i in range(0, target.shape[0], per)]
+    if len(outs) == 1:
+        return outs[0]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
 
 
 def _program_chunk(target, seeds, noise_scale, programming, drift, t_inference):
+    """One chunk, arranged so that few temporaries of the chunk's size are alive at once (in-place steps, each
+    normal field drawn when it is used); the arithmetic is the reference's, operation for operation."""
     model = _noise_model(noise_scale)
     g_max = model.g_max
     dims = tuple(range(1, target.dim()))
-    z = _normals(tuple(target.shape[1:]), seeds, 5, target.device)
-    sign = torch.where(target < 0, -1.0, 1.0)
+    normals = _Normals(tuple(target.shape[1:]), seeds, target.device)
+    negative = target < 0
     ratio = g_max / target.abs().amax(dim=dims, keepdim=True).clamp(min=_ZERO_CLIP)
-    g = (target.abs() * ratio).clamp_(max=g_max)  # the conducting device; its partner is at 0
+    g = target.abs().mul_(ratio).clamp_(max=g_max)  # the conducting device; its partner is at 0
     if programming:
         c = model.prog_coeff
         ref = (g_max / model.prog_coeff_g_max_reference) * model.prog_noise_scale
-        rel = g / g_max
-        sig = (c[0] + (c[1] + c[2] * rel) * rel) * ref
-        main = (g + sig * z[0]).clamp_(min=0.0)
-        zero = (c[0] * ref * z[1]).clamp_(min=0.0)
-        diff = main - zero  # conducting minus partner
+        sig = (g / g_max).mul_(c[2]).add_(c[1]).mul_(g / g_max).add_(c[0]).mul_(ref)
+        diff = normals.draw().mul_(sig).add_(g).clamp_(min=0.0)  # conducting device
+        del sig
+        diff.sub_(normals.draw().mul_(c[0] * ref).clamp_(min=0.0))  # minus its partner
     else:
-        diff = g
-    programmed = sign * diff / ratio
+        normals.draw(), normals.draw()  # the programming fields: drift draws the same fields with or without them
+        diff = g.clone()
+    programmed = torch.where(negative, -diff, diff).div_(ratio)
+    del negative
     if not drift:
         return programmed, programmed
     mu, sd = _mu_sd(g / g_max)
-    nu_main = (mu + sd * z[2]).abs_()
-    nu_zero = (0.1 + 0.045 * z[3]).abs_()
+    del g
+    nu = normals.draw().mul_(sd).add_(mu).abs_()  # the original device's drift coefficient
+    del mu, sd
+    nu_zero = normals.draw().mul_(0.045).add_(0.1).abs_()
     # after programming, the conducting device is the original one where the weight kept its sign
-    nu = torch.where(diff >= 0, nu_main, nu_zero) * model.drift_scale
+    nu = torch.where(diff >= 0, nu, nu_zero).mul_(model.drift_scale)
+    del nu_zero, diff
     ratio2 = g_max / programmed.abs().amax(dim=dims, keepdim=True).clamp(min=_ZERO_CLIP)
-    h = (programmed.abs() * ratio2).clamp_(max=g_max)
+    h = programmed.abs().mul_(ratio2).clamp_(max=g_max)
     t = t_inference + model.t_0
-    drifted = h * torch.exp(-nu * math.log(t / model.t_0)) if t > model.t_0 else h
-    q_s = (0.0088 / torch.exp(0.65 * torch.log((h / g_max).clamp(min=1e-30))).clamp_(min=1e-3)).clamp_(max=0.2)
+    drifted = nu.mul_(-math.log(t / model.t_0)).exp_().mul_(h) if t > model.t_0 else h
+    del nu
+    q_s = (0.0088 / (h / g_max).clamp_(min=1e-30).log_().mul_(0.65).exp_().clamp_(min=1e-3)).clamp_(max=0.2)
+    del h
     sig_noise = math.sqrt(math.log((t + model.t_read) / (2 * model.t_read))) * model.read_noise_scale
-    final = (drifted + drifted * (sig_noise * q_s) * z[4]).clamp_(min=0.0)
-    return torch.where(programmed < 0, -final, final) / ratio2, programmed
+    final = q_s.mul_(sig_noise).mul_(drifted).mul_(normals.draw()).add_(drifted).clamp_(min=0.0)
+    del drifted
+    return final.copysign_(programmed).div_(ratio2), programmed

@@ -23,6 +23,7 @@ import hashlib
 import torch
 from torch import nn
 
+from .. import host_memory
 from ..expert_group import ExpertGroup, HetExperts, device_groups
 from ..hpd.projection_split import HPDLinear
 from ..models.recognize import ModelInfo, recognize
@@ -56,14 +57,18 @@ class AnalogExpertGroup(nn.Module):
         self.device_kind = "analog"
         self.register_buffer("rng_state", torch.zeros(1, dtype=torch.long), persistent=False)  # on the host
         self._stacks: dict[str, ProgrammedStack] = {}
-        if not cfg.is_ideal:
-            store = IdealStore.for_device(source.gate_up.device)
-            for name in MATRICES:
-                stack = ProgrammedStack(getattr(source, name), cfg.tile_size, "store", store, name)
-                self._stacks[name] = stack
-                self.register_buffer(f"{name}_weight", stack.weight, persistent=False)
-                self.register_buffer(f"{name}_scale", stack.scale, persistent=False)
-        self.program(seed)
+        try:
+            if not cfg.is_ideal:
+                store = IdealStore.for_device(source.gate_up.device)
+                for name in MATRICES:
+                    stack = ProgrammedStack(getattr(source, name), cfg.tile_size, "store", store, name)
+                    self._stacks[name] = stack
+                    self.register_buffer(f"{name}_weight", stack.weight, persistent=False)
+                    self.register_buffer(f"{name}_scale", stack.scale, persistent=False)
+            self.program(seed)
+        except BaseException:  # not yet in the model: give the source its weights back here
+            self.release()
+            raise
 
     @property
     def ids(self) -> list[int]:
@@ -111,12 +116,16 @@ class AnalogLinear(nn.Module):
         self.source, self.cfg, self.key = source, cfg, key
         self.register_buffer("rng_state", torch.zeros(1, dtype=torch.long), persistent=False)
         self._stack: ProgrammedStack | None = None
-        if not cfg.is_ideal:
-            self._stack = ProgrammedStack(source.weight, cfg.tile_size, "store",
-                                          IdealStore.for_device(source.weight.device), "weight")
-            self.register_buffer("weight_prog", self._stack.weight, persistent=False)
-            self.register_buffer("scale_prog", self._stack.scale, persistent=False)
-        self.program(seed)
+        try:
+            if not cfg.is_ideal:
+                self._stack = ProgrammedStack(source.weight, cfg.tile_size, "store",
+                                              IdealStore.for_device(source.weight.device), "weight")
+                self.register_buffer("weight_prog", self._stack.weight, persistent=False)
+                self.register_buffer("scale_prog", self._stack.scale, persistent=False)
+            self.program(seed)
+        except BaseException:
+            self.release()
+            raise
 
     @torch.no_grad()
     def program(self, seed: int) -> None:
@@ -148,13 +157,18 @@ def simulate(model: nn.Module, cfg: AnalogConfig, seed: int = 0, dense: str = "d
              info: ModelInfo | None = None) -> nn.Module:
     """Put hardware instance ``seed`` of ``cfg`` under the analog parts of a canonical model (in place)."""
     info = info or recognize(model)
-    for layer, het, group in device_groups(model, info.moe_layers, "analog", "simulate"):
-        if isinstance(group, AnalogExpertGroup) and group.cfg == cfg:
-            group.program(seed)
-        else:
-            source = group.release() if isinstance(group, AnalogExpertGroup) else group
-            het.groups["analog"] = AnalogExpertGroup(source, cfg, seed, layer.index)
-    _simulate_dense(model, info, cfg, seed, dense)
+    try:
+        for layer, het, group in device_groups(model, info.moe_layers, "analog", "simulate"):
+            if isinstance(group, AnalogExpertGroup) and group.cfg == cfg:
+                group.program(seed)
+            else:
+                source = group.release() if isinstance(group, AnalogExpertGroup) else group
+                het.groups["analog"] = AnalogExpertGroup(source, cfg, seed, layer.index)
+        _simulate_dense(model, info, cfg, seed, dense)
+    except BaseException:  # e.g. no room for the spill file, or Ctrl-C: the digital model back, not half of one
+        restore_digital(model, info)
+        raise
+    host_memory.trim()  # the programming temporaries' pages
     return model
 
 
@@ -202,4 +216,5 @@ def restore_digital(model: nn.Module, info: ModelInfo | None = None) -> nn.Modul
                                                       AnalogExpertGroup):
             het.groups["analog"] = het.groups["analog"].release()
     _simulate_dense(model, info, None, 0, "digital")
+    host_memory.trim()
     return model

@@ -66,22 +66,30 @@ def program_matrices(weights: torch.Tensor, cfg: AnalogConfig, seeds: list[int])
     from .pcm_fused import pcm_program
 
     w = _tiles(weights.detach().to(torch.float32), cfg.tile_size)  # [E, out, C, T]
+    out_rows = w.shape[1]
     row_max = w.abs().amax(-1)  # [E, out, C]
     scale = torch.where(row_max > 0, row_max, torch.ones_like(row_max))
     target = w / scale[..., None]
+    del w, row_max
     valid = _tiles(torch.ones_like(weights[0, :1], dtype=torch.float32), cfg.tile_size)[0]  # [C, T]
+    padded = bool((valid == 0).any())
     programmed = target
     if cfg.programming_noise or cfg.drift:
         programmed, baseline = pcm_program(target, seeds, cfg.noise_scale, cfg.programming_noise, cfg.drift,
                                            cfg.t_inference)
-        programmed = programmed * valid
+        del target
+        if padded:
+            programmed.mul_(valid)
         if cfg.drift_compensation:
-            base = _mean_abs_per_tile(baseline * valid, valid, cfg.tile_size)
+            if padded:
+                baseline = baseline * valid
+            base = _mean_abs_per_tile(baseline, valid, cfg.tile_size)
+            del baseline
             current = _mean_abs_per_tile(programmed, valid, cfg.tile_size).clamp(min=1e-4)
-            scale = scale * _per_row(base / current, cfg.tile_size, w.shape[1])
+            scale = scale * _per_row(base / current, cfg.tile_size, out_rows)
     if cfg.gaussian_sigma > 0:
-        noise = torch.stack([torch.randn(target.shape[1:], generator=torch.Generator(device=w.device).manual_seed(
-            int(s) ^ 0x5A5A), device=w.device) for s in seeds])
+        noise = torch.stack([torch.randn(programmed.shape[1:], generator=torch.Generator(device=programmed.device)
+                                         .manual_seed(int(s) ^ 0x5A5A), device=programmed.device) for s in seeds])
         programmed = (programmed + cfg.gaussian_sigma * cfg.noise_scale * noise) * valid
     return ProgrammedMatrix(programmed.contiguous(), scale.contiguous())
 
@@ -91,12 +99,13 @@ def _row_tile_index(out: int, tile: int, device: torch.device) -> torch.Tensor:
 
 
 def _mean_abs_per_tile(w: torch.Tensor, valid: torch.Tensor, tile: int) -> torch.Tensor:
-    """Mean |w| over each (row tile, column tile) of ``w [E, out, C, T]`` -> ``[E, R, C]``, padding excluded:
-    the expected read-out of aihwkit's ``GlobalDriftCompensation`` (one-hot inputs, mean absolute output)."""
+    """Mean |w| over each (row tile, column tile) of ``w [E, out, C, T]`` (zero in the padding) -> ``[E, R, C]``,
+    padding excluded: the expected read-out of aihwkit's ``GlobalDriftCompensation`` (one-hot inputs, mean absolute
+    output)."""
     out = w.shape[1]
     rows = _row_tile_index(out, tile, w.device)
     r = int(rows[-1]) + 1
-    per_row = (w.abs() * valid).sum(-1)  # [E, out, C]
+    per_row = w.abs().sum(-1)  # [E, out, C]
     sums = torch.zeros(w.shape[0], r, w.shape[2], device=w.device, dtype=w.dtype).index_add_(1, rows, per_row)
     counts = torch.bincount(rows, minlength=r).to(w.dtype)[:, None] * valid.sum(-1)[None, :]
     return sums / counts

@@ -58,6 +58,30 @@ def load_model(source: str, dtype: str | torch.dtype = "auto", device: str | tor
     return model.to(device).eval()
 
 
+def load_meta_model(source: str, dtype: str | torch.dtype = "auto"):
+    """``(model, parameters)``: the model of a local directory built on the meta device (its structure, no weights)
+    and a :class:`~.checkpoint.ParameterSource` that reads its parameters from the safetensors files on demand.
+    ``dtype`` as in :func:`load_model` (the meta model's dtype is the one the loaded model would have)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .checkpoint import Checkpoint, ParameterSource
+
+    resolved = resolve_source(source)
+    if not Path(resolved).is_dir():
+        raise HetMoEError(f"{source}: scoring without loading reads a local directory's safetensors files; download "
+                          "the model first, or load it (--load full)")
+    checkpoint = Checkpoint(resolved)
+    config = AutoConfig.from_pretrained(resolved)
+    if dtype == "auto":
+        dtype = _cpu_dtype(resolved)
+    if dtype == "auto":
+        stored = getattr(config, "dtype", None)
+        dtype = getattr(torch, str(stored).replace("torch.", "")) if stored else torch.float32
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval(), ParameterSource(checkpoint, model)
+
+
 def load_tokenizer(source: str):
     """The tokenizer saved with the model (``tokenizer.json``); error if the model has none."""
     from transformers import AutoTokenizer

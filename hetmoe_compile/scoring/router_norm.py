@@ -9,11 +9,12 @@ from ..models.recognize import ModelInfo
 from .base import register_selector
 
 
+def router_norms(weight: torch.Tensor) -> np.ndarray:
+    """``[E]`` L2 norms of the rows of a router weight ``[E, H]``, in float64."""
+    with torch.no_grad():
+        return torch.linalg.vector_norm(weight, dim=1, dtype=torch.float64).cpu().numpy()
+
+
 @register_selector("router-norm", False, "L2 norm of the expert's router row (data-free)")
 def score_router_norm(model: nn.Module, info: ModelInfo, calibration=None, seed: int = 0) -> dict[int, np.ndarray]:
-    out = {}
-    with torch.no_grad():
-        for layer in info.moe_layers:
-            weight = model.get_submodule(layer.router).weight
-            out[layer.index] = torch.linalg.vector_norm(weight, dim=1, dtype=torch.float64).cpu().numpy()
-    return out
+    return {layer.index: router_norms(model.get_submodule(layer.router).weight) for layer in info.moe_layers}

@@ -1,0 +1,191 @@
+"""Scale benchmark: an OLMoE-1B-7B-shaped model (hidden 2048, 64 experts of width 1024, top-8, vocabulary 50304;
+random weights) with L layers, in float32 and bfloat16: placement, programming, forward speed and memory.
+
+Each dtype runs in a fresh subprocess. Memory is the resident set's high-water mark (``VmHWM``), reset before each
+phase through ``/proc/self/clear_refs`` so each phase's peak is its own, minus the RSS of the process before the
+model was built (Python, torch), divided by the bytes of the model's weights.
+
+Rows: placement (``hc.compile`` at 25 %); programming every analog expert (seconds, weights per second, and the
+floor: the time the device takes only to draw the same number of normal variates, measured in the same run);
+forward tokens per second clean and simulated; peak memory over the weights during and after ``simulate(0)``,
+during ``simulate(1)`` (re-programming) and during a simulated forward; and the activations of one forward
+(peak of a clean forward above the resident model), the allowance the 1.15x target adds.
+
+    python benchmarks/bench_scale.py [--layers 2] [--tokens 256] [--dtypes float32,bfloat16] [--device auto]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "scale.json"
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+class Phase:
+    """Seconds and peak resident memory (bytes above ``base``) of a block; CUDA peak memory when on a GPU."""
+
+    def __init__(self, base: int, device) -> None:
+        self.base, self.device = base, device
+
+    def __enter__(self):
+        import time
+
+        import torch
+
+        from hetmoe_compile import host_memory
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        host_memory.trim()  # start each phase from the live memory, not the allocator's cached pages
+        _reset_peak()
+        self.t = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        import time
+
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated()
+            self.after = torch.cuda.memory_allocated()
+        else:
+            self.peak = _rss("VmHWM") - self.base
+            self.after = _rss("VmRSS") - self.base
+        self.seconds = time.perf_counter() - self.t
+
+
+def child(layers: int, dtype_name: str, tokens: int, device_name: str) -> dict:
+    import torch
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+
+    import hetmoe_compile as hc
+    from hetmoe_compile.analog.pcm_fused import CHUNK_ELEMENTS
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available() else
+                          ("cpu" if device_name == "auto" else device_name))
+    dtype = getattr(torch, dtype_name)
+    base = _rss("VmRSS") if device.type == "cpu" else 0
+    torch.manual_seed(0)
+    cfg = OlmoeConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_experts=64,
+                      num_experts_per_tok=8, num_hidden_layers=layers, num_attention_heads=16,
+                      num_key_value_heads=16, max_position_embeddings=4096)
+    torch.set_default_dtype(dtype)
+    with torch.no_grad(), torch.device(device):
+        model = OlmoeForCausalLM(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1)).to(device)
+
+    def forward():
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits
+
+    with Phase(base, device) as place:
+        compiled = hc.compile(model, hc.PlacementPolicy(digital_fraction=0.25), "pcm")
+    analog = sum(g.gate_up.numel() + g.down.numel() for g in _groups(model, "analog"))
+    forward()  # warm-up
+    with Phase(base, device) as clean:
+        ref = forward()
+    clean_tps = tokens / clean.seconds
+    with Phase(base, device) as prog0:
+        compiled.simulate(seed=0)
+    with Phase(base, device) as noisy:
+        forward()
+    with Phase(base, device) as prog1:
+        compiled.simulate(seed=1)
+    with Phase(base, device) as noisy1:
+        out1 = forward()
+    with Phase(base, device) as floor:  # the same number of normal variates, drawn as programming draws them
+        gen = torch.Generator(device=device).manual_seed(0)
+        per = max(1, CHUNK_ELEMENTS)
+        left = 5 * analog
+        while left > 0:
+            torch.randn(min(per, left), generator=gen, device=device)
+            left -= per
+    compiled.restore()
+    restored = forward()
+    return {
+        "dtype": dtype_name, "layers": layers, "tokens": tokens, "device": str(device),
+        "params": sum(p.numel() for p in model.parameters()), "weights_bytes": weights, "analog_weights": analog,
+        "place_s": place.seconds, "place_peak_over_weights": place.peak / weights,
+        "program_s": prog0.seconds, "reprogram_s": prog1.seconds, "weights_per_s": analog / prog0.seconds,
+        "floor_s": floor.seconds,
+        "clean_tokens_per_s": clean_tps, "sim_tokens_per_s": tokens / noisy.seconds,
+        "sim_over_clean_time": noisy.seconds / clean.seconds,
+        "activations_over_weights": max(0, clean.peak - clean.after) / weights,
+        "peak_simulate_over_weights": prog0.peak / weights, "after_simulate_over_weights": prog0.after / weights,
+        "peak_resimulate_over_weights": prog1.peak / weights, "after_resimulate_over_weights": prog1.after / weights,
+        "peak_sim_forward_over_weights": max(noisy.peak, noisy1.peak) / weights,
+        "restored_equal": bool(torch.equal(restored, ref)), "finite": bool(torch.isfinite(out1).all()),
+    }
+
+
+def _groups(model, device: str):
+    from hetmoe_compile.expert_group import HetExperts
+
+    for m in model.modules():
+        if isinstance(m, HetExperts) and device in m.groups:
+            yield m.groups[device]
+
+
+def table(rows: list[dict]) -> str:
+    gib = 1 << 30
+    lines = ["| dtype | layers | weights | place s | program s | Mweights/s | floor s | clean tok/s | sim tok/s | "
+             "sim/clean | peak/W simulate | after | peak/W re-simulate | after | peak/W sim fwd | activations/W | "
+             "restored |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['dtype']} | {r['layers']} | {r['weights_bytes'] / gib:.2f} GiB | {r['place_s']:.1f} | "
+            f"{r['program_s']:.1f} | {r['weights_per_s'] / 1e6:.1f} | {r['floor_s']:.1f} | "
+            f"{r['clean_tokens_per_s']:.0f} | {r['sim_tokens_per_s']:.0f} | {r['sim_over_clean_time']:.2f}x | "
+            f"{r['peak_simulate_over_weights']:.3f} | {r['after_simulate_over_weights']:.3f} | "
+            f"{r['peak_resimulate_over_weights']:.3f} | {r['after_resimulate_over_weights']:.3f} | "
+            f"{r['peak_sim_forward_over_weights']:.3f} | {r['activations_over_weights']:.3f} | "
+            f"{'bit-exact' if r['restored_equal'] else 'DIFFERS'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--tokens", type=int, default=256)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(args.layers, args.child, args.tokens, args.device)))
+        return
+    rows = []
+    for dtype in args.dtypes.split(","):
+        out = subprocess.run([sys.executable, __file__, "--child", dtype, "--layers", str(args.layers),
+                              "--tokens", str(args.tokens), "--device", args.device],
+                             check=True, capture_output=True, text=True)
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(rows, indent=1))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""Memory-lean hardware instances: programmed tiles take over the ideal weights' storage (one copy on the device),
+the ideal weights wait in an IdealStore and come back bit-exactly; simulation in the model's dtype."""
+import copy
+
+import pytest
+import torch
+
+from hetmoe_compile.analog import analog_config, restore_digital, simulate
+from hetmoe_compile.analog.expert_group_op import program_group
+from hetmoe_compile.analog.ideal_store import SPILL_DIR_ENV, STORE_ENV, IdealStore, store_kind
+from hetmoe_compile.analog.programmed_stack import ProgrammedStack
+from hetmoe_compile.analog.programming_noise import stream_seed
+from hetmoe_compile.canonicalize import canonicalize
+from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.models import recognize
+from hetmoe_compile.models.tiny import tiny_model
+from hetmoe_compile.passes import RewriteAnalogPass
+from hetmoe_compile.pipeline import place_model, tag_graph
+from hetmoe_compile.placement import PlacementPolicy
+
+IDS = torch.tensor([[3, 7, 11, 2, 9, 4, 40, 41]])
+PCM = analog_config("pcm", noise_scale=2.0)
+
+
+def _placed(family="olmoe", dtype=torch.float32):
+    model = tiny_model(family).to(dtype)
+    info = recognize(model)
+    placement = place_model(model, PlacementPolicy(0.25), info=info)
+    canonicalize(model, placement.devices(), info)
+    return model, recognize(model), placement
+
+
+def _analog_groups(model, info):
+    return [model.get_submodule(l.experts).groups["analog"] for l in info.moe_layers]
+
+
+def _logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS, use_cache=False).logits
+
+
+@pytest.mark.parametrize("store", ["file", "host"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_programmed_tiles_take_over_the_ideal_storage(monkeypatch, store, dtype):
+    monkeypatch.setenv(STORE_ENV, store)
+    model, info, _ = _placed("gpt_oss", dtype)
+    ideal = {(i, n): getattr(g, n).detach().clone() for i, g in enumerate(_analog_groups(model, info))
+             for n in ("gate_up", "down")}
+    ptrs = {(i, n): getattr(g, n).data_ptr() for i, g in enumerate(_analog_groups(model, info))
+            for n in ("gate_up", "down")}
+    clean = _logits(model)
+    seen = []
+    for seed in (0, 1, 0):
+        simulate(model, PCM, seed, info=info)
+        for i, group in enumerate(_analog_groups(model, info)):
+            for n in ("gate_up", "down"):
+                assert getattr(group, f"{n}_weight").data_ptr() == ptrs[(i, n)]  # no second copy, any seed
+                assert getattr(group, f"{n}_weight").dtype == dtype
+                assert getattr(group.source, n).numel() == 0  # a stray use of the ideal weights fails loudly
+        logits = _logits(model)
+        assert logits.dtype == dtype and torch.isfinite(logits).all()
+        seen.append(logits)
+    assert torch.equal(seen[2], seen[0]) and not torch.equal(seen[1], seen[0])  # seed 0 again: from the store
+    restore_digital(model, info)
+    for i, group in enumerate(_analog_groups(model, info)):
+        for n in ("gate_up", "down"):
+            assert getattr(group, n).data_ptr() == ptrs[(i, n)] and torch.equal(getattr(group, n), ideal[(i, n)])
+    assert torch.equal(_logits(model), clean)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tile_size", [512, 12])  # 12: 32 inputs make 3 padded tiles of 11
+def test_in_place_programming_equals_the_reference_programming(dtype, tile_size):
+    cfg = analog_config("pcm", tile_size=tile_size)
+    model, info, _ = _placed("olmoe", dtype)
+    group = _analog_groups(model, info)[0]
+    ideal = group.gate_up.detach().clone(), group.down.detach().clone()
+    ref = program_group(*ideal, group.expert_ids, cfg, 4, info.moe_layers[0].index)
+    simulate(model, cfg, 4, info=info)
+    programmed = _analog_groups(model, info)[0]
+    for name in ("gate_up", "down"):
+        assert torch.equal(getattr(programmed, f"{name}_weight"), ref[f"{name}_weight"].to(dtype))
+        assert torch.equal(getattr(programmed, f"{name}_scale"), ref[f"{name}_scale"])
+    restore_digital(model, info)
+    assert torch.equal(group.gate_up, ideal[0]) and torch.equal(group.down, ideal[1])
+
+
+def test_bf16_and_fp32_simulations_agree_to_bf16_rounding():
+    """The same instance of the same model, simulated in float32 and in bfloat16, differs only by bfloat16
+    rounding: the programmed tiles by a few bf16 steps, the logits by no more than the clean models differ."""
+    model32, info, placement = _placed("olmoe")
+    model16 = copy.deepcopy(model32).to(torch.bfloat16)
+    clean_gap = (_logits(model16).float() - _logits(model32)).norm() / _logits(model32).norm()
+    simulate(model32, PCM, 2, info=info)
+    simulate(model16, PCM, 2, info=recognize(model16))
+    for g32, g16 in zip(_analog_groups(model32, info), _analog_groups(model16, recognize(model16))):
+        for name in ("gate_up", "down"):
+            w32, w16 = getattr(g32, f"{name}_weight"), getattr(g16, f"{name}_weight")
+            assert w16.dtype == torch.bfloat16
+            # normalised tiles are in [-1, 1]; bf16's step there is at most 2^-8, the input rounding adds as much
+            assert (w16.float() - w32).abs().max() <= 3 * 2.0 ** -8
+            torch.testing.assert_close(getattr(g16, f"{name}_scale"), getattr(g32, f"{name}_scale"),
+                                       rtol=2.0 ** -7, atol=0)
+    sim32, sim16 = _logits(model32), _logits(model16)
+    sim_gap = (sim16.float() - sim32).norm() / sim32.norm()
+    assert sim_gap <= 2 * clean_gap + 1e-3, (sim_gap, clean_gap)
+
+
+def test_rewrite_pass_in_place_programs_over_the_graph_weights():
+    model, info, placement = _placed("olmoe")
+    gm = copy.deepcopy(tag_graph(model, placement, info).module())  # the pass may consume these weights
+    ideal_ptrs = {n: t.data_ptr() for n, t in gm.named_buffers() if n.endswith("analog.gate_up")}
+    ideal_ptrs.update({n: p.data_ptr() for n, p in gm.named_parameters() if n.endswith("analog.gate_up")})
+    assert ideal_ptrs
+    result = RewriteAnalogPass(PCM, seed=3, in_place=True)(gm)
+    programmed = {t.data_ptr() for n, t in result.graph_module.named_buffers() if n.endswith("gate_up_weight")}
+    assert set(ideal_ptrs.values()) == programmed  # the tiles live where the ideal weights were
+    names = {n for n, _ in result.graph_module.named_parameters()} | {n for n, _ in gm.named_buffers()}
+    assert not names & set(ideal_ptrs)  # and the graph module no longer holds the ideal ones
+    simulate(model, PCM, 3, info=info)
+    with torch.no_grad():
+        torch.testing.assert_close(result.graph_module(IDS, torch.ones_like(IDS)), _logits(model), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["file", "host"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_ideal_store_round_trip(kind, dtype):
+    store = IdealStore(kind)
+    a = torch.randn(5, 3, 4).to(dtype)
+    b = torch.randn(2, 7).to(dtype)
+    store.put("a", a)
+    store.put("b", b)
+    assert store.shape("a") == (5, 3, 4)
+    assert torch.equal(store.read("a", 1, 4, torch.empty(3, 3, 4, dtype=dtype)), a[1:4])
+    assert torch.equal(store.read("b", 0, 2, torch.empty(2, 7, dtype=dtype)), b)
+    store.close()
+
+
+def test_store_choice_and_bad_settings(monkeypatch, tmp_path):
+    monkeypatch.delenv(STORE_ENV, raising=False)
+    assert store_kind(torch.device("cpu")) == "file" and store_kind(torch.device("cuda")) == "host"
+    monkeypatch.setenv(STORE_ENV, "disk")
+    with pytest.raises(HetMoEError, match="HETMOE_IDEAL_STORE='disk' is not a store; use one of host, file"):
+        store_kind(torch.device("cpu"))
+    monkeypatch.setenv(STORE_ENV, "file")
+    monkeypatch.setenv(SPILL_DIR_ENV, str(tmp_path / "missing"))
+    model, info, _ = _placed()
+    with pytest.raises(HetMoEError, match="cannot create the ideal-weight spill file .*set \\$HETMOE_SPILL_DIR"):
+        simulate(model, PCM, 0, info=info)
+
+
+def test_stack_modes_check_their_inputs():
+    w = torch.randn(2, 4, 8)
+    with pytest.raises(ValueError, match="keep='store' needs an IdealStore"):
+        ProgrammedStack(w, 512, "store")
+    stack = ProgrammedStack(w, 512, "copy")
+    with pytest.raises(ValueError, match="1 seeds for 2 matrices"):
+        stack.program(PCM, [0])
+    stack.program(PCM, [stream_seed(0, 1), stream_seed(0, 2)])
+    assert stack.weight.data_ptr() != w.data_ptr() and torch.isfinite(stack.weight).all()
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral", "gpt_oss"])
+def test_canonicalize_partitions_the_fused_tensors_in_place(family):
+    """Canonicalising (and re-splitting) reorders the fused experts in place and keeps views: no layer copy, except
+    for layouts whose canonical form is a transpose (GPT-OSS)."""
+    model = tiny_model(family)
+    info = recognize(model)
+    ptrs = [model.get_submodule(l.experts).down_proj.untyped_storage().data_ptr() for l in info.moe_layers]
+    clean = _logits(model)
+    for split in (lambda e: e % 3 == 0, lambda e: e in (1, 2, 6)):
+        devices = {l.index: {e: "digital" if split(e) else "analog" for e in range(l.num_experts)}
+                   for l in info.moe_layers}
+        canonicalize(model, devices, info)
+        for layer, ptr in zip(info.moe_layers, ptrs):
+            het = model.get_submodule(layer.experts)
+            assert het.groups["digital"].ids == [e for e in range(layer.num_experts) if split(e)]
+            shared = all(g.down.untyped_storage().data_ptr() == ptr for g in het.groups.values())
+            assert shared == (family != "gpt_oss")
+        torch.testing.assert_close(_logits(model), clean, rtol=0, atol=1e-6)
