@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .errors import HetMoEError
 from .io import read_text_file
+from .models.device_map import input_device
 from .models.recognize import ModelInfo
 
 
@@ -87,7 +88,7 @@ def capture_routing(
     for layer in info.moe_layers:
         experts = model.get_submodule(layer.experts)
         handles.append(experts.register_forward_pre_hook(make_hook(layer.index), with_kwargs=True))
-    device = next(model.parameters()).device
+    device = input_device(model)
     try:
         with torch.no_grad():
             for start in tqdm(range(0, input_ids.shape[0], batch_size), desc="calibration", unit="batch", leave=False):

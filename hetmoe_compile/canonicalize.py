@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from .expert_group import DEVICES, ExpertGroup, HetExperts
+from .models.device_map import onloaded
 from .models.expert_weights import ExpertWeights, canonical_expert_weights
 from .models.recognize import ModelInfo, recognize
 
@@ -47,22 +48,24 @@ def canonicalize(model: nn.Module, devices: DeviceMap | None = None, info: Model
         wanted = {d: [e for e in range(layer.num_experts) if layer_devices.get(e, "digital") == d] for d in DEVICES}
         if _split_as(experts, {d: ids for d, ids in wanted.items() if ids}):
             continue
-        views = _partition_in_place(experts, layout, wanted)
-        if views is None:
-            if isinstance(experts, HetExperts):
-                experts = _fuse_groups(experts)
-                source_layout = type(layout)(has_bias=layout.has_bias, activation=layout.activation)
-            else:
-                source_layout = layout
         groups: dict[str, ExpertGroup] = {}
-        for device, ids in wanted.items():
-            if not ids:
-                continue
-            id_tensor = torch.tensor(ids, dtype=torch.long, device=experts.down_proj.device if views is None
-                                     else views[device].down.device)
-            weights = views[device] if views is not None else canonical_expert_weights(experts, source_layout,
-                                                                                       id_tensor)
-            groups[device] = ExpertGroup(weights, id_tensor, layer.num_experts, device, layout, act_name, alpha, limit)
+        with onloaded(experts):  # an offloaded layer: its expert groups are built resident on its device
+            views = _partition_in_place(experts, layout, wanted)
+            if views is None:
+                if isinstance(experts, HetExperts):
+                    experts = _fuse_groups(experts)
+                    source_layout = type(layout)(has_bias=layout.has_bias, activation=layout.activation)
+                else:
+                    source_layout = layout
+            for device, ids in wanted.items():
+                if not ids:
+                    continue
+                id_tensor = torch.tensor(ids, dtype=torch.long, device=experts.down_proj.device if views is None
+                                         else views[device].down.device)
+                weights = views[device] if views is not None else canonical_expert_weights(experts, source_layout,
+                                                                                           id_tensor)
+                groups[device] = ExpertGroup(weights, id_tensor, layer.num_experts, device, layout, act_name, alpha,
+                                             limit)
         parent_path, attr = layer.experts.rsplit(".", 1)
         setattr(model.get_submodule(parent_path), attr, HetExperts(groups, layer.num_experts, layer.index))
     return model

@@ -72,6 +72,31 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                    help="weights dtype (default: as stored)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available; default)")
+    p.add_argument("--device-map", default=None, metavar="MAP",
+                   help="shard the model over devices with accelerate instead of --device: auto, balanced, "
+                        "sequential, or a JSON object/file of module -> cuda:N|cpu|disk")
+    p.add_argument("--max-memory", default=None, metavar="SPEC",
+                   help="with --device-map: memory per device, e.g. 0=20GiB,cpu=64GiB")
+    p.add_argument("--offload-folder", default=None, metavar="DIR",
+                   help="with --device-map: where layers that fit on no device are offloaded to disk")
+
+
+def _max_memory(spec: str | None) -> dict | None:
+    """``0=20GiB,cpu=64GiB`` -> ``{0: "20GiB", "cpu": "64GiB"}`` (accelerate's max_memory)."""
+    if spec is None:
+        return None
+    out: dict = {}
+    for part in spec.split(","):
+        key, sep, size = part.partition("=")
+        key = key.strip()
+        if not sep or not size.strip():
+            raise HetMoEError(f"--max-memory {spec}: expected DEVICE=SIZE[,DEVICE=SIZE...], e.g. 0=20GiB,cpu=64GiB")
+        try:
+            _byte_size(size.strip())
+        except argparse.ArgumentTypeError as exc:
+            raise HetMoEError(f"--max-memory {spec}: {exc}") from exc
+        out[int(key) if key.isdigit() else key] = size.strip()
+    return out
 
 
 def _add_load_arg(p: argparse.ArgumentParser) -> None:
@@ -291,7 +316,15 @@ def _load(args):
     text = read_calibration_text(args.calib) if args.calib else None  # fail before loading anything
     device = _device(args.device)
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
-    model = load_model(args.model, dtype=dtype, device=device)
+    if args.device_map is None:
+        if args.max_memory or args.offload_folder:
+            raise HetMoEError("--max-memory and --offload-folder go with --device-map; add --device-map auto")
+        model = load_model(args.model, dtype=dtype, device=device)
+    else:
+        from .models.device_map import parse_device_map
+
+        model = load_model(args.model, dtype=dtype, device_map=parse_device_map(args.device_map),
+                           max_memory=_max_memory(args.max_memory), offload_folder=args.offload_folder)
     info = recognize(model)
     calibration = None
     if text is not None:

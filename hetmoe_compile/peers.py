@@ -185,6 +185,10 @@ def apply_peers(names: list[str], ctx: PeerContext) -> Applied:
     done: list[tuple[str, Applied]] = []
     try:
         for name in check_peers(names, ctx.calibration is not None):
+            if name not in ("int8", "int4"):  # the low-bit peers touch only the (resident) digital expert groups
+                from .models.device_map import require_resident
+
+                require_resident(ctx.model, f"the {name} peer")
             done.append((name, PEERS[name].apply(ctx)))
     except BaseException:
         for _, applied in reversed(done):

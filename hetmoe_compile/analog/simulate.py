@@ -26,6 +26,7 @@ from torch import nn
 from .. import host_memory
 from ..expert_group import ExpertGroup, HetExperts, device_groups
 from ..hpd.projection_split import HPDLinear
+from ..models.device_map import require_resident
 from ..models.recognize import ModelInfo, recognize
 from .config import AnalogConfig
 from .expert_group_op import MATRICES
@@ -176,6 +177,8 @@ def _simulate_dense(model: nn.Module, info: ModelInfo, cfg: AnalogConfig | None,
     """Dense layers to tiles (``dense="analog"``) or back; HPD ``u_sigma`` halves to tiles unless ``cfg`` is None
     (restore everything). Keys: the sorted index of each ``nn.Linear`` name, an HPD module holding the index its
     unsplit projection had (so the split does not move other layers' streams), and :func:`hpd_stream_key`."""
+    if dense == "analog" and cfg is not None:
+        require_resident(model, "dense modules on tiles (dense='analog')")
     hpd = {n for n, m in model.named_modules() if isinstance(m, HPDLinear)}
 
     def parent_of(name: str) -> tuple[str, nn.Module]:

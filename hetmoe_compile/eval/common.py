@@ -8,11 +8,11 @@ DEFAULT_MAX_POSITIONS = 2048
 
 
 def model_device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU for a parameter-less model)."""
-    try:
-        return next(model.parameters()).device
-    except (StopIteration, AttributeError):
-        return torch.device("cpu")
+    """Where the model's input ids go: its input embeddings' device (their execution device when a device map
+    offloads them; CPU for a parameter-less model)."""
+    from ..models.device_map import input_device
+
+    return input_device(model)
 
 
 def max_positions(model: nn.Module) -> int:

@@ -28,6 +28,7 @@ from ..capture import ROOT_PREFIX
 from ..cost import CostParams
 from ..errors import HetMoEError
 from ..io import atomic_replace_dir, check_replaceable_dir
+from ..models.device_map import require_resident
 from ..models.recognize import recognize
 from ..pipeline import tag_graph
 from ..placement.placement import Placement
@@ -63,6 +64,7 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
     from ..hpd import require_unsplit
 
     require_unsplit(model, "ONNX export")
+    require_resident(model, "ONNX export")
     restore_digital(model)  # a simulated model's analog weight storage holds programmed tiles; instances are re-made
     if placement.policy.dense != "digital":
         raise HetMoEError("export keeps dense modules digital; the dense-on-analog ablation is simulation-only "

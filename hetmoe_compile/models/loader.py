@@ -38,24 +38,44 @@ def _cpu_dtype(resolved: str) -> str | torch.dtype:
     return torch.float32 if str(stored).replace("torch.", "") == "float16" else "auto"
 
 
-def load_model(source: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu") -> nn.Module:
+def load_model(source: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
+               device_map: str | dict | None = None, max_memory: dict | None = None,
+               offload_folder: str | None = None) -> nn.Module:
     """Load ``AutoModelForCausalLM`` from a directory or hub id, in eval mode.
 
-    ``dtype="auto"`` follows the checkpoint (float16 checkpoints load as float32 on CPU); a hub id needs network access (or a filled HF cache).
+    ``dtype="auto"`` follows the checkpoint (float16 checkpoints load as float32 on CPU); a hub id needs network
+    access (or a filled HF cache). ``device_map`` (``"auto"``, another accelerate strategy, or a dict of module name
+    -> device) shards the model over devices instead of putting it on ``device``, with ``max_memory`` per device and
+    ``offload_folder`` for layers offloaded to disk (see :mod:`.device_map`).
     """
     from transformers import AutoModelForCausalLM
 
+    from .device_map import check_dtype_on_device
+
     resolved = resolve_source(source)
-    if dtype == "auto" and torch.device(device).type == "cpu":
+    on_cpu = torch.device(device).type == "cpu" if device_map is None else not torch.cuda.is_available()
+    if dtype == "auto" and on_cpu:
         dtype = _cpu_dtype(resolved)
+    if isinstance(dtype, torch.dtype):
+        check_dtype_on_device(dtype, device if device_map is None else ("cpu" if on_cpu else "cuda"))
+    kwargs = {} if device_map is None else dict(device_map=device_map, max_memory=max_memory,
+                                                 offload_folder=offload_folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if device_map is not None and "offload_folder" in first:
+            raise HetMoEError(f"{source}: the devices of --device-map {_describe(device_map)} cannot hold the model, "
+                              "and the rest would go to disk; pass --offload-folder DIR (or more memory with "
+                              "--max-memory, or more devices)") from exc
         raise HetMoEError(
             f"{source}: could not load the model ({first}); check the path or hub id, and network access for hub ids"
         ) from exc
-    return model.to(device).eval()
+    return (model if device_map is not None else model.to(device)).eval()
+
+
+def _describe(device_map: str | dict) -> str:
+    return device_map if isinstance(device_map, str) else f"({len(device_map)} entries)"
 
 
 def load_meta_model(source: str, dtype: str | torch.dtype = "auto"):

@@ -21,6 +21,7 @@ from ..calibration import Calibration
 from ..errors import HetMoEError
 from ..expert_group import HetExperts
 from ..hpd import HPDLinear
+from ..models.device_map import input_device
 from ..models.recognize import ModelInfo
 
 
@@ -101,7 +102,7 @@ def router_outputs(model: nn.Module, info: ModelInfo, calibration: Calibration, 
     """
     ids = calibration.input_ids
     starts = list(range(0, ids.shape[0], batch_size))
-    device = next(model.parameters()).device
+    device = input_device(model)
     records: dict[int, tuple[list[torch.Tensor], torch.Tensor]] = {}
     handles = []
 

@@ -30,7 +30,8 @@ def _max_neuron_norm(source: ParameterSource, info: ModelInfo, dtype: torch.dtyp
     layout = info.adapter.layout
     out = {}
     total = sum(l.num_experts for l in info.moe_layers)
-    with tqdm(total=total, desc="max-neuron-norm (from the checkpoint)", unit="expert", leave=False) as bar:
+    with tqdm(total=total, desc="max-neuron-norm (from the checkpoint)", unit="expert", leave=False,
+              disable=None) as bar:  # on terminals only
         for layer in info.moe_layers:
             scores = np.empty(layer.num_experts)
             for e in range(layer.num_experts):

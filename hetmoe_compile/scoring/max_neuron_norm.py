@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..models.adapter import ExpertLayout
+from ..models.device_map import onloaded
 from ..models.recognize import ModelInfo
 from .base import register_selector
 
@@ -58,6 +59,8 @@ def max_neuron_norms_canonical(gate_up: torch.Tensor, down: torch.Tensor) -> dic
 def score_max_neuron_norm(model: nn.Module, info: ModelInfo, calibration=None, seed: int = 0) -> dict[int, np.ndarray]:
     out = {}
     for layer in info.moe_layers:
-        norms = max_neuron_norms(model.get_submodule(layer.experts), info.adapter.layout)
+        experts = model.get_submodule(layer.experts)
+        with onloaded(experts):  # a layer a device map offloaded
+            norms = max_neuron_norms(experts, info.adapter.layout)
         out[layer.index] = (norms["gate"] * norms["up"] * norms["down"]).cpu().numpy()
     return out

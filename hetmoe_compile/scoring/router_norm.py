@@ -5,6 +5,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..models.device_map import onloaded
 from ..models.recognize import ModelInfo
 from .base import register_selector
 
@@ -17,4 +18,9 @@ def router_norms(weight: torch.Tensor) -> np.ndarray:
 
 @register_selector("router-norm", False, "L2 norm of the expert's router row (data-free)")
 def score_router_norm(model: nn.Module, info: ModelInfo, calibration=None, seed: int = 0) -> dict[int, np.ndarray]:
-    return {layer.index: router_norms(model.get_submodule(layer.router).weight) for layer in info.moe_layers}
+    out = {}
+    for layer in info.moe_layers:
+        router = model.get_submodule(layer.router)
+        with onloaded(router):  # a layer a device map offloaded
+            out[layer.index] = router_norms(router.weight)
+    return out
