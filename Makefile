@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= out/demo
 DEMO_MODEL ?= examples/olmoe-demo
 
-.PHONY: install demo test bench bench-export noise-scan sweep peers clean
+.PHONY: install demo test bench bench-export bench-scale noise-scan sweep peers clean
 SHARED ?= ../shared
 
 install: $(STAMP)
@@ -50,6 +50,12 @@ bench-export: $(STAMP)
 	$(PY) benchmarks/bench_runtime.py --repeat 9
 	$(PY) benchmarks/bench_export_scale.py
 	$(PY) benchmarks/lowbit_ppl.py
+
+# OLMoE-1B-7B-shaped model, float32 and bfloat16 (about 15 minutes and 12 GB of RAM with 2 layers on 2 CPU cores;
+# LAYERS=16 on a GPU).
+LAYERS ?= 2
+bench-scale: $(STAMP)
+	$(PY) benchmarks/bench_scale.py --layers $(LAYERS)
 
 noise-scan: $(STAMP)
 	$(PY) benchmarks/noise_scan.py --ppl-tokens 8192 --scales 0,1,2.5,4,8 --plot benchmarks/results/noise_scan.png

@@ -5,11 +5,14 @@ Each dtype runs in a fresh subprocess. Memory is the resident set's high-water m
 phase through ``/proc/self/clear_refs`` so each phase's peak is its own, minus the RSS of the process before the
 model was built (Python, torch), divided by the bytes of the model's weights.
 
-Rows: placement (``hc.compile`` at 25 %); programming every analog expert (seconds, weights per second, and the
+Rows: placement (``hc.compile`` at 25 %, and ``place --load meta`` on the saved checkpoint in a fresh process: its
+peak RSS over the checkpoint's size); programming every analog expert (seconds, weights per second, and the
 floor: the time the device takes only to draw the same number of normal variates, measured in the same run);
-forward tokens per second clean and simulated; peak memory over the weights during and after ``simulate(0)``,
+forward tokens per second clean and simulated (median of ``--repeat`` runs); peak memory over the weights during and after ``simulate(0)``,
 during ``simulate(1)`` (re-programming) and during a simulated forward; and the activations of one forward
-(peak of a clean forward above the resident model), the allowance the 1.15x target adds.
+(peak of a clean forward above the resident model), the allowance the 1.15x target adds; and, on the CPU, the
+model loaded again with a device map that offloads its last decoder layer to disk (accelerate): its clean logits
+against the unsharded model's and its forward time over the unsharded one.
 
     python benchmarks/bench_scale.py [--layers 2] [--tokens 256] [--dtypes float32,bfloat16] [--device auto]
 """
@@ -17,11 +20,26 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results" / "scale.json"
+
+
+_PLACE_AND_REPORT_PEAK = """
+import sys
+from pathlib import Path
+from hetmoe_compile.cli import main
+rc = main(["place", sys.argv[1], "--load", "meta", "--no-graph", "--out", sys.argv[2]])
+hwm = [l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:")][0]
+print(int(hwm.split()[1]) * 1024)
+sys.exit(rc)
+"""
 
 
 def _rss(field: str) -> int:
@@ -42,8 +60,6 @@ class Phase:
         self.base, self.device = base, device
 
     def __enter__(self):
-        import time
-
         import torch
 
         from hetmoe_compile import host_memory
@@ -53,12 +69,11 @@ class Phase:
             torch.cuda.reset_peak_memory_stats()
         host_memory.trim()  # start each phase from the live memory, not the allocator's cached pages
         _reset_peak()
+        self.start = (torch.cuda.memory_allocated() if self.device.type == "cuda" else _rss("VmRSS") - self.base)
         self.t = time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        import time
-
         import torch
 
         if self.device.type == "cuda":
@@ -71,7 +86,7 @@ class Phase:
         self.seconds = time.perf_counter() - self.t
 
 
-def child(layers: int, dtype_name: str, tokens: int, device_name: str) -> dict:
+def child(layers: int, dtype_name: str, tokens: int, device_name: str, repeat: int) -> dict:
     import torch
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
@@ -93,10 +108,23 @@ def child(layers: int, dtype_name: str, tokens: int, device_name: str) -> dict:
     torch.set_default_dtype(torch.float32)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     ids = torch.randint(0, cfg.vocab_size, (1, tokens), generator=torch.Generator().manual_seed(1)).to(device)
+    ckpt = tempfile.mkdtemp(prefix="hetmoe-scale-")
+    model.save_pretrained(ckpt)
+    ckpt_bytes = sum(f.stat().st_size for f in Path(ckpt).glob("*.safetensors"))
 
-    def forward():
+    def forward(m=model):
         with torch.no_grad():
-            return model(input_ids=ids, use_cache=False).logits
+            return m(input_ids=ids, use_cache=False).logits
+
+    def median_time(m=model) -> float:
+        times = []
+        for _ in range(repeat):
+            t = time.perf_counter()
+            forward(m)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
 
     with Phase(base, device) as place:
         compiled = hc.compile(model, hc.PlacementPolicy(digital_fraction=0.25), "pcm")
@@ -104,11 +132,12 @@ def child(layers: int, dtype_name: str, tokens: int, device_name: str) -> dict:
     forward()  # warm-up
     with Phase(base, device) as clean:
         ref = forward()
-    clean_tps = tokens / clean.seconds
+    clean_s = median_time()
     with Phase(base, device) as prog0:
         compiled.simulate(seed=0)
     with Phase(base, device) as noisy:
         forward()
+    sim_s = median_time()
     with Phase(base, device) as prog1:
         compiled.simulate(seed=1)
     with Phase(base, device) as noisy1:
@@ -122,15 +151,39 @@ def child(layers: int, dtype_name: str, tokens: int, device_name: str) -> dict:
             left -= per
     compiled.restore()
     restored = forward()
+    # `place` on the saved checkpoint without loading it (a fresh process: its peak RSS is its own)
+    t = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", _PLACE_AND_REPORT_PEAK, ckpt, str(Path(ckpt) / "placement.json")],
+                         check=True, capture_output=True, text=True)
+    meta_place_s = time.perf_counter() - t
+    meta_place_rss = int(run.stdout.strip().splitlines()[-1])  # its own VmHWM (a forked parent's pages excluded)
+    # the same model sharded by a device map that offloads its last decoder layer to disk
+    sharded_row = {}
+    if device.type == "cpu":
+        from hetmoe_compile.models import load_model
+
+        last = f"model.layers.{layers - 1}"
+        names = ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head"]
+        dm = {n: "cpu" for n in names + [f"model.layers.{i}" for i in range(layers - 1)]} | {last: "disk"}
+        sharded = load_model(ckpt, dtype=dtype, device_map=dm, offload_folder=str(Path(ckpt) / "offload"))
+        hc.compile(sharded, hc.PlacementPolicy(digital_fraction=0.25), "pcm")
+        forward(sharded)
+        sharded_logits = forward(sharded)
+        sharded_row = {"sharded_max_abs_diff": float((sharded_logits.float() - ref.float()).abs().max()),
+                       "sharded_over_unsharded_time": median_time(sharded) / clean_s}
+        del sharded
+    shutil.rmtree(ckpt, ignore_errors=True)
     return {
         "dtype": dtype_name, "layers": layers, "tokens": tokens, "device": str(device),
         "params": sum(p.numel() for p in model.parameters()), "weights_bytes": weights, "analog_weights": analog,
         "place_s": place.seconds, "place_peak_over_weights": place.peak / weights,
         "program_s": prog0.seconds, "reprogram_s": prog1.seconds, "weights_per_s": analog / prog0.seconds,
         "floor_s": floor.seconds,
-        "clean_tokens_per_s": clean_tps, "sim_tokens_per_s": tokens / noisy.seconds,
-        "sim_over_clean_time": noisy.seconds / clean.seconds,
-        "activations_over_weights": max(0, clean.peak - clean.after) / weights,
+        "repeat": repeat, "clean_tokens_per_s": tokens / clean_s, "sim_tokens_per_s": tokens / sim_s,
+        "sim_over_clean_time": sim_s / clean_s,
+        "activations_over_weights": max(0, clean.peak - clean.start) / weights,
+        "checkpoint_bytes": ckpt_bytes, "meta_place_s": meta_place_s, "meta_place_peak_rss": meta_place_rss,
+        "meta_place_rss_over_checkpoint": meta_place_rss / ckpt_bytes, **sharded_row,
         "peak_simulate_over_weights": prog0.peak / weights, "after_simulate_over_weights": prog0.after / weights,
         "peak_resimulate_over_weights": prog1.peak / weights, "after_resimulate_over_weights": prog1.after / weights,
         "peak_sim_forward_over_weights": max(noisy.peak, noisy1.peak) / weights,
@@ -161,6 +214,14 @@ def table(rows: list[dict]) -> str:
             f"{r['peak_resimulate_over_weights']:.3f} | {r['after_resimulate_over_weights']:.3f} | "
             f"{r['peak_sim_forward_over_weights']:.3f} | {r['activations_over_weights']:.3f} | "
             f"{'bit-exact' if r['restored_equal'] else 'DIFFERS'} |")
+    lines += ["", "| dtype | compile peak/W | checkpoint | `place --load meta` s | its peak RSS / checkpoint | "
+                  "sharded (last layer on disk): max abs logit diff | sharded / unsharded forward time |",
+              "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        sharded = (f"{r['sharded_max_abs_diff']:.2e} | {r['sharded_over_unsharded_time']:.2f}x"
+                   if "sharded_max_abs_diff" in r else "- | -")
+        lines.append(f"| {r['dtype']} | {r['place_peak_over_weights']:.3f} | {r['checkpoint_bytes'] / gib:.2f} GiB | "
+                     f"{r['meta_place_s']:.1f} | {r['meta_place_rss_over_checkpoint']:.3f} | {sharded} |")
     return "\n".join(lines)
 
 
@@ -170,15 +231,16 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    ap.add_argument("--repeat", type=int, default=3, help="forward timings are the median of this many runs")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(child(args.layers, args.child, args.tokens, args.device)))
+        print(json.dumps(child(args.layers, args.child, args.tokens, args.device, args.repeat)))
         return
     rows = []
     for dtype in args.dtypes.split(","):
         out = subprocess.run([sys.executable, __file__, "--child", dtype, "--layers", str(args.layers),
-                              "--tokens", str(args.tokens), "--device", args.device],
+                              "--tokens", str(args.tokens), "--device", args.device, "--repeat", str(args.repeat)],
                              check=True, capture_output=True, text=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr)

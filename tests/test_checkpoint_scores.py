@@ -71,6 +71,9 @@ def test_sharded_checkpoint_and_its_faults(tmp_path, capsys):
     assert main(["place", str(tmp_path), "--load", "meta", "--out", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "checkpoint shards are missing" in err[0] and not out.exists()
+    assert main(["place", str(tmp_path), "--load", "full", "--out", str(out)]) == 2  # loading says the same
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"1 of {len(shards)} checkpoint shards are missing" in err[0] and not out.exists()
 
 
 def test_truncated_checkpoint_is_named(tmp_path):

@@ -178,3 +178,31 @@ def test_canonicalize_partitions_the_fused_tensors_in_place(family):
             shared = all(g.down.untyped_storage().data_ptr() == ptr for g in het.groups.values())
             assert shared == (family != "gpt_oss")
         torch.testing.assert_close(_logits(model), clean, rtol=0, atol=1e-6)
+
+
+def test_bounded_allocator_sets_and_restores_the_mmap_threshold(monkeypatch):
+    """Within the block glibc maps every allocation of 1 MiB or more on its own (returned when freed); after it the
+    threshold is glibc's adaptive ceiling and free heap pages are trimmed; HETMOE_BOUNDED_ALLOCATOR=0 skips it."""
+    from hetmoe_compile import host_memory
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+            return 1
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+            return 1
+
+    monkeypatch.setattr(host_memory, "_libc", lambda: FakeLibc())
+    monkeypatch.delenv(host_memory.BOUND_ENV, raising=False)
+    with host_memory.bounded_allocator():
+        assert calls == [("mallopt", -3, 1 << 20)]
+    assert calls[1:] == [("mallopt", -3, 32 << 20), ("trim", 0)]
+    calls.clear()
+    monkeypatch.setenv(host_memory.BOUND_ENV, "0")
+    with host_memory.bounded_allocator():
+        pass
+    assert calls == []

@@ -22,7 +22,11 @@ programming in ``"discard"`` mode (one stack more for the time of one stack's pr
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+
+from .. import host_memory
 from .config import AnalogConfig
 from .ideal_store import IdealStore
 from .pcm_fused import CHUNK_ELEMENTS
@@ -54,7 +58,7 @@ class ProgrammedStack:
         if keep == "store":
             store.put(name, self._ideal)
             self._ideal = None
-            _set_data(param, torch.empty(0, dtype=dtype, device=device))
+            param.data = torch.empty(0, dtype=dtype, device=device)
         if self.reuses:
             self.weight = data.view(self.tiled_shape)
         else:
@@ -85,18 +89,22 @@ class ProgrammedStack:
         if len(seeds) != self.count:
             raise ValueError(f"{self.name}: {len(seeds)} seeds for {self.count} matrices")
         per = self._chunk()
-        for i in range(0, self.count, per):
-            j = min(self.count, i + per)
-            prog = program_matrices(self._read(i, j), cfg, seeds[i:j])
-            self.weight[i:j].copy_(prog.weight)
-            self.scale[i:j].copy_(prog.scale)
+        bounded = host_memory.bounded_allocator() if self.weight.device.type == "cpu" else contextlib.nullcontext()
+        with bounded:  # chunk temporaries go back to the system when freed
+            for i in range(0, self.count, per):
+                j = min(self.count, i + per)
+                prog = program_matrices(self._read(i, j), cfg, seeds[i:j])
+                self.weight[i:j].copy_(prog.weight)
+                self.scale[i:j].copy_(prog.scale)
+                del prog
         if self.keep == "discard":
             self._ideal = None  # reused storage now holds programmed values; a padded copy's old one is freed
 
     @torch.no_grad()
     def release(self) -> None:
         """Put the ideal weights back into the parameter (``"store"`` mode; bit-exact) and drop the programmed
-        tiles. The stack is unusable afterwards."""
+        tiles (whoever else holds them should drop them first, so a padded buffer is freed before the ideal
+        weights are allocated). The stack is unusable afterwards."""
         if self.keep != "store" or self.weight is None:
             return
         if self.reuses:
@@ -107,9 +115,4 @@ class ProgrammedStack:
         self.weight = self.scale = None
         self.store.read(self.name, 0, ideal.numel() // (self.ideal_shape[-1] * self.ideal_shape[-2]),
                         ideal.view(-1, *self.ideal_shape[-2:]))
-        _set_data(self.param, ideal)
-
-
-def _set_data(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Swap the storage under ``param`` (a parameter stays the same object for its module)."""
-    param.data = value
+        self.param.data = ideal  # the same parameter object, its module unchanged

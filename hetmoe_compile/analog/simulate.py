@@ -88,9 +88,9 @@ class AnalogExpertGroup(nn.Module):
     def release(self) -> ExpertGroup:
         """The ideal group back (its weights restored bit-exactly); this module is unusable afterwards."""
         for name, stack in self._stacks.items():
-            stack.release()
-            setattr(self, f"{name}_weight", None)
+            setattr(self, f"{name}_weight", None)  # first: a padded programmed buffer is freed, not held
             setattr(self, f"{name}_scale", None)
+            stack.release()
         self._stacks = {}
         return self.source
 
@@ -138,8 +138,9 @@ class AnalogLinear(nn.Module):
     def release(self) -> nn.Linear:
         """The ideal ``nn.Linear`` back (weight restored bit-exactly)."""
         if self._stack is not None:
+            self.weight_prog = self.scale_prog = None
             self._stack.release()
-            self._stack = self.weight_prog = self.scale_prog = None
+            self._stack = None
         return self.source
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -67,23 +67,31 @@ def _read_header(path: Path) -> dict[str, _Entry]:
     return out
 
 
+def shard_files(directory: Path) -> list[str] | None:
+    """The shards a sharded checkpoint's index names (None without an index); missing ones are an error."""
+    index = Path(directory) / INDEX_NAME
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise HetMoEError(f"{index}: not a safetensors index (no weight_map); re-download the model") from exc
+    files = sorted(set(weight_map.values()))
+    missing = [f for f in files if not (Path(directory) / f).is_file()]
+    if missing:
+        raise HetMoEError(f"{directory}: {len(missing)} of {len(files)} checkpoint shards are missing "
+                          f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); download the complete "
+                          "model")
+    return files
+
+
 class Checkpoint:
     """The safetensors tensors of a model directory, by checkpoint key."""
 
     def __init__(self, directory: str | Path) -> None:
         self.directory = Path(directory)
-        index = self.directory / INDEX_NAME
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise HetMoEError(f"{index}: not a safetensors index (no weight_map); re-download the model") from exc
-            files = sorted(set(weight_map.values()))
-            missing = [f for f in files if not (self.directory / f).is_file()]
-            if missing:
-                raise HetMoEError(f"{self.directory}: {len(missing)} of {len(files)} checkpoint shards are missing "
-                                  f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); download the "
-                                  "complete model")
+        files = shard_files(self.directory)
+        if files is not None:
             paths = [self.directory / f for f in files]
         elif (self.directory / SINGLE_NAME).is_file():
             paths = [self.directory / SINGLE_NAME]

@@ -53,6 +53,10 @@ def load_model(source: str, dtype: str | torch.dtype = "auto", device: str | tor
     from .device_map import check_dtype_on_device
 
     resolved = resolve_source(source)
+    if Path(resolved).is_dir():
+        from .checkpoint import shard_files
+
+        shard_files(Path(resolved))  # a missing shard is named before transformers starts loading
     on_cpu = torch.device(device).type == "cpu" if device_map is None else not torch.cuda.is_available()
     if dtype == "auto" and on_cpu:
         dtype = _cpu_dtype(resolved)

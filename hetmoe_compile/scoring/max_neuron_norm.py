@@ -15,9 +15,12 @@ from .base import register_selector
 def _row_norms(t: torch.Tensor, dim: int) -> torch.Tensor:
     """L2 norms along ``dim`` in the tensor's own dtype (float32 for half types), returned as float64.
 
-    Passing ``dtype=float64`` to ``vector_norm`` would materialise a float64 copy of the whole fused tensor."""
-    acc = torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else None
-    return torch.linalg.vector_norm(t, dim=dim, dtype=acc).double()
+    Passing ``dtype=float64`` to ``vector_norm`` would materialise a float64 copy of the whole fused tensor; half
+    types accumulate in float32, which also upcasts the input, so they go one expert at a time."""
+    if t.dtype not in (torch.float16, torch.bfloat16):
+        return torch.linalg.vector_norm(t, dim=dim).double()
+    return torch.stack([torch.linalg.vector_norm(t[e], dim=dim - 1, dtype=torch.float32)
+                        for e in range(t.shape[0])]).double()
 
 
 def max_neuron_norms(experts: nn.Module, layout: ExpertLayout) -> dict[str, torch.Tensor]:
