@@ -176,6 +176,7 @@ def child(layers: int, dtype_name: str, tokens: int, device_name: str, repeat: i
     return {
         "dtype": dtype_name, "layers": layers, "tokens": tokens, "device": str(device),
         "params": sum(p.numel() for p in model.parameters()), "weights_bytes": weights, "analog_weights": analog,
+        "base_rss": base,
         "place_s": place.seconds, "place_peak_over_weights": place.peak / weights,
         "program_s": prog0.seconds, "reprogram_s": prog1.seconds, "weights_per_s": analog / prog0.seconds,
         "floor_s": floor.seconds,

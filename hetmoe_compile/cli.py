@@ -348,7 +348,7 @@ def _scores_from_checkpoint(args, names: list[str]) -> bool:
 
 
 def _load_meta(args, names: list[str]):
-    """``(meta model, info, {selector: Scores})`` read from the checkpoint's files."""
+    """``(meta model, Analysis)``: the selectors' scores read from the checkpoint's files (no model loaded)."""
     import torch
     from transformers.utils import logging as hf_logging
 

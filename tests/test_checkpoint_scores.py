@@ -88,6 +88,22 @@ def test_truncated_checkpoint_is_named(tmp_path):
         Checkpoint(tmp_path)
 
 
+def test_checkpoint_that_does_not_match_its_config_is_named(tmp_path):
+    model = tiny_model("olmoe")
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["intermediate_size"] = 24  # the files hold width-16 experts
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HetMoEError, match="expert 0 of model.layers.0.mlp.experts.gate_up_proj has shape \\(32, 32\\)"
+                                          ", the model's config says \\(48, 32\\)"):
+        analyze_checkpoint(str(tmp_path), ["max-neuron-norm"])
+    config["intermediate_size"], config["num_experts"] = 16, 12
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(HetMoEError, match="the checkpoint has no expert 8 for model.layers.0.mlp.experts.gate_up_proj; "
+                                          "it does not match the model's config"):
+        analyze_checkpoint(str(tmp_path), ["max-neuron-norm", "router-norm"])
+
+
 def test_cli_place_and_analyze_without_loading(tmp_path, capsys):
     model = tiny_model("deepseek_v3")
     model.save_pretrained(tmp_path / "m")

@@ -162,19 +162,22 @@ class ParameterSource:
                 converter.source_patterns.index(pattern)] = key
             self.ops[target] = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
 
-    def has(self, name: str) -> bool:
-        return name in self.direct or name in self.merged
-
     def read(self, name: str) -> torch.Tensor:
         """The whole parameter ``name`` (a small one: routers, norms)."""
         if name in self.direct:
             return self.checkpoint.read(self.direct[name])
+        if name not in self.merged:
+            raise HetMoEError(f"the checkpoint has no tensor for {name}; it does not match the model's config")
         return torch.stack([self.expert(name, e) for e in sorted(self.merged[name])])
 
     def expert(self, name: str, index: int) -> torch.Tensor:
         """Row ``index`` (one expert) of the fused parameter ``name``, as the model stores it."""
         if name in self.direct:
-            return self.checkpoint.read(self.direct[name], index)
+            key = self.direct[name]
+            if not 0 <= index < self.checkpoint.shape(key)[0]:
+                raise HetMoEError(f"the checkpoint's {key} has {self.checkpoint.shape(key)[0]} experts, not "
+                                  f"{index + 1} or more; it does not match the model's config")
+            return self.checkpoint.read(key, index)
         if name not in self.merged:
             raise HetMoEError(f"the checkpoint has no tensor for {name}; it does not match the model's config")
         parts = self.merged[name].get(index)

@@ -26,7 +26,18 @@ CHECKPOINT_SELECTORS = ("max-neuron-norm", "router-norm", "random")
 """Selectors that score from the checkpoint's files without loading the model."""
 
 
-def _max_neuron_norm(source: ParameterSource, info: ModelInfo, dtype: torch.dtype | None, seed: int):
+def _expert(source: ParameterSource, model: nn.Module, name: str, e: int, dtype: torch.dtype | None) -> torch.Tensor:
+    """Expert ``e`` of the fused parameter ``name``, checked against the shape the model's config gives it."""
+    t = source.expert(name, e)
+    want = tuple(model.get_parameter(name).shape[1:])
+    if tuple(t.shape) != want:
+        raise HetMoEError(f"the checkpoint's expert {e} of {name} has shape {tuple(t.shape)}, the model's config "
+                          f"says {want}; the checkpoint does not match its config.json")
+    return _as(t, dtype)
+
+
+def _max_neuron_norm(source: ParameterSource, model: nn.Module, info: ModelInfo, dtype: torch.dtype | None,
+                     seed: int):
     layout = info.adapter.layout
     out = {}
     total = sum(l.num_experts for l in info.moe_layers)
@@ -35,7 +46,7 @@ def _max_neuron_norm(source: ParameterSource, info: ModelInfo, dtype: torch.dtyp
         for layer in info.moe_layers:
             scores = np.empty(layer.num_experts)
             for e in range(layer.num_experts):
-                experts = SimpleNamespace(**{name: _as(source.expert(f"{layer.experts}.{name}", e), dtype)[None]
+                experts = SimpleNamespace(**{name: _expert(source, model, f"{layer.experts}.{name}", e, dtype)[None]
                                              for name in ("gate_up_proj", "down_proj")})
                 norms = max_neuron_norms(experts, layout)
                 scores[e] = float((norms["gate"] * norms["up"] * norms["down"])[0])
@@ -44,11 +55,19 @@ def _max_neuron_norm(source: ParameterSource, info: ModelInfo, dtype: torch.dtyp
     return out
 
 
-def _router_norm(source: ParameterSource, info: ModelInfo, dtype: torch.dtype | None, seed: int):
-    return {l.index: router_norms(_as(source.read(f"{l.router}.weight"), dtype)) for l in info.moe_layers}
+def _router_norm(source: ParameterSource, model: nn.Module, info: ModelInfo, dtype: torch.dtype | None, seed: int):
+    out = {}
+    for layer in info.moe_layers:
+        name = f"{layer.router}.weight"
+        weight = source.read(name)
+        if tuple(weight.shape) != tuple(model.get_parameter(name).shape):
+            raise HetMoEError(f"the checkpoint's {name} has shape {tuple(weight.shape)}, the model's config says "
+                              f"{tuple(model.get_parameter(name).shape)}; the checkpoint does not match its config.json")
+        out[layer.index] = router_norms(_as(weight, dtype))
+    return out
 
 
-def _random(source: ParameterSource, info: ModelInfo, dtype: torch.dtype | None, seed: int):
+def _random(source: ParameterSource, model: nn.Module, info: ModelInfo, dtype: torch.dtype | None, seed: int):
     return get_selector("random").fn(None, info, None, seed)
 
 
@@ -70,6 +89,6 @@ def score_checkpoint(model: nn.Module, info: ModelInfo, source: ParameterSource,
     out = {}
     for name in names:
         start = time.perf_counter()
-        layers = _SCORERS[name](source, info, dtype, seed)
+        layers = _SCORERS[name](source, model, info, dtype, seed)
         out[name] = Scores(name, layers, time.perf_counter() - start)
     return out

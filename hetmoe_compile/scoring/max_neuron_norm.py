@@ -2,10 +2,13 @@
 the ``[out_features, in_features]`` weight); the expert's score is the product over its gate, up and down layers."""
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import torch
 from torch import nn
 
+from .. import host_memory
 from ..models.adapter import ExpertLayout
 from ..models.device_map import onloaded
 from ..models.recognize import ModelInfo
@@ -19,8 +22,10 @@ def _row_norms(t: torch.Tensor, dim: int) -> torch.Tensor:
     types accumulate in float32, which also upcasts the input, so they go one expert at a time."""
     if t.dtype not in (torch.float16, torch.bfloat16):
         return torch.linalg.vector_norm(t, dim=dim).double()
-    return torch.stack([torch.linalg.vector_norm(t[e], dim=dim - 1, dtype=torch.float32)
-                        for e in range(t.shape[0])]).double()
+    bounded = host_memory.bounded_allocator() if t.device.type == "cpu" else contextlib.nullcontext()
+    with bounded:  # each expert's float32 temporary goes back to the system, not to a growing heap
+        return torch.stack([torch.linalg.vector_norm(t[e], dim=dim - 1, dtype=torch.float32)
+                            for e in range(t.shape[0])]).double()
 
 
 def max_neuron_norms(experts: nn.Module, layout: ExpertLayout) -> dict[str, torch.Tensor]:
