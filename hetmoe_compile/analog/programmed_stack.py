@@ -26,7 +26,7 @@ import contextlib
 
 import torch
 
-from .. import host_memory
+from ..host_memory import bounded_allocator
 from .config import AnalogConfig
 from .ideal_store import IdealStore
 from .pcm_fused import CHUNK_ELEMENTS
@@ -89,7 +89,7 @@ class ProgrammedStack:
         if len(seeds) != self.count:
             raise ValueError(f"{self.name}: {len(seeds)} seeds for {self.count} matrices")
         per = self._chunk()
-        bounded = host_memory.bounded_allocator() if self.weight.device.type == "cpu" else contextlib.nullcontext()
+        bounded = bounded_allocator() if self.weight.device.type == "cpu" else contextlib.nullcontext()
         with bounded:  # chunk temporaries go back to the system when freed
             for i in range(0, self.count, per):
                 j = min(self.count, i + per)

@@ -23,7 +23,7 @@ import hashlib
 import torch
 from torch import nn
 
-from .. import host_memory
+from ..host_memory import trim
 from ..expert_group import ExpertGroup, HetExperts, device_groups
 from ..hpd.projection_split import HPDLinear
 from ..models.device_map import require_resident
@@ -170,7 +170,7 @@ def simulate(model: nn.Module, cfg: AnalogConfig, seed: int = 0, dense: str = "d
     except BaseException:  # e.g. no room for the spill file, or Ctrl-C: the digital model back, not half of one
         restore_digital(model, info)
         raise
-    host_memory.trim()  # the programming temporaries' pages
+    trim()  # the programming temporaries' pages
     return model
 
 
@@ -220,5 +220,5 @@ def restore_digital(model: nn.Module, info: ModelInfo | None = None) -> nn.Modul
                                                       AnalogExpertGroup):
             het.groups["analog"] = het.groups["analog"].release()
     _simulate_dense(model, info, None, 0, "digital")
-    host_memory.trim()
+    trim()
     return model

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import host_memory
+from ..host_memory import bounded_allocator
 from ..models.adapter import ExpertLayout
 from ..models.device_map import onloaded
 from ..models.recognize import ModelInfo
@@ -22,7 +22,7 @@ def _row_norms(t: torch.Tensor, dim: int) -> torch.Tensor:
     types accumulate in float32, which also upcasts the input, so they go one expert at a time."""
     if t.dtype not in (torch.float16, torch.bfloat16):
         return torch.linalg.vector_norm(t, dim=dim).double()
-    bounded = host_memory.bounded_allocator() if t.device.type == "cpu" else contextlib.nullcontext()
+    bounded = bounded_allocator() if t.device.type == "cpu" else contextlib.nullcontext()
     with bounded:  # each expert's float32 temporary goes back to the system, not to a growing heap
         return torch.stack([torch.linalg.vector_norm(t[e], dim=dim - 1, dtype=torch.float32)
                             for e in range(t.shape[0])]).double()
