@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= out/demo
 DEMO_MODEL ?= examples/olmoe-demo
 
-.PHONY: install demo test bench bench-export bench-scale noise-scan sweep peers clean
+.PHONY: install demo test lint bench bench-export bench-scale noise-scan sweep peers clean
 SHARED ?= ../shared
 
 install: $(STAMP)
@@ -34,6 +34,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# Lint and format rules, and the type check of the package (configured in pyproject.toml).
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hetmoe_compile tests benchmarks examples
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(PY) benchmarks/family_parity.py

@@ -13,7 +13,7 @@ import torch
 def main() -> int:
     from hetmoe_compile.analog import ProgrammedMatrix, analog_config, analog_matmul, program_matrix
     from hetmoe_compile.analog.aihwkit_reference import aihwkit_linear
-    from hetmoe_compile.report import format_table
+    from hetmoe_compile.tables import format_table
 
     gen = torch.Generator().manual_seed(0)
     rows = []

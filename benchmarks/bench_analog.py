@@ -66,12 +66,12 @@ def main() -> int:
 
     from hetmoe_compile.analog import analog_config, simulate
     from hetmoe_compile.analog.aihwkit_reference import aihwkit_linear, aihwkit_rpu_config
-    from hetmoe_compile.analog.expert_group_op import program_group
+    from hetmoe_compile.analog.instance import program_group
     from hetmoe_compile.canonicalize import canonicalize
     from hetmoe_compile.models import load_model, recognize
     from hetmoe_compile.pipeline import place_model
     from hetmoe_compile.placement import PlacementPolicy
-    from hetmoe_compile.report import format_table
+    from hetmoe_compile.tables import format_table
 
     torch.manual_seed(0)
     model = load_model(args.model)

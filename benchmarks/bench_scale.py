@@ -8,7 +8,8 @@ model was built (Python, torch), divided by the bytes of the model's weights.
 Rows: placement (``hc.compile`` at 25 %, and ``place --load meta`` on the saved checkpoint in a fresh process: its
 peak RSS over the checkpoint's size); programming every analog expert (seconds, weights per second, and the
 floor: the time the device takes only to draw the same number of normal variates, measured in the same run);
-forward tokens per second clean and simulated (median of ``--repeat`` runs); peak memory over the weights during and after ``simulate(0)``,
+forward tokens per second clean and simulated (median of ``--repeat`` runs), and the simulated forward through
+each expert-group path (per-expert loop and grouped GEMM, ``grouped_routing.py``) side by side; peak memory over the weights during and after ``simulate(0)``,
 during ``simulate(1)`` (re-programming) and during a simulated forward; and the activations of one forward
 (peak of a clean forward above the resident model), the allowance the 1.15x target adds; and, on the CPU, the
 model loaded again with a device map that offloads its last decoder layer to disk (accelerate): its clean logits
@@ -19,7 +20,9 @@ against the unsharded model's and its forward time over the unsharded one.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -138,6 +141,11 @@ def child(layers: int, dtype_name: str, tokens: int, device_name: str, repeat: i
     with Phase(base, device) as noisy:
         forward()
     sim_s = median_time()
+    grouped_default = use_grouped_now(ids, model)
+    path_s = {}  # the simulated forward through each expert-group path, side by side
+    for mode in ("0", "1"):
+        with _grouped_mm(mode):
+            path_s[mode] = median_time()
     with Phase(base, device) as prog1:
         compiled.simulate(seed=1)
     with Phase(base, device) as noisy1:
@@ -181,7 +189,8 @@ def child(layers: int, dtype_name: str, tokens: int, device_name: str, repeat: i
         "program_s": prog0.seconds, "reprogram_s": prog1.seconds, "weights_per_s": analog / prog0.seconds,
         "floor_s": floor.seconds,
         "repeat": repeat, "clean_tokens_per_s": tokens / clean_s, "sim_tokens_per_s": tokens / sim_s,
-        "sim_over_clean_time": sim_s / clean_s,
+        "sim_over_clean_time": sim_s / clean_s, "sim_grouped_path": grouped_default,
+        "sim_loop_s": path_s["0"], "sim_grouped_s": path_s["1"], "grouped_over_loop_time": path_s["1"] / path_s["0"],
         "activations_over_weights": max(0, clean.peak - clean.start) / weights,
         "checkpoint_bytes": ckpt_bytes, "meta_place_s": meta_place_s, "meta_place_peak_rss": meta_place_rss,
         "meta_place_rss_over_checkpoint": meta_place_rss / ckpt_bytes, **sharded_row,
@@ -190,6 +199,32 @@ def child(layers: int, dtype_name: str, tokens: int, device_name: str, repeat: i
         "peak_sim_forward_over_weights": max(noisy.peak, noisy1.peak) / weights,
         "restored_equal": bool(torch.equal(restored, ref)), "finite": bool(torch.isfinite(out1).all()),
     }
+
+
+@contextlib.contextmanager
+def _grouped_mm(mode: str):
+    from hetmoe_compile.grouped_routing import GROUPED_MM_ENV
+
+    before = os.environ.get(GROUPED_MM_ENV)
+    os.environ[GROUPED_MM_ENV] = mode
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[GROUPED_MM_ENV]
+        else:
+            os.environ[GROUPED_MM_ENV] = before
+
+
+def use_grouped_now(ids, model) -> bool:
+    """Whether the default (``auto``) path of this run's analog groups is the grouped one."""
+    import torch
+
+    from hetmoe_compile.grouped_routing import use_grouped
+
+    g = next(_groups(model, "analog"))
+    w = g.gate_up_weight
+    return use_grouped(torch.empty(1, device=ids.device), w.dtype, w.shape[-1], w.shape[-2] * w.shape[-1])
 
 
 def _groups(model, device: str):
@@ -215,6 +250,12 @@ def table(rows: list[dict]) -> str:
             f"{r['peak_resimulate_over_weights']:.3f} | {r['after_resimulate_over_weights']:.3f} | "
             f"{r['peak_sim_forward_over_weights']:.3f} | {r['activations_over_weights']:.3f} | "
             f"{'bit-exact' if r['restored_equal'] else 'DIFFERS'} |")
+    lines += ["", "| dtype | simulated forward: per-expert loop s | grouped GEMM s | grouped / loop | default path |",
+              "|---|---|---|---|---|"]
+    for r in rows:
+        if "sim_loop_s" in r:
+            lines.append(f"| {r['dtype']} | {r['sim_loop_s']:.3f} | {r['sim_grouped_s']:.3f} | "
+                         f"{r['grouped_over_loop_time']:.2f}x | {'grouped' if r['sim_grouped_path'] else 'loop'} |")
     lines += ["", "| dtype | compile peak/W | checkpoint | `place --load meta` s | its peak RSS / checkpoint | "
                   "sharded (last layer on disk): max abs logit diff | sharded / unsharded forward time |",
               "|---|---|---|---|---|---|---|"]
@@ -242,7 +283,9 @@ def main() -> None:
     for dtype in args.dtypes.split(","):
         out = subprocess.run([sys.executable, __file__, "--child", dtype, "--layers", str(args.layers),
                               "--tokens", str(args.tokens), "--device", args.device, "--repeat", str(args.repeat)],
-                             check=True, capture_output=True, text=True)
+                             capture_output=True, text=True)
+        if out.returncode:
+            sys.exit(f"bench_scale: the {dtype} run failed:\n{out.stderr[-4000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(json.dumps(rows[-1]), file=sys.stderr)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -46,8 +46,8 @@ def main() -> int:
     from hetmoe_compile.calibration import calibration_from_file
     from hetmoe_compile.models import load_model, load_tokenizer, recognize
     from hetmoe_compile.pipeline import analyze_model
-    from hetmoe_compile.report import format_table
     from hetmoe_compile.scoring import score, selectors
+    from hetmoe_compile.tables import format_table
 
     torch.manual_seed(0)
     model = load_model(args.model)

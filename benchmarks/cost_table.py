@@ -19,8 +19,8 @@ from hetmoe_compile.cost import CostParams, estimate_cost, format_bytes, format_
 from hetmoe_compile.models import load_model, recognize
 from hetmoe_compile.placement.placement import place
 from hetmoe_compile.placement.policy import PlacementPolicy
-from hetmoe_compile.report import format_table
 from hetmoe_compile.scoring import score
+from hetmoe_compile.tables import format_table
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PLACEMENTS = [("all-digital", 1.0, "digital"), ("all-analog", 0.0, "analog"), ("dense-digital", 0.0, "digital"),

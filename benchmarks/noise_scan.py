@@ -23,9 +23,9 @@ def main() -> int:
 
     from hetmoe_compile.analog import analog_config
     from hetmoe_compile.canonicalize import canonicalize
-    from hetmoe_compile.evaluation import EvalSpec, evaluate_under_noise, prepare
+    from hetmoe_compile.eval.under_noise import EvalSpec, evaluate_under_noise, prepare
     from hetmoe_compile.models import load_model, load_tokenizer, recognize
-    from hetmoe_compile.report import format_table
+    from hetmoe_compile.tables import format_table
 
     model = load_model(args.model)
     info = recognize(model)

@@ -15,7 +15,7 @@ import numpy as np
 
 
 def main(paths: list[str]) -> int:
-    from hetmoe_compile.report import format_table
+    from hetmoe_compile.tables import format_table
 
     for path in paths:
         doc = json.loads(Path(path).read_text())

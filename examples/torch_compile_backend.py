@@ -2,8 +2,8 @@
 
     python examples/torch_compile_backend.py [--model DIR] [--prompt TEXT] [--noise PRESET] [--max-new-tokens N]
 
-``prepare`` routes each MoE layer's experts through one expert-group op; Dynamo hands the backend the graph, which
-places the experts (options below) and rewrites the analog ones into simulated AIMC ops.
+The model is compiled as loaded: Dynamo hands the backend the graph, in which the backend finds each layer's
+experts, places them (options below) and rewrites the analog ones into simulated AIMC ops.
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ def main() -> None:
     with torch.no_grad():
         eager = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False)
 
-    hc.prepare(model)
     options = {"digital_fraction": 0.25, "selector": "max-neuron-norm", "noise": args.noise, "seed": 0}
     model.forward = torch.compile(model.forward, backend="hetmoe", options=options)
     with torch.no_grad():

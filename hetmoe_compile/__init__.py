@@ -13,7 +13,7 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
+from .version import __version__
 
 _PUBLIC = {
     "compile": "api", "analyze": "api", "CompiledMoE": "api",

@@ -1,6 +1,7 @@
 """The Python API: ``analyze`` a model's experts, ``compile`` it to a placement, then simulate, report or export."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,11 +10,15 @@ from torch import nn
 from .analog.config import AnalogConfig, analog_config
 from .calibration import Calibration
 from .canonicalize import canonicalize
+from .cost.params import CostParams
+from .errors import HetMoEError
+from .lowbit import quantize_digital_experts
 from .models.recognize import ModelInfo, recognize
-from .pipeline import Analysis, analyze_model, place_model
-from .placement.placement import Placement
+from .peers import Applied, PeerOptions
+from .pipeline import Analysis, analyze_model, place_scores, routing_frequencies
+from .placement.placement import Placement, check_placement_matches
 from .placement.policy import PlacementPolicy
-from .scoring import check_selectors
+from .scoring import Scores, check_selectors, score
 from .scoring import selectors as _registry
 
 
@@ -26,11 +31,15 @@ class CompiledMoE:
     info: ModelInfo
     placement: Placement
     analog: AnalogConfig
+    quantization: dict | None = None
+    """What ``digital_bits`` did: ``{"bits", "group_size", "experts": [per-expert error bounds and errors]}``."""
+    peers: Applied | None = None
+    """The peers applied (``peers.record``); :meth:`undo_peers` takes them back."""
 
     def report(self, graph: bool = False, verbose: bool = False) -> str:
         """Parameter share per device and digital experts per layer; with ``graph``, also ``torch.export`` the
         model and count graph nodes per device (``verbose``: every node with its device and reason)."""
-        from .pipeline import tag_graph
+        from .capture import tag_graph
         from .report import placement_report
 
         gm = None
@@ -52,6 +61,12 @@ class CompiledMoE:
 
         return restore_digital(self.model, self.info)
 
+    def undo_peers(self) -> None:
+        """Take back the peers :func:`compile` applied (ROMER, HPD, low-bit), leaving the placed model."""
+        if self.peers is not None:
+            self.peers.undo()
+            self.peers = None
+
     def quantize_digital(self, bits: int, group_size: int = 128) -> list:
         """Quantise the digital experts' weights to INT8 or INT4, group-wise (in place; see
         :func:`hetmoe_compile.lowbit.quantize_digital_experts`); returns each expert's error bound and error."""
@@ -71,18 +86,50 @@ class CompiledMoE:
 
 
 def compile(model: nn.Module, policy: PlacementPolicy | None = None, analog: AnalogConfig | str | None = None,
-            calibration: Calibration | None = None, source: str = "") -> CompiledMoE:
-    """Score ``model``'s experts with ``policy.selector``, place them, and canonicalise ``model`` in place.
+            calibration: Calibration | None = None, source: str = "", *, placement: Placement | None = None,
+            scores: Scores | None = None, cost_params: CostParams | None = None, digital_bits: int | None = None,
+            group_size: int = 128, peers: Sequence[str] = (), peer_options: PeerOptions | None = None,
+            quantization_seed: int = 0) -> CompiledMoE:
+    """The one composer: place ``model``'s experts, canonicalise it in place, then optionally quantise its digital
+    experts and apply peers. The CLI commands, sweeps and benchmarks build on it.
 
-    ``analog`` is an :class:`AnalogConfig` or a preset name (default ``"pcm"``); data-driven selectors need
-    ``calibration`` (:func:`hetmoe_compile.calibration.calibration_from_text`)."""
-    policy = policy or PlacementPolicy()
-    check_selectors([policy.selector], calibration is not None)
+    - Placement: a given ``placement`` (checked against the model; ``source`` names where it came from in
+      messages), else ``policy`` (default 25 % by
+      max-neuron-norm) ranked by ``scores`` (computed with ``policy.selector`` when not given), or placed under
+      the policy's budget with the cost model (``cost_params``) and the calibration text's measured routing.
+    - ``analog``: an :class:`AnalogConfig` or a preset name (default ``"pcm"``); data-driven selectors and the
+      ROMER peers need ``calibration`` (:func:`hetmoe_compile.calibration.calibration_from_text`).
+    - ``digital_bits`` (8 or 4): group-wise integer digital experts (``group_size``); the record is
+      :attr:`CompiledMoE.quantization`.
+    - ``peers`` (names from :data:`hetmoe_compile.peers.PEERS`, with ``peer_options``): applied after
+      placement; :meth:`CompiledMoE.undo_peers` takes them back.
+    """
+    from .peers import PeerContext, apply_peers, check_peers
+
     cfg = analog if isinstance(analog, AnalogConfig) else analog_config(analog or "pcm")
+    names = check_peers(list(peers), calibration is not None) if peers else []
+    if digital_bits is not None and {"int8", "int4"} & set(names):
+        raise HetMoEError("digital_bits and the int8/int4 peers both quantise the digital experts: use one")
     info = recognize(model)
-    placement = place_model(model, policy, calibration, source, info)
+    if placement is None:
+        policy = policy or PlacementPolicy()
+        if scores is None:
+            check_selectors([policy.selector], calibration is not None)
+            scores = score(model, info, policy.selector, calibration, policy.seed)
+        frequencies = routing_frequencies(model, info, calibration) if policy.budget is not None else None
+        placement = place_scores(model, info, scores, policy, source, cost_params, frequencies)
+    else:
+        check_placement_matches(placement.model, model, source or "placement")
     canonicalize(model, placement.devices(), info)
-    return CompiledMoE(model, recognize(model), placement, cfg)
+    compiled = CompiledMoE(model, recognize(model), placement, cfg)
+    if digital_bits is not None:
+        rows = quantize_digital_experts(model, digital_bits, group_size, compiled.info, seed=quantization_seed)
+        compiled.quantization = {"bits": digital_bits, "group_size": group_size,
+                                 "experts": [r.to_dict() for r in rows]}
+    if names:
+        compiled.peers = apply_peers(names, PeerContext(model, compiled.info, cfg, calibration,
+                                                        peer_options or PeerOptions()))
+    return compiled
 
 
 def analyze(model: nn.Module, selectors: list[str] | None = None, calibration: Calibration | None = None,

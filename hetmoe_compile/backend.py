@@ -1,11 +1,11 @@
 """The ``torch.compile`` backend ``"hetmoe"`` (entry point group ``torch_dynamo_backends``).
 
-    import hetmoe_compile
-    hetmoe_compile.prepare(model)  # one expert-group op per MoE layer (numerics unchanged)
+    model = AutoModelForCausalLM.from_pretrained(path)      # unmodified
     model.forward = torch.compile(model.forward, backend="hetmoe", options={"digital_fraction": 0.25})
 
-Dynamo hands the backend a GraphModule. The backend finds the expert-group nodes, places their experts
-(:class:`SplitExpertGroupsPass`) and rewrites the analog groups into simulated AIMC ops
+Dynamo hands the backend a GraphModule. The backend replaces each inlined fused-experts computation by one
+expert-group node (:class:`RecognizeExpertsPass`; a model prepared with :func:`prepare` already has them), places
+the experts (:class:`SplitExpertGroupsPass`) and rewrites the analog groups into simulated AIMC ops
 (:class:`RewriteAnalogPass`), the pass the ahead-of-time path uses. It returns the rewritten module's forward.
 """
 from __future__ import annotations
@@ -17,7 +17,9 @@ from torch import fx, nn
 
 from .analog.config import AnalogConfig, analog_config
 from .errors import HetMoEError
-from .passes import RewriteAnalogPass, SplitExpertGroupsPass, is_expert_group
+from .passes import RecognizeExpertsPass, RewriteAnalogPass, SplitExpertGroupsPass, is_expert_group
+from .passes.recognize_experts_pass import frame_resolver
+from .passes.split_expert_groups_pass import SELECTORS
 from .placement.policy import PlacementPolicy
 
 
@@ -36,12 +38,39 @@ class BackendOptions:
     seed: int = 0
 
     @classmethod
-    def parse(cls, options: dict | None) -> "BackendOptions":
+    def parse(cls, options: dict | None) -> BackendOptions:
+        """Options checked as the CLI checks its flags: names, types, ranges (one line naming the fix)."""
+        if options is not None and not isinstance(options, dict):
+            raise HetMoEError(f"hetmoe backend options must be a dict, got {type(options).__name__}")
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(options or {}) - set(known))
         if unknown:
             raise HetMoEError(f"unknown hetmoe backend option(s) {unknown}; valid options: {', '.join(known)}")
-        return cls(**(options or {}))
+        opts = cls(**(options or {}))
+        number: tuple[type, ...] = (int, float)
+        checks: tuple[tuple[str, tuple[type, ...], bool], ...] = (
+            ("digital_fraction", number, False), ("noise_scale", number, True), ("t_inference", number, True),
+            ("selector", (str,), False), ("scope", (str,), False), ("dense", (str,), False), ("noise", (str,), False),
+            ("overrides", (dict,), True))
+        for name, kinds, optional in checks:
+            value = getattr(opts, name)
+            if (value is None and optional) or (isinstance(value, kinds) and not isinstance(value, bool)):
+                continue
+            want = "a number" if kinds is number else f"a {kinds[0].__name__}"
+            raise HetMoEError(f"hetmoe backend option {name}={value!r} must be {want}"
+                              + (" or None" if optional else ""))
+        if isinstance(opts.seed, bool) or not isinstance(opts.seed, int) or opts.seed < 0:
+            raise HetMoEError(f"hetmoe backend option seed={opts.seed!r} must be an integer >= 0")
+        if opts.selector not in SELECTORS:
+            raise HetMoEError(f"hetmoe backend option selector={opts.selector!r}: in a graph use one of "
+                              f"{', '.join(SELECTORS)}; the others need the whole model or calibration text "
+                              "(use hetmoe_compile.compile(model, ...))")
+        for key in opts.overrides or {}:
+            if not isinstance(key, str):
+                raise HetMoEError(f"hetmoe backend override key {key!r} must be a string 'LAYER:EXPERT'")
+        opts.policy()
+        opts.analog()
+        return opts
 
     def policy(self) -> PlacementPolicy:
         policy = PlacementPolicy(self.digital_fraction, self.selector, self.scope, self.dense,
@@ -56,19 +85,20 @@ class BackendOptions:
         return analog_config(self.noise, self.noise_scale, self.t_inference)
 
 
-def _looks_like_raw_moe(gm: fx.GraphModule) -> bool:
-    names = [n.name for n in gm.graph.nodes if n.op in ("placeholder", "get_attr")]
-    return any("experts" in n and ("gate_up_proj" in n or "down_proj" in n) for n in names)
+def _frame_locals() -> dict:
+    """The locals of the frame Dynamo is compiling (the backend runs inside its translation)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    return dict(tx.f_locals) if tx is not None else {}
 
 
 def hetmoe_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | None = None) -> Callable:
     """Place and rewrite the expert groups of one Dynamo graph; returns the callable Dynamo runs."""
     opts = BackendOptions.parse(options)
     policy, cfg = opts.policy(), opts.analog()
+    RecognizeExpertsPass(frame_resolver(_frame_locals()))(gm)
     if not any(is_expert_group(n) for n in gm.graph.nodes):
-        if _looks_like_raw_moe(gm):
-            raise HetMoEError("the graph holds MoE experts but no hetmoe expert groups: call "
-                              "hetmoe_compile.prepare(model) before torch.compile(..., backend='hetmoe')")
         return gm.forward  # a graph without routed experts (e.g. around a graph break) runs as captured
     SplitExpertGroupsPass(policy, example_inputs)(gm)
     if not cfg.is_ideal:
@@ -80,15 +110,16 @@ def hetmoe_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict |
 def _drop_unused_weights(gm: fx.GraphModule) -> None:
     """Free the split pass's copies of ideal analog weights once the programmed ones replaced them."""
     used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    for name, module in gm.hetmoe_groups.named_modules(prefix="hetmoe_groups"):
+    for name, module in gm.get_submodule("hetmoe_groups").named_modules(prefix="hetmoe_groups"):
         for key, buf in list(module.named_buffers(recurse=False)):
             if buf is not None and f"{name}.{key}" not in used:
                 setattr(module, key, None)
 
 
 def prepare(model: nn.Module) -> nn.Module:
-    """Route every MoE layer's experts through one ``hetmoe::expert_group`` op (in place; numerics unchanged), so
-    that ``torch.compile(..., backend="hetmoe")`` sees one expert-group node per layer. Re-joins a split model."""
+    """Route every MoE layer's experts through one ``hetmoe::expert_group`` op (in place; numerics unchanged).
+    Optional before ``torch.compile(..., backend="hetmoe")``, which recognises a raw model's experts itself; useful
+    for a model whose experts graph-break (``experts_implementation="eager"``). Re-joins a split model."""
     from .canonicalize import canonicalize
     from .hpd import require_unsplit
 

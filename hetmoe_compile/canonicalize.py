@@ -6,26 +6,18 @@ is model-agnostic and leaves routing bit-identical; without noise the canonical 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal, cast
 
 import torch
 from torch import nn
 
 from .expert_group import DEVICES, ExpertGroup, HetExperts
 from .models.device_map import onloaded
-from .models.expert_weights import ExpertWeights, canonical_expert_weights
+from .models.expert_weights import ExpertWeights, activation_params, canonical_expert_weights
 from .models.recognize import ModelInfo, recognize
 
 DeviceMap = Mapping[int, Mapping[int, str]]
 """Decoder layer index -> expert id -> ``"digital"`` | ``"analog"``."""
-
-
-def _act_params(model: nn.Module) -> tuple[str, float, float]:
-    config = model.config
-    return (
-        getattr(config, "hidden_act", "silu") or "silu",
-        float(getattr(config, "swiglu_alpha", 0.0) or 0.0),
-        float(getattr(config, "swiglu_limit", 0.0) or 0.0),
-    )
 
 
 def canonicalize(model: nn.Module, devices: DeviceMap | None = None, info: ModelInfo | None = None) -> nn.Module:
@@ -37,7 +29,7 @@ def canonicalize(model: nn.Module, devices: DeviceMap | None = None, info: Model
     """
     info = info or recognize(model)
     _check_devices(devices or {}, info)
-    act_name, alpha, limit = _act_params(model)
+    act_name, alpha, limit = activation_params(model.config)
     layout = info.adapter.layout
     for layer in info.moe_layers:
         experts = model.get_submodule(layer.experts)
@@ -60,11 +52,11 @@ def canonicalize(model: nn.Module, devices: DeviceMap | None = None, info: Model
             for device, ids in wanted.items():
                 if not ids:
                     continue
-                id_tensor = torch.tensor(ids, dtype=torch.long, device=experts.down_proj.device if views is None
-                                         else views[device].down.device)
+                id_tensor = torch.tensor(ids, dtype=torch.long, device=cast(torch.Tensor, experts.down_proj).device
+                                         if views is None else views[device].down.device)
                 weights = views[device] if views is not None else canonical_expert_weights(experts, source_layout,
                                                                                            id_tensor)
-                groups[device] = ExpertGroup(weights, id_tensor, layer.num_experts, device, layout, act_name, alpha,
+                groups[device] = ExpertGroup(weights, id_tensor, layer.num_experts, device, layout.activation, act_name, alpha,
                                              limit)
         parent_path, attr = layer.experts.rsplit(".", 1)
         setattr(model.get_submodule(parent_path), attr, HetExperts(groups, layer.num_experts, layer.index))
@@ -98,18 +90,21 @@ def _partition_in_place(experts: nn.Module, layout, wanted: dict[str, list[int]]
     each device's experts contiguous, and return each device's weights as views: no copy of the layer, so the
     peak memory of canonicalising is one expert more than the model. Also re-splits a :class:`HetExperts` made this
     way (its groups' tensors tile one storage). ``None`` where this does not apply (then the caller copies)."""
+    tensors: list[torch.Tensor | None]
     if isinstance(experts, HetExperts):
-        groups = list(experts.groups.values())
-        if not groups or any(type(g) is not ExpertGroup for g in groups):
+        modules = list(experts.groups.values())
+        if not modules or any(type(g) is not ExpertGroup for g in modules):
             return None
+        groups = cast(list[ExpertGroup], modules)  # checked just above
         current = [e for g in groups for e in g.ids]
-        tensors = [_whole([getattr(g, n) for g in groups]) for n in _CANONICAL]
-        if any(t is False for t in tensors):
+        wholes = [_whole([getattr(g, n) for g in groups]) for n in _CANONICAL]
+        if any(t is False for t in wholes):
             return None
+        tensors = cast(list[torch.Tensor | None], wholes)  # no False left (checked just above)
     else:
         if layout.transposed or layout.interleaved:
             return None
-        current = list(range(experts.down_proj.shape[0]))
+        current = list(range(cast(torch.Tensor, experts.down_proj).shape[0]))
         tensors = [getattr(experts, n, None) if layout.has_bias or not n.endswith("bias") else None for n in _FUSED]
         if any(t is not None and not t.is_contiguous() for t in tensors):
             return None
@@ -122,30 +117,33 @@ def _partition_in_place(experts: nn.Module, layout, wanted: dict[str, list[int]]
         for t in tensors:
             if t is not None:
                 _permute_rows(t, source)
-    out, start = {}, 0
+    out: dict[str, ExpertWeights] = {}
+    start = 0
     for device, ids in wanted.items():
         if ids:
             stop = start + len(ids)
-            views = [None if t is None else t.detach()[start:stop] for t in tensors]
-            out[device] = ExpertWeights(*views)
+            gate_up, down, gate_up_bias, down_bias = [None if t is None else t.detach()[start:stop] for t in tensors]
+            assert gate_up is not None and down is not None  # recognised experts (and expert groups) always have them
+            out[device] = ExpertWeights(gate_up, down, gate_up_bias, down_bias)
             start = stop
     return out
 
 
-def _whole(parts: list[torch.Tensor | None]) -> torch.Tensor | None | bool:
+def _whole(parts: list[torch.Tensor | None]) -> torch.Tensor | None | Literal[False]:
     """The tensor that the consecutive, contiguous views ``parts`` tile (all None: None; anything else: False)."""
     if all(p is None for p in parts):
         return None
     if any(p is None or not p.is_contiguous() for p in parts):
         return False
-    first = parts[0]
+    tensors = cast(list[torch.Tensor], parts)  # none is None (checked just above)
+    first = tensors[0]
     step = first[0].numel()
     offset = first.storage_offset()
-    for p in parts:
+    for p in tensors:
         if p.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or p.storage_offset() != offset:
             return False
         offset += p.shape[0] * step
-    rows = sum(p.shape[0] for p in parts)
+    rows = sum(p.shape[0] for p in tensors)
     return first.detach().as_strided((rows, *first.shape[1:]), first.stride(), first.storage_offset())
 
 
@@ -173,14 +171,14 @@ class _Fused(nn.Module):
 
     def __init__(self, het: HetExperts) -> None:
         super().__init__()
-        groups = list(het.groups.values())
+        groups = cast(list[ExpertGroup], list(het.groups.values()))  # fusing reads expert groups' tensors
         ids = torch.cat([g.expert_ids for g in groups])
         order = torch.argsort(ids)
         self.gate_up_proj = torch.cat([g.gate_up for g in groups])[order]
         self.down_proj = torch.cat([g.down for g in groups])[order]
-        if groups[0].gate_up_bias is not None:
-            self.gate_up_proj_bias = torch.cat([g.gate_up_bias for g in groups])[order]
-            self.down_proj_bias = torch.cat([g.down_bias for g in groups])[order]
+        if groups[0].gate_up_bias is not None:  # the groups of a layer share its layout: all have biases
+            self.gate_up_proj_bias = torch.cat(cast(list[torch.Tensor], [g.gate_up_bias for g in groups]))[order]
+            self.down_proj_bias = torch.cat(cast(list[torch.Tensor], [g.down_bias for g in groups]))[order]
 
 
 def _fuse_groups(het: HetExperts) -> nn.Module:

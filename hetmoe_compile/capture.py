@@ -1,4 +1,5 @@
-"""Capture a (canonicalised) causal LM as an FX graph with ``torch.export`` (non-strict, dynamic batch and seq)."""
+"""Capture a (canonicalised) causal LM as an FX graph with ``torch.export`` (non-strict, dynamic batch and seq),
+and tag its nodes with their placement."""
 from __future__ import annotations
 
 import torch
@@ -6,6 +7,8 @@ from torch import nn
 from torch.export import Dim, ExportedProgram
 
 from .errors import HetMoEError
+from .models.recognize import ModelInfo, recognize
+from .placement.placement import Placement
 
 
 class LogitsModule(nn.Module):
@@ -39,3 +42,20 @@ def export_model(model: nn.Module, batch: int = 2, seq: int = 8) -> ExportedProg
     except Exception as exc:  # surface the first line; the traceback stays chained
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise HetMoEError(f"torch.export failed for {type(model).__name__}: {first}") from exc
+
+
+def tag_graph(model: nn.Module, placement: Placement, info: ModelInfo | None = None) -> ExportedProgram:
+    """Canonicalise ``model`` in place to ``placement``, ``torch.export`` it and tag every node's placement."""
+    from .canonicalize import canonicalize
+    from .passes.annotate_placement_pass import AnnotatePlacementPass
+
+    info = info or recognize(model)
+    canonicalize(model, placement.devices(), info)
+    info = recognize(model)  # module kinds of the canonical model
+    ep = export_model(model)
+    sig = ep.graph_signature
+    fqns = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
+    annotate = AnnotatePlacementPass(placement, info, fqns, ROOT_PREFIX)
+    result = annotate(ep.graph_module)
+    assert result is not None
+    return ep

@@ -6,10 +6,11 @@ import json
 import math
 import sys
 from pathlib import Path
+from typing import NoReturn
 
-from . import __version__
 from .errors import HetMoEError
 from .placement.policy import SCOPES, PlacementPolicy, parse_override
+from .version import PRODUCER, __version__
 
 EXIT_USAGE = 2
 
@@ -109,7 +110,7 @@ def _add_load_arg(p: argparse.ArgumentParser) -> None:
 class _Parser(argparse.ArgumentParser):
     """Usage errors as one line (``prog: error: ...``) and exit code 2, like every other bad input."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
@@ -220,22 +221,19 @@ def _add_lowbit_args(p: argparse.ArgumentParser, bits_help: str | None = None,
     p.add_argument("--group-size", type=_positive_int, default=128, metavar="G", help=group_help)
 
 
-def _quantize_digital(args, model, info) -> dict | None:
-    """Apply --digital-bits (after canonicalisation); print a summary; the JSON-ready record."""
-    if args.digital_bits is None:
-        return None
-    from .lowbit import quantize_digital_experts
-    from .report import format_table
+def _print_quantization(record: dict | None) -> None:
+    """A summary of what --digital-bits did (the composer's record)."""
+    rows = (record or {}).get("experts") or []
+    if not rows:
+        return
+    from .tables import format_table
 
-    rows = quantize_digital_experts(model, args.digital_bits, args.group_size, info, seed=getattr(args, "seed", 0))
-    if rows:
-        cols = ("gate_up_bound", "gate_up_error", "down_bound", "down_error", "output_error")
-        print(f"digital experts quantised to INT{args.digital_bits}, groups of {args.group_size} "
-              f"({len(rows)} experts; relative errors, worst case from the steps vs measured):")
-        print(format_table(["", *cols], [[stat] + [f"{fn(getattr(r, c) for r in rows):.2e}" for c in cols]
-                                         for stat, fn in (("mean", lambda v: sum(v) / len(rows)), ("max", max))]))
-        print()
-    return {"bits": args.digital_bits, "group_size": args.group_size, "experts": [r.to_dict() for r in rows]}
+    cols = ("gate_up_bound", "gate_up_error", "down_bound", "down_error", "output_error")
+    print(f"digital experts quantised to INT{record['bits']}, groups of {record['group_size']} "
+          f"({len(rows)} experts; relative errors, worst case from the steps vs measured):")
+    print(format_table(["", *cols], [[stat] + [f"{fn(r[c] for r in rows):.2e}" for c in cols]
+                                     for stat, fn in (("mean", lambda v: sum(v) / len(rows)), ("max", max))]))
+    print()
 
 
 def _add_peer_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -277,7 +275,7 @@ def _add_noise_args(p: argparse.ArgumentParser) -> None:
 
 def _noise_and_spec(args):
     from .analog.config import analog_config
-    from .evaluation import EvalSpec, prepare
+    from .eval.under_noise import EvalSpec, prepare
 
     cfg = analog_config(args.noise, args.noise_scale, args.t_inference)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -343,7 +341,8 @@ def _scores_from_checkpoint(args, names: list[str]) -> bool:
                           "--calib and data-driven selectors, or use --load full")
     if args.load == "auto":
         path = Path(args.model).expanduser()
-        return possible and ((path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file())
+        return possible and ((path / "model.safetensors").is_file()
+                             or (path / "model.safetensors.index.json").is_file())
     return args.load == "meta"
 
 
@@ -361,13 +360,13 @@ def _load_meta(args, names: list[str]):
 
 
 def cmd_analyze(args) -> int:
+    from .eval.plots import plot_scores
     from .io import atomic_output_dir
     from .pipeline import analyze_model
     from .placement.placement import model_identity
     from .placement.schema import SCHEMA_VERSION
-    from .plots import plot_scores
-    from .report import format_table
     from .scoring import check_selectors, selectors
+    from .tables import format_table
 
     names = args.selector or [n for n, s in selectors().items() if args.calib or not s.needs_calibration]
     check_selectors(names, bool(args.calib))
@@ -383,10 +382,12 @@ def cmd_analyze(args) -> int:
     rho = analysis.spearman()
     doc = {
         "schema_version": SCHEMA_VERSION,
-        "producer": f"hetmoe-compile {__version__}",
+        "producer": PRODUCER,
         "model": model_identity(model, info, args.model),
-        "selectors": {n: {"seconds": s.seconds, "summary": selectors()[n].summary} for n, s in analysis.scores.items()},
-        "calibration": None if calibration is None else {"source": calibration.source, "tokens": calibration.num_tokens},
+        "selectors": {n: {"seconds": s.seconds, "summary": selectors()[n].summary}
+                      for n, s in analysis.scores.items()},
+        "calibration": None if calibration is None
+        else {"source": calibration.source, "tokens": calibration.num_tokens},
         "seed": args.seed,
         "reference": analysis.reference,
         "layers": [
@@ -416,19 +417,10 @@ def cmd_analyze(args) -> int:
     return 0
 
 
-def _routing_frequencies(model, info, calibration) -> dict[int, list[float]] | None:
-    """Each expert's measured share of the calibration tokens, for the cost model (None: uniform routing)."""
-    if calibration is None:
-        return None
-    from .scoring.routing_stats import routing_stats
-
-    return {i: s["frequency"].tolist() for i, s in routing_stats(model, info, calibration).items()}
-
-
 def cmd_place(args) -> int:
+    from .capture import tag_graph
     from .cost import estimate_cost, format_cost, load_cost_params
-    from .pipeline import tag_graph
-    from .placement import place
+    from .pipeline import place_scores, routing_frequencies
     from .report import placement_report
     from .scoring import check_selectors, score
 
@@ -452,8 +444,8 @@ def cmd_place(args) -> int:
     else:
         model, info, calibration = _load(args)
         scores = score(model, info, policy.selector, calibration, policy.seed)
-    frequencies = _routing_frequencies(model, info, calibration)
-    placement = place(model, info, scores, policy, args.model, params, frequencies)
+    frequencies = routing_frequencies(model, info, calibration)
+    placement = place_scores(model, info, scores, policy, args.model, params, frequencies)
     if placement.cost is None:
         placement.cost = estimate_cost(model, placement, params, info=info, frequencies=frequencies).to_dict()
     graph = None
@@ -468,15 +460,14 @@ def cmd_place(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .canonicalize import canonicalize
-    from .evaluation import check_placement_matches, evaluate_under_noise
+    from .api import compile
+    from .eval.under_noise import evaluate_under_noise
     from .io import atomic_write_text
     from .models import load_tokenizer
-    from .pipeline import place_model
+    from .peers import check_peers
     from .placement import Placement
-    from .peers import PeerContext, apply_peers, check_peers
-    from .report import format_table
     from .scoring import check_selectors
+    from .tables import format_table
 
     cfg, spec, prepared = _noise_and_spec(args)
     peers = check_peers(_list(args.peers, "peers"), bool(args.calib)) if args.peers.strip() else []
@@ -491,20 +482,20 @@ def cmd_eval(args) -> int:
         raise HetMoEError(f"--out {out}: is a directory; give a file path such as {out / 'results.json'}")
     model, info, calibration = _load(args)
     tokenizer = load_tokenizer(args.model)
+    policy = None
     if placement is None:
-        dense = args.dense or "digital"
-        placement = place_model(model, PlacementPolicy(args.digital_fraction, args.selector, dense=dense, seed=args.seed),
-                                calibration, args.model, info)
-    else:
-        check_placement_matches(placement.model, model, args.placement)
-        dense = args.dense or placement.policy.dense
-    canonicalize(model, placement.devices(), info)
-    quant = _quantize_digital(args, model, info)
-    applied = apply_peers(peers, PeerContext(model, info, cfg, calibration, options)) if peers else None
+        policy = PlacementPolicy(args.digital_fraction, args.selector, dense=args.dense or "digital", seed=args.seed)
+    compiled = compile(model, policy, cfg, calibration, args.placement or args.model, placement=placement,
+                       digital_bits=args.digital_bits, group_size=args.group_size, peers=peers, peer_options=options,
+                       quantization_seed=args.seed)
+    _print_quantization(compiled.quantization)
+    placement, info = compiled.placement, compiled.info
+    dense = args.dense or placement.policy.dense
     has_analog = any(l.ids("analog") for l in placement.layers) or "hpd" in peers
     metrics = evaluate_under_noise(model, info, tokenizer, cfg, spec, prepared, dense, has_analog)
+    quant, applied = compiled.quantization, compiled.peers
     doc = {
-        "producer": f"hetmoe-compile {__version__}",
+        "producer": PRODUCER,
         "model": placement.model,
         "policy": {**placement.policy.to_dict(), "dense": dense},
         "analog": cfg.to_dict(),
@@ -525,12 +516,13 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
+    from .cost import load_cost_params
+    from .eval.sweep import results_markdown, run_sweep, sweep_cost_fn, write_sweep
     from .models import load_tokenizer
+    from .peers import check_peers
+    from .pipeline import routing_frequencies
     from .placement.placement import model_identity
     from .scoring import check_selectors
-    from .cost import load_cost_params
-    from .peers import check_peers
-    from .sweep import results_markdown, run_sweep, sweep_cost_fn, write_sweep
 
     fractions = sorted({_fraction(f) for f in _list(args.fractions, "fractions")})
     selectors_ = _list(args.selectors, "selectors")
@@ -545,8 +537,8 @@ def cmd_sweep(args) -> int:
     tokenizer = load_tokenizer(args.model)
     rows = run_sweep(model, info, tokenizer, fractions, selectors_, cfg, spec, calibration, not args.no_ablation,
                      prepared, peers, _peer_options(args),
-                     sweep_cost_fn(cost_params, cfg, _routing_frequencies(model, info, calibration)))
-    meta = {"producer": f"hetmoe-compile {__version__}", "model": model_identity(model, info, args.model),
+                     sweep_cost_fn(cost_params, cfg, routing_frequencies(model, info, calibration)))
+    meta = {"producer": PRODUCER, "model": model_identity(model, info, args.model),
             "fractions": fractions, "selectors": selectors_, "peers": peers, "ppl_text": spec.ppl_path,
             "ppl_tokens": spec.ppl_tokens, "tasks": spec.tasks, "limit": spec.limit,
             "cost_params": cost_params.to_dict()}
@@ -558,11 +550,11 @@ def cmd_sweep(args) -> int:
 
 def cmd_export(args) -> int:
     from .analog.config import analog_config
-    from .evaluation import check_placement_matches
+    from .api import compile
+    from .cost import format_cost, load_cost_params
     from .export import ExportOptions, export_onnx
     from .io import check_replaceable_dir
-    from .models import load_model, load_tokenizer, recognize
-    from .cost import format_cost, load_cost_params
+    from .models import load_model, load_tokenizer
     from .placement import Placement
     from .runtime import MANIFEST_NAME
 
@@ -574,25 +566,20 @@ def cmd_export(args) -> int:
 
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     model = load_model(args.model, dtype=dtype, device="cpu")
-    check_placement_matches(placement.model, model, args.placement)
-    if args.digital_bits is not None:
-        from .canonicalize import canonicalize
-
-        info = recognize(model)
-        canonicalize(model, placement.devices(), info)
-        _quantize_digital(args, model, info)
+    compiled = compile(model, None, cfg, None, args.placement, placement=placement, digital_bits=args.digital_bits,
+                       group_size=args.group_size)
+    _print_quantization(compiled.quantization)
     try:
         tokenizer = load_tokenizer(args.model)
     except HetMoEError:
         tokenizer = None
-    manifest = export_onnx(model, placement, Path(args.out), ExportOptions(cfg, args.instance_seed, args.monolithic,
-                                                                          ort_moe=args.ort_moe, cost=cost_params),
-                           tokenizer)
+    options = ExportOptions(cfg, args.instance_seed, args.monolithic, ort_moe=args.ort_moe, cost=cost_params)
+    manifest = export_onnx(compiled.model, compiled.placement, Path(args.out), options, tokenizer)
     doc = json.loads(manifest.read_text())
     rows = [[p["name"], p["device"], _size(manifest.parent, p), ",".join(f"{k}:{len(v)}" for k, v in
                                                                          p["experts"].items()) or "-"]
             for p in doc["partitions"]]
-    from .report import format_table
+    from .tables import format_table
 
     print(format_table(["partition", "device", "size", "layer:experts"], rows))
     print()

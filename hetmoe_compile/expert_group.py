@@ -7,15 +7,15 @@ tokens routed to the group's experts (gather, per-expert matmuls, scatter-add), 
 """
 from __future__ import annotations
 
+from typing import NamedTuple, cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .models.adapter import ExpertLayout
-from .models.expert_weights import ExpertWeights
-
-DEVICES = ("digital", "analog")
+from .devices import DEVICES
+from .grouped_routing import routed_slots, routing_plan, use_grouped
 
 
 def activate(gate_up: torch.Tensor, activation: str, act_name: str, alpha: float, limit: float) -> torch.Tensor:
@@ -29,26 +29,6 @@ def activate(gate_up: torch.Tensor, activation: str, act_name: str, alpha: float
         up = up.clamp(min=-limit, max=limit)
         return (up + 1) * (gate * torch.sigmoid(gate * alpha))
     raise ValueError(f"unknown expert activation '{activation}'")
-
-
-def routed_slots(
-    top_k_index: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
-) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
-    """Group the (token, slot) pairs routed to ``expert_ids`` by local expert.
-
-    Returns ``(token, flat_slot, counts)``: for each routed pair, its token index and its index into the flattened
-    ``[T*K]`` routing tensors, sorted by local expert; ``counts[e]`` pairs belong to local expert ``e``.
-    """
-    k = top_k_index.shape[-1]
-    lut = torch.full((num_experts,), -1, dtype=torch.long, device=top_k_index.device)
-    lut[expert_ids] = torch.arange(expert_ids.numel(), device=top_k_index.device)
-    local = lut[top_k_index.reshape(-1)]
-    flat_slot = torch.nonzero(local >= 0).squeeze(1)
-    local = local[flat_slot]
-    local, order = torch.sort(local, stable=True)
-    flat_slot = flat_slot[order]
-    counts = torch.bincount(local, minlength=expert_ids.numel()).tolist()
-    return flat_slot // k, flat_slot, counts
 
 
 def expert_mlp(
@@ -84,6 +64,9 @@ def expert_group_op(
     limit: float,
 ) -> torch.Tensor:
     """Sum over routed (token, slot) pairs of ``weight * expert(hidden[token])`` for the group's experts."""
+    if use_grouped(hidden, gate_up.dtype, gate_up.shape[-1], down.shape[-1]):
+        return _grouped_expert_group(hidden, top_k_index, top_k_weights, expert_ids, gate_up, down, gate_up_bias,
+                                     down_bias, num_experts, activation, act_name, alpha, limit)
     out = torch.zeros_like(hidden)
     token, flat_slot, counts = routed_slots(top_k_index, expert_ids, num_experts)
     weights = top_k_weights.reshape(-1)[flat_slot]
@@ -102,14 +85,46 @@ def expert_group_op(
     return out
 
 
+def _grouped_expert_group(hidden, top_k_index, top_k_weights, expert_ids, gate_up, down, gate_up_bias, down_bias,
+                          num_experts, activation, act_name, alpha, limit) -> torch.Tensor:
+    """The grouped path of :func:`expert_group_op` (see :mod:`.grouped_routing`): no host synchronisation."""
+    token, flat_slot, local, ends = routing_plan(top_k_index, expert_ids, num_experts)
+    row = local.clamp(max=expert_ids.numel() - 1)
+    h = F.grouped_mm(hidden[token].to(gate_up.dtype), gate_up.transpose(1, 2), offs=ends)
+    if gate_up_bias is not None:
+        h = h + gate_up_bias[row]
+    h = activate(h, activation, act_name, alpha, limit)
+    y = F.grouped_mm(h, down.transpose(1, 2), offs=ends)
+    if down_bias is not None:
+        y = y + down_bias[row]
+    valid = (local < expert_ids.numel())[:, None]  # rows past the last offset are other groups' (and garbage)
+    y = torch.where(valid, y * top_k_weights.reshape(-1)[flat_slot, None], 0)
+    return torch.zeros_like(hidden).index_add_(0, token, y.to(hidden.dtype))
+
+
 @expert_group_op.register_fake
 def _(hidden, top_k_index, top_k_weights, expert_ids, gate_up, down, gate_up_bias, down_bias, num_experts,
       activation, act_name, alpha, limit):
     return torch.empty_like(hidden)
 
 
+class ExpertWeights(NamedTuple):
+    """Canonical weights of a set of experts: one row is one neuron."""
+
+    gate_up: torch.Tensor  # [n, 2I, H], gate rows then up rows
+    down: torch.Tensor  # [n, H, I]
+    gate_up_bias: torch.Tensor | None  # [n, 2I]
+    down_bias: torch.Tensor | None  # [n, H]
+
+
+Weights = tuple[torch.Tensor, torch.Tensor, "torch.Tensor | None", "torch.Tensor | None"]
+"""One expert's canonical ``(gate_up [2I, H], down [H, I], gate_up_bias, down_bias)``."""
+
+
 class ExpertGroup(nn.Module):
     """A subset of one layer's routed experts, all on one device, in canonical weight layout."""
+
+    expert_ids: torch.Tensor
 
     def __init__(
         self,
@@ -117,7 +132,7 @@ class ExpertGroup(nn.Module):
         expert_ids: torch.Tensor,
         num_experts: int,
         device_kind: str,
-        layout: ExpertLayout,
+        activation: str,
         act_name: str = "silu",
         alpha: float = 0.0,
         limit: float = 0.0,
@@ -127,7 +142,7 @@ class ExpertGroup(nn.Module):
             raise ValueError(f"device must be one of {DEVICES}, got '{device_kind}'")
         self.device_kind = device_kind
         self.num_experts = num_experts
-        self.activation = layout.activation
+        self.activation = activation
         self.act_name = act_name
         self.alpha = float(alpha)
         self.limit = float(limit)
@@ -141,7 +156,7 @@ class ExpertGroup(nn.Module):
     def ids(self) -> list[int]:
         return self.expert_ids.tolist()
 
-    def expert(self, local: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    def expert(self, local: int) -> Weights:
         """Canonical ``(gate_up, down, gate_up_bias, down_bias)`` of the group's ``local``-th expert."""
         return (
             self.gate_up[local], self.down[local],
@@ -149,7 +164,7 @@ class ExpertGroup(nn.Module):
             None if self.down_bias is None else self.down_bias[local],
         )
 
-    def run_expert(self, local: int, x: torch.Tensor, weights: tuple | None = None) -> torch.Tensor:
+    def run_expert(self, local: int, x: torch.Tensor, weights: Weights | None = None) -> torch.Tensor:
         """The group's ``local``-th expert on tokens ``x`` (optionally with replacement ``weights``)."""
         return expert_mlp(x, *(weights or self.expert(local)), self.activation, self.act_name, self.alpha, self.limit)
 
@@ -168,6 +183,8 @@ class HetExperts(nn.Module):
     """Drop-in replacement for a family's experts module: ``(hidden [T,H], top_k_index [T,K],
     top_k_weights [T,K]) -> [T,H]``, the sum of its digital and analog groups. Routing is untouched."""
 
+    groups: nn.ModuleDict
+
     def __init__(self, groups: dict[str, ExpertGroup], num_experts: int, layer_index: int) -> None:
         super().__init__()
         self.groups = nn.ModuleDict(groups)
@@ -176,7 +193,7 @@ class HetExperts(nn.Module):
 
     def device_of(self) -> dict[int, str]:
         """Expert id -> device."""
-        return {e: name for name, g in self.groups.items() for e in g.ids}
+        return {e: name for name, g in self.groups.items() for e in cast(ExpertGroup, g).ids}
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor | None = None

@@ -19,7 +19,6 @@ import functools
 import os
 from collections.abc import Iterator
 
-
 BOUND_ENV = "HETMOE_BOUNDED_ALLOCATOR"
 _M_MMAP_THRESHOLD = -3
 BOUNDED_THRESHOLD = 1 << 20

@@ -6,8 +6,9 @@ and low-bit digital experts. Each pass applies in place and hands back a record 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from .errors import HetMoEError
 
@@ -47,7 +48,7 @@ class Applied:
     """What a pass did (JSON-ready) and how to take it back."""
 
     record: dict
-    undo: Callable[[], None]
+    undo: Callable[[], object]  # its result is ignored
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The ahead-of-time pipeline steps, composed: load -> recognise -> score -> place -> canonicalise -> capture -> tag."""
+"""The ahead-of-time pipeline steps, composed: recognise -> score -> place (by rank or under a budget)."""
 from __future__ import annotations
 
 import math
@@ -7,13 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import spearmanr
 from torch import nn
-from torch.export import ExportedProgram
 
 from .calibration import Calibration
-from .canonicalize import canonicalize
-from .capture import ROOT_PREFIX, export_model
 from .models.recognize import ModelInfo, recognize
-from .passes.annotate_placement_pass import AnnotatePlacementPass
 from .placement.placement import Placement, place
 from .placement.policy import PlacementPolicy
 from .scoring import Scores, score, score_all
@@ -46,7 +42,7 @@ class Analysis:
     def table(self, digital_fraction: float = 0.25) -> str:
         """Per layer, the experts a ``digital_fraction`` placement makes digital by the first selector, and each
         selector's Spearman correlation with the reference."""
-        from .report import format_table
+        from .tables import format_table
 
         rho = self.spearman()
         first = next(iter(self.scores))
@@ -85,23 +81,32 @@ def analyze_checkpoint(source: str, selectors: list[str], seed: int = 0,
     return model, Analysis(info, scores, "measured" if "measured" in scores else (selectors[0] if selectors else None))
 
 
-def place_model(model: nn.Module, policy: PlacementPolicy, calibration: Calibration | None = None,
-                source: str = "", info: ModelInfo | None = None) -> Placement:
-    """Score with ``policy.selector`` and place."""
-    info = info or recognize(model)
-    scores = score(model, info, policy.selector, calibration, policy.seed)
+def routing_frequencies(model: nn.Module, info: ModelInfo,
+                        calibration: Calibration | None) -> dict[int, list[float]] | None:
+    """Each expert's measured share of the calibration tokens, for the cost model (None: uniform routing)."""
+    if calibration is None:
+        return None
+    from .scoring.routing_stats import routing_stats
+
+    return {i: s["frequency"].tolist() for i, s in routing_stats(model, info, calibration).items()}
+
+
+def place_scores(model: nn.Module, info: ModelInfo, scores: Scores, policy: PlacementPolicy, source: str = "",
+                 cost_params=None, frequencies: dict[int, list[float]] | None = None) -> Placement:
+    """Place by ``scores``: the top ``digital_fraction`` ranked, or, for a policy with a budget, under the budget
+    (:func:`hetmoe_compile.cost.budget.place_under_budget`, costed with ``cost_params`` and routing
+    ``frequencies``)."""
+    if policy.budget is not None:
+        from .cost.budget import place_under_budget
+
+        return place_under_budget(model, info, scores, policy, cost_params, source=source, frequencies=frequencies)
     return place(model, info, scores, policy, source)
 
 
-def tag_graph(model: nn.Module, placement: Placement, info: ModelInfo | None = None) -> ExportedProgram:
-    """Canonicalise ``model`` in place to ``placement``, ``torch.export`` it and tag every node's placement."""
+def place_model(model: nn.Module, policy: PlacementPolicy, calibration: Calibration | None = None,
+                source: str = "", info: ModelInfo | None = None, cost_params=None) -> Placement:
+    """Score with ``policy.selector`` and place (a budget is costed with the calibration text's routing)."""
     info = info or recognize(model)
-    canonicalize(model, placement.devices(), info)
-    info = recognize(model)  # module kinds of the canonical model
-    ep = export_model(model)
-    sig = ep.graph_signature
-    fqns = {**sig.inputs_to_parameters, **sig.inputs_to_buffers}
-    annotate = AnnotatePlacementPass(placement, info, fqns, ROOT_PREFIX)
-    result = annotate(ep.graph_module)
-    assert result is not None
-    return ep
+    scores = score(model, info, policy.selector, calibration, policy.seed)
+    frequencies = routing_frequencies(model, info, calibration) if policy.budget is not None else None
+    return place_scores(model, info, scores, policy, source, cost_params, frequencies)

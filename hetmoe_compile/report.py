@@ -7,6 +7,7 @@ from torch import fx
 
 from .passes.pass_base import PLACEMENT_META
 from .placement.placement import Placement
+from .tables import format_table
 
 
 def node_counts(graph_module: fx.GraphModule) -> dict[str, dict[str, int]]:
@@ -17,14 +18,6 @@ def node_counts(graph_module: fx.GraphModule) -> dict[str, dict[str, int]]:
         if tag is not None:
             counts[tag.device][tag.kind] += 1
     return {dev: dict(sorted(c.items())) for dev, c in counts.items()}
-
-
-def format_table(headers: list[str], rows: list[list]) -> str:
-    """A plain monospace table."""
-    cells = [headers] + [[str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    line = lambda r: "  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths)))
-    return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
 
 
 def placement_report(placement: Placement, graph_module: fx.GraphModule | None = None, verbose: bool = False) -> str:

@@ -4,20 +4,18 @@ import numpy as np
 import pytest
 import torch
 
-from hetmoe_compile.analog import (AnalogConfig, analog_config, analog_matmul, program_matrix, restore_digital,
-                                   simulate)
+from hetmoe_compile.analog import AnalogConfig, analog_config, analog_matmul, program_matrix, restore_digital, simulate
 from hetmoe_compile.analog.aihwkit_reference import aihwkit_linear
-from hetmoe_compile.analog.expert_group_op import program_group
+from hetmoe_compile.analog.instance import program_group
 from hetmoe_compile.analog.tiles import split_sizes
 from hetmoe_compile.canonicalize import canonicalize
+from hetmoe_compile.capture import tag_graph
 from hetmoe_compile.errors import HetMoEError
 from hetmoe_compile.models import recognize
 from hetmoe_compile.models.tiny import TINY_CONFIGS, tiny_model
 from hetmoe_compile.passes import PLACEMENT_META, RewriteAnalogPass, is_expert_group
-from hetmoe_compile.pipeline import place_model, tag_graph
+from hetmoe_compile.pipeline import place_model
 from hetmoe_compile.placement import PlacementPolicy
-
-
 
 
 def _rel(y, ref):

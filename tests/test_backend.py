@@ -7,6 +7,7 @@ from torch._dynamo.utils import counters
 import hetmoe_compile as hc
 from hetmoe_compile.backend import BackendOptions, hetmoe_backend
 from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.models.recognize import recognize
 from hetmoe_compile.models.tiny import tiny_model
 from hetmoe_compile.passes import PLACEMENT_META, is_expert_group
 
@@ -31,8 +32,33 @@ def test_backend_is_registered_by_entry_point():
     assert "hetmoe" in dynamo.list_backends(exclude_tags=())
 
 
-@pytest.mark.parametrize("family", ["olmoe", "gpt_oss"])
-def test_ideal_noise_matches_eager(family):
+FAMILIES = ["olmoe", "qwen2_moe", "qwen3_moe", "mixtral", "granitemoe", "deepseek_v3", "gpt_oss"]
+
+
+def _groups(gm):
+    return sorted(n.meta[PLACEMENT_META].device for n in gm.graph.nodes if is_expert_group(n))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_raw_model_ideal_matches_eager(family):
+    """An unprepared model: the backend finds each layer's experts in Dynamo's graph and splits them."""
+    model = tiny_model(family)
+    with torch.no_grad():
+        ref = model(input_ids=IDS, use_cache=False).logits
+    graphs = []
+    fwd = _compiled_forward(model, {"noise": "ideal", "digital_fraction": 0.25}, graphs)
+    with torch.no_grad():
+        got = fwd(input_ids=IDS, use_cache=False).logits
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
+    moe_layers = len(recognize(model).moe_layers)
+    assert _groups(graphs[0]) == ["analog"] * moe_layers + ["digital"] * moe_layers
+    assert not any(type(m).__name__ == "HetExperts" for m in model.modules())  # the model itself is untouched
+
+
+@pytest.mark.parametrize("family", ["olmoe", "deepseek_v3", "gpt_oss"])
+def test_prepared_model_ideal_matches_eager(family):
+    """hc.prepare stays optional and exact; DeepSeek-V3's router keeps its in-place scatter_ (once deleted as dead
+    code by the split pass: relative error 1.19)."""
     model = tiny_model(family)
     with torch.no_grad():
         ref = model(input_ids=IDS, use_cache=False).logits
@@ -42,12 +68,26 @@ def test_ideal_noise_matches_eager(family):
     with torch.no_grad():
         got = fwd(input_ids=IDS, use_cache=False).logits
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-5)
-    groups = [n for n in graphs[0].graph.nodes if is_expert_group(n)]
-    assert sorted(n.meta[PLACEMENT_META].device for n in groups) == ["analog", "analog", "digital", "digital"]
+    if family == "deepseek_v3":
+        assert any(n.target == "scatter_" for n in graphs[0].graph.nodes)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_raw_model_pcm_equals_the_eager_simulation(family):
+    """The backend on a raw model places like hetmoe_compile.compile and programs the same devices for a seed."""
+    compiled = hc.compile(tiny_model(family), hc.PlacementPolicy(0.25), "pcm")
+    with torch.no_grad():
+        eager = compiled.simulate(seed=3)(input_ids=IDS, use_cache=False).logits
+        clean = compiled.restore()(input_ids=IDS, use_cache=False).logits
+    fwd = _compiled_forward(tiny_model(family), {"noise": "pcm", "seed": 3, "digital_fraction": 0.25})
+    with torch.no_grad():
+        got = fwd(input_ids=IDS, use_cache=False).logits
+    assert (got - clean).abs().max() > 1e-3  # noisy
+    torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
 
 
 def test_pcm_matches_the_eager_simulation_of_the_same_placement():
-    """The backend places like hetmoe_compile.compile and programs the same devices for the same seed."""
+    """The same through a prepared model."""
     model = tiny_model("olmoe")
     compiled = hc.compile(model, hc.PlacementPolicy(0.25), "pcm")
     with torch.no_grad():
@@ -61,9 +101,11 @@ def test_pcm_matches_the_eager_simulation_of_the_same_placement():
     torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
 
 
-def test_dynamic_sequence_lengths_and_generate_do_not_recompile_every_call():
+@pytest.mark.parametrize("prepared", [True, False])
+def test_dynamic_sequence_lengths_and_generate_do_not_recompile_every_call(prepared):
     model = tiny_model("olmoe")
-    hc.prepare(model)
+    if prepared:
+        hc.prepare(model)
     fwd = _compiled_forward(model, {"noise": "dac-adc"})
     with torch.no_grad():
         for seq in (5, 7, 11, 13, 17):
@@ -78,19 +120,51 @@ def test_dynamic_sequence_lengths_and_generate_do_not_recompile_every_call():
             graphs.append(counters["stats"]["unique_graphs"])
     # prefill and decode graphs become dynamic after the first changes of length; then nothing recompiles
     assert graphs[-1] == graphs[-2] == graphs[-3], graphs
-    assert graphs[-1] <= 8
 
 
-def test_unknown_options_and_unprepared_models_are_clear_errors():
-    with pytest.raises(HetMoEError, match=r"unknown hetmoe backend option\(s\) \['fraction'\]; valid options: "
-                                          r"digital_fraction, selector"):
-        BackendOptions.parse({"fraction": 0.5})
+def test_compiling_the_module_itself():
+    """``torch.compile(model, backend="hetmoe")`` as a new user writes it: the OptimizedModule runs the rewrite."""
+    model = tiny_model("qwen2_moe")
+    with torch.no_grad():
+        ref = model(input_ids=IDS, use_cache=False).logits
+        dynamo.reset()
+        got = torch.compile(model, backend="hetmoe", options={"noise": "ideal"})(input_ids=IDS, use_cache=False)
+    torch.testing.assert_close(got.logits, ref, rtol=0, atol=1e-5)
+
+
+def test_experts_split_by_a_graph_break_are_a_clear_error():
     model = tiny_model("olmoe")
-    hc.prepare(model)
-    with pytest.raises(Exception, match="needs the whole model or calibration text"):  # Dynamo wraps it
-        _compiled_forward(model, {"selector": "activation-frequency"})(input_ids=IDS, use_cache=False)
-    raw = tiny_model("olmoe")
-    with pytest.raises(Exception, match=r"call hetmoe_compile.prepare\(model\) before torch.compile"):
-        _compiled_forward(raw, {})(input_ids=IDS, use_cache=False)
-    with pytest.raises(HetMoEError, match="dense='analog' .* is simulation-only"):
-        BackendOptions.parse({"dense": "analog"}).policy()
+    model.set_experts_implementation("eager")  # a Python loop over hit experts: Dynamo breaks at nonzero()
+    with pytest.raises(Exception, match=r"graph break inside the experts.*call hetmoe_compile.prepare\(model\)"):
+        _compiled_forward(model, {})(input_ids=IDS, use_cache=False)
+    hc.prepare(model)  # the way out the message names
+    with torch.no_grad():
+        _compiled_forward(model, {"noise": "ideal"})(input_ids=IDS, use_cache=False)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"fraction": 0.5}, r"unknown hetmoe backend option\(s\) \['fraction'\]; valid options: digital_fraction, "),
+    ({"seed": -1}, r"seed=-1 must be an integer >= 0"),
+    ({"seed": 1.5}, r"seed=1.5 must be an integer >= 0"),
+    ({"digital_fraction": "0.25"}, r"digital_fraction='0.25' must be a number"),
+    ({"digital_fraction": 1.5}, r"digital fraction must be in \[0, 1\], got 1.5"),
+    ({"noise": "loud"}, r"unknown noise preset 'loud'"),
+    ({"noise_scale": "2"}, r"noise_scale='2' must be a number or None"),
+    ({"overrides": {"0:1": "gpu"}}, r"override 0:1=gpu: device must be one of digital, analog"),
+    ({"overrides": {"0-1": "digital"}}, r"override '0-1': expected LAYER:EXPERT"),
+    ({"selector": "activation-frequency"}, r"in a graph use one of max-neuron-norm, random"),
+    ({"dense": "analog"}, r"dense='analog' .* is simulation-only"),
+])
+def test_options_are_checked_like_the_cli(options, message):
+    with pytest.raises(HetMoEError, match=message):
+        BackendOptions.parse(options)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("0:99", r"override '0:99' names expert 99, but layer 0 has experts 0..7"),
+    ("9:0", r"override '9:0' names layer 9, but the MoE layers in this graph are \[0, 1\]"),
+])
+def test_overrides_naming_missing_experts_fail_through_dynamo(override, message):
+    model = tiny_model("olmoe")
+    with pytest.raises(Exception, match=message):  # Dynamo wraps our error; the message stays readable
+        _compiled_forward(model, {"overrides": {override: "digital"}})(input_ids=IDS, use_cache=False)

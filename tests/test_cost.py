@@ -8,13 +8,23 @@ import pytest
 import torch
 
 from hetmoe_compile.cli import main
-from hetmoe_compile.cost import (CostParams, Estimator, estimate_cost, format_bytes, load_cost_params, parse_bytes,
-                                 parse_energy, place_under_budget, profile_model)
+from hetmoe_compile.cost import (
+    CostParams,
+    Estimator,
+    estimate_cost,
+    format_bytes,
+    load_cost_params,
+    parse_bytes,
+    parse_energy,
+    place_under_budget,
+    profile_model,
+)
 from hetmoe_compile.cost.params import SOURCES, describe_params
 from hetmoe_compile.errors import HetMoEError
 from hetmoe_compile.hpd import split_linear
 from hetmoe_compile.models import recognize
 from hetmoe_compile.models.tiny import tiny_model
+from hetmoe_compile.pipeline import place_scores
 from hetmoe_compile.placement import Placement, PlacementPolicy, place, validate_placement
 from hetmoe_compile.runtime.manifest import validate_manifest
 from hetmoe_compile.scoring.base import Scores
@@ -230,7 +240,8 @@ def test_memory_budget_picks_the_hand_computed_greedy_set(olmoe):
     # an override to digital counts against the budget
     forced = _greedy_per_layer(scores, 16) - _greedy_per_layer(scores, 5)
     li, e = sorted(forced)[0]
-    o = place(model, info, scores, PlacementPolicy(overrides={f"{li}:{e}": "digital"}, digital_memory_budget=budget))
+    o = place_scores(model, info, scores, PlacementPolicy(overrides={f"{li}:{e}": "digital"},
+                                                          digital_memory_budget=budget))
     assert sum(len(l.ids("digital")) for l in o.layers) == 5 and e in o.layers[li].ids("digital")
     # the placement round-trips through placement.json and old files (no cost, no budget) still load
     doc = p.to_dict()

@@ -12,8 +12,7 @@ from hetmoe_compile.cli import main
 from hetmoe_compile.errors import HetMoEError
 from hetmoe_compile.expert_group import HetExperts
 from hetmoe_compile.models import load_model, recognize
-from hetmoe_compile.models.device_map import (check_dtype_on_device, input_device, offloaded_modules,
-                                              parse_device_map)
+from hetmoe_compile.models.device_map import check_dtype_on_device, input_device, offloaded_modules, parse_device_map
 from hetmoe_compile.models.tiny import tiny_model
 
 pytest.importorskip("accelerate", reason="device maps need accelerate (make install)")

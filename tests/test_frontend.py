@@ -11,7 +11,8 @@ import torch
 import hetmoe_compile.expert_group as expert_group_mod
 from hetmoe_compile.canonicalize import canonicalize
 from hetmoe_compile.errors import HetMoEError, UnsupportedModelError
-from hetmoe_compile.expert_group import DEVICES, ExpertGroup, HetExperts, routed_slots
+from hetmoe_compile.expert_group import DEVICES, ExpertGroup, HetExperts
+from hetmoe_compile.grouped_routing import routed_slots
 from hetmoe_compile.models import (
     DENSE_KINDS,
     ROUTED_EXPERTS,
@@ -316,7 +317,7 @@ def _olmoe_group(ids: list[int], device: str = "digital") -> tuple[torch.nn.Modu
     experts = model.get_submodule(info.moe_layers[0].experts)
     id_t = torch.tensor(ids)
     weights = canonical_expert_weights(experts, info.adapter.layout, id_t)
-    return experts, ExpertGroup(weights, id_t, 8, device, info.adapter.layout, "silu")
+    return experts, ExpertGroup(weights, id_t, 8, device, info.adapter.layout.activation, "silu")
 
 
 def test_expert_group_computes_only_routed_tokens(monkeypatch):

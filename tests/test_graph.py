@@ -2,12 +2,11 @@
 import pytest
 import torch
 
-from hetmoe_compile.capture import export_model
+from hetmoe_compile.capture import export_model, tag_graph
 from hetmoe_compile.errors import HetMoEError
 from hetmoe_compile.models import recognize
 from hetmoe_compile.models.tiny import TINY_CONFIGS, tiny_model
 from hetmoe_compile.passes import PLACEMENT_META, AnnotatePlacementPass, PassError, is_expert_group
-from hetmoe_compile.pipeline import tag_graph
 from hetmoe_compile.placement import PlacementPolicy, place
 from hetmoe_compile.report import node_counts, placement_report
 from hetmoe_compile.scoring import score

@@ -12,8 +12,7 @@ from hetmoe_compile.analog.simulate import HPD_KEY_BASE, hpd_stream_key
 from hetmoe_compile.canonicalize import canonicalize
 from hetmoe_compile.errors import HetMoEError
 from hetmoe_compile.export import export_onnx
-from hetmoe_compile.hpd import (TARGETS, HPDLinear, hpd_modules, hpd_output_error, split_projections,
-                                unsplit_projections)
+from hetmoe_compile.hpd import TARGETS, HPDLinear, hpd_modules, hpd_output_error, split_projections, unsplit_projections
 from hetmoe_compile.models import recognize
 from hetmoe_compile.models.tiny import tiny_config, tiny_model
 from hetmoe_compile.pipeline import place_model
@@ -203,7 +202,8 @@ def test_errors_split_twice_nothing_to_split_and_simulated_model():
     unsplit_projections(model)
     assert unsplit_projections(model) == []
     simulate(model, analog_config("pcm"), seed=0, dense="analog", info=info)
-    with pytest.raises(HetMoEError, match=r"call analog.restore_digital\(model\)"):
+    with pytest.raises(HetMoEError, match=r"o_proj is a AnalogLinear around its nn.Linear: restore the digital "
+                                          r"model \(analog.restore_digital\(model\)\)"):
         split_projections(model, info)
     restore_digital(model, info)
     headless = tiny_model("olmoe")

@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from hetmoe_compile.analog import analog_config, restore_digital, simulate
-from hetmoe_compile.analog.expert_group_op import program_group
 from hetmoe_compile.analog.ideal_store import SPILL_DIR_ENV, STORE_ENV, IdealStore, store_kind
+from hetmoe_compile.analog.instance import program_group
 from hetmoe_compile.analog.programmed_stack import ProgrammedStack
 from hetmoe_compile.analog.programming_noise import stream_seed
 from hetmoe_compile.canonicalize import canonicalize
+from hetmoe_compile.capture import tag_graph
 from hetmoe_compile.errors import HetMoEError
 from hetmoe_compile.models import recognize
 from hetmoe_compile.models.tiny import tiny_model
 from hetmoe_compile.passes import RewriteAnalogPass
-from hetmoe_compile.pipeline import place_model, tag_graph
+from hetmoe_compile.pipeline import place_model
 from hetmoe_compile.placement import PlacementPolicy
 
 IDS = torch.tensor([[3, 7, 11, 2, 9, 4, 40, 41]])

@@ -6,18 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from hetmoe_compile.calibration import Calibration
 from hetmoe_compile.analog.config import analog_config
+from hetmoe_compile.calibration import Calibration
 from hetmoe_compile.canonicalize import canonicalize
 from hetmoe_compile.cli import main
 from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.eval.sweep import pareto_front, sweep_jobs
 from hetmoe_compile.models.recognize import recognize
 from hetmoe_compile.models.tiny import tiny_model
 from hetmoe_compile.peers import PEERS, PeerContext, PeerOptions, apply_peers, check_peers
 from hetmoe_compile.placement.placement import place
 from hetmoe_compile.placement.policy import PlacementPolicy
 from hetmoe_compile.scoring import score
-from hetmoe_compile.sweep import pareto_front, sweep_jobs
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "olmoe-demo"

@@ -67,7 +67,7 @@ class AnalogConfig:
         return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "AnalogConfig":
+    def from_dict(cls, data: dict) -> AnalogConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -75,7 +75,7 @@ class AnalogConfig:
         return cls(**data)
 
     @classmethod
-    def from_json(cls, text: str) -> "AnalogConfig":
+    def from_json(cls, text: str) -> AnalogConfig:
         return cls.from_dict(json.loads(text))
 
 

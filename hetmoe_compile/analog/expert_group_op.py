@@ -1,7 +1,7 @@
 """``hetmoe::analog_expert_group``: an expert group whose matrices run on simulated AIMC tiles.
 
 Same interface and routing as ``hetmoe::expert_group`` (compute scales with routed tokens); each expert's
-gate/up and down matrices are pre-programmed (:func:`program_group`) and every MVM goes through the tiles.
+gate/up and down matrices are pre-programmed (:mod:`.instance`) and every MVM goes through the tiles.
 Output noise is drawn from a generator seeded by ``rng_state``, which the op advances by one per call, so a
 hardware instance's outputs are reproducible from its seed.
 """
@@ -9,24 +9,9 @@ from __future__ import annotations
 
 import torch
 
-from ..expert_group import activate, routed_slots
-from .programming_noise import stream_seed
-from .config import AnalogConfig
-from .tiles import Periphery, ProgrammedMatrix, analog_matmul, dac, program_matrices, tile_mvm
-
-MATRICES = ("gate_up", "down")
-
-
-def program_group(gate_up: torch.Tensor, down: torch.Tensor, expert_ids: torch.Tensor, cfg: AnalogConfig,
-                  seed: int, layer: int) -> dict[str, torch.Tensor]:
-    """Program every expert of a group. An expert's devices depend only on (seed, layer, expert id, matrix), so
-    two placements evaluated with the same seed see the same devices (common random numbers)."""
-    out: dict[str, torch.Tensor] = {}
-    experts = expert_ids.tolist()
-    for m, (name, stack) in enumerate(zip(MATRICES, (gate_up, down))):
-        prog = program_matrices(stack, cfg, [stream_seed(seed, layer, e, m) for e in experts])
-        out[f"{name}_weight"], out[f"{name}_scale"] = prog.weight, prog.scale
-    return out
+from ..expert_group import activate
+from ..grouped_routing import routed_slots, routing_plan, use_grouped
+from .tiles import Periphery, ProgrammedMatrix, analog_matmul, dac, grouped_tile_mvm, tile_mvm
 
 
 @torch.library.custom_op("hetmoe::analog_expert_group", mutates_args=("rng_state",))
@@ -55,6 +40,11 @@ def analog_expert_group_op(
     if io.out_noise > 0:
         gen = torch.Generator(device=hidden.device).manual_seed(int(rng_state.item()))
         rng_state.add_(1)
+    if use_grouped(hidden, gate_up_weight.dtype, gate_up_weight.shape[-1], down_weight.shape[-1],
+                   gate_up_weight.shape[-2] * gate_up_weight.shape[-1], down_weight.shape[-2] * down_weight.shape[-1]):
+        return _grouped_analog(hidden, top_k_index, top_k_weights, expert_ids, gate_up_weight, gate_up_scale,
+                               down_weight, down_scale, gate_up_bias, down_bias, num_experts, activation, act_name,
+                               alpha, limit, io, gen)
     out = torch.zeros_like(hidden)
     token, flat_slot, counts = routed_slots(top_k_index, expert_ids, num_experts)
     weights = top_k_weights.reshape(-1)[flat_slot]
@@ -76,6 +66,27 @@ def analog_expert_group_op(
         out.index_add_(0, tok, (y * weights[start : start + n, None]).to(out.dtype))
         start += n
     return out
+
+
+def _grouped_analog(hidden, top_k_index, top_k_weights, expert_ids, gate_up_weight, gate_up_scale, down_weight,
+                    down_scale, gate_up_bias, down_bias, num_experts, activation, act_name, alpha, limit,
+                    io: Periphery, gen: torch.Generator | None) -> torch.Tensor:
+    """The grouped path of :func:`analog_expert_group_op` (see :mod:`~hetmoe_compile.grouped_routing`)."""
+    token, flat_slot, local, ends = routing_plan(top_k_index, expert_ids, num_experts)
+    row = local.clamp(max=expert_ids.numel() - 1)
+    levels, nm = dac(hidden, gate_up_weight.shape[2:], io)
+    h = grouped_tile_mvm(levels[:, token], nm[:, token], gate_up_weight, gate_up_scale, row, ends, io, gen)
+    h = h.to(hidden.dtype)
+    if gate_up_bias is not None:
+        h = h + gate_up_bias[row]
+    h = activate(h, activation, act_name, alpha, limit)
+    levels, nm = dac(h, down_weight.shape[2:], io)
+    y = grouped_tile_mvm(levels, nm, down_weight, down_scale, row, ends, io, gen).to(hidden.dtype)
+    if down_bias is not None:
+        y = y + down_bias[row]
+    valid = (local < expert_ids.numel())[:, None]  # rows past the last offset are other groups' (and garbage)
+    y = torch.where(valid, y * top_k_weights.reshape(-1)[flat_slot, None], 0)
+    return torch.zeros_like(hidden).index_add_(0, token, y.to(hidden.dtype))
 
 
 @analog_expert_group_op.register_fake

@@ -16,13 +16,17 @@ is bit-exact.
 """
 from __future__ import annotations
 
+import io
 import os
 import tempfile
-from typing import BinaryIO
+from typing import TYPE_CHECKING, cast
 
 import torch
 
 from ..errors import HetMoEError
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 STORE_ENV = "HETMOE_IDEAL_STORE"
 SPILL_DIR_ENV = "HETMOE_SPILL_DIR"
@@ -48,10 +52,10 @@ class IdealStore:
         self.kind = kind
         self._host: dict[str, torch.Tensor] = {}
         self._layout: dict[str, tuple[int, tuple[int, ...], torch.dtype]] = {}  # name -> (offset, shape, dtype)
-        self._file: BinaryIO | None = None
+        self._file: io.BufferedRandom | None = None
 
     @classmethod
-    def for_device(cls, device: torch.device) -> "IdealStore":
+    def for_device(cls, device: torch.device) -> IdealStore:
         return cls(store_kind(device))
 
     def put(self, name: str, tensor: torch.Tensor) -> None:
@@ -70,7 +74,7 @@ class IdealStore:
         try:
             for i in range(0, flat.shape[0], per):  # bounded host staging for device tensors
                 chunk = flat[i : i + per].contiguous().cpu()
-                f.write(memoryview(chunk.view(torch.uint8).numpy()))
+                f.write(memoryview(cast("Buffer", chunk.view(torch.uint8).numpy())))  # numpy's stubs: a Buffer on 3.12+
         except OSError as exc:
             raise HetMoEError(f"cannot write the ideal-weight spill file ({exc.strerror}); free disk space or set "
                               f"${SPILL_DIR_ENV} to a larger disk, or {STORE_ENV}=host to keep them in memory") from exc
@@ -88,7 +92,7 @@ class IdealStore:
         buf = out if out.device.type == "cpu" and out.is_contiguous() else torch.empty(out.shape, dtype=dtype)
         f = self._open()
         f.seek(offset + start * row)
-        view = memoryview(buf.view(torch.uint8).numpy()).cast("B")
+        view = memoryview(cast("Buffer", buf.view(torch.uint8).numpy())).cast("B")
         if f.readinto(view) != (stop - start) * row:
             raise HetMoEError(f"ideal-weight store: short read of {name}; the spill file was truncated "
                               f"(disk full? check ${SPILL_DIR_ENV})")
@@ -102,7 +106,7 @@ class IdealStore:
             self._file.close()
             self._file = None
 
-    def _open(self) -> BinaryIO:
+    def _open(self) -> io.BufferedRandom:
         if self._file is None:
             directory = os.environ.get(SPILL_DIR_ENV) or None
             try:

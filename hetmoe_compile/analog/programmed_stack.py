@@ -49,16 +49,20 @@ class ProgrammedStack:
         data = param.detach()
         if not data.is_contiguous():
             data = data.contiguous()
-        self._ideal = data.reshape(-1, *self.ideal_shape[-2:])  # [E, out, in]; kept only in "discard"/"copy"
+        # [E, out, in]; kept only in "discard"/"copy"
+        self._ideal: torch.Tensor | None = data.reshape(-1, *self.ideal_shape[-2:])
         e, out, n_in = self._ideal.shape
         count, size = split_sizes(n_in, tile_size)
         self.tiled_shape = (e, out, count, size)
         self.reuses = keep != "copy" and count * size == n_in
         dtype, device = data.dtype, data.device
         if keep == "store":
+            assert store is not None  # checked above
             store.put(name, self._ideal)
             self._ideal = None
             param.data = torch.empty(0, dtype=dtype, device=device)
+        self.weight: torch.Tensor | None  # None once released
+        self.scale: torch.Tensor | None
         if self.reuses:
             self.weight = data.view(self.tiled_shape)
         else:
@@ -73,10 +77,17 @@ class ProgrammedStack:
     def _chunk(self) -> int:
         return max(1, CHUNK_ELEMENTS // max(1, self.tiled_shape[1] * self.tiled_shape[2] * self.tiled_shape[3]))
 
+    def _tiles(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weight, scale)``; a released stack has none."""
+        if self.weight is None or self.scale is None:
+            raise RuntimeError(f"{self.name}: the programmed stack was released")
+        return self.weight, self.scale
+
     def _read(self, start: int, stop: int) -> torch.Tensor:
         if self.keep == "store":
-            buf = torch.empty((stop - start, *self.ideal_shape[-2:]), dtype=self.weight.dtype,
-                              device=self.weight.device)
+            weight, _ = self._tiles()
+            assert self.store is not None  # keep="store" comes with a store (checked in __init__)
+            buf = torch.empty((stop - start, *self.ideal_shape[-2:]), dtype=weight.dtype, device=weight.device)
             return self.store.read(self.name, start, stop, buf)
         if self._ideal is None:
             raise RuntimeError(f"{self.name}: the ideal weights were discarded after the first programming")
@@ -89,13 +100,14 @@ class ProgrammedStack:
         if len(seeds) != self.count:
             raise ValueError(f"{self.name}: {len(seeds)} seeds for {self.count} matrices")
         per = self._chunk()
-        bounded = bounded_allocator() if self.weight.device.type == "cpu" else contextlib.nullcontext()
+        weight, scale = self._tiles()
+        bounded = bounded_allocator() if weight.device.type == "cpu" else contextlib.nullcontext()
         with bounded:  # chunk temporaries go back to the system when freed
             for i in range(0, self.count, per):
                 j = min(self.count, i + per)
                 prog = program_matrices(self._read(i, j), cfg, seeds[i:j])
-                self.weight[i:j].copy_(prog.weight)
-                self.scale[i:j].copy_(prog.scale)
+                weight[i:j].copy_(prog.weight)
+                scale[i:j].copy_(prog.scale)
                 del prog
         if self.keep == "discard":
             self._ideal = None  # reused storage now holds programmed values; a padded copy's old one is freed
@@ -113,6 +125,7 @@ class ProgrammedStack:
             self.weight = None
             ideal = torch.empty(self.ideal_shape, dtype=self.param.dtype, device=self.param.device)
         self.weight = self.scale = None
+        assert self.store is not None  # keep="store" comes with a store (checked in __init__)
         self.store.read(self.name, 0, ideal.numel() // (self.ideal_shape[-1] * self.ideal_shape[-2]),
                         ideal.view(-1, *self.ideal_shape[-2:]))
         self.param.data = ideal  # the same parameter object, its module unchanged

@@ -11,7 +11,6 @@ import torch
 
 from ..errors import HetMoEError
 
-
 OUT_NOISE_STREAM = 1 << 20
 """Stream key of an analog layer's output noise (kept apart from its weight-programming streams)."""
 

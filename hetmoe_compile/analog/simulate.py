@@ -19,20 +19,20 @@ every HPD-split projection (:mod:`hetmoe_compile.hpd`) runs on tiles whatever ``
 from __future__ import annotations
 
 import hashlib
+from typing import cast
 
 import torch
 from torch import nn
 
-from ..host_memory import trim
 from ..expert_group import ExpertGroup, HetExperts, device_groups
+from ..host_memory import trim
 from ..hpd.projection_split import HPDLinear
 from ..models.device_map import require_resident
 from ..models.recognize import ModelInfo, recognize
 from .config import AnalogConfig
-from .expert_group_op import MATRICES
 from .ideal_store import IdealStore
+from .instance import MATRICES, linear_seed, output_noise_seed, program_expert_stacks
 from .programmed_stack import ProgrammedStack
-from .programming_noise import OUT_NOISE_STREAM, stream_seed
 from .tiles import Periphery, ProgrammedMatrix, analog_matmul
 
 DENSE_ANALOG_KINDS = ("attention", "shared_expert", "dense_mlp", "lm_head")
@@ -45,7 +45,18 @@ def hpd_stream_key(path: str) -> int:
     return HPD_KEY_BASE + int.from_bytes(hashlib.sha256(path.encode()).digest()[:4], "big")
 
 
-class AnalogExpertGroup(nn.Module):
+class _HostCounter(nn.Module):
+    """A module whose ``rng_state`` output-noise counter stays on the host when the module moves, so seeding the
+    next call's generator reads no device memory (no synchronisation inside a CUDA forward)."""
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        if self.rng_state.device.type != "cpu":
+            self.rng_state = self.rng_state.cpu()
+        return self
+
+
+class AnalogExpertGroup(_HostCounter):
     """An analog expert group on simulated tiles (one hardware instance). ``source`` is the ideal group; while
     programmed, its weight storage holds the programmed tiles and its ideal values wait in an
     :class:`~.ideal_store.IdealStore` (see the module docstring); :meth:`release` puts them back."""
@@ -79,10 +90,10 @@ class AnalogExpertGroup(nn.Module):
     def program(self, seed: int) -> None:
         """Program a new hardware instance ``seed`` (and reset the output-noise stream); memory does not grow."""
         self.seed = seed
-        self.rng_state.fill_(stream_seed(seed, self.layer, OUT_NOISE_STREAM))
-        experts = self.source.ids
-        for m, (name, stack) in enumerate(self._stacks.items()):
-            stack.program(self.cfg, [stream_seed(seed, self.layer, e, m) for e in experts])
+        self.rng_state.fill_(output_noise_seed(seed, self.layer))
+        if self._stacks:
+            program_expert_stacks([self._stacks[name] for name in MATRICES], self.cfg, seed, self.layer,
+                                  self.source.ids)
 
     @torch.no_grad()
     def release(self) -> ExpertGroup:
@@ -108,9 +119,12 @@ class AnalogExpertGroup(nn.Module):
         return f"preset={self.cfg.preset}, seed={self.seed}, layer={self.layer}, experts={self.ids}"
 
 
-class AnalogLinear(nn.Module):
+class AnalogLinear(_HostCounter):
     """An ``nn.Linear`` on simulated tiles (bias digital); for the dense-on-analog ablation and HPD halves. Its
     weight is programmed in place like an expert group's (:meth:`release` restores it)."""
+
+    weight_prog: torch.Tensor | None  # buffers registered when programmed (not ideal); None once released
+    scale_prog: torch.Tensor | None
 
     def __init__(self, source: nn.Linear, cfg: AnalogConfig, seed: int, key: int) -> None:
         super().__init__()
@@ -130,9 +144,9 @@ class AnalogLinear(nn.Module):
 
     @torch.no_grad()
     def program(self, seed: int) -> None:
-        self.rng_state.fill_(stream_seed(seed, self.key, OUT_NOISE_STREAM))
+        self.rng_state.fill_(output_noise_seed(seed, self.key))
         if self._stack is not None:
-            self._stack.program(self.cfg, [stream_seed(seed, self.key, 1 << 21)])
+            self._stack.program(self.cfg, [linear_seed(seed, self.key)])
 
     @torch.no_grad()
     def release(self) -> nn.Linear:
@@ -150,7 +164,9 @@ class AnalogLinear(nn.Module):
         if self.cfg.out_noise > 0:
             gen = torch.Generator(device=x.device).manual_seed(int(self.rng_state.item()))
             self.rng_state.add_(1)
-        y = analog_matmul(x.reshape(-1, x.shape[-1]), ProgrammedMatrix(self.weight_prog[0], self.scale_prog[0]),
+        weight, scale = self.weight_prog, self.scale_prog
+        assert weight is not None and scale is not None  # programmed: not ideal, not yet released
+        y = analog_matmul(x.reshape(-1, x.shape[-1]), ProgrammedMatrix(weight[0], scale[0]),
                           self.cfg, gen).reshape(*x.shape[:-1], -1)
         return y if self.source.bias is None else y + self.source.bias
 
@@ -205,7 +221,7 @@ def _place_linear(model: nn.Module, name: str, cfg: AnalogConfig | None, seed: i
         if isinstance(module, AnalogLinear) and module.cfg == cfg and module.key == key:
             module.program(seed)
         else:
-            source = module.release() if isinstance(module, AnalogLinear) else module
+            source = module.release() if isinstance(module, AnalogLinear) else cast(nn.Linear, module)
             setattr(parent, attr, AnalogLinear(source, cfg, seed, key))
     elif isinstance(module, AnalogLinear):
         setattr(parent, attr, module.release())
@@ -216,9 +232,10 @@ def restore_digital(model: nn.Module, info: ModelInfo | None = None) -> nn.Modul
     info = info or recognize(model)
     for layer in info.moe_layers:
         het = model.get_submodule(layer.experts)
-        if isinstance(het, HetExperts) and isinstance(het.groups["analog"] if "analog" in het.groups else None,
-                                                      AnalogExpertGroup):
-            het.groups["analog"] = het.groups["analog"].release()
+        if isinstance(het, HetExperts):
+            group = het.groups["analog"] if "analog" in het.groups else None
+            if isinstance(group, AnalogExpertGroup):
+                het.groups["analog"] = group.release()
     _simulate_dense(model, info, None, 0, "digital")
     trim()
     return model

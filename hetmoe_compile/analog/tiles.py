@@ -27,7 +27,7 @@ class Periphery(NamedTuple):
     out_bound: float
 
     @classmethod
-    def of(cls, cfg: AnalogConfig) -> "Periphery":
+    def of(cls, cfg: AnalogConfig) -> Periphery:
         return cls(cfg.inp_res, cfg.out_res, cfg.out_noise, cfg.out_bound)
 
 
@@ -124,7 +124,7 @@ def quantize(x: torch.Tensor, res: float, bound: float) -> torch.Tensor:
     return x.clamp(-bound, bound)
 
 
-def dac(x: torch.Tensor, tiles: tuple[int, int], cfg: Periphery) -> tuple[torch.Tensor, torch.Tensor]:
+def dac(x: torch.Tensor, tiles: tuple[int, ...], cfg: Periphery) -> tuple[torch.Tensor, torch.Tensor]:
     """Input side of a tiled MVM: ``x [n, in]`` -> integer DAC levels ``[C, n, T]`` and the per-token, per-tile
     abs-max scale ``[C, n, 1]`` (aihwkit's abs-max noise management and input quantisation)."""
     c, t = tiles
@@ -153,13 +153,39 @@ def tile_mvm(levels: torch.Tensor, nm: torch.Tensor, prog: ProgrammedMatrix, cfg
     """Tile side of a tiled MVM on DAC ``levels``: output noise, ADC quantisation and clipping per tile, then the
     digital sum of the tiles' partial outputs in weight units; ``[n, out]`` float32."""
     w = prog.weight  # [out, C, T]
-    unit = _in_step(cfg)
-    if w.dtype == torch.float32:
-        y = torch.bmm(levels, w.permute(1, 2, 0))  # [C, n, out], in units of the DAC step
-    else:  # tiles in the model's (lower) precision: levels scaled by a power of two (exact) into [-1, 1]
-        pow2 = _level_scale(cfg)
-        y = torch.bmm((levels * pow2).to(w.dtype), w.permute(1, 2, 0)).float()
-        unit = unit / pow2
+    a, unit = _tile_inputs(levels, w.dtype, cfg)
+    y = torch.bmm(a, w.permute(1, 2, 0))  # [C, n, out], in units of `unit`
+    return _tile_outputs(y.float(), unit, nm, prog.scale.T.contiguous()[:, None, :], cfg, generator)
+
+
+def grouped_tile_mvm(levels: torch.Tensor, nm: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     row: torch.Tensor, ends: torch.Tensor, cfg: Periphery,
+                     generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`tile_mvm` for rows sorted by expert in one grouped GEMM per input tile (no host synchronisation).
+
+    ``levels [C, N, T]`` and ``nm [C, N, 1]`` are the rows' DAC levels, ``weight [E, out, C, T]`` and
+    ``scale [E, out, C]`` the group's programmed matrices, ``row [N]`` each row's expert and ``ends [E]`` (int32)
+    the experts' end offsets (see :func:`~hetmoe_compile.grouped_routing.routing_plan`). Rows past ``ends[-1]``
+    come back undefined. ``[N, out]`` float32."""
+    a, unit = _tile_inputs(levels, weight.dtype, cfg)
+    y = torch.stack([F.grouped_mm(a[c], weight[:, :, c, :].transpose(1, 2), offs=ends)
+                     for c in range(a.shape[0])]).float()  # [C, N, out]
+    return _tile_outputs(y, unit, nm, scale[row].permute(2, 0, 1).contiguous(), cfg, generator)
+
+
+def _tile_inputs(levels: torch.Tensor, dtype: torch.dtype, cfg: Periphery) -> tuple[torch.Tensor, float]:
+    """DAC levels as the tiles' operand in ``dtype``, and the unit of the products. Tiles in a lower precision
+    than float32 take the levels scaled by a power of two (exact) into [-1, 1]."""
+    if dtype == torch.float32:
+        return levels, _in_step(cfg)
+    pow2 = _level_scale(cfg)
+    return (levels * pow2).to(dtype), _in_step(cfg) / pow2
+
+
+def _tile_outputs(y: torch.Tensor, unit: float, nm: torch.Tensor, scale: torch.Tensor, cfg: Periphery,
+                  generator: torch.Generator | None) -> torch.Tensor:
+    """ADC side of the tiles on partial outputs ``y [C, n, out]`` (float32, in ``unit``), then weight units
+    (``nm [C, n, 1]`` x ``scale``, broadcast to ``[C, n, out]``) summed over tiles."""
     if cfg.out_res > 0 or cfg.out_noise > 0:
         out_step = cfg.out_res * 2.0 * cfg.out_bound if cfg.out_res > 0 else 1.0
         y.mul_(unit / out_step)  # now in ADC levels
@@ -171,7 +197,7 @@ def tile_mvm(levels: torch.Tensor, nm: torch.Tensor, prog: ProgrammedMatrix, cfg
         limit = cfg.out_bound / out_step
         y.clamp_(-limit, limit)
         unit = out_step
-    y.mul_(nm).mul_(prog.scale.T.contiguous()[:, None, :] * unit)  # contiguous: a strided broadcast is 10x slower
+    y.mul_(nm).mul_(scale * unit)  # a contiguous scale: a strided broadcast is 10x slower
     return y[0] if y.shape[0] == 1 else y.sum(0)
 
 

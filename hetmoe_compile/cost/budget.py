@@ -16,8 +16,15 @@ from torch import nn
 
 from ..errors import HetMoEError
 from ..models.recognize import ModelInfo
-from ..placement.placement import (ExpertPlacement, LayerPlacement, Placement, _parameter_accounting, check_scores,
-                                   model_identity, policy_overrides)
+from ..placement.placement import (
+    ExpertPlacement,
+    LayerPlacement,
+    Placement,
+    _parameter_accounting,
+    check_scores,
+    model_identity,
+    policy_overrides,
+)
 from ..placement.policy import PlacementPolicy
 from ..scoring.base import Scores
 from .estimate import Estimator

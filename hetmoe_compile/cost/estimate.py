@@ -26,7 +26,7 @@ from ..errors import HetMoEError
 from ..lowbit.groupwise import check_quant_args
 from ..models.recognize import ModelInfo, recognize
 from .params import CostParams
-from .profile import MoEShape, ModelProfile, profile_model
+from .profile import ModelProfile, MoEShape, profile_model
 from .units import format_bytes, format_si
 
 DEFAULT_TILE_SIZE = 512
@@ -49,7 +49,7 @@ class Terms:
     analog_tiles: int = 0
     analog_weights: int = 0
 
-    def __add__(self, other: "Terms") -> "Terms":
+    def __add__(self, other: Terms) -> Terms:
         return Terms(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
     def energy(self, params: CostParams) -> dict[str, float]:
@@ -84,7 +84,7 @@ class CostReport:
 
 def format_cost(cost: dict) -> str:
     """A short table of a cost dict (:meth:`CostReport.to_dict`)."""
-    from ..report import format_table
+    from ..tables import format_table
 
     a = cost["assumptions"]
     total = cost["energy_per_token_j"]
@@ -179,7 +179,8 @@ class Estimator:
 
     def _dense(self) -> Terms:
         prm, wb, b = self.params, self.weight_bytes, self.params.batch_size
-        t, stored, owners = Terms(), set(), {}
+        t, stored = Terms(), set()
+        owners: dict[str, int] = {}  # analog linears per owning module
 
         def store(pid, numel):
             if pid is not None and pid not in stored:

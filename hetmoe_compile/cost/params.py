@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
+
+import tomllib
 
 from ..errors import HetMoEError
 
@@ -88,16 +89,16 @@ class CostParams:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def replace(self, **changes) -> "CostParams":
+    def replace(self, **changes) -> CostParams:
         """A copy with ``changes``; ``None`` values are ignored (keep the current value)."""
         return replace(self, **{k: v for k, v in changes.items() if v is not None})
 
-    def for_tiles(self, tile_size: int) -> "CostParams":
+    def for_tiles(self, tile_size: int) -> CostParams:
         """These parameters with the simulator's tile size (``AnalogConfig.tile_size``) unless they set one."""
         return self if self.analog_tile_size is not None else self.replace(analog_tile_size=tile_size)
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "cost config") -> "CostParams":
+    def from_dict(cls, data: dict, source: str = "cost config") -> CostParams:
         if not isinstance(data, dict):
             raise HetMoEError(f"{source}: expected a table of cost parameters, got {type(data).__name__}")
         known = [f.name for f in fields(cls)]

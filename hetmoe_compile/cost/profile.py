@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -11,7 +12,6 @@ from torch import nn
 from ..analog.simulate import DENSE_ANALOG_KINDS
 from ..hpd import hpd_modules
 from ..models.recognize import ROUTED_EXPERTS, ModelInfo
-from ..placement.placement import _owner
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class ModelProfile:
     dtype_bytes: int
 
     @classmethod
-    def of(cls, model: nn.Module, info: ModelInfo) -> "ModelProfile":
+    def of(cls, model: nn.Module, info: ModelInfo) -> ModelProfile:
         return profile_model(model, info)
 
 
@@ -93,14 +93,14 @@ def profile_model(model: nn.Module, info: ModelInfo) -> ModelProfile:
         params = dict(module.named_parameters(recurse=False))
         if not params or info.kind_of(name) == ROUTED_EXPERTS:
             continue
-        kind, owner = info.kind_of(name), _owner(name, info)
+        kind, owner = info.kind_of(name), info.owner_of(name)
         weight = params.get("weight")
         if weight is not None and weight.dim() == 2 and not isinstance(module, nn.Embedding):
             parent, _, leaf = name.rpartition(".")
             split = ("analog" if leaf == "u_sigma" else "digital") if parent in hpd else None
             bias = params.get("bias")
             if split is not None:
-                owner = _owner(parent, info)
+                owner = info.owner_of(parent)
             linears.append(LinearShape(name, kind, owner, int(weight.shape[1]), int(weight.shape[0]),
                                        0 if bias is None else bias.numel(),
                                        isinstance(module, nn.Linear) and kind in DENSE_ANALOG_KINDS, split,
@@ -117,7 +117,7 @@ def profile_model(model: nn.Module, info: ModelInfo) -> ModelProfile:
 
 
 def _attention(model: nn.Module, info: ModelInfo) -> tuple[AttentionShape, ...]:
-    cfg = model.config
+    cfg = cast(Any, model).config  # a Hugging Face config
     heads = int(cfg.num_attention_heads)
     kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
@@ -131,8 +131,8 @@ def _attention(model: nn.Module, info: ModelInfo) -> tuple[AttentionShape, ...]:
         if kind != "attention" or not m:
             continue
         i = int(m.group(1))
-        sliding = i < len(layer_types) and layer_types[i] == "sliding_attention" and window
-        out.append(AttentionShape(name, heads, kv_heads, qk_dim, v_dim, int(window) if sliding else None))
+        sliding = i < len(layer_types) and layer_types[i] == "sliding_attention"
+        out.append(AttentionShape(name, heads, kv_heads, qk_dim, v_dim, int(window) if sliding and window else None))
     return tuple(out)
 
 

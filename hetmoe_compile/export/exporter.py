@@ -1,6 +1,6 @@
 """Ahead-of-time export: a placed model -> one ONNX file per partition + ``manifest.json`` (+ its tokenizer).
 
-Steps: canonicalise and ``torch.export`` with placement tags (:func:`~hetmoe_compile.pipeline.tag_graph`), translate
+Steps: canonicalise and ``torch.export`` with placement tags (:func:`~hetmoe_compile.capture.tag_graph`), translate
 to an ONNX graph with expert-group placeholders (:mod:`.onnx_capture`), partition (:mod:`.partition`), write and
 check each partition (:mod:`.writer`), then the manifest (:mod:`.manifest`). Everything is written into a
 temporary sibling of the output directory and moved into place only when all of it succeeded.
@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -18,20 +19,19 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .. import __version__
 from ..analog.config import AnalogConfig
-from ..analog.expert_group_op import program_group
-from ..analog.programming_noise import OUT_NOISE_STREAM, stream_seed
+from ..analog.instance import output_noise_seed, program_group
 from ..analog.simulate import restore_digital
 from ..analog.tiles import split_sizes
-from ..capture import ROOT_PREFIX
+from ..capture import ROOT_PREFIX, tag_graph
 from ..cost import CostParams
 from ..errors import HetMoEError
+from ..expert_group import ExpertGroup, HetExperts
 from ..io import atomic_replace_dir, check_replaceable_dir
 from ..models.device_map import require_resident
 from ..models.recognize import recognize
-from ..pipeline import tag_graph
 from ..placement.placement import Placement
+from ..version import PRODUCER
 from .expert_group_onnx import MOE_DOMAIN, ProgrammedExpert, TilePeriphery
 from .graph_builder import Deferred
 from .manifest import MANIFEST_NAME, build_manifest, write_manifest
@@ -39,8 +39,6 @@ from .onnx_capture import OPSET, to_onnx
 from .partition import GroupNode, analog_partition, find_groups, partition_graph, value_types
 from .tensor_store import TensorStore
 from .writer import EXTERNAL_DATA_THRESHOLD, write_partition
-
-PRODUCER = f"hetmoe-compile {__version__}"
 
 
 @dataclass(frozen=True)
@@ -116,7 +114,8 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
                 files[part.name] = write_partition(part, tmp, f"{part.name}.onnx", opsets, PRODUCER,
                                                    options.external_data_threshold, _doc(part))
                 steps.update()
-                if part.device == "analog" and instances:
+                if part.device == "analog" and options.instance_seed is not None:  # i.e. `instances`
+                    assert part.layer is not None  # an analog partition is one layer's group
                     steps.set_postfix_str(f"programming and writing {part.name}.instance")
                     group = by_layer[part.layer]
                     programmed, periphery = program_instance(model, info, group, cfg, options.instance_seed)
@@ -164,7 +163,7 @@ def _contrib_ops(ort_moe: bool, lowbit: dict) -> list[str]:
 
 
 def _generation_ids(model: nn.Module) -> dict:
-    cfg = model.config
+    cfg = cast(Any, model).config  # a Hugging Face config
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or getattr(cfg, "eos_token_id", None)
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
@@ -181,7 +180,8 @@ def program_instance(model: nn.Module, info, group: GroupNode, cfg: AnalogConfig
     """Hardware instance ``seed`` of one analog group: the same devices as ``simulate(model, cfg, seed)`` (an
     expert's devices depend only on seed, layer, expert and matrix). Experts are programmed one at a time, when
     the partition writer asks for their weights."""
-    source = model.get_submodule(info.layer(group.layer).experts).groups["analog"]
+    het = cast(HetExperts, model.get_submodule(info.layer(group.layer).experts))
+    source = cast(ExpertGroup, het.groups["analog"])  # the ideal group: export restored the digital model
 
     @lru_cache(maxsize=1)
     def programmed(i: int) -> dict[str, np.ndarray]:
@@ -195,11 +195,11 @@ def program_instance(model: nn.Module, info, group: GroupNode, cfg: AnalogConfig
 
     experts = []
     for i in range(len(group.expert_ids)):
-        shapes = {}
+        shapes: dict[str, tuple[int, ...]] = {}
         for name, w in (("gate_up", source.gate_up[i]), ("down", source.down[i])):
             count, size = split_sizes(w.shape[1], cfg.tile_size)
             shapes[f"{name}_weight"], shapes[f"{name}_scale"] = (w.shape[0], count, size), (w.shape[0], count)
         experts.append(ProgrammedExpert(**{k: field(i, k, v) for k, v in shapes.items()}))
     periphery = TilePeriphery(cfg.inp_res, cfg.out_res, cfg.out_noise, cfg.out_bound,
-                              stream_seed(seed, group.layer, OUT_NOISE_STREAM))
+                              output_noise_seed(seed, group.layer))
     return experts, periphery

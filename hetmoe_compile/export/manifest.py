@@ -58,6 +58,8 @@ def build_manifest(placement: Placement, cfg: AnalogConfig, instance_seed: int |
         if part.activation is not None:
             entry["activation"] = asdict(part.activation)
         if part.name in variants:
+            if instance_seed is None:
+                raise ValueError("instance variants need the instance_seed they were programmed with")
             entry["instance"] = {**_files(variants[part.name]), "seed": int(instance_seed)}
         partitions.append(entry)
         schedule.append({"partition": part.name,

@@ -8,8 +8,10 @@ scratch directory and read back without it, so no 2 GB protobuf limit applies an
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import onnx
 import torch
@@ -73,13 +75,14 @@ class CapturedGraph:
 def to_onnx(ep: ExportedProgram, directory: Path) -> CapturedGraph:
     """Translate ``ep`` to ONNX with expert-group placeholders; write it (external data) under ``directory``."""
     register_placeholder_schema()
-    table = {torch.ops.hetmoe.expert_group.default: _translate}
+    table: dict[Callable[..., Any], Callable[..., Any]] = {torch.ops.hetmoe.expert_group.default: _translate}
     try:
         program = torch.onnx.export(ep, dynamo=True, custom_translation_table=table, optimize=True,
                                     opset_version=OPSET, verbose=False)
     except Exception as exc:  # one line for the user; the traceback stays chained
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise HetMoEError(f"ONNX translation failed: {first}") from exc
+    assert program is not None  # dynamo=True returns an ONNXProgram
     path = directory / "graph.onnx"
     program.save(path, external_data=True)
     del program

@@ -16,8 +16,14 @@ import numpy as np
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, ValueInfoProto, helper
 
 from ..errors import HetMoEError
-from .expert_group_onnx import (Activation, ExpertArrays, ProgrammedExpert, TilePeriphery, expert_group_body,
-                                ort_moe_body)
+from .expert_group_onnx import (
+    Activation,
+    ExpertArrays,
+    ProgrammedExpert,
+    TilePeriphery,
+    expert_group_body,
+    ort_moe_body,
+)
 from .graph_builder import GraphBuilder
 from .onnx_capture import DOMAIN, PLACEHOLDER
 from .tensor_store import TensorStore
@@ -204,7 +210,7 @@ def partition_graph(model: ModelProto, store: TensorStore, groups: list[GroupNod
 
     Analog partitions are returned with their ideal body; :func:`analog_partition` builds instance variants."""
     st = _assign_stages(model, store, groups, dtype, root_prefix, monolithic, ort_moe, lowbit or {})
-    order: list[tuple[str, object]] = []  # ("digital", stage) or ("analog", group), in execution order
+    order: list[tuple[str, int | GroupNode]] = []  # ("digital", stage) or ("analog", group), in execution order
     for s in sorted(set(st.digital) | {s for s, _ in st.analog}):
         if s in st.digital:
             order.append(("digital", s))
@@ -217,8 +223,8 @@ def partition_graph(model: ModelProto, store: TensorStore, groups: list[GroupNod
 
     consumers: dict[str, set[str]] = {n.name: {"<output>"} for n in model.graph.output}
     for kind, key in order:
-        used = ([n for node in st.digital[key] for n in _node_inputs(node)] if kind == "digital"
-                else list(key.node.input[:3]))
+        used = (list(key.node.input[:3]) if isinstance(key, GroupNode)  # analog
+                else [n for node in st.digital[key] for n in _node_inputs(node)])
         for n in used:
             consumers.setdefault(n, set()).add(name_of(kind, key))
     types = value_types(model)
@@ -226,7 +232,7 @@ def partition_graph(model: ModelProto, store: TensorStore, groups: list[GroupNod
     graph_inputs = [i.name for i in model.graph.input]
     parts = []
     for kind, key in order:
-        if kind == "analog":
+        if isinstance(key, GroupNode):  # analog
             parts.append(analog_partition(key, store, dtype, types, root_prefix=root_prefix))
         else:
             parts.append(_digital_partition(name_of(kind, key), key, st, store, inits, consumers, graph_inputs,

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 class LazyTensor:
     """One initializer (or the ``index``-th slice along its first axis), loaded from disk by :meth:`load`."""
 
-    store: "TensorStore"
+    store: TensorStore
     name: str
     index: int | None = None
 

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from .expert_group_onnx import LazyArray
 from .partition import Partition
 
 EXTERNAL_DATA_THRESHOLD = 1 << 28
@@ -19,7 +21,7 @@ def write_partition(part: Partition, directory: Path, filename: str, opsets: lis
                     threshold: int = EXTERNAL_DATA_THRESHOLD, doc: str = "") -> list[Path]:
     """Write ``part`` to ``directory / filename``; returns the files written (model first, then its data)."""
     path = directory / filename
-    total = sum(int(a.nbytes) for a in part.initializers.values())
+    total = sum(int(cast("np.ndarray | LazyArray", a).nbytes) for a in part.initializers.values())
     external = total > threshold
     data_name = filename + ".data"
     initializers = []
@@ -28,6 +30,7 @@ def write_partition(part: Partition, directory: Path, filename: str, opsets: lis
             array = src.load() if hasattr(src, "load") else src
             array = np.asarray(array, order="C")
             if external and array.nbytes >= 1024:
+                assert data is not None  # opened when external
                 t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
                                 dims=list(array.shape))
                 offset = data.tell()

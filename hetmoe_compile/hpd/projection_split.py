@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -100,13 +101,21 @@ def find_projections(model: nn.Module, info: ModelInfo, targets=TARGETS) -> list
     _check_targets(targets)
     found = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or not name:
+        if not name:
             continue
         parent, _, attr = name.rpartition(".")
         if "lm_head" in targets and info.module_kinds.get(name) == "lm_head":
-            found.append((name, "lm_head"))
+            target = "lm_head"
         elif "attention_output" in targets and attr == "o_proj" and parent and info.kind_of(parent) == "attention":
-            found.append((name, "attention_output"))
+            target = "attention_output"
+        else:
+            continue
+        if not isinstance(module, nn.Linear):
+            if any(isinstance(m, nn.Linear) for m in module.modules()):  # wrapped, e.g. on simulated tiles
+                raise HetMoEError(f"{name} is a {type(module).__name__} around its nn.Linear: restore the digital "
+                                  "model (analog.restore_digital(model)) before HPD-splitting it")
+            continue
+        found.append((name, target))
     return found
 
 
@@ -209,11 +218,6 @@ def split_projections(model: nn.Module, info: ModelInfo | None = None, targets=T
     _check_targets(targets)
     if hpd_modules(model):
         raise HetMoEError("model is HPD-split already; call hpd.unsplit_projections(model) before splitting again")
-    from ..analog.simulate import AnalogLinear  # local import: analog.simulate imports this module
-
-    if any(isinstance(m, AnalogLinear) for m in model.modules()):
-        raise HetMoEError("model has dense layers on simulated tiles; call analog.restore_digital(model) before "
-                          "HPD-splitting it")
     info = info or recognize(model)
     found = find_projections(model, info, targets)
     if not found:
@@ -221,11 +225,11 @@ def split_projections(model: nn.Module, info: ModelInfo | None = None, targets=T
                           f"LM head / attention o_proj); valid targets: {', '.join(TARGETS)}")
     ranks = {}
     for path, _ in found:  # validate every rank before touching the model
-        linear = model.get_submodule(path)
+        linear = cast(nn.Linear, model.get_submodule(path))  # find_projections finds nn.Linear modules only
         ranks[path] = resolve_rank(rank, min(linear.weight.shape), path)
     records = []
     for path, kind in found:
-        linear = model.get_submodule(path)
+        linear = cast(nn.Linear, model.get_submodule(path))
         tied = _shared_params(model, linear)
         module, record = split_linear(linear, ranks[path], path, kind)
         record.tied = tied

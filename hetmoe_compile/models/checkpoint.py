@@ -15,11 +15,17 @@ import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
 
 from ..errors import HetMoEError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+    from transformers.core_model_loading import WeightRenaming
+    from typing_extensions import Buffer
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -115,7 +121,7 @@ class Checkpoint:
         offset = entry.begin + (0 if index is None else index * nbytes)
         if index is not None and not 0 <= index < entry.shape[0]:
             raise IndexError(f"{key}: index {index} out of range for {entry.shape[0]}")
-        view = memoryview(out.view(torch.uint8).numpy()).cast("B") if nbytes else b""
+        view = memoryview(cast("Buffer", out.view(torch.uint8).numpy())).cast("B") if nbytes else b""
         fd = os.open(entry.path, os.O_RDONLY)
         try:
             done = 0
@@ -138,8 +144,9 @@ class ParameterSource:
         from transformers.core_model_loading import WeightConverter, rename_source_key
 
         self.checkpoint = checkpoint
-        transforms = get_model_conversion_mapping(model)
-        renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+        transforms = get_model_conversion_mapping(cast("PreTrainedModel", model))  # a transformers model
+        # every transform is a renaming or a converter
+        renamings = cast("list[WeightRenaming]", [t for t in transforms if not isinstance(t, WeightConverter)])
         converters = [t for t in transforms if isinstance(t, WeightConverter)]
         by_pattern = {p: c for c in converters for p in c.source_patterns}
         names = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}

@@ -16,7 +16,7 @@ is programmed on its own group's device.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -94,7 +94,7 @@ def parse_device_map(value: str) -> str | dict:
         text = path.read_text()
     try:
         mapping = json.loads(text)
-    except ValueError as exc:
+    except json.JSONDecodeError as exc:
         raise HetMoEError(f"--device-map {value}: not valid JSON ({exc.msg} at line {exc.lineno}); give "
                           '{"module name": "cuda:0" | "cpu" | "disk", ...}') from exc
     if not isinstance(mapping, dict) or not mapping:

@@ -1,21 +1,25 @@
 """Read a family's fused expert tensors in the canonical ``[out_features, in_features]`` form."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import cast
 
 import torch
 from torch import nn
 
+from ..expert_group import ExpertWeights
 from .adapter import ExpertLayout
 
+__all__ = ["ExpertWeights", "activation_params", "canonical_expert_weights"]
 
-class ExpertWeights(NamedTuple):
-    """Canonical weights of a set of experts: one row is one neuron."""
 
-    gate_up: torch.Tensor  # [n, 2I, H], gate rows then up rows
-    down: torch.Tensor  # [n, H, I]
-    gate_up_bias: torch.Tensor | None  # [n, 2I]
-    down_bias: torch.Tensor | None  # [n, H]
+def activation_params(config) -> tuple[str, float, float]:
+    """``(act_name, alpha, limit)`` of a family's expert activation from its config (GPT-OSS's clamped swiglu
+    reads ``swiglu_alpha`` and ``swiglu_limit``; 0 elsewhere)."""
+    return (
+        getattr(config, "hidden_act", "silu") or "silu",
+        float(getattr(config, "swiglu_alpha", 0.0) or 0.0),
+        float(getattr(config, "swiglu_limit", 0.0) or 0.0),
+    )
 
 
 def _deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -28,12 +32,12 @@ def _deinterleave(t: torch.Tensor, dim: int) -> torch.Tensor:
 def canonical_expert_weights(experts: nn.Module, layout: ExpertLayout, ids: torch.Tensor) -> ExpertWeights:
     """Copy the experts ``ids`` out of the fused tensors of ``experts`` in canonical form."""
     with torch.no_grad():
-        gate_up = experts.gate_up_proj.detach().index_select(0, ids)
-        down = experts.down_proj.detach().index_select(0, ids)
+        gate_up = cast(torch.Tensor, experts.gate_up_proj).detach().index_select(0, ids)
+        down = cast(torch.Tensor, experts.down_proj).detach().index_select(0, ids)
         gate_up_bias = down_bias = None
         if layout.has_bias:
-            gate_up_bias = experts.gate_up_proj_bias.detach().index_select(0, ids)
-            down_bias = experts.down_proj_bias.detach().index_select(0, ids)
+            gate_up_bias = cast(torch.Tensor, experts.gate_up_proj_bias).detach().index_select(0, ids)
+            down_bias = cast(torch.Tensor, experts.down_proj_bias).detach().index_select(0, ids)
         if layout.transposed:
             gate_up = gate_up.transpose(1, 2)
             down = down.transpose(1, 2)

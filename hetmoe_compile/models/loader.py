@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import torch
 from torch import nn
@@ -23,7 +24,8 @@ def resolve_source(source: str) -> str:
     if path.exists():
         raise HetMoEError(f"{source}: is a file, not a model directory; point MODEL at a directory with config.json")
     if _looks_like_path(source):
-        raise HetMoEError(f"{source}: no such model directory; give an existing directory or a hub id like 'owner/name'")
+        raise HetMoEError(f"{source}: no such model directory; give an existing directory or a hub id like "
+                          "'owner/name'")
     return source
 
 
@@ -75,7 +77,8 @@ def load_model(source: str, dtype: str | torch.dtype = "auto", device: str | tor
         raise HetMoEError(
             f"{source}: could not load the model ({first}); check the path or hub id, and network access for hub ids"
         ) from exc
-    return (model if device_map is not None else model.to(device)).eval()
+    # cast: transformers types PreTrainedModel.to as the unbound nn.Module.to (``@wraps``); the call is the same
+    return (model if device_map is not None else cast(nn.Module, model).to(device)).eval()
 
 
 def _describe(device_map: str | dict) -> str:

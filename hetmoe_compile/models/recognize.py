@@ -3,11 +3,13 @@ shared experts, attention, norms and dense MLPs; plus embeddings and the LM head
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import UnsupportedModelError
+from ..expert_group import HetExperts
 from .adapter import FamilyAdapter, registered
 
 # Module kinds. Everything but ROUTED_EXPERTS is a densely activated module.
@@ -62,6 +64,15 @@ class ModelInfo:
                 return self.module_kinds.get(path, "other")
             path = path.rsplit(".", 1)[0]
 
+    def owner_of(self, module_path: str) -> str:
+        """The nearest recognised module at or above ``module_path`` (``module_path`` itself if none is)."""
+        path = module_path
+        while path:
+            if path in self.module_kinds:
+                return path
+            path = path.rsplit(".", 1)[0] if "." in path else ""
+        return module_path
+
 
 def supported_architectures() -> list[str]:
     """The ``model_type`` values that have an adapter."""
@@ -93,21 +104,21 @@ def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
 
 
 def _is_het(module: nn.Module | None) -> bool:
-    from ..expert_group import HetExperts  # local import: expert_group imports this package
-
     return isinstance(module, HetExperts)
 
 
 def _is_experts(module: nn.Module | None) -> bool:
-    return _is_het(module) or module is not None and isinstance(getattr(module, "gate_up_proj", None), torch.Tensor) and isinstance(
-        getattr(module, "down_proj", None), torch.Tensor
+    return _is_het(module) or (
+        module is not None
+        and isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)
+        and isinstance(getattr(module, "down_proj", None), torch.Tensor)
     )
 
 
 def recognize(model: nn.Module) -> ModelInfo:
     """Find the MoE structure of ``model``; raise :class:`UnsupportedModelError` if there is none."""
     adapter = _adapter_for(model)
-    config = model.config
+    config: Any = model.config  # a transformers config
     layers_path, layers = _decoder_layers(model)
     moe_layers: list[MoELayer] = []
     kinds: dict[str, str] = {}
@@ -124,6 +135,7 @@ def recognize(model: nn.Module) -> ModelInfo:
             if not _is_experts(experts):
                 kinds[block_path] = "dense_mlp"
                 continue
+            assert experts is not None  # _is_experts(None) is False
             router = getattr(block, adapter.router_attr, None)
             if router is None or not isinstance(getattr(router, "weight", None), torch.Tensor):
                 raise UnsupportedModelError(
@@ -139,7 +151,7 @@ def recognize(model: nn.Module) -> ModelInfo:
                 down = experts.down_proj
                 inter = down.shape[1] if adapter.layout.transposed else down.shape[2]
                 hidden = down.shape[2] if adapter.layout.transposed else down.shape[1]
-            top_k = getattr(router, "top_k", None) or getattr(config, "num_experts_per_tok")
+            top_k = getattr(router, "top_k", None) or config.num_experts_per_tok
             moe_layers.append(
                 MoELayer(
                     index=i,

@@ -1,7 +1,7 @@
 """Shared pass plumbing: ``torch.fx`` infra's PassBase/PassResult, and errors that name the failing pass."""
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from torch.fx.passes.infra.pass_base import PassBase, PassResult
 
@@ -28,9 +28,25 @@ class PassError(HetMoEError):
         super().__init__(f"{pass_name}: {message}")
 
 
+def attr_value(graph_module, target: str) -> Any:
+    """The object a ``get_attr`` target (``a.b.c``) names on ``graph_module``."""
+    value: Any = graph_module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def drop_unused_attrs(graph_module) -> None:
+    """Erase the ``get_attr`` nodes no node uses any more (weights a rewrite replaced). Nothing else: FX's plain
+    ``eliminate_dead_code`` would also erase in-place calls whose results go unused (``scatter_``, ``copy_``,
+    ``setitem`` in the families' routers and attention), silently changing the numbers."""
+    graph_module.graph.eliminate_dead_code(is_impure_node=lambda node: node.op != "get_attr")
+
+
 def is_expert_group(node) -> bool:
     """True for a call of the ``hetmoe::expert_group`` op (aten overload or the op packet)."""
     return node.op == "call_function" and str(node.target).startswith(EXPERT_GROUP_OP)
 
 
-__all__ = ["PLACEMENT_META", "NodePlacement", "PassBase", "PassError", "PassResult", "is_expert_group"]
+__all__ = ["PLACEMENT_META", "NodePlacement", "PassBase", "PassError", "PassResult", "attr_value", "drop_unused_attrs",
+           "is_expert_group"]

@@ -18,25 +18,19 @@ import torch
 from torch import fx, nn
 
 from ..analog.config import AnalogConfig
-from ..analog.expert_group_op import MATRICES
+from ..analog.instance import MATRICES, output_noise_seed, program_expert_stacks
 from ..analog.programmed_stack import ProgrammedStack
-from ..analog.programming_noise import OUT_NOISE_STREAM, stream_seed
 from ..analog.tiles import Periphery
-from .pass_base import PLACEMENT_META, PassBase, PassError, PassResult, is_expert_group
+from .pass_base import PLACEMENT_META, PassBase, PassError, PassResult, attr_value, drop_unused_attrs, is_expert_group
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
-def _attr(gm: fx.GraphModule, node) -> torch.Tensor | None:
-    if node is None:
-        return None
+def _attr(gm: fx.GraphModule, node) -> torch.Tensor:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
         raise PassError(RewriteAnalogPass.name, f"expected weights as get_attr nodes, got {node}; rewrite "
                         "ep.module() (unlifted) rather than ep.graph_module")
-    value = gm
-    for part in str(node.target).split("."):
-        value = getattr(value, part)
-    return value
+    return attr_value(gm, str(node.target))
 
 
 def _drop_attr(gm: fx.GraphModule, target: str) -> None:
@@ -69,7 +63,6 @@ class RewriteAnalogPass(PassBase):
         gm = graph_module
         if not hasattr(gm, "hetmoe_analog"):
             gm.add_submodule("hetmoe_analog", nn.Module())
-        store = gm.hetmoe_analog
         modified = False
         programmed_over: list[str] = []
         for node in list(gm.graph.nodes):
@@ -84,16 +77,16 @@ class RewriteAnalogPass(PassBase):
              limit) = node.args
             ids, gate_up, down = _attr(gm, ids_n), _attr(gm, gu_n), _attr(gm, down_n)
             holder = nn.Module()
-            holder.register_buffer("rng_state", torch.full((1,), stream_seed(self.seed, layer, OUT_NOISE_STREAM)))
-            experts = ids.tolist()
-            for m, (key, tensor, tensor_node) in enumerate(zip(MATRICES, (gate_up, down), (gu_n, down_n))):
-                stack = ProgrammedStack(tensor, self.cfg.tile_size, "discard" if self.in_place else "copy", name=key)
-                stack.program(self.cfg, [stream_seed(self.seed, layer, e, m) for e in experts])
+            holder.register_buffer("rng_state", torch.full((1,), output_noise_seed(self.seed, layer)))
+            stacks = [ProgrammedStack(t, self.cfg.tile_size, "discard" if self.in_place else "copy", name=key)
+                      for key, t in zip(MATRICES, (gate_up, down))]
+            program_expert_stacks(stacks, self.cfg, self.seed, layer, ids.tolist())
+            for key, stack, tensor_node in zip(MATRICES, stacks, (gu_n, down_n)):
                 holder.register_buffer(f"{key}_weight", stack.weight)
                 holder.register_buffer(f"{key}_scale", stack.scale)
                 if self.in_place:
                     programmed_over.append(str(tensor_node.target))
-            store.add_module(f"L{layer}", holder)
+            gm.get_submodule("hetmoe_analog").add_module(f"L{layer}", holder)
             prefix = f"hetmoe_analog.L{layer}"
             with gm.graph.inserting_before(node):
                 get = {k: gm.graph.get_attr(f"{prefix}.{k}") for k in
@@ -109,7 +102,7 @@ class RewriteAnalogPass(PassBase):
             node.replace_all_uses_with(new)
             gm.graph.erase_node(node)
             modified = True
-        gm.graph.eliminate_dead_code()  # the ideal weights' get_attr nodes
+        drop_unused_attrs(gm)  # the replaced weights' get_attr nodes only
         used = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
         for target in programmed_over:  # their storage holds programmed tiles now
             if target not in used:

@@ -1,7 +1,8 @@
 """Place the experts of whole-layer expert groups and split each group node into a digital and an analog node.
 
-For graphs captured by Dynamo from a model prepared with :func:`hetmoe_compile.prepare` (one
-``hetmoe.expert_group`` node per MoE layer, holding all of its experts): the pass reads each group's weights,
+For Dynamo graphs with one ``hetmoe.expert_group`` node per MoE layer holding all of its experts (made by
+:class:`RecognizeExpertsPass` from a raw model, or traced from one prepared with :func:`hetmoe_compile.prepare`):
+the pass reads each group's weights,
 scores the experts (``max-neuron-norm`` or ``random``), ranks them with the placement policy, and replaces the node
 by a digital and an analog group whose weights are registered on the graph module (``hetmoe_groups.L<layer>``).
 New nodes carry their :class:`NodePlacement`, so :class:`RewriteAnalogPass` can run next.
@@ -10,7 +11,8 @@ from __future__ import annotations
 
 import operator
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -19,7 +21,16 @@ from torch import fx, nn
 from ..placement.placement import rank_digital
 from ..placement.policy import PlacementPolicy, parse_override_key
 from ..scoring.max_neuron_norm import max_neuron_norms_canonical
-from .pass_base import PLACEMENT_META, NodePlacement, PassBase, PassError, PassResult, is_expert_group
+from .pass_base import (
+    PLACEMENT_META,
+    NodePlacement,
+    PassBase,
+    PassError,
+    PassResult,
+    attr_value,
+    drop_unused_attrs,
+    is_expert_group,
+)
 
 SELECTORS = ("max-neuron-norm", "random")
 _LAYER = re.compile(r"layers\W*(\d+)")
@@ -39,9 +50,7 @@ def evaluate(gm: fx.GraphModule, nodes: Sequence, example_inputs: Sequence) -> l
         if n.op == "placeholder":
             value = example_inputs[placeholders[n]]
         elif n.op == "get_attr":
-            value = gm
-            for part in str(n.target).split("."):
-                value = getattr(value, part)
+            value = attr_value(gm, str(n.target))
         else:
             args = fx.node.map_aggregate(n.args, run)
             kwargs = fx.node.map_aggregate(n.kwargs, run)
@@ -89,7 +98,7 @@ class SplitExpertGroupsPass(PassBase):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
         groups = [n for n in gm.graph.nodes if is_expert_group(n)]
-        layers: dict[int, tuple[fx.Node, dict[str, torch.Tensor | None]]] = {}
+        layers: dict[int, tuple[fx.Node, dict[str, Any]]] = {}
         values = iter(evaluate(gm, [a for n in groups for a in n.args[3:8]], self.example_inputs))
         for node in groups:
             layer = layer_of(node)
@@ -97,6 +106,7 @@ class SplitExpertGroupsPass(PassBase):
                 raise PassError(self.name, f"cannot tell the decoder layer of {node.name}")
             keys = ("ids", "gate_up", "down", "gate_up_bias", "down_bias")
             layers[layer] = (node, {k: next(values) for k in keys})
+        self._check_overrides({layer: w["ids"].tolist() for layer, (_, w) in layers.items()})
         scores = {layer: self._scores(layer, w) for layer, (_, w) in layers.items()}
         digital, notes = rank_digital(scores, self.policy, self.policy.selector)
         if not hasattr(gm, "hetmoe_groups"):
@@ -110,10 +120,21 @@ class SplitExpertGroupsPass(PassBase):
                     devices[e] = device
             self.placed[layer] = devices
             self._split(gm, node, layer, w, devices, notes)
-        gm.graph.eliminate_dead_code()
+        drop_unused_attrs(gm)  # the replaced weights' get_attr nodes only
         gm.graph.lint()
         gm.recompile()
         return PassResult(gm, bool(layers))
+
+    def _check_overrides(self, experts: dict[int, list[int]]) -> None:
+        """Overrides name layers of this graph and experts those layers have (never ignored silently)."""
+        for key in self.policy.overrides:
+            layer, expert = parse_override_key(key)
+            if layer not in experts:
+                raise PassError(self.name, f"override '{key}' names layer {layer}, but the MoE layers in this graph "
+                                f"are {sorted(experts)}")
+            if expert not in experts[layer]:
+                raise PassError(self.name, f"override '{key}' names expert {expert}, but layer {layer} has experts "
+                                f"0..{max(experts[layer])}")
 
     def _scores(self, layer: int, w: dict) -> np.ndarray:
         if self.policy.selector == "random":
@@ -126,7 +147,7 @@ class SplitExpertGroupsPass(PassBase):
                notes: dict) -> None:
         ids = w["ids"].tolist()
         holder = nn.Module()
-        gm.hetmoe_groups.add_module(f"L{layer}", holder)
+        gm.get_submodule("hetmoe_groups").add_module(f"L{layer}", holder)
         outputs = []
         for device in ("digital", "analog"):
             local = [i for i, e in enumerate(ids) if devices[e] == device]
@@ -143,7 +164,7 @@ class SplitExpertGroupsPass(PassBase):
             with gm.graph.inserting_before(node):
                 attrs = [gm.graph.get_attr(f"{prefix}.{k}") if getattr(sub, k) is not None else None
                          for k in ("expert_ids", "gate_up", "down", "gate_up_bias", "down_bias")]
-                new = gm.graph.call_function(node.target, (*node.args[:3], *attrs, *node.args[8:]))
+                new = gm.graph.call_function(cast(Callable, node.target), (*node.args[:3], *attrs, *node.args[8:]))
             chosen = [ids[i] for i in local]
             new.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "example_value")})
             new.meta[PLACEMENT_META] = NodePlacement(

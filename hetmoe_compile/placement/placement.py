@@ -4,17 +4,18 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 from torch import nn
 
-from .. import __version__
 from ..errors import HetMoEError
 from ..io import atomic_write_text, read_json_file
 from ..models.recognize import ROUTED_EXPERTS, ModelInfo
 from ..scoring.base import Scores
+from ..version import PRODUCER
 from .policy import PlacementPolicy, parse_override_key
 from .schema import SCHEMA_VERSION, validate_placement
 
@@ -54,7 +55,7 @@ class Placement:
     layers: list[LayerPlacement]
     dense_modules: list[DensePlacement]
     parameter_share: dict[str, dict]
-    producer: str = field(default_factory=lambda: f"hetmoe-compile {__version__}")
+    producer: str = PRODUCER
     schema_version: str = SCHEMA_VERSION
     cost: dict | None = None
     """The cost-model estimate (:meth:`hetmoe_compile.cost.CostReport.to_dict`), when one was made."""
@@ -84,7 +85,7 @@ class Placement:
         return doc
 
     @classmethod
-    def from_dict(cls, data: dict, source: str = "<placement>") -> "Placement":
+    def from_dict(cls, data: dict, source: str = "<placement>") -> Placement:
         validate_placement(data, source)
         return cls(
             model=data["model"],
@@ -107,15 +108,16 @@ class Placement:
         return atomic_write_text(Path(path), json.dumps(doc, indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: str | Path) -> "Placement":
+    def load(cls, path: str | Path) -> Placement:
         path = Path(path)
         data = read_json_file(path, f"{path}: placement file not found; create one with 'hetmoe-compile place'")
-        return cls.from_dict(data, str(path))
+        return cls.from_dict(cast(dict, data), str(path))  # from_dict validates it against the schema
 
 
 def config_hash(model: nn.Module) -> str:
     """sha256 of the model config (sorted JSON, without the transformers version)."""
-    cfg = {k: v for k, v in model.config.to_dict().items() if k != "transformers_version"}
+    config = cast(Any, model).config  # a Hugging Face config
+    cfg = {k: v for k, v in config.to_dict().items() if k != "transformers_version"}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -154,9 +156,9 @@ def rank_digital(scores: dict[int, np.ndarray], policy: PlacementPolicy,
                 notes[(layer, e)] = f"rank {rank + 1}/{len(s)} by {selector} in layer {layer} (top {k} digital)"
     else:
         keys = [(layer, e) for layer, values in scores.items() for e in range(len(values))]
-        order = sorted(keys, key=lambda key: (-float(scores[key[0]][key[1]]), key))
+        ranked = sorted(keys, key=lambda key: (-float(scores[key[0]][key[1]]), key))
         k = _n_digital(policy.digital_fraction, len(keys))
-        for rank, key in enumerate(order):
+        for rank, key in enumerate(ranked):
             if rank < k:
                 digital.add(key)
             notes[key] = f"rank {rank + 1}/{len(keys)} by {selector} over all layers (top {k} digital)"
@@ -181,16 +183,13 @@ def policy_overrides(policy: PlacementPolicy, info: ModelInfo) -> dict[tuple[int
     return overrides
 
 
-def place(model: nn.Module, info: ModelInfo, scores: Scores, policy: PlacementPolicy, source: str = "",
-          cost_params=None, frequencies: dict[int, list[float]] | None = None) -> Placement:
-    """Rank experts by ``scores`` and put the top ``digital_fraction`` (per layer or globally) on digital; with a
-    budget in ``policy``, place under it instead (:func:`hetmoe_compile.cost.budget.place_under_budget`, costed
-    with ``cost_params`` and routing ``frequencies``)."""
+def place(model: nn.Module, info: ModelInfo, scores: Scores, policy: PlacementPolicy, source: str = "") -> Placement:
+    """Rank experts by ``scores`` and put the top ``digital_fraction`` (per layer or globally) on digital. A policy
+    with a budget is placed by the cost model (:func:`hetmoe_compile.pipeline.place_scores` dispatches)."""
     policy.validate()
     if policy.budget is not None:
-        from ..cost.budget import place_under_budget
-
-        return place_under_budget(model, info, scores, policy, cost_params, source=source, frequencies=frequencies)
+        raise HetMoEError("a budget policy is placed by the cost model: use hetmoe_compile.pipeline.place_scores "
+                          "(or hetmoe_compile.compile), which costs it with the cost parameters and routing")
     check_scores(info, scores)
     digital, rank_note = rank_digital({l.index: scores.layers[l.index] for l in info.moe_layers}, policy,
                                       scores.selector)
@@ -216,7 +215,7 @@ def _parameter_accounting(model: nn.Module, info: ModelInfo, layers: list[LayerP
     expert_params: dict[str, int] = {}
     for name, p in model.named_parameters():
         module = name.rsplit(".", 1)[0] if "." in name else ""
-        owner = _owner(module, info)
+        owner = info.owner_of(module)
         if info.module_kinds.get(owner) == ROUTED_EXPERTS:
             expert_params[owner] = expert_params.get(owner, 0) + p.numel()
         else:
@@ -234,10 +233,8 @@ def _parameter_accounting(model: nn.Module, info: ModelInfo, layers: list[LayerP
     return dense, share
 
 
-def _owner(module: str, info: ModelInfo) -> str:
-    path = module
-    while path:
-        if path in info.module_kinds:
-            return path
-        path = path.rsplit(".", 1)[0] if "." in path else ""
-    return module
+def check_placement_matches(placement_model: dict, model: nn.Module, source: str) -> None:
+    """A placement made for another model is an error, not a silent mismatch."""
+    if placement_model.get("config_sha256") != config_hash(model):
+        raise HetMoEError(f"{source}: placement was made for another model ({placement_model.get('source')}, "
+                          "config hash differs); re-run 'hetmoe-compile place' for this model")

@@ -4,10 +4,10 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+from ..devices import DEVICES
 from ..errors import HetMoEError
 
 SCOPES = ("per-layer", "global")
-DEVICES = ("digital", "analog")
 
 
 @dataclass
@@ -73,7 +73,7 @@ class PlacementPolicy:
         return d
 
     @classmethod
-    def from_dict(cls, data: dict) -> "PlacementPolicy":
+    def from_dict(cls, data: dict) -> PlacementPolicy:
         return cls(**data)
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 from ..errors import HetMoEError
@@ -10,7 +10,7 @@ from ..errors import HetMoEError
 SCHEMA_VERSION = "1.0"
 
 
-@lru_cache(maxsize=None)
+@cache
 def placement_schema() -> dict:
     return json.loads(resources.files("hetmoe_compile.schemas").joinpath("placement.schema.json").read_text())
 

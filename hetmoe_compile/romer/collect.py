@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import nn
@@ -141,9 +142,10 @@ def router_outputs(model: nn.Module, info: ModelInfo, calibration: Calibration, 
     finally:
         for h in handles:
             h.remove()
-    noisy = RouterOutputs(
-        {i: sum(p.counts[i] for p in noisy_passes) for i in clean.counts},
-        {i: torch.cat([p.logits[i] for p in noisy_passes]) for i in clean.counts} if keep_logits else None,
+    noisy = RouterOutputs(  # one pass or more (callers check the seeds); each pass kept its logits if asked to
+        {i: cast(torch.Tensor, sum(p.counts[i] for p in noisy_passes)) for i in clean.counts},
+        {i: torch.cat([cast(dict[int, torch.Tensor], p.logits)[i] for p in noisy_passes]) for i in clean.counts}
+        if keep_logits else None,
     )
     for name, out in (("clean", clean), ("noisy", noisy)):
         if out.logits is not None and not all(bool(torch.isfinite(t).all()) for t in out.logits.values()):

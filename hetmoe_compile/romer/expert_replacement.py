@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch
 from torch import nn
@@ -51,7 +52,7 @@ class Replacement:
 
 
 def _ideal(group: nn.Module) -> ExpertGroup:
-    return group.source if isinstance(group, AnalogExpertGroup) else group
+    return group.source if isinstance(group, AnalogExpertGroup) else cast(ExpertGroup, group)
 
 
 def _locate(het: HetExperts, expert: int) -> tuple[str, ExpertGroup, int]:
@@ -77,20 +78,21 @@ def _ideal_weights(model: nn.Module, info: ModelInfo) -> Iterator[None]:
         yield
 
 
-def activation_frequencies(model: nn.Module, info: ModelInfo, calibration: Calibration, cfg: AnalogConfig,
+def activation_frequencies(model: nn.Module, info: ModelInfo, calibration: Calibration | None, cfg: AnalogConfig,
                            seeds: Sequence[int] = DEFAULT_SEEDS,
                            batch_size: int = 8) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """``(clean, noisy)``: MoE layer -> ``[E]`` float64 share of routed (token, slot) pairs per expert on the
     calibration tokens, clean and pooled over the hardware instances ``seeds``. The model is left as it came."""
     check_canonical(model, info, "activation_frequencies")
     seeds = check_inputs(calibration, seeds, batch_size, "activation_frequencies")
+    assert calibration is not None  # check_inputs raised otherwise
     clean, noisy = router_outputs(model, info, calibration, cfg, seeds, batch_size, keep_logits=False,
                                   desc="ROMER expert usage")
     return clean.frequencies(), noisy.frequencies()
 
 
 @torch.no_grad()
-def replace_underused_experts(model: nn.Module, info: ModelInfo, calibration: Calibration, cfg: AnalogConfig,
+def replace_underused_experts(model: nn.Module, info: ModelInfo, calibration: Calibration | None, cfg: AnalogConfig,
                               seeds: Sequence[int] = DEFAULT_SEEDS, threshold: float = 0.25,
                               max_per_layer: int | None = None, batch_size: int = 8) -> list[Replacement]:
     """Replace the under-activated analog experts of a canonical, placed model (in place; see the module
@@ -112,6 +114,7 @@ def _replace(model: nn.Module, info: ModelInfo, clean: dict, noisy: dict, thresh
     replacements: list[Replacement] = []
     for layer in info.moe_layers:
         het = model.get_submodule(layer.experts)
+        assert isinstance(het, HetExperts)  # check_canonical
         if "analog" not in het.groups:
             continue
         freq, clean_freq = noisy[layer.index], clean[layer.index]
@@ -136,6 +139,7 @@ def _replace(model: nn.Module, info: ModelInfo, clean: dict, noisy: dict, thresh
             source_device, source_weights = snapshot[source]
             for dst, src in zip(target, source_weights):
                 if dst is not None:
+                    assert src is not None  # the groups of a layer share its layout
                     dst.copy_(src)
             replacements.append(Replacement(
                 layer.index, expert, source, source_device, float(freq[expert]), float(freq[source]),
@@ -155,8 +159,10 @@ def restore_replaced_experts(model: nn.Module, info: ModelInfo, replacements: Se
     with _ideal_weights(model, info):
         for r in reversed(list(replacements)):
             het = model.get_submodule(info.layer(r.layer).experts)
+            assert isinstance(het, HetExperts)  # check_canonical
             _, group, local = _locate(het, r.expert)
             for dst, src in zip(_weights(group, local), r.original):
                 if dst is not None:
+                    assert src is not None  # the weights were read from this same layout
                     dst.copy_(src)
     return model

@@ -11,6 +11,8 @@ outputs equal the original router's exactly (the identity matmul is exact).
 """
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -26,11 +28,13 @@ class RecalibratedRouter(nn.Module):
     inspects routers (recognize, router-norm scoring) sees the original router.
     """
 
+    inner: nn.Module
+
     def __init__(self, inner: nn.Module, scale: torch.Tensor, shift: torch.Tensor) -> None:
         super().__init__()
         if isinstance(inner, RecalibratedRouter):
             inner = inner.inner
-        weight = inner.weight
+        weight = cast(torch.Tensor, inner.weight)
         num_experts = weight.shape[0]
         if scale.shape != (num_experts,) or shift.shape != (num_experts,):
             raise ValueError(f"scale and shift must be [{num_experts}], got {tuple(scale.shape)} and "
@@ -53,7 +57,7 @@ class RecalibratedRouter(nn.Module):
     def raw_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The original router's logits ``[T, E]``, computed as the family does."""
         inner = self.inner
-        weight = inner.weight
+        weight = cast(torch.Tensor, inner.weight)
         bias = getattr(inner, "bias", None)
         h = hidden_states.reshape(-1, weight.shape[1])
         if self.float32_logits:
@@ -68,9 +72,10 @@ class RecalibratedRouter(nn.Module):
         shim.__dict__.update(inner.__dict__)  # plain attributes and the hook dicts (shared)
         shim.__dict__["_parameters"] = {k: v for k, v in inner._parameters.items() if k not in ("weight", "bias")}
         buffers = {k: v for k, v in inner._buffers.items() if k not in ("weight", "bias")}
-        buffers["weight"] = self.identity.to(dtype)
+        weight = self.identity.to(dtype)
+        buffers["weight"] = weight
         if getattr(inner, "bias", None) is not None:
-            buffers["bias"] = torch.zeros_like(buffers["weight"][0])
+            buffers["bias"] = torch.zeros_like(weight[0])
         shim.__dict__["_buffers"] = buffers
         shim.__dict__["_non_persistent_buffers_set"] = set(buffers)
         shim.__dict__["hidden_dim"] = self.identity.shape[0]

@@ -105,7 +105,7 @@ class LayerRouterCalibration:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> "LayerRouterCalibration":
+    def from_dict(cls, data: dict) -> LayerRouterCalibration:
         names = ("scale", "shift", "clean_lo", "clean_hi", "noisy_lo", "noisy_hi")
         return cls(int(data["layer"]), *(torch.tensor(data[n], dtype=torch.float32) for n in names))
 
@@ -140,13 +140,13 @@ class RouterCalibration:
                 "layers": [l.to_dict() for _, l in sorted(self.layers.items())]}
 
     @classmethod
-    def from_dict(cls, data: dict) -> "RouterCalibration":
+    def from_dict(cls, data: dict) -> RouterCalibration:
         layers = [LayerRouterCalibration.from_dict(d) for d in data["layers"]]
         return cls({l.layer: l for l in layers}, tuple(data["percentiles"]), tuple(data["seeds"]),
                    data.get("preset", ""), float(data.get("noise_scale", 1.0)), int(data.get("num_tokens", 0)))
 
 
-def fit_router_calibration(model: nn.Module, info: ModelInfo, calibration: Calibration, cfg: AnalogConfig,
+def fit_router_calibration(model: nn.Module, info: ModelInfo, calibration: Calibration | None, cfg: AnalogConfig,
                            seeds: Sequence[int] = DEFAULT_SEEDS, percentiles: Sequence[float] = (5.0, 95.0),
                            batch_size: int = 8) -> RouterCalibration:
     """Fit each MoE layer's router logit map on a canonical, placed model (see the module docstring).
@@ -157,11 +157,13 @@ def fit_router_calibration(model: nn.Module, info: ModelInfo, calibration: Calib
     lo, hi = check_percentiles(percentiles)
     check_canonical(model, info, "fit_router_calibration")
     seeds = check_inputs(calibration, seeds, batch_size, "fit_router_calibration")
+    assert calibration is not None  # check_inputs raised otherwise
     if any(isinstance(model.get_submodule(l.router), RecalibratedRouter) for l in info.moe_layers):
         raise HetMoEError("fit_router_calibration(): the routers are recalibrated already; call "
                           "remove_router_calibration(model, info) before fitting again")
     clean, noisy = router_outputs(model, info, calibration, cfg, seeds, batch_size, keep_logits=True,
                                   desc="ROMER router calibration")
+    assert clean.logits is not None and noisy.logits is not None  # keep_logits=True
     layers: dict[int, LayerRouterCalibration] = {}
     for layer in info.moe_layers:
         m = fit_percentile_map(clean.logits[layer.index], noisy.logits[layer.index], (lo, hi))

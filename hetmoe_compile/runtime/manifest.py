@@ -3,9 +3,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import cast
 
 from ..errors import HetMoEError
 from ..io import read_json_file
@@ -14,7 +15,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_SCHEMA_VERSION = "1.0"
 
 
-@lru_cache(maxsize=None)
+@cache
 def manifest_schema() -> dict:
     return json.loads(resources.files("hetmoe_compile.schemas").joinpath("manifest.schema.json").read_text())
 
@@ -69,6 +70,8 @@ def read_manifest(directory: str | Path) -> dict:
     """The validated manifest of the export in ``directory``."""
     directory = Path(directory)
     path = directory / MANIFEST_NAME
-    doc = read_json_file(path, f"{directory}: no {MANIFEST_NAME}; pass a directory written by 'hetmoe-compile export'")
+    # any JSON value until validated (validate_manifest rejects all but a manifest object)
+    doc = cast(dict, read_json_file(path, f"{directory}: no {MANIFEST_NAME}; pass a directory written by "
+                                          "'hetmoe-compile export'"))
     validate_manifest(doc, str(path))
     return doc

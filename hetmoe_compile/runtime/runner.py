@@ -42,8 +42,8 @@ class Runner:
         import onnxruntime as ort
 
         ids, mask = self._check_inputs(input_ids, attention_mask)
-        env: dict[str, object] = {"input_ids": ort.OrtValue.ortvalue_from_numpy(ids),
-                                  "attention_mask": ort.OrtValue.ortvalue_from_numpy(mask)}
+        env: dict[str, ort.OrtValue] = {"input_ids": ort.OrtValue.ortvalue_from_numpy(ids),
+                                        "attention_mask": ort.OrtValue.ortvalue_from_numpy(mask)}
         held: list[np.ndarray] = [ids, mask]
         for i, step in enumerate(self.manifest["schedule"]):
             part = self.partitions[step["partition"]]

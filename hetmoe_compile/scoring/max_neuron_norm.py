@@ -3,6 +3,8 @@ the ``[out_features, in_features]`` weight); the expert's score is the product o
 from __future__ import annotations
 
 import contextlib
+from types import SimpleNamespace
+from typing import cast
 
 import numpy as np
 import torch
@@ -28,20 +30,22 @@ def _row_norms(t: torch.Tensor, dim: int) -> torch.Tensor:
                             for e in range(t.shape[0])]).double()
 
 
-def max_neuron_norms(experts: nn.Module, layout: ExpertLayout) -> dict[str, torch.Tensor]:
+def max_neuron_norms(experts: nn.Module | SimpleNamespace, layout: ExpertLayout) -> dict[str, torch.Tensor]:
     """``{"gate"|"up"|"down": [E]}`` largest neuron (row) L2 norm per expert, read from the fused tensors without
-    copying them. Works on a family's experts module and on a canonical :class:`HetExperts`."""
-    from ..expert_group import HetExperts
+    copying them. Works on a family's experts module (or a namespace holding its ``gate_up_proj`` and
+    ``down_proj``) and on a canonical :class:`HetExperts`."""
+    from ..expert_group import ExpertGroup, HetExperts
 
     with torch.no_grad():
         if isinstance(experts, HetExperts):
-            parts = [(g.expert_ids, max_neuron_norms_canonical(g.gate_up, g.down)) for g in experts.groups.values()]
+            groups = cast(list[ExpertGroup], list(experts.groups.values()))  # a canonical layer's groups
+            parts = [(g.expert_ids, max_neuron_norms_canonical(g.gate_up, g.down)) for g in groups]
             out = {k: torch.empty(experts.num_experts, dtype=torch.float64) for k in ("gate", "up", "down")}
             for ids, norms in parts:
                 for k in out:
                     out[k][ids.cpu()] = norms[k].cpu()
             return out
-        gate_up, down = experts.gate_up_proj, experts.down_proj
+        gate_up, down = cast(torch.Tensor, experts.gate_up_proj), cast(torch.Tensor, experts.down_proj)
         if layout.transposed:  # [E, in, out]: a neuron is a column
             gu_rows = _row_norms(gate_up, 1)  # [E, 2I]
             down_rows = _row_norms(down, 1)  # [E, H]

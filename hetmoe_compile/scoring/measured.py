@@ -2,6 +2,8 @@
 weights carry PCM programming noise (averaged over seeds). Expensive-ish, but exact for the question asked."""
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 from torch import nn
@@ -9,8 +11,8 @@ from tqdm.auto import tqdm
 
 from ..analog.programming_noise import program_rows, stream_seed
 from ..calibration import Calibration
-from ..expert_group import HetExperts, expert_mlp
-from ..models.expert_weights import canonical_expert_weights
+from ..expert_group import ExpertGroup, HetExperts, expert_mlp
+from ..models.expert_weights import activation_params, canonical_expert_weights
 from ..models.recognize import ModelInfo
 from .base import register_selector
 
@@ -18,14 +20,19 @@ MEASURED_SEEDS = 3
 MEASURED_NOISE_SCALE = 1.0
 
 
-def _expert_weights(experts: nn.Module, info: ModelInfo, e: int) -> tuple:
+def _expert_weights(
+    experts: nn.Module, info: ModelInfo, e: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     if isinstance(experts, HetExperts):
-        for group in experts.groups.values():
+        for module in experts.groups.values():
+            group = cast(ExpertGroup, module)  # a canonical layer's groups (ExpertGroup API)
             ids = group.ids
             if e in ids:
                 return group.expert(ids.index(e))
-    w = canonical_expert_weights(experts, info.adapter.layout, torch.tensor([e], device=experts.down_proj.device))
-    return tuple(None if t is None else t[0] for t in w)
+    device = cast(torch.Tensor, experts.down_proj).device
+    w = canonical_expert_weights(experts, info.adapter.layout, torch.tensor([e], device=device))
+    return (w.gate_up[0], w.down[0], None if w.gate_up_bias is None else w.gate_up_bias[0],
+            None if w.down_bias is None else w.down_bias[0])
 
 
 def measured_sensitivity(
@@ -37,13 +44,7 @@ def measured_sensitivity(
     noise_scale: float = MEASURED_NOISE_SCALE,
 ) -> dict[int, np.ndarray]:
     """Relative change ``||delta||_F / ||y||_F`` of each layer's routed-expert output when one expert is noisy."""
-    config = model.config
-    act = (
-        info.adapter.layout.activation,
-        getattr(config, "hidden_act", "silu") or "silu",
-        float(getattr(config, "swiglu_alpha", 0.0) or 0.0),
-        float(getattr(config, "swiglu_limit", 0.0) or 0.0),
-    )
+    act = (info.adapter.layout.activation, *activation_params(model.config))
     routing = calibration.routing(model, info)
     out: dict[int, np.ndarray] = {}
     total = sum(l.num_experts for l in info.moe_layers)

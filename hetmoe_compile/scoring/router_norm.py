@@ -1,6 +1,8 @@
 """Data-free peer: the L2 norm of the expert's row in the router weight ``[E, H]``."""
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 from torch import nn
@@ -22,5 +24,5 @@ def score_router_norm(model: nn.Module, info: ModelInfo, calibration=None, seed:
     for layer in info.moe_layers:
         router = model.get_submodule(layer.router)
         with onloaded(router):  # a layer a device map offloaded
-            out[layer.index] = router_norms(router.weight)
+            out[layer.index] = router_norms(cast(torch.Tensor, router.weight))
     return out

@@ -4,22 +4,23 @@ selector; each placement's estimated energy per token; results as JSON, a Markdo
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from torch import nn
 from tqdm.auto import tqdm
 
-from .analog.config import AnalogConfig
-from .calibration import Calibration
-from .canonicalize import canonicalize
-from .evaluation import EvalSpec, Prepared, evaluate_under_noise, prepare
-from .models.recognize import ModelInfo
-from .peers import PEERS, PeerContext, PeerOptions, apply_peers, check_peer_options, check_peers
-from .placement.placement import Placement, place
-from .placement.policy import PlacementPolicy
-from .scoring import score
+from ..analog.config import AnalogConfig
+from ..api import compile
+from ..calibration import Calibration
+from ..canonicalize import canonicalize
+from ..models.recognize import ModelInfo
+from ..peers import PEERS, PeerOptions, check_peer_options, check_peers
+from ..placement.placement import Placement
+from ..placement.policy import PlacementPolicy
+from ..scoring import score
+from .under_noise import EvalSpec, Prepared, evaluate_under_noise, prepare
 
 CostFn = Callable[[nn.Module, ModelInfo, Placement, str, dict], dict]
 """``(model, info, placement, dense, peer_record) -> cost dict`` (with ``energy_per_token_j``) for a row."""
@@ -50,7 +51,7 @@ def sweep_cost_fn(params, cfg: AnalogConfig, frequencies: dict[int, list[float]]
     """A :data:`CostFn` estimating each row with the cost model ``params`` (a ``CostParams``; the tile size of
     ``cfg`` unless ``params`` sets one) and the routing ``frequencies`` (None: uniform). It costs the model as the
     row runs it: HPD halves and low-bit experts included, dense modules where the row puts them."""
-    from .cost.estimate import estimate_cost
+    from ..cost.estimate import estimate_cost
 
     params = params.for_tiles(cfg.tile_size)
 
@@ -61,7 +62,7 @@ def sweep_cost_fn(params, cfg: AnalogConfig, frequencies: dict[int, list[float]]
 
 
 def sweep_jobs(fractions: list[float], selectors: list[str], ablation: bool = True,
-               peers: list[str] = ()) -> list[_Job]:
+               peers: Sequence[str] = ()) -> list[_Job]:
     """References, every (selector, inner fraction) with dense modules digital, the ablation for the first
     selector, then each peer alone (dense digital, at its own fraction) and with the first selector's inner
     fractions."""
@@ -80,7 +81,7 @@ def sweep_jobs(fractions: list[float], selectors: list[str], ablation: bool = Tr
 
 def run_sweep(model: nn.Module, info: ModelInfo, tokenizer, fractions: list[float], selectors: list[str],
               cfg: AnalogConfig, spec: EvalSpec, calibration: Calibration | None = None, ablation: bool = True,
-              prepared: Prepared | None = None, peers: list[str] = (), peer_options: PeerOptions | None = None,
+              prepared: Prepared | None = None, peers: Sequence[str] = (), peer_options: PeerOptions | None = None,
               cost_fn: CostFn | None = None) -> list[SweepRow]:
     """Evaluate every job of :func:`sweep_jobs` under ``cfg``.
 
@@ -98,21 +99,17 @@ def run_sweep(model: nn.Module, info: ModelInfo, tokenizer, fractions: list[floa
     rows = []
     for job in tqdm(sweep_jobs(fractions, selectors, ablation, peers), desc="sweep", unit="placement"):
         sel_scores = scores.get(job.selector, scores[selectors[0]])  # fractions 0 and 1 do not depend on scores
-        placement = place(model, info, sel_scores, PlacementPolicy(job.fraction, sel_scores.selector,
-                                                                   dense=job.dense))
-        canonicalize(model, placement.devices(), info)
-        record: dict = {}
-        undo = None
-        if job.peer != "-":
-            applied = apply_peers([job.peer], PeerContext(model, info, cfg, calibration, peer_options))
-            record, undo = applied.record, applied.undo
+        compiled = compile(model, PlacementPolicy(job.fraction, sel_scores.selector, dense=job.dense), cfg,
+                           calibration, scores=sel_scores, peers=[] if job.peer == "-" else [job.peer],
+                           peer_options=peer_options)
+        placement = compiled.placement
+        record = {} if compiled.peers is None else compiled.peers.record
         try:
             has_analog = any(l.ids("analog") for l in placement.layers) or job.peer == "hpd"
             metrics = evaluate_under_noise(model, info, tokenizer, cfg, spec, prepared, job.dense, has_analog)
             cost = cost_fn(model, info, placement, job.dense, record) if cost_fn else None
         finally:
-            if undo is not None:
-                undo()
+            compiled.undo_peers()
         rows.append(SweepRow(job.label, job.selector, job.fraction, job.dense, metrics, job.peer,
                              peer_summary(record), cost))
     canonicalize(model, None, info)  # leave the model all-digital
@@ -122,7 +119,7 @@ def run_sweep(model: nn.Module, info: ModelInfo, tokenizer, fractions: list[floa
 def peer_summary(record: dict) -> dict:
     """A few numbers that say what a peer did (the full record can hold one entry per expert)."""
     out: dict = {}
-    for name, rec in record.items():
+    for rec in record.values():
         if "replacements" in rec:
             out["experts_replaced"] = len(rec["replacements"])
         if "router_calibration" in rec:
@@ -223,7 +220,7 @@ def plot_pareto(rows: list[SweepRow], metric: str, path: Path, title: str) -> Pa
 
     from .plots import _save
 
-    pts = [(r, _energy(r)) for r in rows if _energy(r) is not None]
+    pts = [(r, e) for r in rows if (e := _energy(r)) is not None]
     if not pts:
         raise ValueError("plot_pareto needs rows with a cost estimate")
     lower = metric in LOWER_IS_BETTER
@@ -281,7 +278,7 @@ def pareto_front(points: list[tuple[float, float]], lower_is_better: bool) -> li
 
 def write_sweep(out_dir: Path, rows: list[SweepRow], cfg: AnalogConfig, spec: EvalSpec, meta: dict) -> list[Path]:
     """``results.json``, ``results.md`` and one PNG per metric, written atomically into ``out_dir``."""
-    from .io import atomic_output_dir
+    from ..io import atomic_output_dir
 
     with atomic_output_dir(out_dir) as tmp:
         doc = {**meta, "analog": cfg.to_dict(), "seeds": spec.seeds, "rows": [asdict(r) for r in rows]}

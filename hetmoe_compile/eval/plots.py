@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .scoring.base import Scores
+from ..scoring.base import Scores
 
 
 def _save(fig, path: Path) -> Path:

@@ -7,10 +7,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
-from .analog.config import AnalogConfig
-from .analog.simulate import restore_digital, simulate
-from .errors import HetMoEError
-from .models.recognize import ModelInfo
+from ..analog.config import AnalogConfig
+from ..analog.simulate import restore_digital, simulate
+from ..errors import HetMoEError
+from ..models.recognize import ModelInfo
 
 CHARS_PER_TOKEN_BOUND = 16  # a generous bound, used to avoid tokenising a whole corpus for its first N tokens
 
@@ -46,7 +46,7 @@ class Prepared:
 
 def prepare(spec: EvalSpec) -> Prepared:
     """Read the text and task files (fails fast on bad names or files, before any model work)."""
-    from .eval import load_task, read_text
+    from . import load_task, read_text
 
     spec.validate()
     text = None
@@ -54,7 +54,10 @@ def prepare(spec: EvalSpec) -> Prepared:
         text = read_text(spec.ppl_path)
         if spec.ppl_tokens:
             text = text[: spec.ppl_tokens * CHARS_PER_TOKEN_BOUND]
-    examples = {name: load_task(name, spec.tasks_dir, spec.limit) for name in spec.tasks}
+    examples: dict[str, list] = {}
+    if spec.tasks:
+        assert spec.tasks_dir is not None  # validate(): tasks need a tasks folder
+        examples = {name: load_task(name, spec.tasks_dir, spec.limit) for name in spec.tasks}
     return Prepared(text, examples)
 
 
@@ -66,7 +69,7 @@ def summarize(values: dict[str, list[float]]) -> dict[str, dict]:
 
 def measure(model: nn.Module, tokenizer, spec: EvalSpec, prepared: Prepared) -> dict[str, float]:
     """One evaluation of the model as it is now: ``{"ppl": ..., "<task>/<metric>": ...}``."""
-    from .eval import evaluate_examples, get_task, perplexity
+    from . import evaluate_examples, get_task, perplexity
 
     out: dict[str, float] = {}
     if prepared.text is not None:
@@ -94,16 +97,7 @@ def evaluate_under_noise(model: nn.Module, info: ModelInfo, tokenizer, cfg: Anal
     finally:
         restore_digital(model, info)
     result = summarize(values)
-    for k, v in result.items():
-        if not all(math.isfinite(x) for x in v["values"]):
+    for k, stats in result.items():
+        if not all(math.isfinite(x) for x in stats["values"]):
             raise HetMoEError(f"metric {k} is not finite under {cfg.preset}; check the analog configuration")
     return result
-
-
-def check_placement_matches(placement_model: dict, model: nn.Module, source: str) -> None:
-    """A placement made for another model is an error, not a silent mismatch."""
-    from .placement.placement import config_hash
-
-    if placement_model.get("config_sha256") != config_hash(model):
-        raise HetMoEError(f"{source}: placement was made for another model ({placement_model.get('source')}, "
-                          "config hash differs); re-run 'hetmoe-compile place' for this model")
