@@ -38,6 +38,7 @@ test: $(STAMP)
 # Lint and format rules, and the type check of the package (configured in pyproject.toml).
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hetmoe_compile tests benchmarks examples
+	$(VENV)/bin/ruff format --check hetmoe_compile tests benchmarks examples
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)

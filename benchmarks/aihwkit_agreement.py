@@ -2,6 +2,7 @@
 20 hardware instances (the figure tests/test_analog.py checks to 5 %). The bfloat16 rows run the project's op as a
 bfloat16 model does (weights, inputs and programmed tiles in bfloat16, noise in float32) against aihwkit in float32
 on the same bfloat16-rounded weights and inputs."""
+
 from __future__ import annotations
 
 import sys
@@ -33,13 +34,26 @@ def main() -> int:
                     y = analog_matmul(x, prog, cfg, torch.Generator().manual_seed(s)).double()
                     ours.append(((y - ref).norm() / ref.norm()).item())
                 with torch.no_grad():
-                    theirs = [((aihwkit_linear(w.float(), cfg, s)(x.float()).double() - ref).norm()
-                               / ref.norm()).item() for s in seeds]
-                rows.append([f"{shape[0]}x{shape[1]}", str(dtype).removeprefix("torch."), preset, len(ours),
-                             f"{np.mean(ours):.4f} ± {np.std(ours):.4f}", f"{np.mean(theirs):.4f} ± {np.std(theirs):.4f}",
-                             f"{np.mean(ours) / np.mean(theirs):.3f}"])
-    print(format_table(["weight", "dtype", "preset", "instances", "hetmoe-compile rel. error", "aihwkit rel. error",
-                        "ratio"], rows))
+                    theirs = [
+                        ((aihwkit_linear(w.float(), cfg, s)(x.float()).double() - ref).norm() / ref.norm()).item()
+                        for s in seeds
+                    ]
+                rows.append(
+                    [
+                        f"{shape[0]}x{shape[1]}",
+                        str(dtype).removeprefix("torch."),
+                        preset,
+                        len(ours),
+                        f"{np.mean(ours):.4f} ± {np.std(ours):.4f}",
+                        f"{np.mean(theirs):.4f} ± {np.std(theirs):.4f}",
+                        f"{np.mean(ours) / np.mean(theirs):.3f}",
+                    ]
+                )
+    print(
+        format_table(
+            ["weight", "dtype", "preset", "instances", "hetmoe-compile rel. error", "aihwkit rel. error", "ratio"], rows
+        )
+    )
     return 0
 
 

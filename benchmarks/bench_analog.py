@@ -6,6 +6,7 @@
 3. the whole simulated model against aihwkit's ``convert_to_analog`` on an equivalent model holding one
    ``nn.Linear`` per expert weight (forward over the same tokens).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,6 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 REF = REPO.parent / "shared" / "models" / "olmoe-ref"
-
-
 
 
 class LinearExperts(nn.Module):
@@ -67,21 +66,20 @@ def main() -> int:
     from hetmoe_compile.analog import analog_config, simulate
     from hetmoe_compile.analog.aihwkit_reference import aihwkit_linear, aihwkit_rpu_config
     from hetmoe_compile.analog.instance import program_group
-    from hetmoe_compile.canonicalize import canonicalize
-    from hetmoe_compile.models import load_model, recognize
-    from hetmoe_compile.pipeline import place_model
+    from hetmoe_compile.api import compile
+    from hetmoe_compile.models import load_model
     from hetmoe_compile.placement import PlacementPolicy
     from hetmoe_compile.tables import format_table
 
     torch.manual_seed(0)
-    model = load_model(args.model)
-    info = recognize(model)
-    placement = place_model(model, PlacementPolicy(0.25), info=info)
-    canonicalize(model, placement.devices(), info)
     cfg = analog_config("pcm")
+    model = load_model(args.model)
+    info = compile(model, PlacementPolicy(0.25), cfg).info
     ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq), generator=torch.Generator().manual_seed(0))
-    print(f"model {args.model}: {len(info.moe_layers)} MoE layers x {info.moe_layers[0].num_experts} experts, "
-          f"25% digital; forward on {args.batch}x{args.seq} tokens; {torch.get_num_threads()} threads")
+    print(
+        f"model {args.model}: {len(info.moe_layers)} MoE layers x {info.moe_layers[0].num_experts} experts, "
+        f"25% digital; forward on {args.batch}x{args.seq} tokens; {torch.get_num_threads()} threads"
+    )
 
     def forward():
         with torch.no_grad():
@@ -130,17 +128,25 @@ def main() -> int:
     rows = [
         ["forward: clean canonical model", f"{clean * 1e3:.0f} ms", "1.00x"],
         ["forward: simulated (hetmoe-compile, pcm)", f"{sim * 1e3:.0f} ms", f"{sim / clean:.2f}x"],
-        ["forward: aihwkit convert_to_analog (per-expert nn.Linear)", f"{aihwkit_fwd * 1e3:.0f} ms",
-         f"{aihwkit_fwd / clean:.2f}x"],
+        [
+            "forward: aihwkit convert_to_analog (per-expert nn.Linear)",
+            f"{aihwkit_fwd * 1e3:.0f} ms",
+            f"{aihwkit_fwd / clean:.2f}x",
+        ],
         [f"program {slices} analog expert slices: hetmoe-compile", f"{ours_prog:.3f} s", "1.00x"],
-        [f"program {slices} slices: aihwkit per slice (timed on {n})", f"{aihwkit_prog:.3f} s",
-         f"{aihwkit_prog / ours_prog:.1f}x"],
+        [
+            f"program {slices} slices: aihwkit per slice (timed on {n})",
+            f"{aihwkit_prog:.3f} s",
+            f"{aihwkit_prog / ours_prog:.1f}x",
+        ],
         ["program one 2048x1024 slice: hetmoe-compile (of 4 vectorised)", f"{ours_big * 1e3:.0f} ms", "1.00x"],
         ["program one 2048x1024 slice: aihwkit", f"{aihwkit_big * 1e3:.0f} ms", f"{aihwkit_big / ours_big:.1f}x"],
     ]
     print(format_table(["measurement", "time", "ratio"], rows))
-    print(f"simulated / clean forward: {sim / clean:.2f}x; aihwkit / hetmoe-compile simulated forward: "
-          f"{aihwkit_fwd / sim:.2f}x; programming speed-up: {aihwkit_prog / ours_prog:.1f}x")
+    print(
+        f"simulated / clean forward: {sim / clean:.2f}x; aihwkit / hetmoe-compile simulated forward: "
+        f"{aihwkit_fwd / sim:.2f}x; programming speed-up: {aihwkit_prog / ours_prog:.1f}x"
+    )
     return 0
 
 

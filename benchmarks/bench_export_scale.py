@@ -5,6 +5,7 @@ Each measurement runs in a fresh subprocess so peak RSS (``ru_maxrss``) belongs 
 
     python benchmarks/bench_export_scale.py [--layers 2] [--instance-seed N] [--out DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,9 +29,17 @@ def child(layers: int, out: str, instance_seed: int | None) -> dict:
     from hetmoe_compile.placement.policy import PlacementPolicy
 
     torch.manual_seed(0)
-    cfg = OlmoeConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_experts=64,
-                      num_experts_per_tok=8, num_hidden_layers=layers, num_attention_heads=16,
-                      num_key_value_heads=16, max_position_embeddings=4096)
+    cfg = OlmoeConfig(
+        vocab_size=50304,
+        hidden_size=2048,
+        intermediate_size=1024,
+        num_experts=64,
+        num_experts_per_tok=8,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=4096,
+    )
     t = time.perf_counter()
     with torch.no_grad():
         model = OlmoeForCausalLM(cfg).eval()
@@ -41,14 +50,24 @@ def child(layers: int, out: str, instance_seed: int | None) -> dict:
     placement = place_model(model, PlacementPolicy(digital_fraction=0.25))
     place_s = time.perf_counter() - t
     t = time.perf_counter()
-    export_onnx(model, placement, out, ExportOptions(analog=analog_config("pcm"), instance_seed=instance_seed,
-                                                     progress=False))
+    export_onnx(
+        model, placement, out, ExportOptions(analog=analog_config("pcm"), instance_seed=instance_seed, progress=False)
+    )
     export_s = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     files = sum(p.stat().st_size for p in Path(out).iterdir() if p.is_file())
-    return {"layers": layers, "params": sum(p.numel() for p in model.parameters()), "weights_bytes": weights,
-            "build_s": build_s, "place_s": place_s, "export_s": export_s, "rss_after_build": rss_model,
-            "peak_rss": peak, "export_bytes": files, "instance": instance_seed is not None}
+    return {
+        "layers": layers,
+        "params": sum(p.numel() for p in model.parameters()),
+        "weights_bytes": weights,
+        "build_s": build_s,
+        "place_s": place_s,
+        "export_s": export_s,
+        "rss_after_build": rss_model,
+        "peak_rss": peak,
+        "export_bytes": files,
+        "instance": instance_seed is not None,
+    }
 
 
 def main() -> None:
@@ -68,13 +87,17 @@ def main() -> None:
             cmd += ["--instance-seed", str(args.instance_seed)]
         res = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
     gib = 2**30
-    print(f"OLMoE-1B-7B-shaped, {res['layers']} layers, {res['params'] / 1e9:.2f} B params "
-          f"({res['weights_bytes'] / gib:.2f} GiB fp32), instance variant: {res['instance']}")
+    print(
+        f"OLMoE-1B-7B-shaped, {res['layers']} layers, {res['params'] / 1e9:.2f} B params "
+        f"({res['weights_bytes'] / gib:.2f} GiB fp32), instance variant: {res['instance']}"
+    )
     print("| measure | value | target |\n|---|---:|---:|")
     print(f"| export time (torch.export -> ONNX -> partitions -> manifest) | {res['export_s']:.1f} s | <= 300 s |")
     print(f"| placement (max-neuron-norm scoring) | {res['place_s']:.1f} s | |")
-    print(f"| peak RSS | {res['peak_rss'] / gib:.2f} GiB = {res['peak_rss'] / res['weights_bytes']:.2f}x weights "
-          f"| <= 2x |")
+    print(
+        f"| peak RSS | {res['peak_rss'] / gib:.2f} GiB = {res['peak_rss'] / res['weights_bytes']:.2f}x weights "
+        f"| <= 2x |"
+    )
     print(f"| RSS after building the model | {res['rss_after_build'] / gib:.2f} GiB | |")
     print(f"| files written | {res['export_bytes'] / gib:.2f} GiB | |")
 

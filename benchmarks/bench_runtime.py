@@ -6,6 +6,7 @@ cache. All three use the same number of intra-op threads. Target: partitioned <=
 
     python benchmarks/bench_runtime.py [--model DIR] [--threads N] [--repeat N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,16 +47,23 @@ def main() -> None:
     prompt = torch.randint(0, vocab, (1, args.prompt), generator=gen)
     n = args.new_tokens
     with tempfile.TemporaryDirectory() as tmp:
-        part = runtime.load(export_onnx(model, placement, Path(tmp) / "p", ExportOptions(progress=False)).parent,
-                            threads=args.threads)
-        mono = runtime.load(export_onnx(model, placement, Path(tmp) / "m",
-                                        ExportOptions(monolithic=True, progress=False)).parent,
-                            threads=args.threads)
-        fused = runtime.load(export_onnx(model, placement, Path(tmp) / "f",
-                                         ExportOptions(ort_moe=True, progress=False)).parent, threads=args.threads)
+        part = runtime.load(
+            export_onnx(model, placement, Path(tmp) / "p", ExportOptions(progress=False)).parent, threads=args.threads
+        )
+        mono = runtime.load(
+            export_onnx(model, placement, Path(tmp) / "m", ExportOptions(monolithic=True, progress=False)).parent,
+            threads=args.threads,
+        )
+        fused = runtime.load(
+            export_onnx(model, placement, Path(tmp) / "f", ExportOptions(ort_moe=True, progress=False)).parent,
+            threads=args.threads,
+        )
         rows = {}
-        for name, runner in (("partitioned ONNX", part), ("partitioned ONNX, digital experts as com.microsoft::MoE",
-                                                          fused), ("monolithic ONNX", mono)):
+        for name, runner in (
+            ("partitioned ONNX", part),
+            ("partitioned ONNX, digital experts as com.microsoft::MoE", fused),
+            ("monolithic ONNX", mono),
+        ):
             pre = timed(lambda r=runner: r(long.numpy()), args.repeat)
             dec = timed(lambda r=runner: r.generate(prompt.numpy(), n, eos_token_id=-1), max(1, args.repeat // 2)) / n
             rows[name] = (pre, dec)
@@ -69,22 +77,25 @@ def main() -> None:
 
     def eager_generate(cache: bool):
         with torch.no_grad():
-            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=cache,
-                           pad_token_id=0)
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=cache, pad_token_id=0)
 
     pre = timed(eager_prefill, args.repeat)
     rows["PyTorch eager (no KV cache)"] = (pre, timed(lambda: eager_generate(False), max(1, args.repeat // 2)) / n)
     rows["PyTorch eager (KV cache)"] = (pre, timed(lambda: eager_generate(True), max(1, args.repeat // 2)) / n)
     base = rows["monolithic ONNX"]
-    print(f"model {args.model}, 25 % experts digital (max-neuron-norm), {args.threads} threads, "
-          f"median of {args.repeat}")
-    print(f"| runner | prefill {args.prefill} tok (ms) | x monolithic | decode ms/token ({args.prompt}-token prompt, "
-          f"{n} new) | x monolithic |")
+    print(
+        f"model {args.model}, 25 % experts digital (max-neuron-norm), {args.threads} threads, median of {args.repeat}"
+    )
+    print(
+        f"| runner | prefill {args.prefill} tok (ms) | x monolithic | decode ms/token ({args.prompt}-token prompt, "
+        f"{n} new) | x monolithic |"
+    )
     print("|---|---:|---:|---:|---:|")
     for name, (p, d) in rows.items():
         print(f"| {name} | {p * 1e3:.1f} | {p / base[0]:.2f} | {d * 1e3:.1f} | {d / base[1]:.2f} |")
-    print(f"\npartitioned vs monolithic logits: max relative difference {mono_err:.1e}; with MoE nodes: "
-          f"{fused_err:.1e}")
+    print(
+        f"\npartitioned vs monolithic logits: max relative difference {mono_err:.1e}; with MoE nodes: {fused_err:.1e}"
+    )
 
 
 if __name__ == "__main__":

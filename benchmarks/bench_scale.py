@@ -9,7 +9,8 @@ Rows: placement (``hc.compile`` at 25 %, and ``place --load meta`` on the saved 
 peak RSS over the checkpoint's size); programming every analog expert (seconds, weights per second, and the
 floor: the time the device takes only to draw the same number of normal variates, measured in the same run);
 forward tokens per second clean and simulated (median of ``--repeat`` runs), and the simulated forward through
-each expert-group path (per-expert loop and grouped GEMM, ``grouped_routing.py``) side by side; peak memory over the weights during and after ``simulate(0)``,
+each expert-group path (per-expert loop and grouped GEMM, ``grouped_routing.py``) side by side; peak memory over
+the weights during and after ``simulate(0)``,
 during ``simulate(1)`` (re-programming) and during a simulated forward; and the activations of one forward
 (peak of a clean forward above the resident model), the allowance the 1.15x target adds; and, on the CPU, the
 model loaded again with a device map that offloads its last decoder layer to disk (accelerate): its clean logits
@@ -17,6 +18,7 @@ against the unsharded model's and its forward time over the unsharded one.
 
     python benchmarks/bench_scale.py [--layers 2] [--tokens 256] [--dtypes float32,bfloat16] [--device auto]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -72,7 +74,7 @@ class Phase:
             torch.cuda.reset_peak_memory_stats()
         host_memory.trim()  # start each phase from the live memory, not the allocator's cached pages
         _reset_peak()
-        self.start = (torch.cuda.memory_allocated() if self.device.type == "cuda" else _rss("VmRSS") - self.base)
+        self.start = torch.cuda.memory_allocated() if self.device.type == "cuda" else _rss("VmRSS") - self.base
         self.t = time.perf_counter()
         return self
 
@@ -97,14 +99,25 @@ def child(layers: int, dtype_name: str, tokens: int, device_name: str, repeat: i
     from hetmoe_compile.analog.pcm_fused import CHUNK_ELEMENTS
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    device = torch.device("cuda" if device_name == "auto" and torch.cuda.is_available() else
-                          ("cpu" if device_name == "auto" else device_name))
+    device = torch.device(
+        "cuda"
+        if device_name == "auto" and torch.cuda.is_available()
+        else ("cpu" if device_name == "auto" else device_name)
+    )
     dtype = getattr(torch, dtype_name)
     base = _rss("VmRSS") if device.type == "cpu" else 0
     torch.manual_seed(0)
-    cfg = OlmoeConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_experts=64,
-                      num_experts_per_tok=8, num_hidden_layers=layers, num_attention_heads=16,
-                      num_key_value_heads=16, max_position_embeddings=4096)
+    cfg = OlmoeConfig(
+        vocab_size=50304,
+        hidden_size=2048,
+        intermediate_size=1024,
+        num_experts=64,
+        num_experts_per_tok=8,
+        num_hidden_layers=layers,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=4096,
+    )
     torch.set_default_dtype(dtype)
     with torch.no_grad(), torch.device(device):
         model = OlmoeForCausalLM(cfg).eval()
@@ -161,8 +174,12 @@ def child(layers: int, dtype_name: str, tokens: int, device_name: str, repeat: i
     restored = forward()
     # `place` on the saved checkpoint without loading it (a fresh process: its peak RSS is its own)
     t = time.perf_counter()
-    run = subprocess.run([sys.executable, "-c", _PLACE_AND_REPORT_PEAK, ckpt, str(Path(ckpt) / "placement.json")],
-                         check=True, capture_output=True, text=True)
+    run = subprocess.run(
+        [sys.executable, "-c", _PLACE_AND_REPORT_PEAK, ckpt, str(Path(ckpt) / "placement.json")],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     meta_place_s = time.perf_counter() - t
     meta_place_rss = int(run.stdout.strip().splitlines()[-1])  # its own VmHWM (a forked parent's pages excluded)
     # the same model sharded by a device map that offloads its last decoder layer to disk
@@ -177,27 +194,48 @@ def child(layers: int, dtype_name: str, tokens: int, device_name: str, repeat: i
         hc.compile(sharded, hc.PlacementPolicy(digital_fraction=0.25), "pcm")
         forward(sharded)
         sharded_logits = forward(sharded)
-        sharded_row = {"sharded_max_abs_diff": float((sharded_logits.float() - ref.float()).abs().max()),
-                       "sharded_over_unsharded_time": median_time(sharded) / clean_s}
+        sharded_row = {
+            "sharded_max_abs_diff": float((sharded_logits.float() - ref.float()).abs().max()),
+            "sharded_over_unsharded_time": median_time(sharded) / clean_s,
+        }
         del sharded
     shutil.rmtree(ckpt, ignore_errors=True)
     return {
-        "dtype": dtype_name, "layers": layers, "tokens": tokens, "device": str(device),
-        "params": sum(p.numel() for p in model.parameters()), "weights_bytes": weights, "analog_weights": analog,
+        "dtype": dtype_name,
+        "layers": layers,
+        "tokens": tokens,
+        "device": str(device),
+        "params": sum(p.numel() for p in model.parameters()),
+        "weights_bytes": weights,
+        "analog_weights": analog,
         "base_rss": base,
-        "place_s": place.seconds, "place_peak_over_weights": place.peak / weights,
-        "program_s": prog0.seconds, "reprogram_s": prog1.seconds, "weights_per_s": analog / prog0.seconds,
+        "place_s": place.seconds,
+        "place_peak_over_weights": place.peak / weights,
+        "program_s": prog0.seconds,
+        "reprogram_s": prog1.seconds,
+        "weights_per_s": analog / prog0.seconds,
         "floor_s": floor.seconds,
-        "repeat": repeat, "clean_tokens_per_s": tokens / clean_s, "sim_tokens_per_s": tokens / sim_s,
-        "sim_over_clean_time": sim_s / clean_s, "sim_grouped_path": grouped_default,
-        "sim_loop_s": path_s["0"], "sim_grouped_s": path_s["1"], "grouped_over_loop_time": path_s["1"] / path_s["0"],
+        "repeat": repeat,
+        "clean_tokens_per_s": tokens / clean_s,
+        "sim_tokens_per_s": tokens / sim_s,
+        "sim_over_clean_time": sim_s / clean_s,
+        "sim_grouped_path": grouped_default,
+        "sim_loop_s": path_s["0"],
+        "sim_grouped_s": path_s["1"],
+        "grouped_over_loop_time": path_s["1"] / path_s["0"],
         "activations_over_weights": max(0, clean.peak - clean.start) / weights,
-        "checkpoint_bytes": ckpt_bytes, "meta_place_s": meta_place_s, "meta_place_peak_rss": meta_place_rss,
-        "meta_place_rss_over_checkpoint": meta_place_rss / ckpt_bytes, **sharded_row,
-        "peak_simulate_over_weights": prog0.peak / weights, "after_simulate_over_weights": prog0.after / weights,
-        "peak_resimulate_over_weights": prog1.peak / weights, "after_resimulate_over_weights": prog1.after / weights,
+        "checkpoint_bytes": ckpt_bytes,
+        "meta_place_s": meta_place_s,
+        "meta_place_peak_rss": meta_place_rss,
+        "meta_place_rss_over_checkpoint": meta_place_rss / ckpt_bytes,
+        **sharded_row,
+        "peak_simulate_over_weights": prog0.peak / weights,
+        "after_simulate_over_weights": prog0.after / weights,
+        "peak_resimulate_over_weights": prog1.peak / weights,
+        "after_resimulate_over_weights": prog1.after / weights,
         "peak_sim_forward_over_weights": max(noisy.peak, noisy1.peak) / weights,
-        "restored_equal": bool(torch.equal(restored, ref)), "finite": bool(torch.isfinite(out1).all()),
+        "restored_equal": bool(torch.equal(restored, ref)),
+        "finite": bool(torch.isfinite(out1).all()),
     }
 
 
@@ -237,10 +275,12 @@ def _groups(model, device: str):
 
 def table(rows: list[dict]) -> str:
     gib = 1 << 30
-    lines = ["| dtype | layers | weights | place s | program s | Mweights/s | floor s | clean tok/s | sim tok/s | "
-             "sim/clean | peak/W simulate | after | peak/W re-simulate | after | peak/W sim fwd | activations/W | "
-             "restored |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| dtype | layers | weights | place s | program s | Mweights/s | floor s | clean tok/s | sim tok/s | "
+        "sim/clean | peak/W simulate | after | peak/W re-simulate | after | peak/W sim fwd | activations/W | "
+        "restored |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         lines.append(
             f"| {r['dtype']} | {r['layers']} | {r['weights_bytes'] / gib:.2f} GiB | {r['place_s']:.1f} | "
@@ -249,21 +289,35 @@ def table(rows: list[dict]) -> str:
             f"{r['peak_simulate_over_weights']:.3f} | {r['after_simulate_over_weights']:.3f} | "
             f"{r['peak_resimulate_over_weights']:.3f} | {r['after_resimulate_over_weights']:.3f} | "
             f"{r['peak_sim_forward_over_weights']:.3f} | {r['activations_over_weights']:.3f} | "
-            f"{'bit-exact' if r['restored_equal'] else 'DIFFERS'} |")
-    lines += ["", "| dtype | simulated forward: per-expert loop s | grouped GEMM s | grouped / loop | default path |",
-              "|---|---|---|---|---|"]
+            f"{'bit-exact' if r['restored_equal'] else 'DIFFERS'} |"
+        )
+    lines += [
+        "",
+        "| dtype | simulated forward: per-expert loop s | grouped GEMM s | grouped / loop | default path |",
+        "|---|---|---|---|---|",
+    ]
     for r in rows:
         if "sim_loop_s" in r:
-            lines.append(f"| {r['dtype']} | {r['sim_loop_s']:.3f} | {r['sim_grouped_s']:.3f} | "
-                         f"{r['grouped_over_loop_time']:.2f}x | {'grouped' if r['sim_grouped_path'] else 'loop'} |")
-    lines += ["", "| dtype | compile peak/W | checkpoint | `place --load meta` s | its peak RSS / checkpoint | "
-                  "sharded (last layer on disk): max abs logit diff | sharded / unsharded forward time |",
-              "|---|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {r['dtype']} | {r['sim_loop_s']:.3f} | {r['sim_grouped_s']:.3f} | "
+                f"{r['grouped_over_loop_time']:.2f}x | {'grouped' if r['sim_grouped_path'] else 'loop'} |"
+            )
+    lines += [
+        "",
+        "| dtype | compile peak/W | checkpoint | `place --load meta` s | its peak RSS / checkpoint | "
+        "sharded (last layer on disk): max abs logit diff | sharded / unsharded forward time |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        sharded = (f"{r['sharded_max_abs_diff']:.2e} | {r['sharded_over_unsharded_time']:.2f}x"
-                   if "sharded_max_abs_diff" in r else "- | -")
-        lines.append(f"| {r['dtype']} | {r['place_peak_over_weights']:.3f} | {r['checkpoint_bytes'] / gib:.2f} GiB | "
-                     f"{r['meta_place_s']:.1f} | {r['meta_place_rss_over_checkpoint']:.3f} | {sharded} |")
+        sharded = (
+            f"{r['sharded_max_abs_diff']:.2e} | {r['sharded_over_unsharded_time']:.2f}x"
+            if "sharded_max_abs_diff" in r
+            else "- | -"
+        )
+        lines.append(
+            f"| {r['dtype']} | {r['place_peak_over_weights']:.3f} | {r['checkpoint_bytes'] / gib:.2f} GiB | "
+            f"{r['meta_place_s']:.1f} | {r['meta_place_rss_over_checkpoint']:.3f} | {sharded} |"
+        )
     return "\n".join(lines)
 
 
@@ -281,9 +335,24 @@ def main() -> None:
         return
     rows = []
     for dtype in args.dtypes.split(","):
-        out = subprocess.run([sys.executable, __file__, "--child", dtype, "--layers", str(args.layers),
-                              "--tokens", str(args.tokens), "--device", args.device, "--repeat", str(args.repeat)],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                dtype,
+                "--layers",
+                str(args.layers),
+                "--tokens",
+                str(args.tokens),
+                "--device",
+                args.device,
+                "--repeat",
+                str(args.repeat),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if out.returncode:
             sys.exit(f"bench_scale: the {dtype} run failed:\n{out.stderr[-4000:]}")
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -4,6 +4,7 @@ Prints: max-neuron-norm time (fused, no copies) side by side with a naive per-ex
 each expert out and builds its gate/up/down matrices, with the ratio; each selector's time; and per layer the
 Spearman rank correlation of every selector with the `measured` oracle.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,6 @@ def naive_max_neuron_norm(model, info):
     return out
 
 
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--model", default=str(REF if REF.is_dir() else REPO / "examples" / "olmoe-demo"))
@@ -52,25 +51,36 @@ def main() -> int:
     torch.manual_seed(0)
     model = load_model(args.model)
     info = recognize(model)
-    print(f"model: {args.model} ({info.architecture}, {len(info.moe_layers)} MoE layers x "
-          f"{info.moe_layers[0].num_experts} experts, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params)")
+    print(
+        f"model: {args.model} ({info.architecture}, {len(info.moe_layers)} MoE layers x "
+        f"{info.moe_layers[0].num_experts} experts, {sum(p.numel() for p in model.parameters()) / 1e6:.1f} M params)"
+    )
     fused = timed(lambda: score(model, info, "max-neuron-norm"), args.repeat)
     naive = timed(lambda: naive_max_neuron_norm(model, info), args.repeat)
     print()
-    print(format_table(["max-neuron-norm", "median ms", "ratio"],
-                       [["fused (hetmoe-compile)", f"{fused * 1e3:.2f}", "1.00x"],
-                        ["naive per-expert copy", f"{naive * 1e3:.2f}", f"{naive / fused:.2f}x"]]))
+    print(
+        format_table(
+            ["max-neuron-norm", "median ms", "ratio"],
+            [
+                ["fused (hetmoe-compile)", f"{fused * 1e3:.2f}", "1.00x"],
+                ["naive per-expert copy", f"{naive * 1e3:.2f}", f"{naive / fused:.2f}x"],
+            ],
+        )
+    )
     if not args.calib:
         print("\n(no calibration text: data-driven selectors skipped)")
         return 0
     calib = calibration_from_file(args.calib, load_tokenizer(args.model), max_tokens=args.calib_tokens)
     analysis = analyze_model(model, list(selectors()), calib, seed=0, info=info)
     print()
-    print(format_table(["selector", "seconds (first run)"], [[n, f"{s.seconds:.3f}"] for n, s in analysis.scores.items()]))
+    print(
+        format_table(["selector", "seconds (first run)"], [[n, f"{s.seconds:.3f}"] for n, s in analysis.scores.items()])
+    )
     rho = analysis.spearman()
     rows = [[l.index] + [f"{rho[n][l.index]:+.3f}" for n in rho] for l in info.moe_layers]
     rows.append(["mean"] + [f"{sum(rho[n].values()) / len(rho[n]):+.3f}" for n in rho])
-    print(f"\nSpearman rank correlation with 'measured' ({calib.num_tokens} calibration tokens from {Path(args.calib).name}):")
+    source = Path(args.calib).name
+    print(f"\nSpearman rank correlation with 'measured' ({calib.num_tokens} calibration tokens from {source}):")
     print(format_table(["layer"] + list(rho), rows))
     return 0
 

@@ -8,6 +8,7 @@ batch 1 and 16, context 2048, default parameters (`hetmoe_compile.cost.params`),
 
     python benchmarks/cost_table.py [--model DIR]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -23,16 +24,29 @@ from hetmoe_compile.scoring import score
 from hetmoe_compile.tables import format_table
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
-PLACEMENTS = [("all-digital", 1.0, "digital"), ("all-analog", 0.0, "analog"), ("dense-digital", 0.0, "digital"),
-              ("25 % max-neuron-norm", 0.25, "digital")]
+PLACEMENTS = [
+    ("all-digital", 1.0, "digital"),
+    ("all-analog", 0.0, "analog"),
+    ("dense-digital", 0.0, "digital"),
+    ("25 % max-neuron-norm", 0.25, "digital"),
+]
 
 
 def olmoe_1b_7b() -> torch.nn.Module:
     from transformers import OlmoeConfig, OlmoeForCausalLM
 
-    cfg = OlmoeConfig(vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_experts=64,
-                      num_experts_per_tok=8, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16,
-                      max_position_embeddings=4096, torch_dtype="bfloat16")
+    cfg = OlmoeConfig(
+        vocab_size=50304,
+        hidden_size=2048,
+        intermediate_size=1024,
+        num_experts=64,
+        num_experts_per_tok=8,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        max_position_embeddings=4096,
+        torch_dtype="bfloat16",
+    )
     with torch.device("meta"):
         return OlmoeForCausalLM(cfg).to(torch.bfloat16).eval()
 
@@ -47,13 +61,34 @@ def table(name: str, model: torch.nn.Module, selector: str) -> None:
             placement = place(model, info, scores, PlacementPolicy(fraction, scores.selector, dense=dense))
             c = estimate_cost(model, placement, params, info=info).to_dict()
             e = c["energy_breakdown_j"]
-            rows.append([label, format_si(c["energy_per_token_j"], "J", 3), format_si(e["digital_compute"], "J", 3),
-                         format_si(e["digital_memory"], "J", 3), format_si(e["analog_mvm"], "J", 3),
-                         format_si(e["link"], "J", 3), f"{c['tokens_per_s']:,.0f}",
-                         format_bytes(c["digital_memory_bytes"])])
+            rows.append(
+                [
+                    label,
+                    format_si(c["energy_per_token_j"], "J", 3),
+                    format_si(e["digital_compute"], "J", 3),
+                    format_si(e["digital_memory"], "J", 3),
+                    format_si(e["analog_mvm"], "J", 3),
+                    format_si(e["link"], "J", 3),
+                    f"{c['tokens_per_s']:,.0f}",
+                    format_bytes(c["digital_memory_bytes"]),
+                ]
+            )
         print(f"\n{name}, decode batch {batch}, context 2048, uniform routing")
-        print(format_table(["placement", "energy/token", "digital compute", "digital memory", "analog MVM", "link",
-                            "tokens/s", "digital memory footprint"], rows))
+        print(
+            format_table(
+                [
+                    "placement",
+                    "energy/token",
+                    "digital compute",
+                    "digital memory",
+                    "analog MVM",
+                    "link",
+                    "tokens/s",
+                    "digital memory footprint",
+                ],
+                rows,
+            )
+        )
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ rounding boundary: the instance column shows the worst position, and the share o
 
     python benchmarks/export_parity.py
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -34,8 +35,11 @@ def _rel(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def parity(name: str, model, seq: int, tmp: Path, converters: bool = True) -> list:
-    cfg = analog_config("pcm", out_noise=0.0) if converters else analog_config("pcm", out_noise=0.0, dac_bits=0,
-                                                                                adc_bits=0)
+    cfg = (
+        analog_config("pcm", out_noise=0.0)
+        if converters
+        else analog_config("pcm", out_noise=0.0, dac_bits=0, adc_bits=0)
+    )
     placement = place_model(model, PlacementPolicy(digital_fraction=0.25))
     out = export_onnx(model, placement, tmp / name, ExportOptions(analog=cfg, instance_seed=11, progress=False)).parent
     ids = torch.randint(0, model.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0))
@@ -50,8 +54,15 @@ def parity(name: str, model, seq: int, tmp: Path, converters: bool = True) -> li
     instance = runtime.load(out, analog="instance")(ids.numpy())
     n_parts = len(runtime.read_manifest(out)["partitions"])
     per_position = np.abs(instance - noisy).max(-1) / np.abs(noisy).max()
-    return [name, n_parts, _rel(ideal, clean), _rel(fused, clean), _rel(instance, noisy),
-            float((per_position <= 1e-3).mean()), _rel(noisy, clean)]
+    return [
+        name,
+        n_parts,
+        _rel(ideal, clean),
+        _rel(fused, clean),
+        _rel(instance, noisy),
+        float((per_position <= 1e-3).mean()),
+        _rel(noisy, clean),
+    ]
 
 
 def main() -> None:
@@ -61,10 +72,13 @@ def main() -> None:
             rows.append(parity(family, tiny_model(family), 16, Path(tmp)))
         if REF.is_dir():
             rows.append(parity("olmoe-ref (17.9 M)", load_model(str(REF)), 256, Path(tmp)))
-            rows.append(parity("olmoe-ref, PCM weights without DAC/ADC", load_model(str(REF)), 256, Path(tmp),
-                               converters=False))
-    print("| model | partitions | ideal vs PyTorch | ideal, `--ort-moe` | instance vs simulation (max) | "
-          "positions within 1e-3 | (noise effect: simulation vs clean) |")
+            rows.append(
+                parity("olmoe-ref, PCM weights without DAC/ADC", load_model(str(REF)), 256, Path(tmp), converters=False)
+            )
+    print(
+        "| model | partitions | ideal vs PyTorch | ideal, `--ort-moe` | instance vs simulation (max) | "
+        "positions within 1e-3 | (noise effect: simulation vs clean) |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, n, ideal, fused, inst, within, effect in rows:
         print(f"| {name} | {n} | {ideal:.1e} | {fused:.1e} | {inst:.1e} | {100 * within:.1f} % | {effect:.1e} |")

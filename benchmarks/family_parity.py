@@ -1,5 +1,6 @@
 """Per family: recognised, canonical parity (max-abs logits vs the original model over several splits) and
 torch.export OK, on tiny random models built from configs."""
+
 from __future__ import annotations
 
 import sys

@@ -8,6 +8,7 @@ relatively large.
 
     python benchmarks/hpd_projection_error.py [--model DIR] [--text FILE]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,10 @@ def main() -> None:
     ids = tok(Path(args.text).read_text()[:8000], return_tensors="pt").input_ids[:, :512]
     names = ["lm_head", "model.layers.0.self_attn.o_proj", "model.layers.3.self_attn.o_proj"]
     inputs = {}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(
-        lambda m, a, n=n: inputs.__setitem__(n, a[0][0].detach())) for n in names]
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: inputs.__setitem__(n, a[0][0].detach()))
+        for n in names
+    ]
     model(input_ids=ids)
     for h in hooks:
         h.remove()
@@ -64,8 +67,10 @@ def main() -> None:
             cells = []
             for digital, analog in variants.values():
                 h = x.float() if digital is None else (x @ digital.T).float()
-                errs = [float((AnalogLinear(_linear(analog), cfg, seed, KEY)(h).double() - ref).norm() / ref.norm())
-                        for seed in range(2)]
+                errs = [
+                    float((AnalogLinear(_linear(analog), cfg, seed, KEY)(h).double() - ref).norm() / ref.norm())
+                    for seed in range(2)
+                ]
                 cells.append(f"{sum(errs) / len(errs):.3f}")
             rows.append([f"x{scale:g}", name, f"{float(s[0] / s[-1]):.0f}", *cells])
     print(format_table(["pcm", "projection", "cond(W)", *variants], rows))

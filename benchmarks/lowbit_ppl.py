@@ -4,6 +4,7 @@ quantisation error per expert (worst-case bound from the steps vs measured).
 
     python benchmarks/lowbit_ppl.py [--model DIR] [--text FILE] [--tokens N] [--seeds N]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,19 +42,27 @@ def main() -> None:
             noisy.append(perplexity(model, tokenizer, text, max_tokens=args.tokens).ppl)
         compiled.restore()
         table.append([f"INT{bits}" if bits else "float32", ideal, float(np.mean(noisy)), float(np.std(noisy))])
-    print(f"{args.model}: 25 % digital, {args.tokens} tokens of {Path(args.text).name}, PCM x{args.noise_scale:g} "
-          f"over {args.seeds} instances")
+    print(
+        f"{args.model}: 25 % digital, {args.tokens} tokens of {Path(args.text).name}, PCM x{args.noise_scale:g} "
+        f"over {args.seeds} instances"
+    )
     print("| digital experts | ppl, analog ideal | ppl, analog PCM (mean ± std) |\n|---|---:|---:|")
     for name, ideal, mean, std in table:
         print(f"| {name} | {ideal:.2f} | {mean:.2f} ± {std:.2f} |")
-    print("\n| bits | experts | gate/up bound (mean) | gate/up measured | down bound | down measured | "
-          "expert output, measured (mean / max) |\n|---|---:|---:|---:|---:|---:|---:|")
+    print(
+        "\n| bits | experts | gate/up bound (mean) | gate/up measured | down bound | down measured | "
+        "expert output, measured (mean / max) |\n|---|---:|---:|---:|---:|---:|---:|"
+    )
     for bits, rows in errors.items():
-        m = {k: np.mean([getattr(r, k) for r in rows]) for k in
-             ("gate_up_bound", "gate_up_error", "down_bound", "down_error", "output_error")}
+        m = {
+            k: np.mean([getattr(r, k) for r in rows])
+            for k in ("gate_up_bound", "gate_up_error", "down_bound", "down_error", "output_error")
+        }
         worst = max(r.output_error for r in rows)
-        print(f"| INT{bits} | {len(rows)} | {m['gate_up_bound']:.2e} | {m['gate_up_error']:.2e} "
-              f"| {m['down_bound']:.2e} | {m['down_error']:.2e} | {m['output_error']:.2e} / {worst:.2e} |")
+        print(
+            f"| INT{bits} | {len(rows)} | {m['gate_up_bound']:.2e} | {m['gate_up_error']:.2e} "
+            f"| {m['down_bound']:.2e} | {m['down_error']:.2e} | {m['output_error']:.2e} / {worst:.2e} |"
+        )
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """All-analog and dense-digital perplexity against PCM noise scale on the reference model, to choose the sweep's
 noise levels (one strong enough that all-analog loses clearly). Prints a table; writes a plot with --plot."""
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,9 @@ def main() -> int:
     prepared = prepare(spec)
     all_analog = {l.index: {e: "analog" for e in range(l.num_experts)} for l in info.moe_layers}
     canonicalize(model, None, info)
-    clean = evaluate_under_noise(model, info, tok, analog_config("ideal"), spec, prepared, "digital", False)["ppl"]["mean"]
+    clean = evaluate_under_noise(model, info, tok, analog_config("ideal"), spec, prepared, "digital", False)["ppl"][
+        "mean"
+    ]
     canonicalize(model, all_analog, info)
     rows, curves = [], {"experts analog, dense digital": [], "all analog": []}
     scales = [float(s) for s in args.scales.split(",")]
@@ -45,7 +48,9 @@ def main() -> int:
         curves["experts analog, dense digital"].append(exp["mean"])
         curves["all analog"].append(full["mean"])
         rows.append([f"{c:g}", f"{exp['mean']:.2f} ± {exp['std']:.2f}", f"{full['mean']:.2f} ± {full['std']:.2f}"])
-    print(f"all-digital perplexity: {clean:.2f} ({args.ppl_tokens} tokens of {Path(args.ppl).name}, {args.seeds} seeds)")
+    print(
+        f"all-digital perplexity: {clean:.2f} ({args.ppl_tokens} tokens of {Path(args.ppl).name}, {args.seeds} seeds)"
+    )
     print(format_table(["PCM noise scale", "experts analog (dense digital)", "all analog"], rows))
     if args.plot:
         import matplotlib

@@ -5,6 +5,7 @@ differences between two placements at the same fraction isolate the choice of di
 fraction, each selector's mean perplexity difference to `random` (negative = better) with its std over seeds,
 and how many seeds it won.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,10 @@ def main(paths: list[str]) -> int:
                 cells.append(f"{d.mean():+.2f} ± {d.std():.2f} ({int((d < 0).sum())}/{len(d)})")
             table.append(cells)
         scale = doc["analog"]["noise_scale"]
-        print(f"\n{path}: pcm x{scale:g}, perplexity difference to random at the same fraction and seed "
-              f"(mean ± std over {doc['seeds']} seeds; seeds won)")
+        print(
+            f"\n{path}: pcm x{scale:g}, perplexity difference to random at the same fraction and seed "
+            f"(mean ± std over {doc['seeds']} seeds; seeds won)"
+        )
         print(format_table(["selector"] + [f"{f:g} digital" for f in fractions], table))
     return 0
 

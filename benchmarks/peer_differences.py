@@ -8,6 +8,7 @@ difference (negative = better) with its std over seeds, the seeds won, and the e
 
     python benchmarks/peer_differences.py benchmarks/results/peers_pcm_x2.5/results.json ...
 """
+
 from __future__ import annotations
 
 import json
@@ -38,13 +39,25 @@ def main(paths: list[str]) -> int:
             if len(a) != len(b):  # one exact run (nothing analog) against several instances
                 a, b = np.full(max(len(a), len(b)), a.mean()), np.full(max(len(a), len(b)), b.mean())
             d = a - b
-            energy = (r["cost"]["energy_per_token_j"] / base["cost"]["energy_per_token_j"] - 1) * 100 \
-                if r.get("cost") and base.get("cost") else float("nan")
-            table.append([r["label"], base["label"], f"{d.mean():+.2f} ± {d.std():.2f}",
-                          f"{int((d < 0).sum())}/{len(d)}", f"{energy:+.1f} %"])
+            energy = (
+                (r["cost"]["energy_per_token_j"] / base["cost"]["energy_per_token_j"] - 1) * 100
+                if r.get("cost") and base.get("cost")
+                else float("nan")
+            )
+            table.append(
+                [
+                    r["label"],
+                    base["label"],
+                    f"{d.mean():+.2f} ± {d.std():.2f}",
+                    f"{int((d < 0).sum())}/{len(d)}",
+                    f"{energy:+.1f} %",
+                ]
+            )
         scale = doc["analog"]["noise_scale"]
-        print(f"\n{path}: pcm x{scale:g}, perplexity difference to the same placement without the peer "
-              f"(mean ± std over {doc['seeds']} seeds)")
+        print(
+            f"\n{path}: pcm x{scale:g}, perplexity difference to the same placement without the peer "
+            f"(mean ± std over {doc['seeds']} seeds)"
+        )
         print(format_table(["row", "compared with", "Δppl", "seeds won", "Δenergy/token"], table))
     return 0
 

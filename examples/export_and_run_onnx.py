@@ -3,6 +3,7 @@ torch-free runtime and check it against PyTorch.
 
     python examples/export_and_run_onnx.py [--model DIR] [--out DIR] [--prompt TEXT]
 """
+
 from __future__ import annotations
 
 import argparse

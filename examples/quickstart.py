@@ -5,6 +5,7 @@ perplexity under simulated PCM hardware against the all-digital and all-analog e
 
 The default model is the reference OLMoE in ../shared/models/olmoe-ref when present, else the bundled demo.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -7,6 +7,7 @@ The accelerator receives each analog partition's routed tokens through the manif
 ``(hidden_states, top_k_index, top_k_weights) -> partial_output`` and computes its experts from the ideal weights
 stored in the partition (``L<layer>.E<expert>.gate_up`` / ``.down``, ``[out, in]``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,9 @@ def main() -> None:
     ids = np.array([[int(t) for t in args.ids.split(",")]])
     logits = runner(ids)
     print(f"analog partitions on the accelerator: {sorted(accelerator.weights)} ({accelerator.calls} calls)")
-    print(f"digital partitions on ONNX Runtime: "
-          f"{[p['name'] for p in manifest['partitions'] if p['device'] == 'digital']}")
+    print(
+        f"digital partitions on ONNX Runtime: {[p['name'] for p in manifest['partitions'] if p['device'] == 'digital']}"
+    )
     error = np.abs(logits - reference(ids)).max() / np.abs(logits).max()
     print(f"logits vs all-ONNX-Runtime: max relative difference {error:.1e}")
 

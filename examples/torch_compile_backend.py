@@ -5,6 +5,7 @@
 The model is compiled as loaded: Dynamo hands the backend the graph, in which the backend finds each layer's
 experts, places them (options below) and rewrites the analog ones into simulated AIMC ops.
 """
+
 from __future__ import annotations
 
 import argparse

@@ -8,6 +8,7 @@
 The public names are imported on first use, so ``hetmoe_compile.runtime`` (ONNX Runtime + numpy) imports
 without torch.
 """
+
 from __future__ import annotations
 
 from importlib import import_module
@@ -16,19 +17,45 @@ from typing import TYPE_CHECKING
 from .version import __version__
 
 _PUBLIC = {
-    "compile": "api", "analyze": "api", "CompiledMoE": "api",
-    "prepare": "backend", "BackendOptions": "backend",
-    "PlacementPolicy": "placement.policy", "Placement": "placement.placement",
-    "AnalogConfig": "analog.config", "analog_config": "analog.config", "PRESETS": "analog.config",
-    "Calibration": "calibration", "calibration_from_text": "calibration",
-    "load_model": "models", "load_tokenizer": "models", "recognize": "models",
-    "ExportOptions": "export", "export_onnx": "export",
+    "compile": "api",
+    "analyze": "api",
+    "CompiledMoE": "api",
+    "prepare": "backend",
+    "BackendOptions": "backend",
+    "PlacementPolicy": "placement.policy",
+    "Placement": "placement.placement",
+    "AnalogConfig": "analog.config",
+    "analog_config": "analog.config",
+    "PRESETS": "analog.config",
+    "Calibration": "calibration",
+    "calibration_from_text": "calibration",
+    "load_model": "models",
+    "load_tokenizer": "models",
+    "recognize": "models",
+    "ExportOptions": "export",
+    "export_onnx": "export",
     "HetMoEError": "errors",
 }
 __all__ = [
-    "PRESETS", "AnalogConfig", "BackendOptions", "Calibration", "CompiledMoE", "ExportOptions", "HetMoEError",
-    "Placement", "PlacementPolicy", "__version__", "analog_config", "analyze", "calibration_from_text", "compile",
-    "export_onnx", "load_model", "load_tokenizer", "prepare", "recognize",
+    "PRESETS",
+    "AnalogConfig",
+    "BackendOptions",
+    "Calibration",
+    "CompiledMoE",
+    "ExportOptions",
+    "HetMoEError",
+    "Placement",
+    "PlacementPolicy",
+    "__version__",
+    "analog_config",
+    "analyze",
+    "calibration_from_text",
+    "compile",
+    "export_onnx",
+    "load_model",
+    "load_tokenizer",
+    "prepare",
+    "recognize",
 ]
 assert set(__all__) == {"__version__", *_PUBLIC}
 

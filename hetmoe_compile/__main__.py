@@ -1,4 +1,5 @@
 """``python -m hetmoe_compile``."""
+
 import sys
 
 from .cli import main

@@ -1,4 +1,5 @@
 """The Python API: ``analyze`` a model's experts, ``compile`` it to a placement, then simulate, report or export."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -74,22 +75,35 @@ class CompiledMoE:
 
         return quantize_digital_experts(self.model, bits, group_size, self.info)
 
-    def export(self, directory: str | Path, instance_seed: int | None = None, monolithic: bool = False,
-               tokenizer=None) -> Path:
+    def export(
+        self, directory: str | Path, instance_seed: int | None = None, monolithic: bool = False, tokenizer=None
+    ) -> Path:
         """Partitioned ONNX + ``manifest.json`` in ``directory`` (see :func:`hetmoe_compile.export.export_onnx`);
         returns the manifest's path."""
         from .export import ExportOptions, export_onnx
 
         self.restore()
-        return export_onnx(self.model, self.placement, directory,
-                           ExportOptions(self.analog, instance_seed, monolithic), tokenizer)
+        return export_onnx(
+            self.model, self.placement, directory, ExportOptions(self.analog, instance_seed, monolithic), tokenizer
+        )
 
 
-def compile(model: nn.Module, policy: PlacementPolicy | None = None, analog: AnalogConfig | str | None = None,
-            calibration: Calibration | None = None, source: str = "", *, placement: Placement | None = None,
-            scores: Scores | None = None, cost_params: CostParams | None = None, digital_bits: int | None = None,
-            group_size: int = 128, peers: Sequence[str] = (), peer_options: PeerOptions | None = None,
-            quantization_seed: int = 0) -> CompiledMoE:
+def compile(
+    model: nn.Module,
+    policy: PlacementPolicy | None = None,
+    analog: AnalogConfig | str | None = None,
+    calibration: Calibration | None = None,
+    source: str = "",
+    *,
+    placement: Placement | None = None,
+    scores: Scores | None = None,
+    cost_params: CostParams | None = None,
+    digital_bits: int | None = None,
+    group_size: int = 128,
+    peers: Sequence[str] = (),
+    peer_options: PeerOptions | None = None,
+    quantization_seed: int = 0,
+) -> CompiledMoE:
     """The one composer: place ``model``'s experts, canonicalise it in place, then optionally quantise its digital
     experts and apply peers. The CLI commands, sweeps and benchmarks build on it.
 
@@ -124,16 +138,17 @@ def compile(model: nn.Module, policy: PlacementPolicy | None = None, analog: Ana
     compiled = CompiledMoE(model, recognize(model), placement, cfg)
     if digital_bits is not None:
         rows = quantize_digital_experts(model, digital_bits, group_size, compiled.info, seed=quantization_seed)
-        compiled.quantization = {"bits": digital_bits, "group_size": group_size,
-                                 "experts": [r.to_dict() for r in rows]}
+        compiled.quantization = {"bits": digital_bits, "group_size": group_size, "experts": [r.to_dict() for r in rows]}
     if names:
-        compiled.peers = apply_peers(names, PeerContext(model, compiled.info, cfg, calibration,
-                                                        peer_options or PeerOptions()))
+        compiled.peers = apply_peers(
+            names, PeerContext(model, compiled.info, cfg, calibration, peer_options or PeerOptions())
+        )
     return compiled
 
 
-def analyze(model: nn.Module, selectors: list[str] | None = None, calibration: Calibration | None = None,
-            seed: int = 0) -> Analysis:
+def analyze(
+    model: nn.Module, selectors: list[str] | None = None, calibration: Calibration | None = None, seed: int = 0
+) -> Analysis:
     """Every selector's score for every routed expert (``Analysis.scores``, ``.spearman()``, ``.table()``).
 
     By default all selectors the inputs allow run (data-driven ones only with ``calibration``)."""

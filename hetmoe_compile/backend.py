@@ -8,6 +8,7 @@ expert-group node (:class:`RecognizeExpertsPass`; a model prepared with :func:`p
 the experts (:class:`SplitExpertGroupsPass`) and rewrites the analog groups into simulated AIMC ops
 (:class:`RewriteAnalogPass`), the pass the ahead-of-time path uses. It returns the rewritten module's forward.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -16,10 +17,13 @@ from dataclasses import dataclass, fields
 from torch import fx, nn
 
 from .analog.config import AnalogConfig, analog_config
-from .errors import HetMoEError
+from .errors import HetMoEError, UnsupportedModelError
+from .models.recognize import recognize
 from .passes import RecognizeExpertsPass, RewriteAnalogPass, SplitExpertGroupsPass, is_expert_group
 from .passes.recognize_experts_pass import frame_resolver
 from .passes.split_expert_groups_pass import SELECTORS
+from .pipeline import place_model
+from .placement.placement import Placement
 from .placement.policy import PlacementPolicy
 
 
@@ -49,22 +53,31 @@ class BackendOptions:
         opts = cls(**(options or {}))
         number: tuple[type, ...] = (int, float)
         checks: tuple[tuple[str, tuple[type, ...], bool], ...] = (
-            ("digital_fraction", number, False), ("noise_scale", number, True), ("t_inference", number, True),
-            ("selector", (str,), False), ("scope", (str,), False), ("dense", (str,), False), ("noise", (str,), False),
-            ("overrides", (dict,), True))
+            ("digital_fraction", number, False),
+            ("noise_scale", number, True),
+            ("t_inference", number, True),
+            ("selector", (str,), False),
+            ("scope", (str,), False),
+            ("dense", (str,), False),
+            ("noise", (str,), False),
+            ("overrides", (dict,), True),
+        )
         for name, kinds, optional in checks:
             value = getattr(opts, name)
             if (value is None and optional) or (isinstance(value, kinds) and not isinstance(value, bool)):
                 continue
             want = "a number" if kinds is number else f"a {kinds[0].__name__}"
-            raise HetMoEError(f"hetmoe backend option {name}={value!r} must be {want}"
-                              + (" or None" if optional else ""))
+            raise HetMoEError(
+                f"hetmoe backend option {name}={value!r} must be {want}" + (" or None" if optional else "")
+            )
         if isinstance(opts.seed, bool) or not isinstance(opts.seed, int) or opts.seed < 0:
             raise HetMoEError(f"hetmoe backend option seed={opts.seed!r} must be an integer >= 0")
         if opts.selector not in SELECTORS:
-            raise HetMoEError(f"hetmoe backend option selector={opts.selector!r}: in a graph use one of "
-                              f"{', '.join(SELECTORS)}; the others need the whole model or calibration text "
-                              "(use hetmoe_compile.compile(model, ...))")
+            raise HetMoEError(
+                f"hetmoe backend option selector={opts.selector!r}: in a graph use one of "
+                f"{', '.join(SELECTORS)}; the others need the whole model or calibration text "
+                "(use hetmoe_compile.compile(model, ...))"
+            )
         for key in opts.overrides or {}:
             if not isinstance(key, str):
                 raise HetMoEError(f"hetmoe backend override key {key!r} must be a string 'LAYER:EXPERT'")
@@ -73,12 +86,15 @@ class BackendOptions:
         return opts
 
     def policy(self) -> PlacementPolicy:
-        policy = PlacementPolicy(self.digital_fraction, self.selector, self.scope, self.dense,
-                                 dict(self.overrides or {}), self.seed)
+        policy = PlacementPolicy(
+            self.digital_fraction, self.selector, self.scope, self.dense, dict(self.overrides or {}), self.seed
+        )
         policy.validate()
         if policy.dense != "digital":
-            raise HetMoEError("backend option dense='analog' (the ablation) is simulation-only: use "
-                              "hetmoe_compile.compile(model, ...).simulate(seed, dense='analog')")
+            raise HetMoEError(
+                "backend option dense='analog' (the ablation) is simulation-only: use "
+                "hetmoe_compile.compile(model, ...).simulate(seed, dense='analog')"
+            )
         return policy
 
     def analog(self) -> AnalogConfig:
@@ -93,14 +109,28 @@ def _frame_locals() -> dict:
     return dict(tx.f_locals) if tx is not None else {}
 
 
+def _place_frame_model(model: object, policy: PlacementPolicy) -> Placement | None:
+    """The composer's placement step (:func:`~hetmoe_compile.pipeline.place_model`, what ``hc.compile`` places
+    with) on the model Dynamo compiles, when the frame is a whole recognised model; it reads the weights and changes
+    nothing. ``None`` for a frame inside a model (a graph break): the split pass then scores the graph's weights."""
+    if not isinstance(model, nn.Module) or not hasattr(model, "config"):
+        return None
+    try:
+        info = recognize(model)
+    except UnsupportedModelError:
+        return None
+    return place_model(model, policy, None, "", info)
+
+
 def hetmoe_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | None = None) -> Callable:
     """Place and rewrite the expert groups of one Dynamo graph; returns the callable Dynamo runs."""
     opts = BackendOptions.parse(options)
     policy, cfg = opts.policy(), opts.analog()
-    RecognizeExpertsPass(frame_resolver(_frame_locals()))(gm)
+    frame = _frame_locals()
+    RecognizeExpertsPass(frame_resolver(frame))(gm)
     if not any(is_expert_group(n) for n in gm.graph.nodes):
         return gm.forward  # a graph without routed experts (e.g. around a graph break) runs as captured
-    SplitExpertGroupsPass(policy, example_inputs)(gm)
+    SplitExpertGroupsPass(policy, example_inputs, _place_frame_model(frame.get("self"), policy))(gm)
     if not cfg.is_ideal:
         RewriteAnalogPass(cfg, opts.seed, in_place=True)(gm)  # the split pass's copies are ours to program
         _drop_unused_weights(gm)

@@ -1,4 +1,5 @@
 """Calibration text: tokenised windows, and the routing (inputs, chosen experts, weights) they produce per layer."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -96,6 +97,4 @@ def capture_routing(
     finally:
         for h in handles:
             h.remove()
-    return {
-        i: RoutingCapture(*(torch.cat([r[j] for r in recs]) for j in range(3))) for i, recs in records.items()
-    }
+    return {i: RoutingCapture(*(torch.cat([r[j] for r in recs]) for j in range(3))) for i, recs in records.items()}

@@ -3,6 +3,7 @@
 The swap happens before tracing, at the experts interface ``experts(hidden, top_k_index, top_k_weights)``, so it
 is model-agnostic and leaves routing bit-identical; without noise the canonical model's logits equal the original's.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -52,12 +53,17 @@ def canonicalize(model: nn.Module, devices: DeviceMap | None = None, info: Model
             for device, ids in wanted.items():
                 if not ids:
                     continue
-                id_tensor = torch.tensor(ids, dtype=torch.long, device=cast(torch.Tensor, experts.down_proj).device
-                                         if views is None else views[device].down.device)
-                weights = views[device] if views is not None else canonical_expert_weights(experts, source_layout,
-                                                                                           id_tensor)
-                groups[device] = ExpertGroup(weights, id_tensor, layer.num_experts, device, layout.activation, act_name, alpha,
-                                             limit)
+                id_tensor = torch.tensor(
+                    ids,
+                    dtype=torch.long,
+                    device=cast(torch.Tensor, experts.down_proj).device if views is None else views[device].down.device,
+                )
+                weights = (
+                    views[device] if views is not None else canonical_expert_weights(experts, source_layout, id_tensor)
+                )
+                groups[device] = ExpertGroup(
+                    weights, id_tensor, layer.num_experts, device, layout.activation, act_name, alpha, limit
+                )
         parent_path, attr = layer.experts.rsplit(".", 1)
         setattr(model.get_submodule(parent_path), attr, HetExperts(groups, layer.num_experts, layer.index))
     return model

@@ -1,5 +1,6 @@
 """Capture a (canonicalised) causal LM as an FX graph with ``torch.export`` (non-strict, dynamic batch and seq),
 and tag its nodes with their placement."""
+
 from __future__ import annotations
 
 import torch
@@ -33,12 +34,16 @@ def export_model(model: nn.Module, batch: int = 2, seq: int = 8) -> ExportedProg
     gen = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab, (batch, seq), generator=gen).to(device)
     attention_mask = torch.ones(batch, seq, dtype=torch.long, device=device)
-    b, s = Dim("batch", min=1, max=1024), Dim("seq", min=2, max=int(getattr(model.config, "max_position_embeddings", 4096)))
+    b, s = (
+        Dim("batch", min=1, max=1024),
+        Dim("seq", min=2, max=int(getattr(model.config, "max_position_embeddings", 4096))),
+    )
     shapes = {"input_ids": {0: b, 1: s}, "attention_mask": {0: b, 1: s}}
     try:
         with torch.no_grad():
-            return torch.export.export(LogitsModule(model).eval(), (input_ids, attention_mask),
-                                       dynamic_shapes=shapes, strict=False)
+            return torch.export.export(
+                LogitsModule(model).eval(), (input_ids, attention_mask), dynamic_shapes=shapes, strict=False
+            )
     except Exception as exc:  # surface the first line; the traceback stays chained
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise HetMoEError(f"torch.export failed for {type(model).__name__}: {first}") from exc

@@ -1,4 +1,5 @@
 """``hetmoe-compile`` command line: analyze, place. Bad input: one line on stderr, exit code 2, nothing written."""
+
 from __future__ import annotations
 
 import argparse
@@ -60,26 +61,49 @@ def _energy(text: str) -> float:
 def _cost_epilog() -> str:
     from .cost.params import describe_params
 
-    return ("cost model (printed after the report, stored as \"cost\" in placement.json); parameters, their defaults "
-            "and sources, each overridable in --cost-config:\n" + describe_params())
+    return (
+        'cost model (printed after the report, stored as "cost" in placement.json); parameters, their defaults '
+        "and sources, each overridable in --cost-config:\n" + describe_params()
+    )
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", metavar="MODEL", help="a local Hugging Face model directory or a hub id (owner/name)")
     p.add_argument("--calib", metavar="TEXTFILE", help="calibration text for data-driven selectors")
-    p.add_argument("--calib-tokens", type=_positive_int, default=8192, metavar="N",
-                   help="at most N calibration tokens, in windows of 256 (default 8192)")
+    p.add_argument(
+        "--calib-tokens",
+        type=_positive_int,
+        default=8192,
+        metavar="N",
+        help="at most N calibration tokens, in windows of 256 (default 8192)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for the random and measured selectors (default 0)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weights dtype (default: as stored)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weights dtype (default: as stored)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when available; default)")
-    p.add_argument("--device-map", default=None, metavar="MAP",
-                   help="shard the model over devices with accelerate instead of --device: auto, balanced, "
-                        "sequential, or a JSON object/file of module -> cuda:N|cpu|disk")
-    p.add_argument("--max-memory", default=None, metavar="SPEC",
-                   help="with --device-map: memory per device, e.g. 0=20GiB,cpu=64GiB")
-    p.add_argument("--offload-folder", default=None, metavar="DIR",
-                   help="with --device-map: where layers that fit on no device are offloaded to disk")
+    p.add_argument(
+        "--device-map",
+        default=None,
+        metavar="MAP",
+        help="shard the model over devices with accelerate instead of --device: auto, balanced, "
+        "sequential, or a JSON object/file of module -> cuda:N|cpu|disk",
+    )
+    p.add_argument(
+        "--max-memory",
+        default=None,
+        metavar="SPEC",
+        help="with --device-map: memory per device, e.g. 0=20GiB,cpu=64GiB",
+    )
+    p.add_argument(
+        "--offload-folder",
+        default=None,
+        metavar="DIR",
+        help="with --device-map: where layers that fit on no device are offloaded to disk",
+    )
 
 
 def _max_memory(spec: str | None) -> dict | None:
@@ -101,10 +125,14 @@ def _max_memory(spec: str | None) -> dict | None:
 
 
 def _add_load_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--load", default="auto", choices=["auto", "full", "meta"],
-                   help="meta: build the model on the meta device and read the data-free selectors' weights from "
-                        "the safetensors files one expert at a time (checkpoints larger than memory); full: load "
-                        "the model; auto (default): meta when the selectors and inputs allow it")
+    p.add_argument(
+        "--load",
+        default="auto",
+        choices=["auto", "full", "meta"],
+        help="meta: build the model on the meta device and read the data-free selectors' weights from "
+        "the safetensors files one expert at a time (checkpoints larger than memory); full: load "
+        "the model; auto (default): meta when the selectors and inputs allow it",
+    )
 
 
 class _Parser(argparse.ArgumentParser):
@@ -126,32 +154,73 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(a)
     a.add_argument("--out", required=True, metavar="DIR", help="output directory")
     _add_load_arg(a)
-    a.add_argument("--selector", action="append", metavar="NAME",
-                   help="selector to run (repeatable); default: all, data-driven ones only with --calib")
-    a.add_argument("--digital-fraction", type=_fraction, default=0.25, metavar="F",
-                   help="outline the top F experts per layer in the plot (default 0.25)")
+    a.add_argument(
+        "--selector",
+        action="append",
+        metavar="NAME",
+        help="selector to run (repeatable); default: all, data-driven ones only with --calib",
+    )
+    a.add_argument(
+        "--digital-fraction",
+        type=_fraction,
+        default=0.25,
+        metavar="F",
+        help="outline the top F experts per layer in the plot (default 0.25)",
+    )
 
-    p = sub.add_parser("place", help="place experts by a selector; write placement.json; print a report",
-                       epilog=_cost_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = sub.add_parser(
+        "place",
+        help="place experts by a selector; write placement.json; print a report",
+        epilog=_cost_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_model_args(p)
     _add_load_arg(p)
-    p.add_argument("--digital-fraction", type=_fraction, default=None, metavar="F",
-                   help="fraction of routed experts on digital (default 0.25; a budget replaces it)")
+    p.add_argument(
+        "--digital-fraction",
+        type=_fraction,
+        default=None,
+        metavar="F",
+        help="fraction of routed experts on digital (default 0.25; a budget replaces it)",
+    )
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--digital-memory-budget", type=_byte_size, default=None, metavar="BYTES",
-                        help="digital experts by score per byte while dense modules + digital experts fit BYTES "
-                             "(e.g. 12000000, 64MiB, 1.5GB)")
-    budget.add_argument("--energy-budget", type=_energy, default=None, metavar="J",
-                        help="digital experts by score per joule while the estimate stays <= J per token (e.g. 2.5e-3)")
+    budget.add_argument(
+        "--digital-memory-budget",
+        type=_byte_size,
+        default=None,
+        metavar="BYTES",
+        help="digital experts by score per byte while dense modules + digital experts fit BYTES "
+        "(e.g. 12000000, 64MiB, 1.5GB)",
+    )
+    budget.add_argument(
+        "--energy-budget",
+        type=_energy,
+        default=None,
+        metavar="J",
+        help="digital experts by score per joule while the estimate stays <= J per token (e.g. 2.5e-3)",
+    )
     p.add_argument("--cost-config", metavar="FILE", help="cost-model parameters (JSON or TOML; see below)")
     _add_lowbit_args(p, "cost (and budget) the digital experts as group-wise INT4 or INT8, as eval/export run them")
     p.add_argument("--selector", default="max-neuron-norm", metavar="NAME", help="default: max-neuron-norm")
-    p.add_argument("--scope", choices=SCOPES, default="per-layer",
-                   help="per-layer: top ceil(F*E) of each layer (default); global: top F over all layers")
-    p.add_argument("--dense", choices=["digital", "analog"], default="digital",
-                   help="where dense modules run (default digital; analog is the paper's ablation)")
-    p.add_argument("--override", action="append", default=[], metavar="LAYER:EXPERT=DEVICE",
-                   help="force one expert's device, e.g. 0:5=digital (repeatable)")
+    p.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default="per-layer",
+        help="per-layer: top ceil(F*E) of each layer (default); global: top F over all layers",
+    )
+    p.add_argument(
+        "--dense",
+        choices=["digital", "analog"],
+        default="digital",
+        help="where dense modules run (default digital; analog is the paper's ablation)",
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        default=[],
+        metavar="LAYER:EXPERT=DEVICE",
+        help="force one expert's device, e.g. 0:5=digital (repeatable)",
+    )
     p.add_argument("--out", required=True, metavar="FILE", help="placement JSON to write")
     p.add_argument("--no-graph", action="store_true", help="skip torch.export and node tagging")
     p.add_argument("--verbose", action="store_true", help="list every graph node with its placement and reason")
@@ -162,8 +231,12 @@ def build_parser() -> argparse.ArgumentParser:
     how.add_argument("--placement", metavar="FILE", help="a placement.json from 'place'")
     how.add_argument("--digital-fraction", type=_fraction, metavar="F", help="place on the fly with --selector")
     e.add_argument("--selector", default="max-neuron-norm", metavar="NAME", help="with --digital-fraction")
-    e.add_argument("--dense", choices=["digital", "analog"], default=None,
-                   help="dense modules (default: the placement's, else digital)")
+    e.add_argument(
+        "--dense",
+        choices=["digital", "analog"],
+        default=None,
+        help="dense modules (default: the placement's, else digital)",
+    )
     _add_lowbit_args(e)
     _add_peer_args(e, "apply these peers (in order: low-bit, hpd, romer) before evaluating")
     _add_noise_args(e)
@@ -172,8 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("sweep", help="evaluate fractions x selectors; write results.json, results.md and plots")
     _add_model_args(w)
     w.add_argument("--fractions", default="0,0.125,0.25,0.5,1", metavar="LIST", help="digital fractions")
-    w.add_argument("--selectors", default="max-neuron-norm,router-norm,random", metavar="LIST",
-                   help="comma-separated selectors (data-driven ones need --calib)")
+    w.add_argument(
+        "--selectors",
+        default="max-neuron-norm,router-norm,random",
+        metavar="LIST",
+        help="comma-separated selectors (data-driven ones need --calib)",
+    )
     w.add_argument("--no-ablation", action="store_true", help="skip the dense-modules-on-analog ablation rows")
     _add_peer_args(w, "add rows for each peer alone and with the first selector's fractions")
     _add_lowbit_args(w, "", "inputs per quantisation group for the int8/int4 peers (default 128)")
@@ -184,18 +261,37 @@ def build_parser() -> argparse.ArgumentParser:
     x = sub.add_parser("export", help="partitioned ONNX (one file per partition) + manifest.json + tokenizer")
     x.add_argument("model", metavar="MODEL", help="a local Hugging Face model directory or a hub id (owner/name)")
     x.add_argument("--placement", required=True, metavar="FILE", help="a placement.json from 'place'")
-    x.add_argument("--noise", default="pcm", metavar="PRESET",
-                   help="analog preset recorded in the manifest and used by --instance-seed (default pcm)")
+    x.add_argument(
+        "--noise",
+        default="pcm",
+        metavar="PRESET",
+        help="analog preset recorded in the manifest and used by --instance-seed (default pcm)",
+    )
     x.add_argument("--noise-scale", type=float, default=None, metavar="C", help="multiply the weight noise by C")
     x.add_argument("--t-inference", type=float, default=None, metavar="S", help="seconds after programming (3600)")
-    x.add_argument("--instance-seed", type=int, default=None, metavar="N",
-                   help="also write hardware instance N of every analog partition (programmed, drifted, DAC/ADC)")
-    x.add_argument("--monolithic", action="store_true",
-                   help="one ONNX file with every expert inlined (ideal weights): a baseline, no partitions")
-    x.add_argument("--ort-moe", action="store_true",
-                   help="digital expert groups as ONNX Runtime's com.microsoft::MoE (fused kernel, not standard ONNX)")
-    x.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="weight dtype (auto: float32 on CPU)")
+    x.add_argument(
+        "--instance-seed",
+        type=int,
+        default=None,
+        metavar="N",
+        help="also write hardware instance N of every analog partition (programmed, drifted, DAC/ADC)",
+    )
+    x.add_argument(
+        "--monolithic",
+        action="store_true",
+        help="one ONNX file with every expert inlined (ideal weights): a baseline, no partitions",
+    )
+    x.add_argument(
+        "--ort-moe",
+        action="store_true",
+        help="digital expert groups as ONNX Runtime's com.microsoft::MoE (fused kernel, not standard ONNX)",
+    )
+    x.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="weight dtype (auto: float32 on CPU)",
+    )
     _add_lowbit_args(x)
     x.add_argument("--cost-config", metavar="FILE", help="cost-model parameters (JSON or TOML) for the manifest's cost")
     x.add_argument("--out", required=True, metavar="DIR", help="output directory (replaced atomically)")
@@ -206,33 +302,54 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--prompt", metavar="TEXT", help="prompt text (needs the tokenizer saved in the export)")
     what.add_argument("--ids", metavar="LIST", help="comma-separated prompt token ids")
     r.add_argument("--max-new-tokens", type=_positive_int, default=20, metavar="N", help="default 20")
-    r.add_argument("--analog", choices=["auto", "ideal", "instance"], default="auto",
-                   help="analog partitions: the programmed instance if exported (auto), or ideal weights")
+    r.add_argument(
+        "--analog",
+        choices=["auto", "ideal", "instance"],
+        default="auto",
+        help="analog partitions: the programmed instance if exported (auto), or ideal weights",
+    )
     return parser
 
 
-def _add_lowbit_args(p: argparse.ArgumentParser, bits_help: str | None = None,
-                     group_help: str = "inputs per quantisation group with --digital-bits (default 128)") -> None:
+def _add_lowbit_args(
+    p: argparse.ArgumentParser,
+    bits_help: str | None = None,
+    group_help: str = "inputs per quantisation group with --digital-bits (default 128)",
+) -> None:
     """``--digital-bits`` (unless ``bits_help`` is empty) and ``--group-size``."""
     if bits_help != "":
-        p.add_argument("--digital-bits", type=int, default=None, choices=[4, 8], metavar="B",
-                       help=bits_help or "quantise the digital experts' weights to B bits: 4 or 8 (group-wise, "
-                                         "symmetric)")
+        p.add_argument(
+            "--digital-bits",
+            type=int,
+            default=None,
+            choices=[4, 8],
+            metavar="B",
+            help=bits_help or "quantise the digital experts' weights to B bits: 4 or 8 (group-wise, symmetric)",
+        )
     p.add_argument("--group-size", type=_positive_int, default=128, metavar="G", help=group_help)
 
 
 def _print_quantization(record: dict | None) -> None:
     """A summary of what --digital-bits did (the composer's record)."""
     rows = (record or {}).get("experts") or []
-    if not rows:
+    if record is None or not rows:
         return
     from .tables import format_table
 
     cols = ("gate_up_bound", "gate_up_error", "down_bound", "down_error", "output_error")
-    print(f"digital experts quantised to INT{record['bits']}, groups of {record['group_size']} "
-          f"({len(rows)} experts; relative errors, worst case from the steps vs measured):")
-    print(format_table(["", *cols], [[stat] + [f"{fn(r[c] for r in rows):.2e}" for c in cols]
-                                     for stat, fn in (("mean", lambda v: sum(v) / len(rows)), ("max", max))]))
+    print(
+        f"digital experts quantised to INT{record['bits']}, groups of {record['group_size']} "
+        f"({len(rows)} experts; relative errors, worst case from the steps vs measured):"
+    )
+    print(
+        format_table(
+            ["", *cols],
+            [
+                [stat] + [f"{fn(r[c] for r in rows):.2e}" for c in cols]
+                for stat, fn in (("mean", lambda v: sum(v) / len(rows)), ("max", max))
+            ],
+        )
+    )
     print()
 
 
@@ -240,12 +357,26 @@ def _add_peer_args(p: argparse.ArgumentParser, what: str) -> None:
     from .peers import PEERS
 
     p.add_argument("--peers", default="", metavar="LIST", help=f"comma-separated, from {', '.join(PEERS)}: {what}")
-    p.add_argument("--romer-threshold", type=_fraction, default=0.25, metavar="F",
-                   help="ROMER: analog experts used less than F x the uniform share are replaced (default 0.25)")
-    p.add_argument("--hpd-targets", default="lm_head,attention_output", metavar="LIST",
-                   help="HPD: projections to split (default lm_head,attention_output)")
-    p.add_argument("--hpd-rank", type=float, default=None, metavar="R",
-                   help="HPD: rank kept (an integer, or a fraction of full rank in (0, 1); default full rank)")
+    p.add_argument(
+        "--romer-threshold",
+        type=_fraction,
+        default=0.25,
+        metavar="F",
+        help="ROMER: analog experts used less than F x the uniform share are replaced (default 0.25)",
+    )
+    p.add_argument(
+        "--hpd-targets",
+        default="lm_head,attention_output",
+        metavar="LIST",
+        help="HPD: projections to split (default lm_head,attention_output)",
+    )
+    p.add_argument(
+        "--hpd-rank",
+        type=float,
+        default=None,
+        metavar="R",
+        help="HPD: rank kept (an integer, or a fraction of full rank in (0, 1); default full rank)",
+    )
 
 
 def _peer_options(args):
@@ -256,8 +387,13 @@ def _peer_options(args):
         if rank != int(rank):
             raise HetMoEError(f"--hpd-rank {rank}: give an integer rank or a fraction in (0, 1)")
         rank = int(rank)
-    return PeerOptions(group_size=args.group_size, hpd_targets=tuple(_list(args.hpd_targets, "hpd-targets")),
-                       hpd_rank=rank, romer_threshold=args.romer_threshold, batch_size=args.batch_size)
+    return PeerOptions(
+        group_size=args.group_size,
+        hpd_targets=tuple(_list(args.hpd_targets, "hpd-targets")),
+        hpd_rank=rank,
+        romer_threshold=args.romer_threshold,
+        batch_size=args.batch_size,
+    )
 
 
 def _add_noise_args(p: argparse.ArgumentParser) -> None:
@@ -321,13 +457,19 @@ def _load(args):
     else:
         from .models.device_map import parse_device_map
 
-        model = load_model(args.model, dtype=dtype, device_map=parse_device_map(args.device_map),
-                           max_memory=_max_memory(args.max_memory), offload_folder=args.offload_folder)
+        model = load_model(
+            args.model,
+            dtype=dtype,
+            device_map=parse_device_map(args.device_map),
+            max_memory=_max_memory(args.max_memory),
+            offload_folder=args.offload_folder,
+        )
     info = recognize(model)
     calibration = None
     if text is not None:
-        calibration = calibration_from_text(load_tokenizer(args.model), text, max_tokens=args.calib_tokens,
-                                            source=args.calib)
+        calibration = calibration_from_text(
+            load_tokenizer(args.model), text, max_tokens=args.calib_tokens, source=args.calib
+        )
     return model, info, calibration
 
 
@@ -337,12 +479,15 @@ def _scores_from_checkpoint(args, names: list[str]) -> bool:
 
     possible = not args.calib and all(n in CHECKPOINT_SELECTORS for n in names)
     if args.load == "meta" and not possible:
-        raise HetMoEError(f"--load meta scores {', '.join(CHECKPOINT_SELECTORS)} without calibration text; drop "
-                          "--calib and data-driven selectors, or use --load full")
+        raise HetMoEError(
+            f"--load meta scores {', '.join(CHECKPOINT_SELECTORS)} without calibration text; drop "
+            "--calib and data-driven selectors, or use --load full"
+        )
     if args.load == "auto":
         path = Path(args.model).expanduser()
-        return possible and ((path / "model.safetensors").is_file()
-                             or (path / "model.safetensors.index.json").is_file())
+        return possible and (
+            (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+        )
     return args.load == "meta"
 
 
@@ -384,9 +529,9 @@ def cmd_analyze(args) -> int:
         "schema_version": SCHEMA_VERSION,
         "producer": PRODUCER,
         "model": model_identity(model, info, args.model),
-        "selectors": {n: {"seconds": s.seconds, "summary": selectors()[n].summary}
-                      for n, s in analysis.scores.items()},
-        "calibration": None if calibration is None
+        "selectors": {n: {"seconds": s.seconds, "summary": selectors()[n].summary} for n, s in analysis.scores.items()},
+        "calibration": None
+        if calibration is None
         else {"source": calibration.source, "tokens": calibration.num_tokens},
         "seed": args.seed,
         "reference": analysis.reference,
@@ -405,10 +550,16 @@ def cmd_analyze(args) -> int:
     }
     with atomic_output_dir(out_dir) as tmp:
         (tmp / "scores.json").write_text(json.dumps(doc, indent=2, allow_nan=True) + "\n")
-        plot_scores(analysis.scores, tmp / "scores.png",
-                    f"{info.architecture}: expert sensitivity ({args.model})", args.digital_fraction)
-    print(f"{info.architecture} ({info.family}): {len(info.moe_layers)} MoE layers x {info.moe_layers[0].num_experts} "
-          f"experts, top-{info.moe_layers[0].top_k}")
+        plot_scores(
+            analysis.scores,
+            tmp / "scores.png",
+            f"{info.architecture}: expert sensitivity ({args.model})",
+            args.digital_fraction,
+        )
+    print(
+        f"{info.architecture} ({info.family}): {len(info.moe_layers)} MoE layers x {info.moe_layers[0].num_experts} "
+        f"experts, top-{info.moe_layers[0].top_k}"
+    )
     print()
     print(format_table(["selector", "seconds"], [[n, f"{s.seconds:.3f}"] for n, s in analysis.scores.items()]))
     print()
@@ -428,13 +579,24 @@ def cmd_place(args) -> int:
     overrides = dict(parse_override(o) for o in args.override)
     budget = args.digital_memory_budget is not None or args.energy_budget is not None
     if budget and args.digital_fraction is not None:
-        raise HetMoEError("--digital-fraction and a budget exclude each other: the budget decides how many experts "
-                          "go digital; drop --digital-fraction")
+        raise HetMoEError(
+            "--digital-fraction and a budget exclude each other: the budget decides how many experts "
+            "go digital; drop --digital-fraction"
+        )
     fraction = 0.25 if args.digital_fraction is None else args.digital_fraction
-    policy = PlacementPolicy(fraction, args.selector, args.scope, args.dense, overrides, args.seed,
-                             args.digital_memory_budget, args.energy_budget)
-    params = load_cost_params(args.cost_config, digital_bits=args.digital_bits,
-                              group_size=args.group_size if args.digital_bits else None)
+    policy = PlacementPolicy(
+        fraction,
+        args.selector,
+        args.scope,
+        args.dense,
+        overrides,
+        args.seed,
+        args.digital_memory_budget,
+        args.energy_budget,
+    )
+    params = load_cost_params(
+        args.cost_config, digital_bits=args.digital_bits, group_size=args.group_size if args.digital_bits else None
+    )
     out = Path(args.out)
     if out.is_dir():
         raise HetMoEError(f"--out {out}: is a directory; give a file path such as {out / 'placement.json'}")
@@ -485,9 +647,19 @@ def cmd_eval(args) -> int:
     policy = None
     if placement is None:
         policy = PlacementPolicy(args.digital_fraction, args.selector, dense=args.dense or "digital", seed=args.seed)
-    compiled = compile(model, policy, cfg, calibration, args.placement or args.model, placement=placement,
-                       digital_bits=args.digital_bits, group_size=args.group_size, peers=peers, peer_options=options,
-                       quantization_seed=args.seed)
+    compiled = compile(
+        model,
+        policy,
+        cfg,
+        calibration,
+        args.placement or args.model,
+        placement=placement,
+        digital_bits=args.digital_bits,
+        group_size=args.group_size,
+        peers=peers,
+        peer_options=options,
+        quantization_seed=args.seed,
+    )
     _print_quantization(compiled.quantization)
     placement, info = compiled.placement, compiled.info
     dense = args.dense or placement.policy.dense
@@ -509,8 +681,12 @@ def cmd_eval(args) -> int:
         "peers": None if applied is None else applied.record,
     }
     atomic_write_text(out, json.dumps(doc, indent=2) + "\n")
-    print(format_table(["metric", "mean", "std", "seeds"],
-                       [[k, f"{v['mean']:.4f}", f"{v['std']:.4f}", len(v["values"])] for k, v in metrics.items()]))
+    print(
+        format_table(
+            ["metric", "mean", "std", "seeds"],
+            [[k, f"{v['mean']:.4f}", f"{v['std']:.4f}", len(v["values"])] for k, v in metrics.items()],
+        )
+    )
     print(f"\nwrote {out}")
     return 0
 
@@ -535,13 +711,33 @@ def cmd_sweep(args) -> int:
         raise HetMoEError(f"--out {out}: exists and is not a directory; choose a directory path")
     model, info, calibration = _load(args)
     tokenizer = load_tokenizer(args.model)
-    rows = run_sweep(model, info, tokenizer, fractions, selectors_, cfg, spec, calibration, not args.no_ablation,
-                     prepared, peers, _peer_options(args),
-                     sweep_cost_fn(cost_params, cfg, routing_frequencies(model, info, calibration)))
-    meta = {"producer": PRODUCER, "model": model_identity(model, info, args.model),
-            "fractions": fractions, "selectors": selectors_, "peers": peers, "ppl_text": spec.ppl_path,
-            "ppl_tokens": spec.ppl_tokens, "tasks": spec.tasks, "limit": spec.limit,
-            "cost_params": cost_params.to_dict()}
+    rows = run_sweep(
+        model,
+        info,
+        tokenizer,
+        fractions,
+        selectors_,
+        cfg,
+        spec,
+        calibration,
+        not args.no_ablation,
+        prepared,
+        peers,
+        _peer_options(args),
+        sweep_cost_fn(cost_params, cfg, routing_frequencies(model, info, calibration)),
+    )
+    meta = {
+        "producer": PRODUCER,
+        "model": model_identity(model, info, args.model),
+        "fractions": fractions,
+        "selectors": selectors_,
+        "peers": peers,
+        "ppl_text": spec.ppl_path,
+        "ppl_tokens": spec.ppl_tokens,
+        "tasks": spec.tasks,
+        "limit": spec.limit,
+        "cost_params": cost_params.to_dict(),
+    }
     written = write_sweep(out, rows, cfg, spec, meta)
     print(results_markdown(rows, cfg, spec.seeds))
     print("wrote " + ", ".join(str(p) for p in written))
@@ -566,8 +762,16 @@ def cmd_export(args) -> int:
 
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     model = load_model(args.model, dtype=dtype, device="cpu")
-    compiled = compile(model, None, cfg, None, args.placement, placement=placement, digital_bits=args.digital_bits,
-                       group_size=args.group_size)
+    compiled = compile(
+        model,
+        None,
+        cfg,
+        None,
+        args.placement,
+        placement=placement,
+        digital_bits=args.digital_bits,
+        group_size=args.group_size,
+    )
     _print_quantization(compiled.quantization)
     try:
         tokenizer = load_tokenizer(args.model)
@@ -576,9 +780,15 @@ def cmd_export(args) -> int:
     options = ExportOptions(cfg, args.instance_seed, args.monolithic, ort_moe=args.ort_moe, cost=cost_params)
     manifest = export_onnx(compiled.model, compiled.placement, Path(args.out), options, tokenizer)
     doc = json.loads(manifest.read_text())
-    rows = [[p["name"], p["device"], _size(manifest.parent, p), ",".join(f"{k}:{len(v)}" for k, v in
-                                                                         p["experts"].items()) or "-"]
-            for p in doc["partitions"]]
+    rows = [
+        [
+            p["name"],
+            p["device"],
+            _size(manifest.parent, p),
+            ",".join(f"{k}:{len(v)}" for k, v in p["experts"].items()) or "-",
+        ]
+        for p in doc["partitions"]
+    ]
     from .tables import format_table
 
     print(format_table(["partition", "device", "size", "layer:experts"], rows))
@@ -617,7 +827,7 @@ def cmd_run(args) -> int:
     start = time.perf_counter()
     out = runner.generate([ids], args.max_new_tokens)[0]
     took = time.perf_counter() - start
-    new = out[len(ids):].tolist()
+    new = out[len(ids) :].tolist()
     print(tokenizer.decode(out.tolist()) if tokenizer else " ".join(map(str, out.tolist())))
     print(f"\n({len(new)} new tokens in {took:.2f} s; analog partitions: {runner.variant})", file=sys.stderr)
     return 0
@@ -627,8 +837,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        commands = {"analyze": cmd_analyze, "place": cmd_place, "eval": cmd_eval, "sweep": cmd_sweep,
-                    "export": cmd_export, "run": cmd_run}
+        commands = {
+            "analyze": cmd_analyze,
+            "place": cmd_place,
+            "eval": cmd_eval,
+            "sweep": cmd_sweep,
+            "export": cmd_export,
+            "run": cmd_run,
+        }
         return commands[args.command](args)
     except HetMoEError as exc:
         print(f"hetmoe-compile {args.command}: error: {exc}", file=sys.stderr)

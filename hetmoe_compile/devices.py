@@ -1,2 +1,3 @@
 """Where an expert or module runs: the two device kinds of a heterogeneous accelerator."""
+
 DEVICES = ("digital", "analog")

@@ -1,4 +1,5 @@
 """User-facing errors: one line naming the problem and the fix; the CLI maps them to exit code 2."""
+
 from __future__ import annotations
 
 

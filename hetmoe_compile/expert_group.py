@@ -5,6 +5,7 @@ all on one device). It is a ``torch.library.custom_op``, so it appears as one no
 graphs: placement tags and the analog rewrite are then clean graph passes. Its compute scales with the number of
 tokens routed to the group's experts (gather, per-expert matmuls, scatter-add), not with experts x tokens.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple, cast
@@ -65,8 +66,21 @@ def expert_group_op(
 ) -> torch.Tensor:
     """Sum over routed (token, slot) pairs of ``weight * expert(hidden[token])`` for the group's experts."""
     if use_grouped(hidden, gate_up.dtype, gate_up.shape[-1], down.shape[-1]):
-        return _grouped_expert_group(hidden, top_k_index, top_k_weights, expert_ids, gate_up, down, gate_up_bias,
-                                     down_bias, num_experts, activation, act_name, alpha, limit)
+        return _grouped_expert_group(
+            hidden,
+            top_k_index,
+            top_k_weights,
+            expert_ids,
+            gate_up,
+            down,
+            gate_up_bias,
+            down_bias,
+            num_experts,
+            activation,
+            act_name,
+            alpha,
+            limit,
+        )
     out = torch.zeros_like(hidden)
     token, flat_slot, counts = routed_slots(top_k_index, expert_ids, num_experts)
     weights = top_k_weights.reshape(-1)[flat_slot]
@@ -76,8 +90,15 @@ def expert_group_op(
             continue
         tok = token[start : start + n]
         y = expert_mlp(
-            hidden[tok], gate_up[e], down[e], None if gate_up_bias is None else gate_up_bias[e],
-            None if down_bias is None else down_bias[e], activation, act_name, alpha, limit,
+            hidden[tok],
+            gate_up[e],
+            down[e],
+            None if gate_up_bias is None else gate_up_bias[e],
+            None if down_bias is None else down_bias[e],
+            activation,
+            act_name,
+            alpha,
+            limit,
         )
         y = y * weights[start : start + n, None]
         out.index_add_(0, tok, y.to(out.dtype))
@@ -85,8 +106,21 @@ def expert_group_op(
     return out
 
 
-def _grouped_expert_group(hidden, top_k_index, top_k_weights, expert_ids, gate_up, down, gate_up_bias, down_bias,
-                          num_experts, activation, act_name, alpha, limit) -> torch.Tensor:
+def _grouped_expert_group(
+    hidden,
+    top_k_index,
+    top_k_weights,
+    expert_ids,
+    gate_up,
+    down,
+    gate_up_bias,
+    down_bias,
+    num_experts,
+    activation,
+    act_name,
+    alpha,
+    limit,
+) -> torch.Tensor:
     """The grouped path of :func:`expert_group_op` (see :mod:`.grouped_routing`): no host synchronisation."""
     token, flat_slot, local, ends = routing_plan(top_k_index, expert_ids, num_experts)
     row = local.clamp(max=expert_ids.numel() - 1)
@@ -103,8 +137,21 @@ def _grouped_expert_group(hidden, top_k_index, top_k_weights, expert_ids, gate_u
 
 
 @expert_group_op.register_fake
-def _(hidden, top_k_index, top_k_weights, expert_ids, gate_up, down, gate_up_bias, down_bias, num_experts,
-      activation, act_name, alpha, limit):
+def _(
+    hidden,
+    top_k_index,
+    top_k_weights,
+    expert_ids,
+    gate_up,
+    down,
+    gate_up_bias,
+    down_bias,
+    num_experts,
+    activation,
+    act_name,
+    alpha,
+    limit,
+):
     return torch.empty_like(hidden)
 
 
@@ -159,7 +206,8 @@ class ExpertGroup(nn.Module):
     def expert(self, local: int) -> Weights:
         """Canonical ``(gate_up, down, gate_up_bias, down_bias)`` of the group's ``local``-th expert."""
         return (
-            self.gate_up[local], self.down[local],
+            self.gate_up[local],
+            self.down[local],
             None if self.gate_up_bias is None else self.gate_up_bias[local],
             None if self.down_bias is None else self.down_bias[local],
         )
@@ -170,8 +218,18 @@ class ExpertGroup(nn.Module):
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         return torch.ops.hetmoe.expert_group(
-            hidden, top_k_index, top_k_weights, self.expert_ids, self.gate_up, self.down,
-            self.gate_up_bias, self.down_bias, self.num_experts, self.activation, self.act_name, self.alpha,
+            hidden,
+            top_k_index,
+            top_k_weights,
+            self.expert_ids,
+            self.gate_up,
+            self.down,
+            self.gate_up_bias,
+            self.down_bias,
+            self.num_experts,
+            self.activation,
+            self.act_name,
+            self.alpha,
             self.limit,
         )
 

@@ -17,6 +17,7 @@ offsets to the host, which the per-expert loop does as well); ``1`` always; ``0`
 same function; in bfloat16 they round differently, and output noise (analog tiles) is drawn in another order, so a
 seed's noisy outputs are reproducible per path and device, not across them.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,7 @@ def use_grouped(hidden: torch.Tensor, dtype: torch.dtype, *widths: int) -> bool:
         return False
     if mode == "1":
         return True
-    return (hidden.is_cuda and dtype == torch.bfloat16
-            and torch.cuda.get_device_capability(hidden.device)[0] in (9, 10))
+    return hidden.is_cuda and dtype == torch.bfloat16 and torch.cuda.get_device_capability(hidden.device)[0] in (9, 10)
 
 
 def routed_slots(

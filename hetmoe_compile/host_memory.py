@@ -10,6 +10,7 @@ fresh, zero-filled pages, so programming on the CPU takes about 1.8x as long (``
 ``HETMOE_BOUNDED_ALLOCATOR=0`` trades the memory back for that time. :func:`trim` returns the free pages still in
 the heap (``malloc_trim``). Both are process-wide and do nothing where the C library is not glibc.
 """
+
 from __future__ import annotations
 
 import contextlib

@@ -1,4 +1,5 @@
 """Atomic file output: write to a temporary sibling, then rename, so nothing is left half-written."""
+
 from __future__ import annotations
 
 import json
@@ -82,8 +83,10 @@ def check_replaceable_dir(path: Path, marker: str) -> None:
         if not path.is_dir():
             raise HetMoEError(f"{path}: exists and is not a directory; choose a directory path")
         if any(path.iterdir()) and not (path / marker).is_file():
-            raise HetMoEError(f"{path}: directory is not empty and holds no {marker}; choose a new or empty "
-                              "directory (it would be replaced)")
+            raise HetMoEError(
+                f"{path}: directory is not empty and holds no {marker}; choose a new or empty "
+                "directory (it would be replaced)"
+            )
 
 
 @contextmanager

@@ -4,6 +4,7 @@ and low-bit digital experts. Each pass applies in place and hands back a record 
 
 ``sweep --peers`` and ``eval --peers`` take their names from :data:`PEERS`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -71,18 +72,27 @@ def _romer_replace(ctx: PeerContext) -> Applied:
     from .romer import replace_underused_experts, restore_replaced_experts
 
     o = ctx.options
-    reps = replace_underused_experts(ctx.model, ctx.info, ctx.calibration, ctx.cfg, seeds=_romer_seeds(o),
-                                     threshold=o.romer_threshold, batch_size=o.batch_size)
-    return Applied({"replacements": [r.to_dict() for r in reps]},
-                   lambda: restore_replaced_experts(ctx.model, ctx.info, reps))
+    reps = replace_underused_experts(
+        ctx.model,
+        ctx.info,
+        ctx.calibration,
+        ctx.cfg,
+        seeds=_romer_seeds(o),
+        threshold=o.romer_threshold,
+        batch_size=o.batch_size,
+    )
+    return Applied(
+        {"replacements": [r.to_dict() for r in reps]}, lambda: restore_replaced_experts(ctx.model, ctx.info, reps)
+    )
 
 
 def _romer_recalibrate(ctx: PeerContext) -> Applied:
     from .romer import apply_router_calibration, fit_router_calibration, remove_router_calibration
 
     o = ctx.options
-    rc = fit_router_calibration(ctx.model, ctx.info, ctx.calibration, ctx.cfg, seeds=_romer_seeds(o),
-                                batch_size=o.batch_size)
+    rc = fit_router_calibration(
+        ctx.model, ctx.info, ctx.calibration, ctx.cfg, seeds=_romer_seeds(o), batch_size=o.batch_size
+    )
     apply_router_calibration(ctx.model, ctx.info, rc)
     return Applied({"router_calibration": rc.to_dict()}, lambda: remove_router_calibration(ctx.model, ctx.info))
 
@@ -125,20 +135,22 @@ def _lowbit(bits: int) -> Callable[[PeerContext], Applied]:
                 if hasattr(g, QUANT_ATTR):
                     delattr(g, QUANT_ATTR)
 
-        return Applied({"bits": bits, "group_size": ctx.options.group_size, "experts": [r.to_dict() for r in rows]},
-                       undo)
+        return Applied(
+            {"bits": bits, "group_size": ctx.options.group_size, "experts": [r.to_dict() for r in rows]}, undo
+        )
 
     return apply
 
 
 PEERS: dict[str, Peer] = {
-    "romer": Peer("romer", "ROMER: under-used analog experts replaced, then router logits recalibrated", 0.0, True,
-                  _romer),
-    "romer-recalibrate": Peer("romer-recalibrate", "ROMER router logit recalibration only (percentile maps)", 0.0,
-                              True, _romer_recalibrate),
+    "romer": Peer(
+        "romer", "ROMER: under-used analog experts replaced, then router logits recalibrated", 0.0, True, _romer
+    ),
+    "romer-recalibrate": Peer(
+        "romer-recalibrate", "ROMER router logit recalibration only (percentile maps)", 0.0, True, _romer_recalibrate
+    ),
     "romer-replace": Peer("romer-replace", "ROMER expert replacement only", 0.0, True, _romer_replace),
-    "hpd": Peer("hpd", "HPD: LM head and attention output projections split, U·Σ analog, Vᵀ digital", 0.0, False,
-                _hpd),
+    "hpd": Peer("hpd", "HPD: LM head and attention output projections split, U·Σ analog, Vᵀ digital", 0.0, False, _hpd),
     "int8": Peer("int8", "INT8 group-wise digital experts", 1.0, False, _lowbit(8)),
     "int4": Peer("int4", "INT4 group-wise digital experts", 1.0, False, _lowbit(4)),
 }
@@ -173,10 +185,18 @@ def check_peer_options(names: list[str], info: ModelInfo, options: PeerOptions) 
     for name in names:
         if name in ("int8", "int4"):
             for layer in info.moe_layers:
-                check_quant_args(int(name[3:]), options.group_size, layer.hidden_size,
-                                 f"layer {layer.index}'s gate/up projections (hidden size)")
-                check_quant_args(int(name[3:]), options.group_size, layer.intermediate_size,
-                                 f"layer {layer.index}'s down projections (expert width)")
+                check_quant_args(
+                    int(name[3:]),
+                    options.group_size,
+                    layer.hidden_size,
+                    f"layer {layer.index}'s gate/up projections (hidden size)",
+                )
+                check_quant_args(
+                    int(name[3:]),
+                    options.group_size,
+                    layer.intermediate_size,
+                    f"layer {layer.index}'s down projections (expert width)",
+                )
         if name == "hpd":  # every target's full rank is at most the hidden size
             resolve_rank(options.hpd_rank, info.moe_layers[0].hidden_size, "the HPD targets")
 

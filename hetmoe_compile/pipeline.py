@@ -1,4 +1,5 @@
 """The ahead-of-time pipeline steps, composed: recognise -> score -> place (by rank or under a budget)."""
+
 from __future__ import annotations
 
 import math
@@ -58,8 +59,13 @@ class Analysis:
         return text
 
 
-def analyze_model(model: nn.Module, selectors: list[str], calibration: Calibration | None = None, seed: int = 0,
-                  info: ModelInfo | None = None) -> Analysis:
+def analyze_model(
+    model: nn.Module,
+    selectors: list[str],
+    calibration: Calibration | None = None,
+    seed: int = 0,
+    info: ModelInfo | None = None,
+) -> Analysis:
     """Run ``selectors`` on ``model``; the Spearman reference is ``measured`` if run, else the first selector."""
     info = info or recognize(model)
     scores = score_all(model, info, selectors, calibration, seed)
@@ -67,8 +73,7 @@ def analyze_model(model: nn.Module, selectors: list[str], calibration: Calibrati
     return Analysis(info, scores, reference)
 
 
-def analyze_checkpoint(source: str, selectors: list[str], seed: int = 0,
-                       dtype="auto") -> tuple[nn.Module, Analysis]:
+def analyze_checkpoint(source: str, selectors: list[str], seed: int = 0, dtype="auto") -> tuple[nn.Module, Analysis]:
     """``(meta model, analysis)`` of a local checkpoint without loading it: the model is built on the meta device
     and the data-free ``selectors`` read the weights from the safetensors files one expert at a time (see
     :mod:`hetmoe_compile.scoring.checkpoint_scores`); the scores equal those of the loaded model."""
@@ -81,8 +86,9 @@ def analyze_checkpoint(source: str, selectors: list[str], seed: int = 0,
     return model, Analysis(info, scores, "measured" if "measured" in scores else (selectors[0] if selectors else None))
 
 
-def routing_frequencies(model: nn.Module, info: ModelInfo,
-                        calibration: Calibration | None) -> dict[int, list[float]] | None:
+def routing_frequencies(
+    model: nn.Module, info: ModelInfo, calibration: Calibration | None
+) -> dict[int, list[float]] | None:
     """Each expert's measured share of the calibration tokens, for the cost model (None: uniform routing)."""
     if calibration is None:
         return None
@@ -91,8 +97,15 @@ def routing_frequencies(model: nn.Module, info: ModelInfo,
     return {i: s["frequency"].tolist() for i, s in routing_stats(model, info, calibration).items()}
 
 
-def place_scores(model: nn.Module, info: ModelInfo, scores: Scores, policy: PlacementPolicy, source: str = "",
-                 cost_params=None, frequencies: dict[int, list[float]] | None = None) -> Placement:
+def place_scores(
+    model: nn.Module,
+    info: ModelInfo,
+    scores: Scores,
+    policy: PlacementPolicy,
+    source: str = "",
+    cost_params=None,
+    frequencies: dict[int, list[float]] | None = None,
+) -> Placement:
     """Place by ``scores``: the top ``digital_fraction`` ranked, or, for a policy with a budget, under the budget
     (:func:`hetmoe_compile.cost.budget.place_under_budget`, costed with ``cost_params`` and routing
     ``frequencies``)."""
@@ -103,8 +116,14 @@ def place_scores(model: nn.Module, info: ModelInfo, scores: Scores, policy: Plac
     return place(model, info, scores, policy, source)
 
 
-def place_model(model: nn.Module, policy: PlacementPolicy, calibration: Calibration | None = None,
-                source: str = "", info: ModelInfo | None = None, cost_params=None) -> Placement:
+def place_model(
+    model: nn.Module,
+    policy: PlacementPolicy,
+    calibration: Calibration | None = None,
+    source: str = "",
+    info: ModelInfo | None = None,
+    cost_params=None,
+) -> Placement:
     """Score with ``policy.selector`` and place (a budget is costed with the calibration text's routing)."""
     info = info or recognize(model)
     scores = score(model, info, policy.selector, calibration, policy.seed)

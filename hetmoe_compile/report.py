@@ -1,4 +1,5 @@
 """Readable reports: node counts and parameter share per device, and a per-node placement listing."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -30,8 +31,10 @@ def placement_report(placement: Placement, graph_module: fx.GraphModule | None =
 
         kind, value = policy.budget
         n = sum(len(l.experts) for l in placement.layers)
-        how = (f"{kind.replace('_', ' ')} budget {format_budget(kind, value)} (replaces --digital-fraction: "
-               f"{round(policy.digital_fraction * n)}/{n} experts digital)")
+        how = (
+            f"{kind.replace('_', ' ')} budget {format_budget(kind, value)} (replaces --digital-fraction: "
+            f"{round(policy.digital_fraction * n)}/{n} experts digital)"
+        )
     out = [
         f"placement of {placement.model['architecture']} ({placement.model['source'] or 'in memory'}): "
         f"{how}, selector {policy.selector}, scope {policy.scope}, dense modules {policy.dense}",

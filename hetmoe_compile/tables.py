@@ -1,4 +1,5 @@
 """Plain monospace tables for terminal reports."""
+
 from __future__ import annotations
 
 

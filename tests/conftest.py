@@ -1,4 +1,5 @@
 """Suite-wide test settings and shared fixtures."""
+
 import pytest
 import torch
 

@@ -1,5 +1,6 @@
 """AIMC simulation: presets, programming, the tiled MVM against aihwkit, the analog expert-group op, simulate()
 and the rewrite_analog graph pass."""
+
 import numpy as np
 import pytest
 import torch
@@ -24,6 +25,7 @@ def _rel(y, ref):
 
 # ---- configuration -------------------------------------------------------------------------------------------
 
+
 def test_presets_and_json_round_trip():
     for name in ("pcm", "dac-adc", "gaussian", "ideal"):
         cfg = analog_config(name, noise_scale=1.5, t_inference=86400)
@@ -32,11 +34,14 @@ def test_presets_and_json_round_trip():
     assert analog_config("pcm").dac_bits == 8 and analog_config("pcm").tile_size == 512
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(preset="magic"), "unknown noise preset 'magic'; choose one of pcm, dac-adc, gaussian, ideal"),
-    (dict(preset="pcm", noise_scale=-1), "noise scale must be >= 0"),
-    (dict(preset="pcm", t_inference=0), "t_inference must be > 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(preset="magic"), "unknown noise preset 'magic'; choose one of pcm, dac-adc, gaussian, ideal"),
+        (dict(preset="pcm", noise_scale=-1), "noise scale must be >= 0"),
+        (dict(preset="pcm", t_inference=0), "t_inference must be > 0"),
+    ],
+)
 def test_bad_config(kwargs, message):
     with pytest.raises(HetMoEError, match=message):
         analog_config(**kwargs)
@@ -45,6 +50,7 @@ def test_bad_config(kwargs, message):
 
 
 # ---- programming and the tiled MVM --------------------------------------------------------------------------
+
 
 def test_tiles_split_like_aihwkit():
     assert split_sizes(700, 512) == (2, 350)
@@ -89,8 +95,7 @@ def test_relative_mvm_error_agrees_with_aihwkit(preset):
     cfg = analog_config(preset)
     ours, theirs = [], []
     for seed in range(20):
-        ours.append(_rel(analog_matmul(x, program_matrix(w, cfg, seed), cfg, torch.Generator().manual_seed(seed)),
-                         ref))
+        ours.append(_rel(analog_matmul(x, program_matrix(w, cfg, seed), cfg, torch.Generator().manual_seed(seed)), ref))
         with torch.no_grad():
             theirs.append(_rel(aihwkit_linear(w, cfg, seed)(x), ref))
     ratio = np.mean(ours) / np.mean(theirs)
@@ -125,8 +130,15 @@ def test_noise_scale_and_drift_increase_error():
     gen = torch.Generator().manual_seed(1)
     w, x = torch.randn(64, 256, generator=gen), torch.randn(32, 256, generator=gen)
     ref = x @ w.T
-    err = lambda cfg: np.mean([_rel(analog_matmul(x, program_matrix(w, cfg, s), cfg,
-                                                  torch.Generator().manual_seed(s)), ref) for s in range(5)])
+
+    def err(cfg):
+        return np.mean(
+            [
+                _rel(analog_matmul(x, program_matrix(w, cfg, s), cfg, torch.Generator().manual_seed(s)), ref)
+                for s in range(5)
+            ]
+        )
+
     assert err(analog_config("pcm", noise_scale=2.5)) > err(analog_config("pcm", noise_scale=1.0))
     assert err(analog_config("gaussian", noise_scale=2.0)) > err(analog_config("gaussian"))
     assert err(analog_config("dac-adc")) < err(analog_config("pcm"))
@@ -146,6 +158,7 @@ def test_program_group_common_random_numbers():
 
 
 # ---- simulate() on models ------------------------------------------------------------------------------------
+
 
 def _placed(family="olmoe", fraction=0.25):
     model = tiny_model(family)
@@ -206,6 +219,7 @@ def test_simulate_needs_canonical_model():
 
 # ---- graph path ----------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
 def test_rewrite_analog_pass_matches_eager_simulation(family):
     model = tiny_model(family)
@@ -222,8 +236,9 @@ def test_rewrite_analog_pass_matches_eager_simulation(family):
     assert all("AIMC pcm, seed 3" in n.meta[PLACEMENT_META].reason for n in analog_ops)
     simulate(model, cfg, seed=3)
     with torch.no_grad():
-        torch.testing.assert_close(result.graph_module(IDS, torch.ones_like(IDS)), model(input_ids=IDS).logits,
-                                   rtol=0, atol=0)
+        torch.testing.assert_close(
+            result.graph_module(IDS, torch.ones_like(IDS)), model(input_ids=IDS).logits, rtol=0, atol=0
+        )
 
 
 def test_simulated_model_runs_under_torch_compile():

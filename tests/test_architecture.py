@@ -1,4 +1,5 @@
 """The layout in docs/ARCHITECTURE.md holds: every module has a stage, imports run one way, no cycles."""
+
 import ast
 import re
 from pathlib import Path
@@ -70,8 +71,9 @@ def test_the_stage_table_is_read():
 
 def test_every_module_has_a_stage_and_imports_run_one_way():
     stage = _stage_of()
-    backward = sorted(f"{m} -> {t}" for m, targets in GRAPH.items() for t in targets
-                      if t != "hetmoe_compile" and stage[t] > stage[m])
+    backward = sorted(
+        f"{m} -> {t}" for m, targets in GRAPH.items() for t in targets if t != "hetmoe_compile" and stage[t] > stage[m]
+    )
     assert backward == [], "imports against the stage order of docs/ARCHITECTURE.md"
 
 
@@ -87,7 +89,7 @@ def test_no_import_cycles():
         stack.append(node)
         for t in sorted(GRAPH[node]):
             if state.get(t) == "open":
-                cycles.append(" -> ".join(stack[stack.index(t):] + [t]))
+                cycles.append(" -> ".join(stack[stack.index(t) :] + [t]))
             elif t not in state:
                 visit(t, stack)
         stack.pop()

@@ -1,4 +1,5 @@
 """The torch.compile backend "hetmoe": entry point, options, placement in the graph, numerics, recompiles."""
+
 import pytest
 import torch
 import torch._dynamo as dynamo
@@ -24,8 +25,11 @@ def _compiled_forward(model, options, spy=None):
             spy.append(gm)
         return fn
 
-    return torch.compile(type(model).forward.__get__(model), backend=backend if spy is not None else "hetmoe",
-                         options=None if spy is not None else options)
+    return torch.compile(
+        type(model).forward.__get__(model),
+        backend=backend if spy is not None else "hetmoe",
+        options=None if spy is not None else options,
+    )
 
 
 def test_backend_is_registered_by_entry_point():
@@ -142,29 +146,60 @@ def test_experts_split_by_a_graph_break_are_a_clear_error():
         _compiled_forward(model, {"noise": "ideal"})(input_ids=IDS, use_cache=False)
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"fraction": 0.5}, r"unknown hetmoe backend option\(s\) \['fraction'\]; valid options: digital_fraction, "),
-    ({"seed": -1}, r"seed=-1 must be an integer >= 0"),
-    ({"seed": 1.5}, r"seed=1.5 must be an integer >= 0"),
-    ({"digital_fraction": "0.25"}, r"digital_fraction='0.25' must be a number"),
-    ({"digital_fraction": 1.5}, r"digital fraction must be in \[0, 1\], got 1.5"),
-    ({"noise": "loud"}, r"unknown noise preset 'loud'"),
-    ({"noise_scale": "2"}, r"noise_scale='2' must be a number or None"),
-    ({"overrides": {"0:1": "gpu"}}, r"override 0:1=gpu: device must be one of digital, analog"),
-    ({"overrides": {"0-1": "digital"}}, r"override '0-1': expected LAYER:EXPERT"),
-    ({"selector": "activation-frequency"}, r"in a graph use one of max-neuron-norm, random"),
-    ({"dense": "analog"}, r"dense='analog' .* is simulation-only"),
-])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"fraction": 0.5}, r"unknown hetmoe backend option\(s\) \['fraction'\]; valid options: digital_fraction, "),
+        ({"seed": -1}, r"seed=-1 must be an integer >= 0"),
+        ({"seed": 1.5}, r"seed=1.5 must be an integer >= 0"),
+        ({"digital_fraction": "0.25"}, r"digital_fraction='0.25' must be a number"),
+        ({"digital_fraction": 1.5}, r"digital fraction must be in \[0, 1\], got 1.5"),
+        ({"noise": "loud"}, r"unknown noise preset 'loud'"),
+        ({"noise_scale": "2"}, r"noise_scale='2' must be a number or None"),
+        ({"overrides": {"0:1": "gpu"}}, r"override 0:1=gpu: device must be one of digital, analog"),
+        ({"overrides": {"0-1": "digital"}}, r"override '0-1': expected LAYER:EXPERT"),
+        ({"selector": "activation-frequency"}, r"in a graph use one of max-neuron-norm, random"),
+        ({"dense": "analog"}, r"dense='analog' .* is simulation-only"),
+    ],
+)
 def test_options_are_checked_like_the_cli(options, message):
     with pytest.raises(HetMoEError, match=message):
         BackendOptions.parse(options)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("0:99", r"override '0:99' names expert 99, but layer 0 has experts 0..7"),
-    ("9:0", r"override '9:0' names layer 9, but the MoE layers in this graph are \[0, 1\]"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("0:99", r"override 0:99: no such MoE layer/expert; MoE layers are \[0, 1\] with 8 experts"),
+        ("9:0", r"override 9:0: no such MoE layer/expert; MoE layers are \[0, 1\] with 8 experts"),
+    ],
+)
 def test_overrides_naming_missing_experts_fail_through_dynamo(override, message):
+    """Checked against the whole model by the composer's placement step (the message of hetmoe-compile place)."""
     model = tiny_model("olmoe")
     with pytest.raises(Exception, match=message):  # Dynamo wraps our error; the message stays readable
         _compiled_forward(model, {"overrides": {override: "digital"}})(input_ids=IDS, use_cache=False)
+
+
+def test_split_pass_checks_overrides_against_its_graph():
+    """Without the whole model (a frame inside one), the graph's own layers and experts are the check."""
+    from hetmoe_compile.passes import PassError, SplitExpertGroupsPass
+    from hetmoe_compile.placement.policy import PlacementPolicy
+
+    model = tiny_model("olmoe")
+    hc.prepare(model)
+    captured = []
+
+    def grab(gm, example_inputs):
+        captured.append((gm, example_inputs))
+        return gm.forward
+
+    dynamo.reset()
+    torch.compile(type(model).forward.__get__(model), backend=grab)(input_ids=IDS, use_cache=False)
+    gm, example_inputs = captured[0]
+    for override, message in (
+        ("0:99", r"override '0:99' names expert 99, but layer 0 has experts 0..7"),
+        ("9:0", r"override '9:0' names layer 9, but the MoE layers in this graph are \[0, 1\]"),
+    ):
+        with pytest.raises(PassError, match=message):
+            SplitExpertGroupsPass(PlacementPolicy(overrides={override: "digital"}), example_inputs)(gm)

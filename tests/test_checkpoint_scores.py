@@ -1,5 +1,6 @@
 """Place without loading: a meta-device model and data-free scores read from the safetensors files one expert at a
 time equal the loaded model's; broken checkpoints are one-line errors."""
+
 import json
 from pathlib import Path
 
@@ -94,13 +95,19 @@ def test_checkpoint_that_does_not_match_its_config_is_named(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     config["intermediate_size"] = 24  # the files hold width-16 experts
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(HetMoEError, match="expert 0 of model.layers.0.mlp.experts.gate_up_proj has shape \\(32, 32\\)"
-                                          ", the model's config says \\(48, 32\\)"):
+    with pytest.raises(
+        HetMoEError,
+        match="expert 0 of model.layers.0.mlp.experts.gate_up_proj has shape \\(32, 32\\)"
+        ", the model's config says \\(48, 32\\)",
+    ):
         analyze_checkpoint(str(tmp_path), ["max-neuron-norm"])
     config["intermediate_size"], config["num_experts"] = 16, 12
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(HetMoEError, match="the checkpoint has no expert 8 for model.layers.0.mlp.experts.gate_up_proj; "
-                                          "it does not match the model's config"):
+    with pytest.raises(
+        HetMoEError,
+        match="the checkpoint has no expert 8 for model.layers.0.mlp.experts.gate_up_proj; "
+        "it does not match the model's config",
+    ):
         analyze_checkpoint(str(tmp_path), ["max-neuron-norm", "router-norm"])
 
 
@@ -115,8 +122,23 @@ def test_cli_place_and_analyze_without_loading(tmp_path, capsys):
     doc = json.loads((tmp_path / "a" / "scores.json").read_text())
     assert set(doc["selectors"]) == set(SELECTORS)
     capsys.readouterr()
-    assert main(["place", src, "--load", "meta", "--selector", "measured", "--calib", src + "/config.json",
-                 "--out", str(tmp_path / "x.json")]) == 2
+    assert (
+        main(
+            [
+                "place",
+                src,
+                "--load",
+                "meta",
+                "--selector",
+                "measured",
+                "--calib",
+                src + "/config.json",
+                "--out",
+                str(tmp_path / "x.json"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip()
     assert "--load meta scores max-neuron-norm, router-norm, random without calibration text" in err
     assert not (tmp_path / "x.json").exists()

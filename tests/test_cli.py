@@ -1,4 +1,5 @@
 """The CLI contract: analyze and place outputs, the printed table, and bad input (one line, exit 2, nothing written)."""
+
 import json
 import subprocess
 import sys
@@ -16,8 +17,9 @@ DEMO = REPO / "examples" / "olmoe-demo"
 @pytest.fixture(scope="module")
 def calib(tmp_path_factory):
     path = tmp_path_factory.mktemp("calib") / "calib.txt"
-    path.write_text("The quick brown fox jumps over the lazy dog. " * 40
-                    + "To be, or not to be, that is the question. " * 40)
+    path.write_text(
+        "The quick brown fox jumps over the lazy dog. " * 40 + "To be, or not to be, that is the question. " * 40
+    )
     return path
 
 
@@ -25,8 +27,14 @@ def test_analyze_writes_scores_plot_and_table(tmp_path, calib, capsys):
     out = tmp_path / "analysis"
     assert main(["analyze", str(DEMO), "--out", str(out), "--calib", str(calib), "--calib-tokens", "512"]) == 0
     doc = json.loads((out / "scores.json").read_text())
-    assert set(doc["selectors"]) == {"max-neuron-norm", "router-norm", "random", "activation-frequency",
-                                     "activation-weight", "measured"}
+    assert set(doc["selectors"]) == {
+        "max-neuron-norm",
+        "router-norm",
+        "random",
+        "activation-frequency",
+        "activation-weight",
+        "measured",
+    }
     assert doc["reference"] == "measured"
     assert len(doc["layers"]) == 4 and len(doc["layers"][0]["experts"]) == 16
     assert set(doc["layers"][0]["spearman_vs_reference"]) == set(doc["selectors"]) - {"measured"}
@@ -103,8 +111,15 @@ def nonmoe_dirs(tmp_path_factory):
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2MoeConfig
 
     root = tmp_path_factory.mktemp("models")
-    small = dict(vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-                 intermediate_size=16, max_position_embeddings=32)
+    small = dict(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=32,
+    )
     dense = AutoModelForCausalLM.from_config(Qwen2MoeConfig(**small, mlp_only_layers=[0, 1], num_experts=4))
     dense.save_pretrained(root / "qwen2moe-dense")
     AutoModelForCausalLM.from_config(LlamaConfig(**small)).save_pretrained(root / "llama")
@@ -114,8 +129,9 @@ def nonmoe_dirs(tmp_path_factory):
 def test_console_script_reports_exit_code_2(tmp_path):
     exe = Path(sys.executable).with_name("hetmoe-compile")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "hetmoe_compile"]
-    res = subprocess.run(cmd + ["place", str(tmp_path / "nope"), "--out", str(tmp_path / "p.json")],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        cmd + ["place", str(tmp_path / "nope"), "--out", str(tmp_path / "p.json")], capture_output=True, text=True
+    )
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [
         f"hetmoe-compile place: error: {tmp_path / 'nope'}: no such model directory; give an existing directory "

@@ -1,4 +1,5 @@
 """Cost model (energy per token, throughput, digital memory) and placement under a budget."""
+
 import json
 import math
 from pathlib import Path
@@ -57,12 +58,21 @@ def _expected(model, n_digital: int, ctx: int = 2048) -> dict:
     hit = 1 - math.comb(n_digital, k) / math.comb(e, k) if n_analog else 0.0
     link_bits = layers * hit * 2 * h * 16
     macs, nbytes = dense_macs + score_macs + expert_macs, dense_bytes + kv_bytes + expert_bytes
-    energy = {"digital_compute": macs * 1.5e-12, "digital_memory": nbytes * 31.2e-12,
-              "analog_mvm": cells * 0.205e-12, "link": link_bits * 0.54e-12}
+    energy = {
+        "digital_compute": macs * 1.5e-12,
+        "digital_memory": nbytes * 31.2e-12,
+        "analog_mvm": cells * 0.205e-12,
+        "link": link_bits * 0.54e-12,
+    }
     time = max(macs / 494.7e12, nbytes / 3.35e12) + layers * hit * 2 * 133e-9 + link_bits / 8 / 900e9
     footprint = non_expert * wb + layers * n_digital * 3 * h * i * wb
-    return {"energy": energy, "tokens_per_s": 1 / time, "footprint": footprint,
-            "tiles": layers * n_analog * 2, "analog_weights": layers * n_analog * 3 * h * i}
+    return {
+        "energy": energy,
+        "tokens_per_s": 1 / time,
+        "footprint": footprint,
+        "tiles": layers * n_analog * 2,
+        "analog_weights": layers * n_analog * 3 * h * i,
+    }
 
 
 @pytest.mark.parametrize("fraction, n_digital", [(0.0, 0), (0.25, 2), (1.0, 8)])
@@ -85,8 +95,10 @@ def test_estimate_matches_hand_computation(olmoe, fraction, n_digital):
 def test_more_digital_experts_more_digital_bytes_and_device_ordering(olmoe):
     model, info = olmoe
     scores = _scores(info)
-    costs = [estimate_cost(model, place(model, info, scores, PlacementPolicy(digital_fraction=f)), info=info)
-             for f in (0.0, 0.125, 0.25, 0.5, 1.0)]
+    costs = [
+        estimate_cost(model, place(model, info, scores, PlacementPolicy(digital_fraction=f)), info=info)
+        for f in (0.0, 0.125, 0.25, 0.5, 1.0)
+    ]
     footprints = [c.digital_memory_bytes for c in costs]
     assert footprints == sorted(set(footprints))  # strictly increasing
     assert [c.analog_tiles for c in costs] == sorted({c.analog_tiles for c in costs}, reverse=True)
@@ -101,8 +113,7 @@ def test_more_digital_experts_more_digital_bytes_and_device_ordering(olmoe):
     analog_dense = 2 * (2 * h * h + 2 * h * kv) + c.vocab_size * h
     assert all_analog.analog_weights - dense_digital.analog_weights == analog_dense
     routers = 2 * c.num_experts * h
-    assert all_analog.per_token["digital_macs"] == pytest.approx(
-        dense_digital.per_token["digital_macs"] - analog_dense)
+    assert all_analog.per_token["digital_macs"] == pytest.approx(dense_digital.per_token["digital_macs"] - analog_dense)
     assert all_analog.per_token["digital_macs"] >= routers
 
 
@@ -168,16 +179,23 @@ def test_cost_config_files_override_and_reject_unknown_keys(tmp_path):
     toml = tmp_path / "cost.toml"
     toml.write_text("context_length = 512\nanalog_mac_energy_j = 0.3e-12\nanalog_tile_size = 256\n")
     got = load_cost_params(toml, digital_bits=4)
-    assert (got.context_length, got.analog_mac_energy_j, got.analog_tile_size, got.digital_bits) == (512, 0.3e-12,
-                                                                                                     256, 4)
+    assert (got.context_length, got.analog_mac_energy_j, got.analog_tile_size, got.digital_bits) == (
+        512,
+        0.3e-12,
+        256,
+        4,
+    )
     bad = tmp_path / "bad.toml"
     bad.write_text("batch_sise = 4\n")
     with pytest.raises(HetMoEError, match=r"unknown cost parameter\(s\) batch_sise; valid keys: digital_macs_per_s"):
         load_cost_params(bad)
-    for text, message in (("batch_size = 0", "batch_size must be > 0"),
-                          ("link_bit_energy_j = -1.0", "link_bit_energy_j must be > 0"),
-                          ("digital_bits = 5", "digital_bits must be 4 or 8"),
-                          ("batch_size = 1.5", "must be an integer"), ("batch_size = true", "must be a number")):
+    for text, message in (
+        ("batch_size = 0", "batch_size must be > 0"),
+        ("link_bit_energy_j = -1.0", "link_bit_energy_j must be > 0"),
+        ("digital_bits = 5", "digital_bits must be 4 or 8"),
+        ("batch_size = 1.5", "must be an integer"),
+        ("batch_size = true", "must be a number"),
+    ):
         bad.write_text(text + "\n")
         with pytest.raises(HetMoEError, match=message):
             load_cost_params(bad)
@@ -227,8 +245,9 @@ def test_memory_budget_picks_the_hand_computed_greedy_set(olmoe):
     assert p.cost["digital_memory_bytes"] == base + 5 * expert <= budget
     assert p.policy.digital_memory_budget == budget and p.policy.digital_fraction == 5 / 16
     best0 = int(np.argmax(scores.layers[0]))
-    assert p.layers[0].experts[best0].reason == (f"score/byte rank 1/8 in layer 0; fits the {format_bytes(budget)} "
-                                                 "budget")
+    assert p.layers[0].experts[best0].reason == (
+        f"score/byte rank 1/8 in layer 0; fits the {format_bytes(budget)} budget"
+    )
     worst0 = int(np.argmin(scores.layers[0]))
     assert p.layers[0].experts[worst0].reason.startswith("score/byte rank 8/8 in layer 0; does not fit the")
     assert p.cost["assumptions"]["budget"]["used"] == base + 5 * expert
@@ -240,8 +259,9 @@ def test_memory_budget_picks_the_hand_computed_greedy_set(olmoe):
     # an override to digital counts against the budget
     forced = _greedy_per_layer(scores, 16) - _greedy_per_layer(scores, 5)
     li, e = sorted(forced)[0]
-    o = place_scores(model, info, scores, PlacementPolicy(overrides={f"{li}:{e}": "digital"},
-                                                          digital_memory_budget=budget))
+    o = place_scores(
+        model, info, scores, PlacementPolicy(overrides={f"{li}:{e}": "digital"}, digital_memory_budget=budget)
+    )
     assert sum(len(l.ids("digital")) for l in o.layers) == 5 and e in o.layers[li].ids("digital")
     # the placement round-trips through placement.json and old files (no cost, no budget) still load
     doc = p.to_dict()
@@ -286,8 +306,10 @@ def test_budget_too_small_says_what_fits(olmoe):
     msg = str(exc.value)
     assert "budget" in msg and "too small" in msg and "dense modules on digital with no expert digital need" in msg
     assert f"need {format_bytes(low)}" in msg and f"all experts digital needs {format_bytes(high)}" in msg
-    assert place_under_budget(model, info, scores, PlacementPolicy(), memory_budget=low).cost[
-        "digital_memory_bytes"] == low
+    assert (
+        place_under_budget(model, info, scores, PlacementPolicy(), memory_budget=low).cost["digital_memory_bytes"]
+        == low
+    )
     with pytest.raises(HetMoEError, match=r"energy budget 1.000 nJ/token is too small: .* need .*J/token"):
         place_under_budget(model, info, scores, PlacementPolicy(), energy_budget=1e-9)
 
@@ -300,7 +322,8 @@ def test_cli_place_with_budget_writes_and_prints_cost(tmp_path, capsys):
     assert doc["policy"]["digital_memory_budget"] == 8 * 2**20
     assert 0 < doc["cost"]["digital_memory_bytes"] <= 8 * 2**20 and doc["cost"]["energy_per_token_j"] > 0
     assert "fits the 8.0 MiB budget" in doc["layers"][0]["experts"][0]["reason"] or any(
-        "fits the 8.0 MiB budget" in e["reason"] for e in doc["layers"][0]["experts"])
+        "fits the 8.0 MiB budget" in e["reason"] for e in doc["layers"][0]["experts"]
+    )
     printed = capsys.readouterr().out
     assert "digital memory budget 8.0 MiB (replaces --digital-fraction" in printed
     assert "energy per token" in printed and "tokens/s" in printed and "digital memory" in printed
@@ -308,8 +331,23 @@ def test_cli_place_with_budget_writes_and_prints_cost(tmp_path, capsys):
     assert placement.cost == doc["cost"]
 
     export = tmp_path / "export"
-    assert main(["export", str(DEMO), "--placement", str(out), "--digital-bits", "8", "--group-size", "64",
-                 "--out", str(export)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(DEMO),
+                "--placement",
+                str(out),
+                "--digital-bits",
+                "8",
+                "--group-size",
+                "64",
+                "--out",
+                str(export),
+            ]
+        )
+        == 0
+    )
     manifest = json.loads((export / "manifest.json").read_text())
     validate_manifest(manifest)
     cost = manifest["cost"]
@@ -322,8 +360,22 @@ def test_cli_place_default_stores_cost_and_bad_budgets_exit_2(tmp_path, capsys):
     out = tmp_path / "p.json"
     cfg = tmp_path / "cost.toml"
     cfg.write_text("batch_size = 4\n")
-    assert main(["place", str(DEMO), "--digital-fraction", "0.25", "--cost-config", str(cfg), "--no-graph",
-                 "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "place",
+                str(DEMO),
+                "--digital-fraction",
+                "0.25",
+                "--cost-config",
+                str(cfg),
+                "--no-graph",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     doc = json.loads(out.read_text())
     assert doc["cost"]["assumptions"]["params"]["batch_size"] == 4 and "digital_memory_budget" not in doc["policy"]
     capsys.readouterr()
@@ -360,9 +412,9 @@ def test_export_cost_of_a_monolithic_export_is_all_digital(olmoe):
     placement = place(model, info, _scores(info), PlacementPolicy(0.25))
     mono = export_cost(model, info, placement, ExportOptions(monolithic=True), AnalogConfig(tile_size=256))
     assert mono["analog_tiles"] == 0 and "monolithic" in mono["assumptions"]["export"]
-    split = export_cost(model, info, placement, ExportOptions(cost=CostParams(batch_size=2)),
-                        AnalogConfig(tile_size=256))
+    split = export_cost(
+        model, info, placement, ExportOptions(cost=CostParams(batch_size=2)), AnalogConfig(tile_size=256)
+    )
     assert split["assumptions"]["tile_size"] == 256 and split["assumptions"]["params"]["batch_size"] == 2
-    assert split["energy_breakdown_j"]["analog_mvm"] == pytest.approx(
-        2 * 6 * 0.25 * 2 * 256**2 * 0.205e-12, rel=1e-12)
+    assert split["energy_breakdown_j"]["analog_mvm"] == pytest.approx(2 * 6 * 0.25 * 2 * 256**2 * 0.205e-12, rel=1e-12)
     assert torch.is_tensor(next(model.parameters()))

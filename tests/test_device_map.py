@@ -1,5 +1,6 @@
 """Models sharded with accelerate device maps, offload to disk included: scores, placement, simulation and eval equal
 the unsharded model's; steps that need every weight resident, and bad maps, are one-line errors."""
+
 import json
 from pathlib import Path
 
@@ -39,8 +40,9 @@ def test_offloaded_model_places_and_simulates_like_the_unsharded_one(tmp_path, f
     tiny_model(family).save_pretrained(tmp_path / "m")
     full = load_model(str(tmp_path / "m"))
     last = f"model.layers.{full.config.num_hidden_layers - 1}"
-    sharded = load_model(str(tmp_path / "m"), device_map=_offload_map(full, [last, "lm_head"]),
-                         offload_folder=str(tmp_path / "offload"))
+    sharded = load_model(
+        str(tmp_path / "m"), device_map=_offload_map(full, [last, "lm_head"]), offload_folder=str(tmp_path / "offload")
+    )
     assert offloaded_modules(sharded) and input_device(sharded) == torch.device("cpu")
     torch.testing.assert_close(_logits(sharded), _logits(full), rtol=0, atol=1e-6)
     a, b = hc.analyze(full), hc.analyze(sharded)
@@ -69,29 +71,69 @@ def test_offloaded_model_places_and_simulates_like_the_unsharded_one(tmp_path, f
 def test_cli_eval_with_disk_offload_equals_the_unsharded_run(tmp_path):
     calib = tmp_path / "text.txt"
     calib.write_text("The quick brown fox jumps over the lazy dog. To be, or not to be, that is the question. " * 20)
-    common = ["eval", str(DEMO), "--digital-fraction", "0.25", "--noise", "pcm", "--seeds", "2", "--ppl", str(calib),
-              "--ppl-tokens", "256"]
+    common = [
+        "eval",
+        str(DEMO),
+        "--digital-fraction",
+        "0.25",
+        "--noise",
+        "pcm",
+        "--seeds",
+        "2",
+        "--ppl",
+        str(calib),
+        "--ppl-tokens",
+        "256",
+    ]
     assert main(common + ["--out", str(tmp_path / "a.json")]) == 0
-    dm = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.layers.2": "disk",
-          "model.layers.3": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    dm = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "cpu",
+        "model.layers.2": "disk",
+        "model.layers.3": "disk",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
     (tmp_path / "map.json").write_text(json.dumps(dm))
-    assert main(common + ["--device-map", str(tmp_path / "map.json"), "--offload-folder", str(tmp_path / "off"),
-                          "--out", str(tmp_path / "b.json")]) == 0
+    assert (
+        main(
+            common
+            + [
+                "--device-map",
+                str(tmp_path / "map.json"),
+                "--offload-folder",
+                str(tmp_path / "off"),
+                "--out",
+                str(tmp_path / "b.json"),
+            ]
+        )
+        == 0
+    )
     a, b = (json.loads((tmp_path / f).read_text())["metrics"] for f in ("a.json", "b.json"))
     assert set(a) == set(b) == {"ppl"}
     assert b["ppl"]["values"] == pytest.approx(a["ppl"]["values"], rel=1e-6)
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--device-map", "everywhere"], "--device-map everywhere: not a strategy (auto, balanced, balanced_low_0, "
-                                     "sequential), a JSON object or a JSON file"),
-    (["--device-map", '{"model": "gpu7"}'], "module 'model' has device 'gpu7'; use cuda:N, N, cpu or disk"),
-    (["--device-map", "{oops"], "--device-map {oops: not valid JSON"),
-    (["--max-memory", "cpu=1GiB"], "--max-memory and --offload-folder go with --device-map"),
-    (["--device-map", "auto", "--max-memory", "cpu"], "--max-memory cpu: expected DEVICE=SIZE"),
-    (["--device-map", "auto", "--max-memory", "cpu=100KB"], "cannot hold the model, and the rest would go to disk; "
-                                                             "pass --offload-folder DIR"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["--device-map", "everywhere"],
+            "--device-map everywhere: not a strategy (auto, balanced, balanced_low_0, "
+            "sequential), a JSON object or a JSON file",
+        ),
+        (["--device-map", '{"model": "gpu7"}'], "module 'model' has device 'gpu7'; use cuda:N, N, cpu or disk"),
+        (["--device-map", "{oops"], "--device-map {oops: not valid JSON"),
+        (["--max-memory", "cpu=1GiB"], "--max-memory and --offload-folder go with --device-map"),
+        (["--device-map", "auto", "--max-memory", "cpu"], "--max-memory cpu: expected DEVICE=SIZE"),
+        (
+            ["--device-map", "auto", "--max-memory", "cpu=100KB"],
+            "cannot hold the model, and the rest would go to disk; pass --offload-folder DIR",
+        ),
+    ],
+)
 def test_bad_device_maps_are_one_line(tmp_path, capsys, argv, message):
     out = tmp_path / "p.json"
     assert main(["place", str(DEMO), "--load", "full", "--no-graph", "--out", str(out)] + argv) == 2

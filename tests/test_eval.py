@@ -1,4 +1,5 @@
 """Evaluation: perplexity against hand-computed references, log-likelihood batching, task parsing, greedy LAMBADA."""
+
 import json
 import math
 from pathlib import Path
@@ -30,8 +31,18 @@ DEMO = REPO / "examples" / "olmoe-demo"
 QA = Path(__file__).resolve().parents[2] / "shared" / "data" / "qa"
 needs_qa = pytest.mark.skipif(not QA.is_dir(), reason=f"task data folder {QA} is absent")
 
-CHOICES = {"piqa": {2}, "arc_easy": {3, 4, 5}, "arc_challenge": {3, 4, 5}, "boolq": {2}, "hellaswag": {4},
-           "winogrande": {2}, "openbookqa": {4}, "sciq": {4}, "copa": {2}, "lambada": {1}}
+CHOICES = {
+    "piqa": {2},
+    "arc_easy": {3, 4, 5},
+    "arc_challenge": {3, 4, 5},
+    "boolq": {2},
+    "hellaswag": {4},
+    "winogrande": {2},
+    "openbookqa": {4},
+    "sciq": {4},
+    "copa": {2},
+    "lambada": {1},
+}
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +60,7 @@ def _ids(tok, text):
 
 
 # perplexity
+
 
 def test_single_window_equals_full_sequence_cross_entropy(demo, text):
     model, tok = demo
@@ -123,8 +135,10 @@ REQUESTS = [
     ("Question: How do I boil water?\nAnswer:", " Freeze it."),
     ("To be, or not to be, that is the ", "question."),  # trailing space moves to the continuation
     ("Sarah was a much better surgeon than Maria so Sarah", " always got the easier cases."),
-    ("First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\nFirst Citizen:\nYou",
-     " are"),
+    (
+        "First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n\nFirst Citizen:\nYou",
+        " are",
+    ),
 ]
 
 
@@ -162,14 +176,16 @@ def test_long_context_is_left_truncated(demo):
     ids = torch.tensor(ctx + cont)[-9:-1]
     with torch.no_grad():
         logprobs = model(input_ids=ids[None], use_cache=False).logits[0].float().log_softmax(-1)
-    ref = logprobs[-len(cont):].gather(-1, torch.tensor(cont)[:, None]).sum().item()
+    ref = logprobs[-len(cont) :].gather(-1, torch.tensor(cont)[:, None]).sum().item()
     assert res.logprob == pytest.approx(ref, abs=1e-5)
 
 
 def test_multiple_choice_metrics_follow_loglikelihoods(demo):
     model, tok = demo
-    examples = [MCExample((c,) * 2, (REQUESTS[0][1], REQUESTS[1][1]), label) for c, label in
-                [(REQUESTS[0][0], 0), (REQUESTS[0][0], 1)]]
+    examples = [
+        MCExample((c,) * 2, (REQUESTS[0][1], REQUESTS[1][1]), label)
+        for c, label in [(REQUESTS[0][0], 0), (REQUESTS[0][0], 1)]
+    ]
     lls = [r.logprob for r in loglikelihoods(model, tok, examples[0].requests())]
     best = int(lls[1] > lls[0])
     best_norm = int(lls[1] / len("Freeze it.") > lls[0] / len("Put it in a pot on the stove."))
@@ -180,6 +196,7 @@ def test_multiple_choice_metrics_follow_loglikelihoods(demo):
 
 
 # greedy (LAMBADA)
+
 
 class ScriptedLM(nn.Module):
     """Predicts, at position j, token ``script[j + 1]`` (a fixed sequence) with all its probability mass."""
@@ -209,6 +226,7 @@ def test_lambada_accuracy_is_greedy_exact_match(demo):
 
 
 # task files
+
 
 @needs_qa
 @pytest.mark.parametrize("name", list(TASKS))
@@ -240,8 +258,10 @@ def test_prompt_formats():
     assert boolq.continuations == (" no", " yes") and boolq.label == 0
 
     wino = load_task("winogrande", QA, limit=1)[0]
-    assert wino.contexts == ("Sarah was a much better surgeon than Maria so Sarah",
-                             "Sarah was a much better surgeon than Maria so Maria")
+    assert wino.contexts == (
+        "Sarah was a much better surgeon than Maria so Sarah",
+        "Sarah was a much better surgeon than Maria so Maria",
+    )
     assert wino.continuations == (" always got the easier cases.",) * 2 and wino.label == 1
 
     hella = load_task("hellaswag", QA, limit=1)[0]

@@ -1,5 +1,6 @@
 """`hetmoe-compile eval` and `sweep` on the demo model: outputs, seeds, and bad input (one line, exit 2, nothing
 written)."""
+
 import json
 from pathlib import Path
 
@@ -15,8 +16,26 @@ TEXT = REPO / "examples" / "calibration.txt"
 
 def test_eval_on_the_fly_placement_writes_mean_and_std(tmp_path, capsys):
     out = tmp_path / "results.json"
-    rc = main(["eval", str(DEMO), "--digital-fraction", "0.25", "--noise", "pcm", "--noise-scale", "2.5",
-               "--seeds", "2", "--ppl", str(TEXT), "--ppl-tokens", "256", "--out", str(out)])
+    rc = main(
+        [
+            "eval",
+            str(DEMO),
+            "--digital-fraction",
+            "0.25",
+            "--noise",
+            "pcm",
+            "--noise-scale",
+            "2.5",
+            "--seeds",
+            "2",
+            "--ppl",
+            str(TEXT),
+            "--ppl-tokens",
+            "256",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     doc = json.loads(out.read_text())
     ppl = doc["metrics"]["ppl"]
@@ -31,14 +50,37 @@ def test_eval_placement_file_ideal_equals_digital_and_tasks(tmp_path):
     assert main(["place", str(DEMO), "--digital-fraction", "0.5", "--no-graph", "--out", str(placement)]) == 0
     ideal, digital = tmp_path / "ideal.json", tmp_path / "digital.json"
     common = ["--seeds", "3", "--ppl", str(TEXT), "--ppl-tokens", "256"]
-    assert main(["eval", str(DEMO), "--placement", str(placement), "--noise", "ideal", *common, "--out", str(ideal)]) == 0
+    assert (
+        main(["eval", str(DEMO), "--placement", str(placement), "--noise", "ideal", *common, "--out", str(ideal)]) == 0
+    )
     assert main(["eval", str(DEMO), "--digital-fraction", "1", "--noise", "pcm", *common, "--out", str(digital)]) == 0
     a, b = json.loads(ideal.read_text())["metrics"]["ppl"], json.loads(digital.read_text())["metrics"]["ppl"]
     assert a["values"] == b["values"] and len(a["values"]) == 1  # ideal / nothing analog: one exact run
     if QA.is_dir():
         out = tmp_path / "tasks.json"
-        assert main(["eval", str(DEMO), "--placement", str(placement), "--noise", "dac-adc", "--seeds", "1",
-                     "--tasks", "copa,lambada", "--tasks-dir", str(QA), "--limit", "8", "--out", str(out)]) == 0
+        assert (
+            main(
+                [
+                    "eval",
+                    str(DEMO),
+                    "--placement",
+                    str(placement),
+                    "--noise",
+                    "dac-adc",
+                    "--seeds",
+                    "1",
+                    "--tasks",
+                    "copa,lambada",
+                    "--tasks-dir",
+                    str(QA),
+                    "--limit",
+                    "8",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
         metrics = json.loads(out.read_text())["metrics"]
         assert set(metrics) >= {"copa/acc", "copa/acc_norm", "lambada/acc"}
         assert all(0.0 <= m["mean"] <= 1.0 for m in metrics.values())
@@ -46,14 +88,39 @@ def test_eval_placement_file_ideal_equals_digital_and_tasks(tmp_path):
 
 def test_sweep_writes_table_plots_and_rows(tmp_path):
     out = tmp_path / "sweep"
-    rc = main(["sweep", str(DEMO), "--fractions", "0,0.25,1", "--selectors", "max-neuron-norm,random",
-               "--noise", "pcm", "--noise-scale", "2.5", "--seeds", "2", "--ppl", str(TEXT), "--ppl-tokens", "256",
-               "--out", str(out)])
+    rc = main(
+        [
+            "sweep",
+            str(DEMO),
+            "--fractions",
+            "0,0.25,1",
+            "--selectors",
+            "max-neuron-norm,random",
+            "--noise",
+            "pcm",
+            "--noise-scale",
+            "2.5",
+            "--seeds",
+            "2",
+            "--ppl",
+            str(TEXT),
+            "--ppl-tokens",
+            "256",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     doc = json.loads((out / "results.json").read_text())
     labels = [r["label"] for r in doc["rows"]]
-    assert labels == ["all-digital", "all-analog", "dense-digital", "max-neuron-norm 0.25", "random 0.25",
-                      "max-neuron-norm 0.25 (dense analog)"]
+    assert labels == [
+        "all-digital",
+        "all-analog",
+        "dense-digital",
+        "max-neuron-norm 0.25",
+        "random 0.25",
+        "max-neuron-norm 0.25 (dense analog)",
+    ]
     rows = {r["label"]: r["metrics"]["ppl"]["mean"] for r in doc["rows"]}
     assert rows["all-analog"] > rows["all-digital"] and rows["dense-digital"] > rows["all-digital"]
     table = (out / "results.md").read_text()
@@ -63,16 +130,19 @@ def test_sweep_writes_table_plots_and_rows(tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["pareto.png", "ppl.png", "results.json", "results.md"]
 
 
-@pytest.mark.parametrize("extra, message", [
-    (["--noise", "magic"], "unknown noise preset 'magic'; choose one of pcm, dac-adc, gaussian, ideal"),
-    (["--noise-scale", "-1"], "noise scale must be >= 0"),
-    (["--t-inference", "0"], "t_inference must be > 0"),
-    (["--seeds", "0"], "seeds must be >= 1"),
-    (["--tasks", "nope", "--tasks-dir", "{qa}"], "unknown task 'nope'; available: piqa"),
-    (["--tasks", "piqa"], "--tasks needs --tasks-dir"),
-    (["--ppl", "{short}"], "perplexity needs at least 2"),
-    (["--ppl", "{missing}"], "text file not found"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--noise", "magic"], "unknown noise preset 'magic'; choose one of pcm, dac-adc, gaussian, ideal"),
+        (["--noise-scale", "-1"], "noise scale must be >= 0"),
+        (["--t-inference", "0"], "t_inference must be > 0"),
+        (["--seeds", "0"], "seeds must be >= 1"),
+        (["--tasks", "nope", "--tasks-dir", "{qa}"], "unknown task 'nope'; available: piqa"),
+        (["--tasks", "piqa"], "--tasks needs --tasks-dir"),
+        (["--ppl", "{short}"], "perplexity needs at least 2"),
+        (["--ppl", "{missing}"], "text file not found"),
+    ],
+)
 def test_eval_bad_input(tmp_path, capsys, extra, message):
     if "{qa}" in extra and not QA.is_dir():
         pytest.skip(f"task data not found at {QA}")

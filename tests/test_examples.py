@@ -1,4 +1,5 @@
 """Every script in examples/ runs, on the bundled demo model, and prints what it promises."""
+
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,8 @@ DEMO = EXAMPLES / "olmoe-demo"
 
 
 def _run(*args, cwd=REPO, prelude=""):
-    code = f"{prelude}import runpy, sys; sys.argv = {list(map(str, args))!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
+    argv = list(map(str, args))
+    code = f"{prelude}import runpy, sys; sys.argv = {argv!r}; runpy.run_path(sys.argv[0], run_name='__main__')"
     res = subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
@@ -51,5 +53,7 @@ def test_export_and_run_onnx(exported):
 def test_toolchain_consumer_needs_no_torch(exported):
     out, _ = exported
     text = _run(EXAMPLES / "toolchain_consumer.py", out, prelude="import sys; sys.modules['torch'] = None; ")
-    assert "analog partitions on the accelerator: ['analog_L0', 'analog_L1', 'analog_L2', 'analog_L3'] (4 calls)" in text
+    assert (
+        "analog partitions on the accelerator: ['analog_L0', 'analog_L1', 'analog_L2', 'analog_L3'] (4 calls)" in text
+    )
     assert float(text.split("max relative difference ")[1]) < 1e-4

@@ -1,4 +1,5 @@
 """Partitioned ONNX export and the torch-free runtime: parity, manifest, instances, files, bad input."""
+
 import json
 import os
 import shutil
@@ -200,8 +201,9 @@ def test_monolithic_export_matches_partitioned(olmoe_export, tmp_path):
     doc = json.loads((mono / "manifest.json").read_text())
     assert [p["name"] for p in doc["partitions"]] == ["model"] and doc["monolithic"]
     ids = _ids()
-    np.testing.assert_allclose(runtime.load(mono)(ids.numpy()), runtime.load(out, analog="ideal")(ids.numpy()),
-                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        runtime.load(mono)(ids.numpy()), runtime.load(out, analog="ideal")(ids.numpy()), rtol=0, atol=1e-5
+    )
 
 
 def test_external_data_above_the_threshold(tmp_path):
@@ -349,8 +351,8 @@ sys.modules["torch"] = None  # any 'import torch' now raises ImportError
 import numpy as np
 from hetmoe_compile.runtime import load
 runner = load({str(out)!r})
-got = runner(np.load({str(tmp_path / 'ids.npy')!r}))
-assert np.array_equal(got, np.load({str(tmp_path / 'expected.npy')!r}))
+got = runner(np.load({str(tmp_path / "ids.npy")!r}))
+assert np.array_equal(got, np.load({str(tmp_path / "expected.npy")!r}))
 from hetmoe_compile.cli import main  # the run command needs no torch either
 assert main(["run", {str(out)!r}, "--ids", "1,2,3", "--max-new-tokens", "2"]) == 0
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules if sys.modules[m] is not None)

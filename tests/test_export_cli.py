@@ -1,4 +1,5 @@
 """The export and run commands on the demo model: files, printed output, and bad input (one line, exit 2)."""
+
 import json
 import subprocess
 import sys
@@ -29,8 +30,17 @@ def test_export_writes_partitions_manifest_and_tokenizer(exported, capsys):
     assert (out / "tokenizer" / "tokenizer.json").is_file()
     assert doc["analog"]["config"]["preset"] == "pcm" and doc["analog"]["instance_seed"] == 5
     names = [p["name"] for p in doc["partitions"]]
-    assert names == ["digital_0", "analog_L0", "digital_1", "analog_L1", "digital_2", "analog_L2", "digital_3",
-                     "analog_L3", "digital_4"]
+    assert names == [
+        "digital_0",
+        "analog_L0",
+        "digital_1",
+        "analog_L1",
+        "digital_2",
+        "analog_L2",
+        "digital_3",
+        "analog_L3",
+        "digital_4",
+    ]
     files = {p.name for p in out.iterdir()}
     assert {f"{n}.onnx" for n in names} | {f"analog_L{i}.instance.onnx" for i in range(4)} <= files
     assert not [f for f in out.parent.iterdir() if f.name.startswith(".")]  # no temporary leftovers
@@ -64,12 +74,29 @@ def test_reexport_replaces_the_directory(exported, tmp_path):
     "argv, message",
     [
         (["export", str(DEMO), "--placement", "{tmp}/missing.json", "--out", "{tmp}/x"], "placement file not found"),
-        (["export", str(DEMO), "--placement", "{placement}", "--noise", "loud", "--out", "{tmp}/x"],
-         "unknown noise preset 'loud'"),
-        (["export", str(DEMO), "--placement", "{placement}", "--noise", "ideal", "--instance-seed", "1",
-          "--out", "{tmp}/x"], "'ideal' preset programs nothing"),
-        (["export", str(DEMO), "--placement", "{placement}", "--out", "{tmp}/full"],
-         "directory is not empty and holds no manifest.json"),
+        (
+            ["export", str(DEMO), "--placement", "{placement}", "--noise", "loud", "--out", "{tmp}/x"],
+            "unknown noise preset 'loud'",
+        ),
+        (
+            [
+                "export",
+                str(DEMO),
+                "--placement",
+                "{placement}",
+                "--noise",
+                "ideal",
+                "--instance-seed",
+                "1",
+                "--out",
+                "{tmp}/x",
+            ],
+            "'ideal' preset programs nothing",
+        ),
+        (
+            ["export", str(DEMO), "--placement", "{placement}", "--out", "{tmp}/full"],
+            "directory is not empty and holds no manifest.json",
+        ),
         (["export", "{other}", "--placement", "{placement}", "--out", "{tmp}/x"], "placement was made for another"),
         (["run", "{tmp}", "--prompt", "hi"], "no manifest.json"),
         (["run", "{export}", "--ids", "1,x"], "expected comma-separated integers"),
@@ -88,8 +115,9 @@ def test_bad_input_one_line_exit_2(exported, tmp_path, argv, message, capsys):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(DEMO).config.__class__(
-        **{**cfg, "num_hidden_layers": 2})).save_pretrained(other)
+    AutoModelForCausalLM.from_config(
+        AutoModelForCausalLM.from_pretrained(DEMO).config.__class__(**{**cfg, "num_hidden_layers": 2})
+    ).save_pretrained(other)
     argv = [a.format(tmp=tmp_path, placement=placement, export=out, other=other) for a in argv]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -105,7 +133,8 @@ def test_run_console_script_without_tokenizer_names_the_fix(exported, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "tokenizer")
-    res = subprocess.run([sys.executable, "-m", "hetmoe_compile", "run", str(copy), "--prompt", "hello"],
-                         capture_output=True, text=True)
+    res = subprocess.run(
+        [sys.executable, "-m", "hetmoe_compile", "run", str(copy), "--prompt", "hello"], capture_output=True, text=True
+    )
     assert res.returncode == 2
     assert "the export has no tokenizer" in res.stderr and "--ids" in res.stderr

@@ -1,5 +1,6 @@
 """Front end: recognition of every tiny family, canonicalisation parity, the expert-group op, family weight
 layouts, user-facing errors, and the trained reference model."""
+
 from __future__ import annotations
 
 import random
@@ -32,8 +33,9 @@ REF_MODEL = SHARED / "models" / "olmoe-ref"
 # and the shared-expert attributes of each MoE block.
 EXPECTED = {
     "olmoe": dict(layers=2, moe=[0, 1], dense=[], block="mlp", router="gate", shared=()),
-    "qwen2_moe": dict(layers=3, moe=[0, 2], dense=[1], block="mlp", router="gate",
-                      shared=("shared_expert", "shared_expert_gate")),
+    "qwen2_moe": dict(
+        layers=3, moe=[0, 2], dense=[1], block="mlp", router="gate", shared=("shared_expert", "shared_expert_gate")
+    ),
     "qwen3_moe": dict(layers=2, moe=[0, 1], dense=[], block="mlp", router="gate", shared=()),
     "mixtral": dict(layers=2, moe=[0, 1], dense=[], block="mlp", router="gate", shared=()),
     "deepseek_v3": dict(layers=3, moe=[1, 2], dense=[0], block="mlp", router="gate", shared=("shared_experts",)),
@@ -42,8 +44,6 @@ EXPECTED = {
 }
 
 PARITY_TOL = 1e-5
-
-
 
 
 def _input_ids(seed: int = 0, batch: int = 2, seq: int = 12) -> torch.Tensor:
@@ -438,8 +438,17 @@ def test_gpt_oss_canonical_expert_matches_module_math():
     x = 4.0 * torch.randn(10, 32, generator=torch.Generator().manual_seed(0))  # large enough to hit the clamp
     with torch.no_grad():
         ref = experts(x, torch.full((10, 1), 3), torch.ones(10, 1))
-        out = expert_group_mod.expert_mlp(x, w.gate_up[0], w.down[0], w.gate_up_bias[0], w.down_bias[0],
-                                          "gpt_oss_glu", "silu", cfg.swiglu_alpha, cfg.swiglu_limit)
+        out = expert_group_mod.expert_mlp(
+            x,
+            w.gate_up[0],
+            w.down[0],
+            w.gate_up_bias[0],
+            w.down_bias[0],
+            "gpt_oss_glu",
+            "silu",
+            cfg.swiglu_alpha,
+            cfg.swiglu_limit,
+        )
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
@@ -463,8 +472,15 @@ def test_non_moe_model_is_unsupported():
     import transformers
     from transformers import AutoModelForCausalLM
 
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=32,
+    )
     model = AutoModelForCausalLM.from_config(cfg)
     with pytest.raises(UnsupportedModelError) as exc_info:
         recognize(model)

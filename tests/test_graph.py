@@ -1,4 +1,5 @@
 """torch.export capture of canonical models and the annotate_placement pass, for every family."""
+
 import pytest
 import torch
 

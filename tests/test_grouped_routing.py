@@ -1,4 +1,5 @@
 """The grouped (device-side, one GEMM per matrix) expert-group path against the per-expert reference loop."""
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -27,8 +28,10 @@ def _inputs(dtype=torch.float32, seed=0, tokens=T):
     gate_up = torch.randn(len(IDS), 2 * I, H, generator=g) * 0.1
     down = torch.randn(len(IDS), H, I, generator=g) * 0.1
     gate_up_bias, down_bias = torch.randn(len(IDS), 2 * I, generator=g), torch.randn(len(IDS), H, generator=g)
-    return ([hidden.to(dtype), index, weights.to(dtype)],
-            [t.to(dtype) for t in (gate_up, down, gate_up_bias, down_bias)])
+    return (
+        [hidden.to(dtype), index, weights.to(dtype)],
+        [t.to(dtype) for t in (gate_up, down, gate_up_bias, down_bias)],
+    )
 
 
 def _both(monkeypatch, fn):
@@ -68,8 +71,22 @@ def _analog(cfg, dtype=torch.float32, seed=5):
     routing, (gu, dn, gub, db) = _inputs(dtype)
     prog = program_group(gu.float(), dn.float(), IDS, cfg, 0, 0)
     return lambda: analog_expert_group_op(
-        *routing, IDS, prog["gate_up_weight"].to(dtype), prog["gate_up_scale"], prog["down_weight"].to(dtype),
-        prog["down_scale"], gub, db, torch.tensor([seed]), E, "glu", "silu", 0.0, 0.0, list(Periphery.of(cfg)))
+        *routing,
+        IDS,
+        prog["gate_up_weight"].to(dtype),
+        prog["gate_up_scale"],
+        prog["down_weight"].to(dtype),
+        prog["down_scale"],
+        gub,
+        db,
+        torch.tensor([seed]),
+        E,
+        "glu",
+        "silu",
+        0.0,
+        0.0,
+        list(Periphery.of(cfg)),
+    )
 
 
 def test_analog_grouped_equals_loop_without_output_noise(monkeypatch):
@@ -92,15 +109,30 @@ def test_grouped_path_reads_nothing_back_from_the_device():
     grouped path has none, the per-expert path has them."""
     cfg = analog_config("pcm", tile_size=32)
     (hidden, index, weights), mats = _inputs(torch.bfloat16)
-    prog = {k: v.bfloat16() if k.endswith("weight") else v
-            for k, v in program_group(mats[0].float(), mats[1].float(), IDS, cfg, 0, 0).items()}
+    prog = {
+        k: v.bfloat16() if k.endswith("weight") else v
+        for k, v in program_group(mats[0].float(), mats[1].float(), IDS, cfg, 0, 0).items()
+    }
     with FakeTensorMode() as mode:
         f = mode.from_tensor
         args = (f(hidden), f(index), f(weights), f(IDS))
         out = _grouped_expert_group(*args, *(f(m) for m in mats), E, "glu", "silu", 0.0, 0.0)
-        analog = _grouped_analog(*args, f(prog["gate_up_weight"]), f(prog["gate_up_scale"]),
-                                 f(prog["down_weight"]), f(prog["down_scale"]), f(mats[2]), f(mats[3]),
-                                 E, "glu", "silu", 0.0, 0.0, Periphery.of(cfg), None)
+        analog = _grouped_analog(
+            *args,
+            f(prog["gate_up_weight"]),
+            f(prog["gate_up_scale"]),
+            f(prog["down_weight"]),
+            f(prog["down_scale"]),
+            f(mats[2]),
+            f(mats[3]),
+            E,
+            "glu",
+            "silu",
+            0.0,
+            0.0,
+            Periphery.of(cfg),
+            None,
+        )
         assert out.shape == analog.shape == hidden.shape
         with pytest.raises(Exception, match="nonzero"):
             routed_slots(f(index), f(IDS), E)
@@ -123,8 +155,14 @@ def test_model_simulation_grouped_equals_loop(monkeypatch):
     info = recognize(model)
     experts = model.get_submodule(info.moe_layers[0].experts)
     ids = torch.tensor([0, 2, 5, 7])
-    group = ExpertGroup(canonical_expert_weights(experts, info.adapter.layout, ids), ids, 8, "analog",
-                        info.adapter.layout.activation, "silu")
+    group = ExpertGroup(
+        canonical_expert_weights(experts, info.adapter.layout, ids),
+        ids,
+        8,
+        "analog",
+        info.adapter.layout.activation,
+        "silu",
+    )
     hidden = torch.randn(11, group.gate_up.shape[-1])
     analog = AnalogExpertGroup(group, analog_config("pcm", out_noise=0.0), seed=3, layer=0)
     index, weights = torch.randint(0, 8, (11, 2)), torch.rand(11, 2)

@@ -1,5 +1,6 @@
 """Hybrid projection decomposition (HPD): exact full-rank split, SVD-tail truncation error, tied embeddings,
 simulation of the analog U·Σ half (noise streams, restore), undoing, parameter accounting, errors, export refusal."""
+
 import json
 
 import numpy as np
@@ -37,8 +38,12 @@ def _logits(model):
 def _routing(model, info):
     """Each MoE layer's top-k expert indices (captured at the canonical experts interface) and the logits."""
     seen = {}
-    hooks = [model.get_submodule(l.experts).register_forward_pre_hook(
-        lambda mod, args, i=l.index: seen.__setitem__(i, args[1].clone())) for l in info.moe_layers]
+    hooks = [
+        model.get_submodule(l.experts).register_forward_pre_hook(
+            lambda mod, args, i=l.index: seen.__setitem__(i, args[1].clone())
+        )
+        for l in info.moe_layers
+    ]
     try:
         logits = _logits(model)
     finally:
@@ -74,15 +79,18 @@ def test_full_rank_split_is_exact_keeps_routing_and_unsplits_bit_identically(fam
 
 def test_truncated_rank_error_is_the_svd_tail():
     model = tiny_model("olmoe")
-    weights = {n: m.weight.detach().double().numpy().copy() for n, m in model.named_modules()
-               if n == "lm_head" or n.endswith("o_proj")}
+    weights = {
+        n: m.weight.detach().double().numpy().copy()
+        for n, m in model.named_modules()
+        if n == "lm_head" or n.endswith("o_proj")
+    }
     records = split_projections(model, rank=0.5)
     assert len(records) == len(weights)
     for r in records:
         w = weights[r.module]
         s = np.linalg.svd(w, compute_uv=False)
         assert r.rank == 16 == -(-min(w.shape) // 2)
-        bound = np.sqrt(np.sum(s[r.rank:] ** 2)) / np.linalg.norm(w)
+        bound = np.sqrt(np.sum(s[r.rank :] ** 2)) / np.linalg.norm(w)
         assert bound > 0.1  # a random matrix has a heavy tail: the truncation is visible
         assert r.tail_bound == pytest.approx(bound, rel=1e-9)
         assert r.rel_error == pytest.approx(bound, rel=1e-5)
@@ -117,8 +125,11 @@ def test_tied_lm_head_leaves_the_embedding_alone():
 def test_parameter_accounting_and_state_dict_are_the_split():
     model, info, _ = _placed("gpt_oss")
     n_before = _n_params(model)
-    original = {n: sum(p.numel() for p in m.parameters()) for n, m in model.named_modules()
-                if n == "lm_head" or n.endswith("o_proj")}
+    original = {
+        n: sum(p.numel() for p in m.parameters())
+        for n, m in model.named_modules()
+        if n == "lm_head" or n.endswith("o_proj")
+    }
     records = split_projections(model, info, rank=0.5)
     for r in records:  # gpt_oss's o_proj has a bias: it is counted on the digital side
         bias = original[r.module] - r.shape[0] * r.shape[1]
@@ -177,16 +188,22 @@ def test_simulate_puts_u_sigma_on_tiles_and_keeps_v_t_digital():
     assert hpd_output_error(mod, x) < 1e-5
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(targets=("lm_head", "q_proj")), r"unknown HPD target\(s\) \['q_proj'\]; valid targets: lm_head, "
-                                          "attention_output"),
-    (dict(targets=()), "valid targets: lm_head, attention_output"),
-    (dict(rank=0), r"HPD rank 0 is out of range for .* \(full rank 32\): use 1..32"),
-    (dict(rank=33), r"HPD rank 33 is out of range .* use 1..32, a fraction in \(0, 1\], or None"),
-    (dict(rank=1.5), r"rank fraction must be in \(0, 1\], got 1.5"),
-    (dict(rank=0.0), r"rank fraction must be in \(0, 1\]"),
-    (dict(rank="full"), "HPD rank must be None"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (
+            dict(targets=("lm_head", "q_proj")),
+            r"unknown HPD target\(s\) \['q_proj'\]; valid targets: lm_head, "
+            "attention_output",
+        ),
+        (dict(targets=()), "valid targets: lm_head, attention_output"),
+        (dict(rank=0), r"HPD rank 0 is out of range for .* \(full rank 32\): use 1..32"),
+        (dict(rank=33), r"HPD rank 33 is out of range .* use 1..32, a fraction in \(0, 1\], or None"),
+        (dict(rank=1.5), r"rank fraction must be in \(0, 1\], got 1.5"),
+        (dict(rank=0.0), r"rank fraction must be in \(0, 1\]"),
+        (dict(rank="full"), "HPD rank must be None"),
+    ],
+)
 def test_bad_arguments(kwargs, message):
     model = tiny_model("olmoe")
     with pytest.raises(HetMoEError, match=message):
@@ -202,14 +219,18 @@ def test_errors_split_twice_nothing_to_split_and_simulated_model():
     unsplit_projections(model)
     assert unsplit_projections(model) == []
     simulate(model, analog_config("pcm"), seed=0, dense="analog", info=info)
-    with pytest.raises(HetMoEError, match=r"o_proj is a AnalogLinear around its nn.Linear: restore the digital "
-                                          r"model \(analog.restore_digital\(model\)\)"):
+    with pytest.raises(
+        HetMoEError,
+        match=r"o_proj is a AnalogLinear around its nn.Linear: restore the digital "
+        r"model \(analog.restore_digital\(model\)\)",
+    ):
         split_projections(model, info)
     restore_digital(model, info)
     headless = tiny_model("olmoe")
     headless.lm_head = nn.Identity()
-    with pytest.raises(HetMoEError, match="found no projection to HPD-split .* valid targets: lm_head, "
-                                          "attention_output"):
+    with pytest.raises(
+        HetMoEError, match="found no projection to HPD-split .* valid targets: lm_head, attention_output"
+    ):
         split_projections(headless, targets=("lm_head",))
     with pytest.raises(HetMoEError, match="needs an HPDLinear"):
         hpd_output_error(model.lm_head, torch.zeros(1, 32))
@@ -220,8 +241,11 @@ def test_export_and_backend_refuse_hpd(tmp_path):
 
     model, info, placement = _placed("olmoe")
     split_projections(model, info)
-    with pytest.raises(HetMoEError, match=r"ONNX export does not support HPD-split projections yet .* "
-                                          r"call hetmoe_compile.hpd.unsplit_projections\(model\) first"):
+    with pytest.raises(
+        HetMoEError,
+        match=r"ONNX export does not support HPD-split projections yet .* "
+        r"call hetmoe_compile.hpd.unsplit_projections\(model\) first",
+    ):
         export_onnx(model, placement, tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
     with pytest.raises(HetMoEError, match="the torch.compile backend does not support HPD-split"):

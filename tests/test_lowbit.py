@@ -1,4 +1,5 @@
 """Low-bit digital experts: group-wise INT8/INT4 weights, error bounds, MatMulNBits export, CLI."""
+
 import json
 from pathlib import Path
 
@@ -35,8 +36,9 @@ def test_bad_bits_and_group_sizes_say_what_fits():
     w = torch.randn(8, 96)
     with pytest.raises(hc.HetMoEError, match="supports 4 and 8 bits, got 3"):
         quantize_groupwise(w, 3, 32)
-    with pytest.raises(hc.HetMoEError, match="group size 64 does not divide the 96 inputs of matrix; sizes that fit: "
-                                             "16, 32"):
+    with pytest.raises(
+        hc.HetMoEError, match="group size 64 does not divide the 96 inputs of matrix; sizes that fit: 16, 32"
+    ):
         quantize_groupwise(w, 4, 64)
 
 
@@ -78,11 +80,35 @@ def test_low_bit_experts_export_as_matmul_nbits_with_parity(family, bits, tmp_pa
 def test_eval_and_export_cli_take_digital_bits(tmp_path, capsys):
     placement = tmp_path / "placement.json"
     assert main(["place", str(DEMO), "--out", str(placement), "--no-graph"]) == 0
-    common = ["--placement", str(placement), "--noise", "ideal", "--seeds", "1", "--ppl",
-              str(REPO / "examples" / "calibration.txt"), "--ppl-tokens", "256"]
+    common = [
+        "--placement",
+        str(placement),
+        "--noise",
+        "ideal",
+        "--seeds",
+        "1",
+        "--ppl",
+        str(REPO / "examples" / "calibration.txt"),
+        "--ppl-tokens",
+        "256",
+    ]
     assert main(["eval", str(DEMO), *common, "--out", str(tmp_path / "fp.json")]) == 0
-    assert main(["eval", str(DEMO), *common, "--digital-bits", "8", "--group-size", "64",
-                 "--out", str(tmp_path / "int8.json")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(DEMO),
+                *common,
+                "--digital-bits",
+                "8",
+                "--group-size",
+                "64",
+                "--out",
+                str(tmp_path / "int8.json"),
+            ]
+        )
+        == 0
+    )
     assert "digital experts quantised to INT8, groups of 64" in capsys.readouterr().out
     fp, int8 = (json.loads((tmp_path / f).read_text()) for f in ("fp.json", "int8.json"))
     assert fp["digital_quantization"] is None
@@ -93,8 +119,23 @@ def test_eval_and_export_cli_take_digital_bits(tmp_path, capsys):
         main(["eval", str(DEMO), *common, "--digital-bits", "3", "--out", str(tmp_path / "x.json")])
     assert exit_info.value.code == 2
     assert "invalid choice: 3 (choose from 4, 8)" in capsys.readouterr().err
-    assert main(["export", str(DEMO), "--placement", str(placement), "--digital-bits", "4", "--group-size", "48",
-                 "--out", str(tmp_path / "onnx")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                str(DEMO),
+                "--placement",
+                str(placement),
+                "--digital-bits",
+                "4",
+                "--group-size",
+                "48",
+                "--out",
+                str(tmp_path / "onnx"),
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "group size 48 does not divide the 128 inputs" in err[0]
     assert "sizes that fit: 16, 32, 64, 128" in err[0]

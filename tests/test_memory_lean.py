@@ -1,5 +1,6 @@
 """Memory-lean hardware instances: programmed tiles take over the ideal weights' storage (one copy on the device),
 the ideal weights wait in an IdealStore and come back bit-exactly; simulation in the model's dtype."""
+
 import copy
 
 import pytest
@@ -45,10 +46,14 @@ def _logits(model):
 def test_programmed_tiles_take_over_the_ideal_storage(monkeypatch, store, dtype):
     monkeypatch.setenv(STORE_ENV, store)
     model, info, _ = _placed("gpt_oss", dtype)
-    ideal = {(i, n): getattr(g, n).detach().clone() for i, g in enumerate(_analog_groups(model, info))
-             for n in ("gate_up", "down")}
-    ptrs = {(i, n): getattr(g, n).data_ptr() for i, g in enumerate(_analog_groups(model, info))
-            for n in ("gate_up", "down")}
+    ideal = {
+        (i, n): getattr(g, n).detach().clone()
+        for i, g in enumerate(_analog_groups(model, info))
+        for n in ("gate_up", "down")
+    }
+    ptrs = {
+        (i, n): getattr(g, n).data_ptr() for i, g in enumerate(_analog_groups(model, info)) for n in ("gate_up", "down")
+    }
     clean = _logits(model)
     seen = []
     for seed in (0, 1, 0):
@@ -99,9 +104,10 @@ def test_bf16_and_fp32_simulations_agree_to_bf16_rounding():
             w32, w16 = getattr(g32, f"{name}_weight"), getattr(g16, f"{name}_weight")
             assert w16.dtype == torch.bfloat16
             # normalised tiles are in [-1, 1]; bf16's step there is at most 2^-8, the input rounding adds as much
-            assert (w16.float() - w32).abs().max() <= 3 * 2.0 ** -8
-            torch.testing.assert_close(getattr(g16, f"{name}_scale"), getattr(g32, f"{name}_scale"),
-                                       rtol=2.0 ** -7, atol=0)
+            assert (w16.float() - w32).abs().max() <= 3 * 2.0**-8
+            torch.testing.assert_close(
+                getattr(g16, f"{name}_scale"), getattr(g32, f"{name}_scale"), rtol=2.0**-7, atol=0
+            )
     sim32, sim16 = _logits(model32), _logits(model16)
     sim_gap = (sim16.float() - sim32).norm() / sim32.norm()
     assert sim_gap <= 2 * clean_gap + 1e-3, (sim_gap, clean_gap)
@@ -170,8 +176,9 @@ def test_canonicalize_partitions_the_fused_tensors_in_place(family):
     ptrs = [model.get_submodule(l.experts).down_proj.untyped_storage().data_ptr() for l in info.moe_layers]
     clean = _logits(model)
     for split in (lambda e: e % 3 == 0, lambda e: e in (1, 2, 6)):
-        devices = {l.index: {e: "digital" if split(e) else "analog" for e in range(l.num_experts)}
-                   for l in info.moe_layers}
+        devices = {
+            l.index: {e: "digital" if split(e) else "analog" for e in range(l.num_experts)} for l in info.moe_layers
+        }
         canonicalize(model, devices, info)
         for layer, ptr in zip(info.moe_layers, ptrs):
             het = model.get_submodule(layer.experts)

@@ -1,4 +1,5 @@
 """Placement policy: fractions, scopes, overrides, dense switch, parameter shares, JSON + schema."""
+
 import json
 import math
 
@@ -45,8 +46,12 @@ def test_overrides_win_and_say_so(olmoe):
     base = place(model, info, scores, PlacementPolicy(digital_fraction=0.25))
     analog_one = base.layers[0].ids("analog")[0]
     digital_one = base.layers[1].ids("digital")[0]
-    p = place(model, info, scores, PlacementPolicy(
-        digital_fraction=0.25, overrides={f"0:{analog_one}": "digital", f"1:{digital_one}": "analog"}))
+    p = place(
+        model,
+        info,
+        scores,
+        PlacementPolicy(digital_fraction=0.25, overrides={f"0:{analog_one}": "digital", f"1:{digital_one}": "analog"}),
+    )
     assert analog_one in p.layers[0].ids("digital")
     assert digital_one in p.layers[1].ids("analog")
     assert p.layers[0].experts[analog_one].reason == f"override 0:{analog_one}=digital"
@@ -69,8 +74,10 @@ def test_bad_override_and_policy_values(olmoe):
 def test_parameter_share_adds_up_and_dense_switch(olmoe):
     model, info = olmoe
     total = sum(p.numel() for p in model.parameters())
-    expert_total = sum(model.get_submodule(l.experts).gate_up_proj.numel()
-                       + model.get_submodule(l.experts).down_proj.numel() for l in info.moe_layers)
+    expert_total = sum(
+        model.get_submodule(l.experts).gate_up_proj.numel() + model.get_submodule(l.experts).down_proj.numel()
+        for l in info.moe_layers
+    )
     scores = _scores(info)
     all_analog = place(model, info, scores, PlacementPolicy(digital_fraction=0.0))
     share = all_analog.parameter_share

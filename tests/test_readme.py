@@ -1,4 +1,5 @@
 """The README cannot rot: every shell command and Python block in it runs here, in README order."""
+
 import os
 import re
 import shlex
@@ -48,8 +49,13 @@ def test_every_readme_command_and_python_block_runs(workdir):
                 continue  # the set-up commands are what CI itself runs; targets are checked above
             argv = shlex.split(cmd)
             assert argv[0] == "hetmoe-compile", f"README shell command not covered by this test: {cmd}"
-            res = subprocess.run([sys.executable, "-m", "hetmoe_compile", *argv[1:]], cwd=workdir,
-                                 capture_output=True, text=True, env=env)
+            res = subprocess.run(
+                [sys.executable, "-m", "hetmoe_compile", *argv[1:]],
+                cwd=workdir,
+                capture_output=True,
+                text=True,
+                env=env,
+            )
             assert res.returncode == 0, f"README command failed: {cmd}\n{res.stderr[-2000:]}"
             ran += 1
     assert ran >= 9  # six CLI commands and three Python blocks at the time of writing

@@ -1,4 +1,5 @@
 """ROMER passes: router logit recalibration (percentile maps) and under-used analog expert replacement."""
+
 import numpy as np
 import pytest
 import torch
@@ -46,14 +47,23 @@ def _logits(model, ids=IDS):
 
 
 def _identity(info) -> RouterCalibration:
-    layers = {l.index: {"layer": l.index, **{k: [1.0 if k == "scale" else 0.0] * l.num_experts for k in
-                                             ("scale", "shift", "clean_lo", "clean_hi", "noisy_lo", "noisy_hi")}}
-              for l in info.moe_layers}
+    layers = {
+        l.index: {
+            "layer": l.index,
+            **{
+                k: [1.0 if k == "scale" else 0.0] * l.num_experts
+                for k in ("scale", "shift", "clean_lo", "clean_hi", "noisy_lo", "noisy_hi")
+            },
+        }
+        for l in info.moe_layers
+    }
     return RouterCalibration.from_dict({"layers": list(layers.values()), "percentiles": [5, 95], "seeds": [1000]})
 
 
-@pytest.mark.parametrize("family, dtype", [(f, torch.float32) for f in TINY_CONFIGS]
-                         + [("olmoe", torch.bfloat16), ("deepseek_v3", torch.bfloat16)])
+@pytest.mark.parametrize(
+    "family, dtype",
+    [(f, torch.float32) for f in TINY_CONFIGS] + [("olmoe", torch.bfloat16), ("deepseek_v3", torch.bfloat16)],
+)
 def test_identity_recalibration_routes_exactly_like_the_original_router(family, dtype):
     model, info = _placed(family, 0.25, dtype)
     routers = {l.index: model.get_submodule(l.router) for l in info.moe_layers}
@@ -85,8 +95,9 @@ def test_percentile_map_takes_noisy_percentiles_onto_clean_ones():
     c = np.percentile(clean.numpy(), [10, 90], axis=0)
     n = np.percentile(noisy.numpy(), [10, 90], axis=0)
     np.testing.assert_allclose(m.scale[:3] * n[:, :3] + m.shift[:3], c[:, :3], rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(np.percentile(noisy.numpy() * m.scale + m.shift, [10, 90], axis=0)[:, :3],
-                               c[:, :3], atol=1e-12)
+    np.testing.assert_allclose(
+        np.percentile(noisy.numpy() * m.scale + m.shift, [10, 90], axis=0)[:, :3], c[:, :3], atol=1e-12
+    )
     assert m.scale[3] == 1.0 and m.shift[3] == pytest.approx(c[:, 3].mean() - 2.5)
     exact = fit_percentile_map(clean, clean * 2 + 3)  # a known affine distortion is undone exactly
     np.testing.assert_allclose(exact.scale, 0.5, rtol=1e-12)
@@ -154,8 +165,15 @@ def test_replacement_copies_popular_experts_into_underused_analog_ones_and_resto
     clean_before = _logits(model)
     hets = {l.index: model.get_submodule(l.experts) for l in info.moe_layers}
     groups = {i: {d: g for d, g in het.groups.items()} for i, het in hets.items()}
-    weights = {(i, d): {n: getattr(g, n).clone() for n in ("gate_up", "down", "gate_up_bias", "down_bias")
-                        if getattr(g, n) is not None} for i, gs in groups.items() for d, g in gs.items()}
+    weights = {
+        (i, d): {
+            n: getattr(g, n).clone()
+            for n in ("gate_up", "down", "gate_up_bias", "down_bias")
+            if getattr(g, n) is not None
+        }
+        for i, gs in groups.items()
+        for d, g in gs.items()
+    }
     clean, noisy = activation_frequencies(model, info, CALIB, PCM8)
     simulate(model, PCM8, 5, info=info)
     reps = replace_underused_experts(model, info, CALIB, PCM8, threshold=0.5)

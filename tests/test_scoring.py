@@ -1,4 +1,5 @@
 """Expert selectors against hand-written references, calibration, and the PCM programming-noise model."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,16 +28,15 @@ DATA_FREE = ("max-neuron-norm", "router-norm", "random")
 DATA_DRIVEN = ("activation-frequency", "activation-weight", "measured")
 
 
-
-
 def _calib_ids(seed: int = 0, windows: int = 3, length: int = 16) -> torch.Tensor:
     return torch.randint(2, 128, (windows, length), generator=torch.Generator().manual_seed(seed))
 
 
 def _mixed_split(info, seed: int = 11) -> dict[int, dict[int, str]]:
     rng = np.random.default_rng(seed)
-    return {l.index: {e: ("digital", "analog")[int(rng.integers(2))] for e in range(l.num_experts)}
-            for l in info.moe_layers}
+    return {
+        l.index: {e: ("digital", "analog")[int(rng.integers(2))] for e in range(l.num_experts)} for l in info.moe_layers
+    }
 
 
 def _naive_max_neuron_norm(model, info) -> dict[int, np.ndarray]:
@@ -68,13 +68,15 @@ def _hook_routing(model, info, input_ids: torch.Tensor, batch: int = 8) -> dict[
     seen: dict[int, list] = {l.index: [] for l in info.moe_layers}
     handles = []
     for layer in info.moe_layers:
+
         def hook(module, args, index=layer.index):
             seen[index].append((args[1].detach().clone(), args[2].detach().float().clone()))
+
         handles.append(model.get_submodule(layer.experts).register_forward_pre_hook(hook))
     try:
         with torch.no_grad():
             for start in range(0, input_ids.shape[0], batch):
-                model(input_ids=input_ids[start:start + batch], use_cache=False)
+                model(input_ids=input_ids[start : start + batch], use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -105,8 +107,9 @@ def test_max_neuron_norm_same_on_canonical_model(family):
     model = tiny_model(family)
     info = recognize(model)
     before = score(model, info, "max-neuron-norm").layers
-    components = {l.index: max_neuron_norms(model.get_submodule(l.experts), info.adapter.layout)
-                  for l in info.moe_layers}
+    components = {
+        l.index: max_neuron_norms(model.get_submodule(l.experts), info.adapter.layout) for l in info.moe_layers
+    }
     canonicalize(model, _mixed_split(info))
     cinfo = recognize(model)
     after = score(model, cinfo, "max-neuron-norm").layers
@@ -188,8 +191,12 @@ def test_activation_frequency_and_weight_match_hooks(family):
         assert f.sum() == pytest.approx(layer.top_k)
         expected_f = np.array([(index == e).sum().item() / tokens for e in range(layer.num_experts)])
         np.testing.assert_allclose(f, expected_f, rtol=1e-12)
-        expected_w = np.array([weights[index == e].double().mean().item() if (index == e).any() else 0.0
-                               for e in range(layer.num_experts)])
+        expected_w = np.array(
+            [
+                weights[index == e].double().mean().item() if (index == e).any() else 0.0
+                for e in range(layer.num_experts)
+            ]
+        )
         np.testing.assert_allclose(weight[layer.index], expected_w, rtol=1e-6, atol=1e-9)
         assert (weight[layer.index] >= 0).all()
 
@@ -270,8 +277,11 @@ def test_measured_matches_hand_reference():
             clean = expert(x, gu, dn)
             changes = []
             for s in range(MEASURED_SEEDS):
-                noisy = expert(x, program_rows(gu, stream_seed(2, s, layer.index, e, 0)),
-                               program_rows(dn, stream_seed(2, s, layer.index, e, 1)))
+                noisy = expert(
+                    x,
+                    program_rows(gu, stream_seed(2, s, layer.index, e, 0)),
+                    program_rows(dn, stream_seed(2, s, layer.index, e, 1)),
+                )
                 changes.append((w * (noisy - clean)).norm().item() / denom)
             expected = float(np.mean(changes)) if tok.numel() else 0.0
             assert got[layer.index][e] == pytest.approx(expected, rel=1e-4, abs=1e-9), e
@@ -539,6 +549,6 @@ def test_max_neuron_norm_reference_model_matches_naive(ref_model):
         experts = ref_model.get_submodule(layer.experts)
         gu, dn = experts.gate_up_proj.detach().double(), experts.down_proj.detach().double()
         inter = layer.intermediate_size
-        expected = (gu[:, :inter].norm(dim=2).amax(1) * gu[:, inter:].norm(dim=2).amax(1) * dn.norm(dim=2).amax(1))
+        expected = gu[:, :inter].norm(dim=2).amax(1) * gu[:, inter:].norm(dim=2).amax(1) * dn.norm(dim=2).amax(1)
         np.testing.assert_allclose(got[layer.index], expected.numpy(), rtol=1e-6)
         assert len(np.unique(got[layer.index])) == 32

@@ -1,4 +1,5 @@
 """The same hardware expressed as aihwkit objects: the reference our fused tiles are validated against."""
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ Sources: the periphery follows aihwkit's ``StandardHWATrainingPreset`` (8-bit DA
 ``GlobalDriftCompensation``) with abs-max noise management and no bound management (iterative bound management
 needs data-dependent control flow); the paper used 8-bit converters, 512x512 tiles and PCM programming noise.
 """
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,14 @@ class AnalogConfig:
     @property
     def is_ideal(self) -> bool:
         """No noise and no quantisation: the analog op equals the digital one."""
-        return (not self.programming_noise and not self.drift and self.gaussian_sigma == 0 and self.dac_bits == 0
-                and self.adc_bits == 0 and self.out_noise == 0)
+        return (
+            not self.programming_noise
+            and not self.drift
+            and self.gaussian_sigma == 0
+            and self.dac_bits == 0
+            and self.adc_bits == 0
+            and self.out_noise == 0
+        )
 
     @property
     def inp_res(self) -> float:
@@ -82,22 +89,38 @@ class AnalogConfig:
 PRESETS: dict[str, AnalogConfig] = {
     "pcm": AnalogConfig(),
     "dac-adc": AnalogConfig(preset="dac-adc", programming_noise=False, drift=False, drift_compensation=False),
-    "gaussian": AnalogConfig(preset="gaussian", programming_noise=False, drift=False, drift_compensation=False,
-                             gaussian_sigma=0.05, dac_bits=0, adc_bits=0, out_noise=0.0),
-    "ideal": AnalogConfig(preset="ideal", programming_noise=False, drift=False, drift_compensation=False,
-                          dac_bits=0, adc_bits=0, out_noise=0.0),
+    "gaussian": AnalogConfig(
+        preset="gaussian",
+        programming_noise=False,
+        drift=False,
+        drift_compensation=False,
+        gaussian_sigma=0.05,
+        dac_bits=0,
+        adc_bits=0,
+        out_noise=0.0,
+    ),
+    "ideal": AnalogConfig(
+        preset="ideal",
+        programming_noise=False,
+        drift=False,
+        drift_compensation=False,
+        dac_bits=0,
+        adc_bits=0,
+        out_noise=0.0,
+    ),
 }
 PRESET_SUMMARIES = {
     "pcm": "PCM programming noise, drift + read noise to t_inference, global drift compensation, 8-bit DAC/ADC, "
-           "output noise, 512x512 tiles, per-row scaling (default)",
+    "output noise, 512x512 tiles, per-row scaling (default)",
     "dac-adc": "8-bit DAC/ADC quantisation and output noise only; weights exact",
     "gaussian": "additive weight noise, std = sigma x the row's abs-max (sigma 0.05)",
     "ideal": "no noise, no quantisation: reproduces the digital model",
 }
 
 
-def analog_config(preset: str = "pcm", noise_scale: float | None = None, t_inference: float | None = None,
-                  **overrides) -> AnalogConfig:
+def analog_config(
+    preset: str = "pcm", noise_scale: float | None = None, t_inference: float | None = None, **overrides
+) -> AnalogConfig:
     """A preset, optionally with ``noise_scale``, ``t_inference`` or any other field changed."""
     if preset not in PRESETS:
         raise HetMoEError(f"unknown noise preset '{preset}'; choose one of {', '.join(PRESETS)}")

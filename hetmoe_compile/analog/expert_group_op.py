@@ -5,6 +5,7 @@ gate/up and down matrices are pre-programmed (:mod:`.instance`) and every MVM go
 Output noise is drawn from a generator seeded by ``rng_state``, which the op advances by one per call, so a
 hardware instance's outputs are reproducible from its seed.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,11 +41,33 @@ def analog_expert_group_op(
     if io.out_noise > 0:
         gen = torch.Generator(device=hidden.device).manual_seed(int(rng_state.item()))
         rng_state.add_(1)
-    if use_grouped(hidden, gate_up_weight.dtype, gate_up_weight.shape[-1], down_weight.shape[-1],
-                   gate_up_weight.shape[-2] * gate_up_weight.shape[-1], down_weight.shape[-2] * down_weight.shape[-1]):
-        return _grouped_analog(hidden, top_k_index, top_k_weights, expert_ids, gate_up_weight, gate_up_scale,
-                               down_weight, down_scale, gate_up_bias, down_bias, num_experts, activation, act_name,
-                               alpha, limit, io, gen)
+    if use_grouped(
+        hidden,
+        gate_up_weight.dtype,
+        gate_up_weight.shape[-1],
+        down_weight.shape[-1],
+        gate_up_weight.shape[-2] * gate_up_weight.shape[-1],
+        down_weight.shape[-2] * down_weight.shape[-1],
+    ):
+        return _grouped_analog(
+            hidden,
+            top_k_index,
+            top_k_weights,
+            expert_ids,
+            gate_up_weight,
+            gate_up_scale,
+            down_weight,
+            down_scale,
+            gate_up_bias,
+            down_bias,
+            num_experts,
+            activation,
+            act_name,
+            alpha,
+            limit,
+            io,
+            gen,
+        )
     out = torch.zeros_like(hidden)
     token, flat_slot, counts = routed_slots(top_k_index, expert_ids, num_experts)
     weights = top_k_weights.reshape(-1)[flat_slot]
@@ -68,9 +91,25 @@ def analog_expert_group_op(
     return out
 
 
-def _grouped_analog(hidden, top_k_index, top_k_weights, expert_ids, gate_up_weight, gate_up_scale, down_weight,
-                    down_scale, gate_up_bias, down_bias, num_experts, activation, act_name, alpha, limit,
-                    io: Periphery, gen: torch.Generator | None) -> torch.Tensor:
+def _grouped_analog(
+    hidden,
+    top_k_index,
+    top_k_weights,
+    expert_ids,
+    gate_up_weight,
+    gate_up_scale,
+    down_weight,
+    down_scale,
+    gate_up_bias,
+    down_bias,
+    num_experts,
+    activation,
+    act_name,
+    alpha,
+    limit,
+    io: Periphery,
+    gen: torch.Generator | None,
+) -> torch.Tensor:
     """The grouped path of :func:`analog_expert_group_op` (see :mod:`~hetmoe_compile.grouped_routing`)."""
     token, flat_slot, local, ends = routing_plan(top_k_index, expert_ids, num_experts)
     row = local.clamp(max=expert_ids.numel() - 1)

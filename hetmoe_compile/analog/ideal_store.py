@@ -14,6 +14,7 @@ and to restore the digital model, so they are kept *off* the compute device:
 (default: the system's temporary directory). The stored bytes are the weights' own, in their dtype, so a restore
 is bit-exact.
 """
+
 from __future__ import annotations
 
 import io
@@ -76,8 +77,10 @@ class IdealStore:
                 chunk = flat[i : i + per].contiguous().cpu()
                 f.write(memoryview(cast("Buffer", chunk.view(torch.uint8).numpy())))  # numpy's stubs: a Buffer on 3.12+
         except OSError as exc:
-            raise HetMoEError(f"cannot write the ideal-weight spill file ({exc.strerror}); free disk space or set "
-                              f"${SPILL_DIR_ENV} to a larger disk, or {STORE_ENV}=host to keep them in memory") from exc
+            raise HetMoEError(
+                f"cannot write the ideal-weight spill file ({exc.strerror}); free disk space or set "
+                f"${SPILL_DIR_ENV} to a larger disk, or {STORE_ENV}=host to keep them in memory"
+            ) from exc
         self._layout[name] = (offset, tuple(tensor.shape), tensor.dtype)
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -94,8 +97,10 @@ class IdealStore:
         f.seek(offset + start * row)
         view = memoryview(cast("Buffer", buf.view(torch.uint8).numpy())).cast("B")
         if f.readinto(view) != (stop - start) * row:
-            raise HetMoEError(f"ideal-weight store: short read of {name}; the spill file was truncated "
-                              f"(disk full? check ${SPILL_DIR_ENV})")
+            raise HetMoEError(
+                f"ideal-weight store: short read of {name}; the spill file was truncated "
+                f"(disk full? check ${SPILL_DIR_ENV})"
+            )
         return buf if buf is out else out.copy_(buf)
 
     def close(self) -> None:
@@ -112,9 +117,11 @@ class IdealStore:
             try:
                 self._file = tempfile.TemporaryFile(prefix="hetmoe-ideal-", dir=directory)
             except OSError as exc:
-                raise HetMoEError(f"cannot create the ideal-weight spill file in {directory or tempfile.gettempdir()}"
-                                  f" ({exc.strerror}); set ${SPILL_DIR_ENV} to a writable directory, or "
-                                  f"{STORE_ENV}=host to keep the ideal weights in memory") from exc
+                raise HetMoEError(
+                    f"cannot create the ideal-weight spill file in {directory or tempfile.gettempdir()}"
+                    f" ({exc.strerror}); set ${SPILL_DIR_ENV} to a writable directory, or "
+                    f"{STORE_ENV}=host to keep the ideal weights in memory"
+                ) from exc
         return self._file
 
     def __del__(self) -> None:  # the file is unlinked already; closing returns its space

@@ -1,11 +1,13 @@
 """One hardware instance: which random stream programs which matrix, and which one draws the output noise.
 
 Every path that makes an instance (eager :func:`~.simulate.simulate`, the FX :class:`RewriteAnalogPass`, the
-ONNX instance export) programs through :func:`program_expert_stacks` (in place) or :func:`program_group` (copies) and seeds the
-output noise with :func:`output_noise_seed`, so instance ``seed`` is the same devices everywhere. An expert's
+ONNX instance export) programs through :func:`program_expert_stacks` (in place) or :func:`program_group`
+(copies) and seeds the output noise with :func:`output_noise_seed`, so instance ``seed`` is the same devices
+everywhere. An expert's
 devices depend only on ``(seed, layer, expert id, matrix)``: two placements evaluated with the same seed see the
 same devices (common random numbers).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -38,15 +40,22 @@ def linear_seed(seed: int, key: int) -> int:
     return stream_seed(seed, key, LINEAR_STREAM)
 
 
-def program_expert_stacks(stacks: Sequence[ProgrammedStack], cfg: AnalogConfig, seed: int, layer: int,
-                          expert_ids: Sequence[int]) -> None:
+def program_expert_stacks(
+    stacks: Sequence[ProgrammedStack], cfg: AnalogConfig, seed: int, layer: int, expert_ids: Sequence[int]
+) -> None:
     """Program a group's ``(gate_up, down)`` stacks in place for instance ``seed``."""
     for m, stack in enumerate(stacks):
         stack.program(cfg, expert_seeds(seed, layer, expert_ids, m))
 
 
-def program_group(gate_up: torch.Tensor, down: torch.Tensor, expert_ids: torch.Tensor | Sequence[int],
-                  cfg: AnalogConfig, seed: int, layer: int) -> dict[str, torch.Tensor]:
+def program_group(
+    gate_up: torch.Tensor,
+    down: torch.Tensor,
+    expert_ids: torch.Tensor | Sequence[int],
+    cfg: AnalogConfig,
+    seed: int,
+    layer: int,
+) -> dict[str, torch.Tensor]:
     """Programmed copies (float32) of a group's matrices for instance ``seed``: ``{gate_up,down}_{weight,scale}``
     (the devices :func:`program_expert_stacks` programs)."""
     ids = expert_ids.tolist() if isinstance(expert_ids, torch.Tensor) else list(expert_ids)

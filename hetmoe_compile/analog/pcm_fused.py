@@ -7,6 +7,7 @@ differs is the arrangement: one pass over a stack ``[E, ...]`` of matrices inste
 matrix, with each matrix's normals drawn from its own seeded generator, so a matrix's devices depend only on its
 seed. ``tests/test_analog.py`` checks the statistics against aihwkit's own functions.
 """
+
 from __future__ import annotations
 
 import math
@@ -20,9 +21,7 @@ def _noise_model(noise_scale: float):
     except ImportError as exc:  # pragma: no cover - aihwkit is installed by `make install`
         from ..errors import HetMoEError
 
-        raise HetMoEError(
-            "PCM noise needs aihwkit: pip install --no-deps aihwkit==1.1.0 (see the README)"
-        ) from exc
+        raise HetMoEError("PCM noise needs aihwkit: pip install --no-deps aihwkit==1.1.0 (see the README)") from exc
 
     return PCMLikeNoiseModel(prog_noise_scale=noise_scale)
 
@@ -53,8 +52,9 @@ _ZERO_CLIP = 1e-7
 CHUNK_ELEMENTS = 1 << 21  # matrices are processed in groups of about this many weights (bounded temporaries)
 
 
-def pcm_program(target: torch.Tensor, seeds: list[int], noise_scale: float, programming: bool, drift: bool,
-                t_inference: float) -> tuple[torch.Tensor, torch.Tensor]:
+def pcm_program(
+    target: torch.Tensor, seeds: list[int], noise_scale: float, programming: bool, drift: bool, t_inference: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Programmed (and drifted) weights of the stack ``target [E, ...]`` plus the programmed-but-not-drifted
     weights (the drift-compensation baseline). ``seeds[e]`` drives matrix ``e``.
 
@@ -63,8 +63,10 @@ def pcm_program(target: torch.Tensor, seeds: list[int], noise_scale: float, prog
     device that conducts after programming drifts and carries read noise: aihwkit's arithmetic, about half of it.
     """
     per = max(1, CHUNK_ELEMENTS // max(1, target[0].numel()))
-    outs = [_program_chunk(target[i : i + per], seeds[i : i + per], noise_scale, programming, drift, t_inference)
-            for i in range(0, target.shape[0], per)]
+    outs = [
+        _program_chunk(target[i : i + per], seeds[i : i + per], noise_scale, programming, drift, t_inference)
+        for i in range(0, target.shape[0], per)
+    ]
     if len(outs) == 1:
         return outs[0]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])

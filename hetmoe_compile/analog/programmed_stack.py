@@ -20,6 +20,7 @@ Where the input dimension does not split into equal tiles (``C * T > in``, e.g. 
 padded tiles need a larger buffer: the old storage is freed first in ``"store"`` mode (peak unchanged), and after
 programming in ``"discard"`` mode (one stack more for the time of one stack's programming).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,8 +39,9 @@ KEEP_MODES = ("store", "discard", "copy")
 class ProgrammedStack:
     """The programmed tiles of one weight stack; ``weight [E, out, C, T]`` (model dtype), ``scale [E, out, C]``."""
 
-    def __init__(self, param: torch.Tensor, tile_size: int, keep: str = "store", store: IdealStore | None = None,
-                 name: str = "w") -> None:
+    def __init__(
+        self, param: torch.Tensor, tile_size: int, keep: str = "store", store: IdealStore | None = None, name: str = "w"
+    ) -> None:
         if keep not in KEEP_MODES:
             raise ValueError(f"keep must be one of {KEEP_MODES}, got {keep!r}")
         if keep == "store" and store is None:
@@ -126,6 +128,10 @@ class ProgrammedStack:
             ideal = torch.empty(self.ideal_shape, dtype=self.param.dtype, device=self.param.device)
         self.weight = self.scale = None
         assert self.store is not None  # keep="store" comes with a store (checked in __init__)
-        self.store.read(self.name, 0, ideal.numel() // (self.ideal_shape[-1] * self.ideal_shape[-2]),
-                        ideal.view(-1, *self.ideal_shape[-2:]))
+        self.store.read(
+            self.name,
+            0,
+            ideal.numel() // (self.ideal_shape[-1] * self.ideal_shape[-2]),
+            ideal.view(-1, *self.ideal_shape[-2:]),
+        )
         self.param.data = ideal  # the same parameter object, its module unchanged

@@ -4,6 +4,7 @@ Each row (one neuron, ``[out, in]`` convention) is mapped to conductances on its
 scaling), so a large neuron does not compress the others; noise is drawn from a seed that depends only on the
 caller's stream key, so the same key always gives the same device.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -16,6 +16,7 @@ dense MLPs, LM head) run on tiles too; embeddings, norms and routers stay digita
 every HPD-split projection (:mod:`hetmoe_compile.hpd`) runs on tiles whatever ``dense`` is; its digital half
 (``v_t``) never does.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -30,6 +31,7 @@ from ..hpd.projection_split import HPDLinear
 from ..models.device_map import require_resident
 from ..models.recognize import ModelInfo, recognize
 from .config import AnalogConfig
+from .expert_group_op import analog_expert_group_op
 from .ideal_store import IdealStore
 from .instance import MATRICES, linear_seed, output_noise_seed, program_expert_stacks
 from .programmed_stack import ProgrammedStack
@@ -92,8 +94,9 @@ class AnalogExpertGroup(_HostCounter):
         self.seed = seed
         self.rng_state.fill_(output_noise_seed(seed, self.layer))
         if self._stacks:
-            program_expert_stacks([self._stacks[name] for name in MATRICES], self.cfg, seed, self.layer,
-                                  self.source.ids)
+            program_expert_stacks(
+                [self._stacks[name] for name in MATRICES], self.cfg, seed, self.layer, self.source.ids
+            )
 
     @torch.no_grad()
     def release(self) -> ExpertGroup:
@@ -109,10 +112,24 @@ class AnalogExpertGroup(_HostCounter):
         if self.cfg.is_ideal:  # exactly the digital computation
             return self.source(hidden, top_k_index, top_k_weights)
         s = self.source
-        return torch.ops.hetmoe.analog_expert_group(
-            hidden, top_k_index, top_k_weights, s.expert_ids, self.gate_up_weight, self.gate_up_scale,
-            self.down_weight, self.down_scale, s.gate_up_bias, s.down_bias, self.rng_state, s.num_experts,
-            s.activation, s.act_name, s.alpha, s.limit, list(Periphery.of(self.cfg)),
+        return analog_expert_group_op(
+            hidden,
+            top_k_index,
+            top_k_weights,
+            s.expert_ids,
+            self.gate_up_weight,
+            self.gate_up_scale,
+            self.down_weight,
+            self.down_scale,
+            s.gate_up_bias,
+            s.down_bias,
+            self.rng_state,
+            s.num_experts,
+            s.activation,
+            s.act_name,
+            s.alpha,
+            s.limit,
+            list(Periphery.of(self.cfg)),
         )
 
     def extra_repr(self) -> str:
@@ -133,8 +150,9 @@ class AnalogLinear(_HostCounter):
         self._stack: ProgrammedStack | None = None
         try:
             if not cfg.is_ideal:
-                self._stack = ProgrammedStack(source.weight, cfg.tile_size, "store",
-                                              IdealStore.for_device(source.weight.device), "weight")
+                self._stack = ProgrammedStack(
+                    source.weight, cfg.tile_size, "store", IdealStore.for_device(source.weight.device), "weight"
+                )
                 self.register_buffer("weight_prog", self._stack.weight, persistent=False)
                 self.register_buffer("scale_prog", self._stack.scale, persistent=False)
             self.program(seed)
@@ -166,13 +184,15 @@ class AnalogLinear(_HostCounter):
             self.rng_state.add_(1)
         weight, scale = self.weight_prog, self.scale_prog
         assert weight is not None and scale is not None  # programmed: not ideal, not yet released
-        y = analog_matmul(x.reshape(-1, x.shape[-1]), ProgrammedMatrix(weight[0], scale[0]),
-                          self.cfg, gen).reshape(*x.shape[:-1], -1)
+        y = analog_matmul(x.reshape(-1, x.shape[-1]), ProgrammedMatrix(weight[0], scale[0]), self.cfg, gen).reshape(
+            *x.shape[:-1], -1
+        )
         return y if self.source.bias is None else y + self.source.bias
 
 
-def simulate(model: nn.Module, cfg: AnalogConfig, seed: int = 0, dense: str = "digital",
-             info: ModelInfo | None = None) -> nn.Module:
+def simulate(
+    model: nn.Module, cfg: AnalogConfig, seed: int = 0, dense: str = "digital", info: ModelInfo | None = None
+) -> nn.Module:
     """Put hardware instance ``seed`` of ``cfg`` under the analog parts of a canonical model (in place)."""
     info = info or recognize(model)
     try:
@@ -202,8 +222,13 @@ def _simulate_dense(model: nn.Module, info: ModelInfo, cfg: AnalogConfig | None,
         parent_name = name.rsplit(".", 1)[0] if "." in name else ""
         return parent_name, model.get_submodule(parent_name) if parent_name else model
 
-    names = [n for n, m in model.named_modules() if (isinstance(m, (nn.Linear, AnalogLinear)) or n in hpd)
-             and not isinstance(parent_of(n)[1], AnalogLinear) and parent_of(n)[0] not in hpd]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if (isinstance(m, (nn.Linear, AnalogLinear)) or n in hpd)
+        and not isinstance(parent_of(n)[1], AnalogLinear)
+        and parent_of(n)[0] not in hpd
+    ]
     for key, name in enumerate(sorted(names)):
         if name in hpd or info.kind_of(name) not in DENSE_ANALOG_KINDS:
             continue

@@ -7,6 +7,7 @@ noise, and compensated by one global factor per tile (aihwkit's ``GlobalDriftCom
 read-out). The MVM applies per-token abs-max noise management and DAC quantisation per tile, output noise, ADC
 quantisation and clipping per tile, and sums the tiles' partial outputs digitally.
 """
+
 from __future__ import annotations
 
 import math
@@ -75,8 +76,9 @@ def program_matrices(weights: torch.Tensor, cfg: AnalogConfig, seeds: list[int])
     padded = bool((valid == 0).any())
     programmed = target
     if cfg.programming_noise or cfg.drift:
-        programmed, baseline = pcm_program(target, seeds, cfg.noise_scale, cfg.programming_noise, cfg.drift,
-                                           cfg.t_inference)
+        programmed, baseline = pcm_program(
+            target, seeds, cfg.noise_scale, cfg.programming_noise, cfg.drift, cfg.t_inference
+        )
         del target
         if padded:
             programmed.mul_(valid)
@@ -88,8 +90,16 @@ def program_matrices(weights: torch.Tensor, cfg: AnalogConfig, seeds: list[int])
             current = _mean_abs_per_tile(programmed, valid, cfg.tile_size).clamp(min=1e-4)
             scale = scale * _per_row(base / current, cfg.tile_size, out_rows)
     if cfg.gaussian_sigma > 0:
-        noise = torch.stack([torch.randn(programmed.shape[1:], generator=torch.Generator(device=programmed.device)
-                                         .manual_seed(int(s) ^ 0x5A5A), device=programmed.device) for s in seeds])
+        noise = torch.stack(
+            [
+                torch.randn(
+                    programmed.shape[1:],
+                    generator=torch.Generator(device=programmed.device).manual_seed(int(s) ^ 0x5A5A),
+                    device=programmed.device,
+                )
+                for s in seeds
+            ]
+        )
         programmed = (programmed + cfg.gaussian_sigma * cfg.noise_scale * noise) * valid
     return ProgrammedMatrix(programmed.contiguous(), scale.contiguous())
 
@@ -148,8 +158,13 @@ def _level_scale(cfg: Periphery) -> float:
     return 2.0 ** -math.ceil(math.log2(1.0 / (2.0 * cfg.inp_res) + 1.0)) if cfg.inp_res > 0 else 1.0
 
 
-def tile_mvm(levels: torch.Tensor, nm: torch.Tensor, prog: ProgrammedMatrix, cfg: Periphery,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+def tile_mvm(
+    levels: torch.Tensor,
+    nm: torch.Tensor,
+    prog: ProgrammedMatrix,
+    cfg: Periphery,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Tile side of a tiled MVM on DAC ``levels``: output noise, ADC quantisation and clipping per tile, then the
     digital sum of the tiles' partial outputs in weight units; ``[n, out]`` float32."""
     w = prog.weight  # [out, C, T]
@@ -158,9 +173,16 @@ def tile_mvm(levels: torch.Tensor, nm: torch.Tensor, prog: ProgrammedMatrix, cfg
     return _tile_outputs(y.float(), unit, nm, prog.scale.T.contiguous()[:, None, :], cfg, generator)
 
 
-def grouped_tile_mvm(levels: torch.Tensor, nm: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
-                     row: torch.Tensor, ends: torch.Tensor, cfg: Periphery,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+def grouped_tile_mvm(
+    levels: torch.Tensor,
+    nm: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    row: torch.Tensor,
+    ends: torch.Tensor,
+    cfg: Periphery,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """:func:`tile_mvm` for rows sorted by expert in one grouped GEMM per input tile (no host synchronisation).
 
     ``levels [C, N, T]`` and ``nm [C, N, 1]`` are the rows' DAC levels, ``weight [E, out, C, T]`` and
@@ -168,8 +190,9 @@ def grouped_tile_mvm(levels: torch.Tensor, nm: torch.Tensor, weight: torch.Tenso
     the experts' end offsets (see :func:`~hetmoe_compile.grouped_routing.routing_plan`). Rows past ``ends[-1]``
     come back undefined. ``[N, out]`` float32."""
     a, unit = _tile_inputs(levels, weight.dtype, cfg)
-    y = torch.stack([F.grouped_mm(a[c], weight[:, :, c, :].transpose(1, 2), offs=ends)
-                     for c in range(a.shape[0])]).float()  # [C, N, out]
+    y = torch.stack(
+        [F.grouped_mm(a[c], weight[:, :, c, :].transpose(1, 2), offs=ends) for c in range(a.shape[0])]
+    ).float()  # [C, N, out]
     return _tile_outputs(y, unit, nm, scale[row].permute(2, 0, 1).contiguous(), cfg, generator)
 
 
@@ -182,8 +205,14 @@ def _tile_inputs(levels: torch.Tensor, dtype: torch.dtype, cfg: Periphery) -> tu
     return (levels * pow2).to(dtype), _in_step(cfg) / pow2
 
 
-def _tile_outputs(y: torch.Tensor, unit: float, nm: torch.Tensor, scale: torch.Tensor, cfg: Periphery,
-                  generator: torch.Generator | None) -> torch.Tensor:
+def _tile_outputs(
+    y: torch.Tensor,
+    unit: float,
+    nm: torch.Tensor,
+    scale: torch.Tensor,
+    cfg: Periphery,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
     """ADC side of the tiles on partial outputs ``y [C, n, out]`` (float32, in ``unit``), then weight units
     (``nm [C, n, 1]`` x ``scale``, broadcast to ``[C, n, out]``) summed over tiles."""
     if cfg.out_res > 0 or cfg.out_noise > 0:
@@ -201,8 +230,9 @@ def _tile_outputs(y: torch.Tensor, unit: float, nm: torch.Tensor, scale: torch.T
     return y[0] if y.shape[0] == 1 else y.sum(0)
 
 
-def analog_matmul(x: torch.Tensor, prog: ProgrammedMatrix, cfg: AnalogConfig | Periphery,
-                  generator: torch.Generator | None = None) -> torch.Tensor:
+def analog_matmul(
+    x: torch.Tensor, prog: ProgrammedMatrix, cfg: AnalogConfig | Periphery, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """``x [n, in] @ W.T`` through the tiles of ``prog``; returns ``[n, out]`` in ``x``'s dtype.
 
     Same arithmetic as aihwkit's forward (abs-max noise management, uniform quantisation, output noise, clipping),

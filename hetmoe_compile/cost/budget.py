@@ -7,6 +7,7 @@ layer's next best by score/cost per round (the round's best first), so the layer
 one order over all layers. Each candidate goes digital if the placement still fits, else stays analog; the search
 goes on until every candidate was tried. Overrides are applied first and count against the budget.
 """
+
 from __future__ import annotations
 
 import math
@@ -64,10 +65,18 @@ def budget_bounds(est: Estimator, kind: str, digital: dict[int, set[int]]) -> tu
     return low, _Search(est, kind, everything).total
 
 
-def place_under_budget(model: nn.Module, info: ModelInfo, scores: Scores, policy: PlacementPolicy,
-                       params: CostParams | None = None, *, memory_budget: int | None = None,
-                       energy_budget: float | None = None, source: str = "",
-                       frequencies: dict[int, list[float]] | None = None) -> Placement:
+def place_under_budget(
+    model: nn.Module,
+    info: ModelInfo,
+    scores: Scores,
+    policy: PlacementPolicy,
+    params: CostParams | None = None,
+    *,
+    memory_budget: int | None = None,
+    energy_budget: float | None = None,
+    source: str = "",
+    frequencies: dict[int, list[float]] | None = None,
+) -> Placement:
     """Place the experts of ``model`` under a digital-memory budget (bytes: dense modules + digital experts) or an
     energy budget (joules per token), given as arguments or in ``policy``; returns the placement with its cost."""
     if memory_budget is not None or energy_budget is not None:
@@ -80,17 +89,26 @@ def place_under_budget(model: nn.Module, info: ModelInfo, scores: Scores, policy
     check_scores(info, scores)
     overrides = policy_overrides(policy, info)
     est = Estimator(profile_model(model, info), params, policy.dense, frequencies)
-    forced = {m.index: {e for (li, e), d in overrides.items() if li == m.index and d == "digital"}
-              for m in info.moe_layers}
+    forced = {
+        m.index: {e for (li, e), d in overrides.items() if li == m.index and d == "digital"} for m in info.moe_layers
+    }
     low, high = budget_bounds(est, kind, forced)
     if low > budget:
-        what = ("the dense modules on digital" if policy.dense == "digital"
-                else "the digital parts of the dense modules (dense on analog)")
-        what += (", the experts forced digital by overrides and no other expert" if any(forced.values())
-                 else " with no expert digital")
-        raise HetMoEError(f"{kind.replace('_', ' ')} budget {_fmt(kind, budget)} is too small: {what} need "
-                          f"{_fmt(kind, low)}; all experts digital needs {_fmt(kind, high)}; give a budget of at "
-                          f"least {_fmt(kind, low)}")
+        what = (
+            "the dense modules on digital"
+            if policy.dense == "digital"
+            else "the digital parts of the dense modules (dense on analog)"
+        )
+        what += (
+            ", the experts forced digital by overrides and no other expert"
+            if any(forced.values())
+            else " with no expert digital"
+        )
+        raise HetMoEError(
+            f"{kind.replace('_', ' ')} budget {_fmt(kind, budget)} is too small: {what} need "
+            f"{_fmt(kind, low)}; all experts digital needs {_fmt(kind, high)}; give a budget of at "
+            f"least {_fmt(kind, low)}"
+        )
     search = _Search(est, kind, {i: set(s) for i, s in forced.items()})
     candidates = [(m.index, e) for m in info.moe_layers for e in range(m.num_experts) if (m.index, e) not in overrides]
     ratio = {}

@@ -15,6 +15,7 @@ Per token, at batch ``B`` and context ``L`` (:class:`~.params.CostParams`):
   hit: 2 sequential MVMs, gate_up then down; per module with analog projections: up to 2, inputs then output)
   + link transfer. Throughput = 1/time. Energy has no static (leakage) part.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,8 +33,12 @@ from .units import format_bytes, format_si
 DEFAULT_TILE_SIZE = 512
 """The simulator's tile size (``AnalogConfig.tile_size``), used when ``CostParams.analog_tile_size`` is unset."""
 
-BREAKDOWN = {"digital_compute": "digital compute", "digital_memory": "digital memory reads",
-             "analog_mvm": "analog MVMs", "link": "link transfers"}
+BREAKDOWN = {
+    "digital_compute": "digital compute",
+    "digital_memory": "digital memory reads",
+    "analog_mvm": "analog MVMs",
+    "link": "link transfers",
+}
 
 
 @dataclass
@@ -53,10 +58,12 @@ class Terms:
         return Terms(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
     def energy(self, params: CostParams) -> dict[str, float]:
-        return {"digital_compute": self.digital_macs * params.digital_mac_energy_j,
-                "digital_memory": self.digital_bytes * params.digital_byte_energy_j,
-                "analog_mvm": self.analog_cells * params.analog_mac_energy_j,
-                "link": self.link_bits * params.link_bit_energy_j}
+        return {
+            "digital_compute": self.digital_macs * params.digital_mac_energy_j,
+            "digital_memory": self.digital_bytes * params.digital_byte_energy_j,
+            "analog_mvm": self.analog_cells * params.analog_mac_energy_j,
+            "link": self.link_bits * params.link_bit_energy_j,
+        }
 
 
 @dataclass
@@ -91,19 +98,23 @@ def format_cost(cost: dict) -> str:
     rows = [["energy per token", format_si(total, "J")]]
     for key, label in BREAKDOWN.items():
         value = cost["energy_breakdown_j"][key]
-        rows.append([f"  {label}", f"{format_si(value, 'J')} ({100 * value / total:.1f}%)"
-                     if total else format_si(value, "J")])
+        rows.append(
+            [f"  {label}", f"{format_si(value, 'J')} ({100 * value / total:.1f}%)" if total else format_si(value, "J")]
+        )
     t, footprint = cost["time_per_token_s"], cost["digital_memory_bytes"]
-    rows += [["throughput", f"{cost['tokens_per_s']:,.0f} tokens/s"],
-             ["  time digital / analog / link", " / ".join(format_si(t[k], "s") for k in ("digital", "analog",
-                                                                                          "link"))],
-             ["digital memory footprint", f"{format_bytes(footprint)} ({footprint:,} B)"],
-             ["analog tiles", f"{cost['analog_tiles']:,} of {a['tile_size']}x{a['tile_size']}"],
-             ["analog weights", f"{cost['analog_weights']:,}"]]
+    rows += [
+        ["throughput", f"{cost['tokens_per_s']:,.0f} tokens/s"],
+        ["  time digital / analog / link", " / ".join(format_si(t[k], "s") for k in ("digital", "analog", "link"))],
+        ["digital memory footprint", f"{format_bytes(footprint)} ({footprint:,} B)"],
+        ["analog tiles", f"{cost['analog_tiles']:,} of {a['tile_size']}x{a['tile_size']}"],
+        ["analog weights", f"{cost['analog_weights']:,}"],
+    ]
     p = a["params"]
     bits = f", digital experts INT{a['digital_experts_bits']}" if a.get("digital_experts_bits") else ""
-    head = (f"cost estimate (decode, batch {p['batch_size']}, context {p['context_length']}, {a['routing']} routing, "
-            f"{a['weight_bytes']:g}-byte weights{bits}):")
+    head = (
+        f"cost estimate (decode, batch {p['batch_size']}, context {p['context_length']}, {a['routing']} routing, "
+        f"{a['weight_bytes']:g}-byte weights{bits}):"
+    )
     return head + "\n" + format_table(["quantity", "value"], rows)
 
 
@@ -128,8 +139,10 @@ def usage(layer: MoEShape, frequencies=None) -> list[float]:
         return [layer.top_k / layer.num_experts] * layer.num_experts
     p = [float(x) for x in frequencies]
     if len(p) != layer.num_experts or any(not 0.0 <= x <= 1.0 for x in p):
-        raise HetMoEError(f"activation frequencies of layer {layer.index}: expected {layer.num_experts} values in "
-                          f"[0, 1] (the share of tokens routed to each expert), got {len(p)}")
+        raise HetMoEError(
+            f"activation frequencies of layer {layer.index}: expected {layer.num_experts} values in "
+            f"[0, 1] (the share of tokens routed to each expert), got {len(p)}"
+        )
     return p
 
 
@@ -150,17 +163,23 @@ class Estimator:
     """Cost of placements of one model: ``dense`` part fixed, MoE layers re-evaluated per expert set (the budget
     search moves one expert at a time and re-evaluates only its layer)."""
 
-    def __init__(self, profile: ModelProfile, params: CostParams, dense: str = "digital",
-                 frequencies: dict[int, list[float]] | None = None) -> None:
+    def __init__(
+        self,
+        profile: ModelProfile,
+        params: CostParams,
+        dense: str = "digital",
+        frequencies: dict[int, list[float]] | None = None,
+    ) -> None:
         self.profile, self.params, self.dense = profile, params, dense
         self.frequencies = frequencies
         self.weight_bytes = params.weight_bytes or profile.dtype_bytes
         self.tile = params.analog_tile_size or DEFAULT_TILE_SIZE
-        self.usage = {m.index: usage(m, None if frequencies is None else frequencies.get(m.index))
-                      for m in profile.moe}
+        self.usage = {m.index: usage(m, None if frequencies is None else frequencies.get(m.index)) for m in profile.moe}
         if frequencies is not None and set(frequencies) != {m.index for m in profile.moe}:
-            raise HetMoEError(f"activation frequencies cover layers {sorted(frequencies)}; the MoE layers are "
-                              f"{[m.index for m in profile.moe]}")
+            raise HetMoEError(
+                f"activation frequencies cover layers {sorted(frequencies)}; the MoE layers are "
+                f"{[m.index for m in profile.moe]}"
+            )
         self.layers = {m.index: m for m in profile.moe}
         self.dense_terms = self._dense()
 
@@ -276,15 +295,27 @@ class Estimator:
             kv_cache_bytes=int(kv * self.weight_bytes * prm.batch_size),
             analog_tiles=t.analog_tiles,
             analog_weights=t.analog_weights,
-            per_token={"digital_macs": t.digital_macs, "digital_bytes": t.digital_bytes,
-                       "analog_cell_macs": t.analog_cells, "link_bits": t.link_bits},
+            per_token={
+                "digital_macs": t.digital_macs,
+                "digital_bytes": t.digital_bytes,
+                "analog_cell_macs": t.analog_cells,
+                "link_bits": t.link_bits,
+            },
             assumptions=assumptions,
         )
 
 
-def estimate_cost(model: nn.Module, placement, params: CostParams | None = None, *, info: ModelInfo | None = None,
-                  dense: str | None = None, frequencies: dict[int, list[float]] | None = None,
-                  all_digital: bool = False, extra: dict | None = None) -> CostReport:
+def estimate_cost(
+    model: nn.Module,
+    placement,
+    params: CostParams | None = None,
+    *,
+    info: ModelInfo | None = None,
+    dense: str | None = None,
+    frequencies: dict[int, list[float]] | None = None,
+    all_digital: bool = False,
+    extra: dict | None = None,
+) -> CostReport:
     """The cost of ``placement`` (a :class:`~hetmoe_compile.placement.Placement`) on ``model``.
 
     ``dense`` overrides the placement's dense device; ``frequencies`` (decoder layer -> per-expert share of tokens)

@@ -1,6 +1,7 @@
 """Cost-model parameters: per-operation energy and bandwidth of the digital accelerator, of the AIMC tiles and of
 the link between them, and the workload (batch, context). Every default is a published figure (:data:`SOURCES`);
 a JSON or TOML file overrides any of them (:func:`load_cost_params`). Imports without torch."""
+
 from __future__ import annotations
 
 import json
@@ -12,39 +13,51 @@ import tomllib
 
 from ..errors import HetMoEError
 
-_LE_GALLO = ("Le Gallo et al., 'A 64-core mixed-signal in-memory compute chip based on phase-change memory for deep "
-             "neural network inference', Nature Electronics 6, 680-693 (2023)")
+_LE_GALLO = (
+    "Le Gallo et al., 'A 64-core mixed-signal in-memory compute chip based on phase-change memory for deep "
+    "neural network inference', Nature Electronics 6, 680-693 (2023)"
+)
 _H100 = "NVIDIA H100 Tensor Core GPU datasheet (H100 SXM)"
 
 SOURCES: dict[str, str] = {
     "digital_macs_per_s": f"{_H100}: 989.4 TFLOPS dense BF16 = 494.7e12 MAC/s",
     "digital_bytes_per_s": f"{_H100}: 3.35 TB/s HBM3",
     "digital_mac_energy_j": "Horowitz, 'Computing's energy problem (and what we can do about it)', ISSCC 2014: "
-                            "16-bit float add 0.4 pJ + multiply 1.1 pJ (45 nm) = 1.5 pJ per MAC",
+    "16-bit float add 0.4 pJ + multiply 1.1 pJ (45 nm) = 1.5 pJ per MAC",
     "digital_byte_energy_j": "O'Connor et al., 'Fine-grained DRAM: energy-efficient DRAM for extreme bandwidth "
-                             "systems', MICRO 2017: 3.9 pJ/bit HBM2 access = 31.2 pJ per byte",
+    "systems', MICRO 2017: 3.9 pJ/bit HBM2 access = 31.2 pJ per byte",
     "analog_mac_energy_j": f"{_LE_GALLO}: 9.76 TOPS/W at 8-bit input/output (one-phase read), converters included; "
-                           "2 ops per MAC = 0.205 pJ per MAC, charged per mapped tile cell",
+    "2 ops per MAC = 0.205 pJ per MAC, charged per mapped tile cell",
     "analog_mvm_latency_s": f"{_LE_GALLO}: 63.1 TOPS over 64 cores of 256x256 = 133 ns per MVM",
     "analog_tile_size": "unset: the simulator's AnalogConfig.tile_size (512, aihwkit StandardHWATrainingPreset)",
     "link_bit_energy_j": "Poulton et al., 'A 0.54 pJ/b 20 Gb/s ground-referenced single-ended short-reach serial "
-                         "link in 28 nm CMOS for advanced packaging applications', IEEE JSSC 48(12), 2013",
+    "link in 28 nm CMOS for advanced packaging applications', IEEE JSSC 48(12), 2013",
     "link_bytes_per_s": f"{_H100}: NVLink 4, 900 GB/s",
     "activation_bits": "assumption: activations cross the digital<->analog link as 16-bit values (bf16/fp16)",
     "batch_size": "workload: tokens that share one fetch of the weights (1 = single-stream decode)",
     "context_length": "workload: tokens attended per decode step (attention-score MACs and KV-cache reads)",
     "weight_bytes": "unset: the element size of the loaded model's dtype (weights and KV cache)",
     "digital_bits": "unset: digital experts in the model dtype; 4 or 8: group-wise INT4/INT8 as --digital-bits "
-                    "(bits/8 bytes per weight + one model-dtype scale per group)",
+    "(bits/8 bytes per weight + one model-dtype scale per group)",
     "group_size": "inputs per quantisation group with digital_bits, as --group-size",
 }
 
 UNITS: dict[str, str] = {
-    "digital_macs_per_s": "MAC/s", "digital_bytes_per_s": "B/s", "digital_mac_energy_j": "J/MAC",
-    "digital_byte_energy_j": "J/B", "analog_mac_energy_j": "J/MAC", "analog_mvm_latency_s": "s",
-    "analog_tile_size": "cells a side", "link_bit_energy_j": "J/bit", "link_bytes_per_s": "B/s",
-    "activation_bits": "bits", "batch_size": "tokens", "context_length": "tokens", "weight_bytes": "B",
-    "digital_bits": "bits", "group_size": "inputs",
+    "digital_macs_per_s": "MAC/s",
+    "digital_bytes_per_s": "B/s",
+    "digital_mac_energy_j": "J/MAC",
+    "digital_byte_energy_j": "J/B",
+    "analog_mac_energy_j": "J/MAC",
+    "analog_mvm_latency_s": "s",
+    "analog_tile_size": "cells a side",
+    "link_bit_energy_j": "J/bit",
+    "link_bytes_per_s": "B/s",
+    "activation_bits": "bits",
+    "batch_size": "tokens",
+    "context_length": "tokens",
+    "weight_bytes": "B",
+    "digital_bits": "bits",
+    "group_size": "inputs",
 }
 
 _INTS = ("analog_tile_size", "activation_bits", "batch_size", "context_length", "digital_bits", "group_size")
@@ -79,8 +92,10 @@ class CostParams:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise HetMoEError(f"cost parameter {f.name} must be a number, got {value!r}")
             if value <= 0:
-                raise HetMoEError(f"cost parameter {f.name} must be > 0, got {value}; the default is "
-                                  f"{getattr(CostParams, f.name)} ({SOURCES[f.name]})")
+                raise HetMoEError(
+                    f"cost parameter {f.name} must be > 0, got {value}; the default is "
+                    f"{getattr(CostParams, f.name)} ({SOURCES[f.name]})"
+                )
             if f.name in _INTS and value != int(value):
                 raise HetMoEError(f"cost parameter {f.name} must be an integer, got {value}")
         if self.digital_bits is not None and self.digital_bits not in (4, 8):
@@ -104,8 +119,9 @@ class CostParams:
         known = [f.name for f in fields(cls)]
         unknown = sorted(set(data) - set(known))
         if unknown:
-            raise HetMoEError(f"{source}: unknown cost parameter(s) {', '.join(unknown)}; valid keys: "
-                              f"{', '.join(known)}")
+            raise HetMoEError(
+                f"{source}: unknown cost parameter(s) {', '.join(unknown)}; valid keys: {', '.join(known)}"
+            )
         try:
             return cls(**data)
         except HetMoEError as exc:
@@ -124,8 +140,9 @@ def load_cost_params(path: str | Path | None = None, **overrides) -> CostParams:
         try:
             data = tomllib.loads(text) if path.suffix.lower() == ".toml" else json.loads(text)
         except json.JSONDecodeError as exc:
-            raise HetMoEError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); name a TOML file *.toml"
-                              ) from None
+            raise HetMoEError(
+                f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}); name a TOML file *.toml"
+            ) from None
         except tomllib.TOMLDecodeError as exc:
             raise HetMoEError(f"{path}: not valid TOML ({exc})") from None
         params = CostParams.from_dict(data, str(path))

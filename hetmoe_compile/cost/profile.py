@@ -1,5 +1,6 @@
 """What the cost model needs to know about a model: the shapes of its dense projections, its other parameters, its
 attention layers and its MoE layers, read once by walking the modules (original or canonical models alike)."""
+
 from __future__ import annotations
 
 import re
@@ -101,10 +102,20 @@ def profile_model(model: nn.Module, info: ModelInfo) -> ModelProfile:
             bias = params.get("bias")
             if split is not None:
                 owner = info.owner_of(parent)
-            linears.append(LinearShape(name, kind, owner, int(weight.shape[1]), int(weight.shape[0]),
-                                       0 if bias is None else bias.numel(),
-                                       isinstance(module, nn.Linear) and kind in DENSE_ANALOG_KINDS, split,
-                                       id(weight), None if bias is None else id(bias)))
+            linears.append(
+                LinearShape(
+                    name,
+                    kind,
+                    owner,
+                    int(weight.shape[1]),
+                    int(weight.shape[0]),
+                    0 if bias is None else bias.numel(),
+                    isinstance(module, nn.Linear) and kind in DENSE_ANALOG_KINDS,
+                    split,
+                    id(weight),
+                    None if bias is None else id(bias),
+                )
+            )
             rest = {k: p for k, p in params.items() if k not in ("weight", "bias")}
         else:
             rest = params
@@ -112,8 +123,13 @@ def profile_model(model: nn.Module, info: ModelInfo) -> ModelProfile:
             row = module.embedding_dim if isinstance(module, nn.Embedding) and pname == "weight" else None
             tensors.append(TensorShape(f"{name}.{pname}" if name else pname, kind, p.numel(), row, id(p)))
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    return ModelProfile(tuple(linears), tuple(tensors), _attention(model, info), _moe(model, info),
-                        torch.empty((), dtype=dtype).element_size())
+    return ModelProfile(
+        tuple(linears),
+        tuple(tensors),
+        _attention(model, info),
+        _moe(model, info),
+        torch.empty((), dtype=dtype).element_size(),
+    )
 
 
 def _attention(model: nn.Module, info: ModelInfo) -> tuple[AttentionShape, ...]:
@@ -144,7 +160,15 @@ def _moe(model: nn.Module, info: ModelInfo) -> tuple[MoEShape, ...]:
         h, i = layer.hidden_size, layer.intermediate_size
         groups = getattr(model.get_submodule(layer.experts), "groups", {})
         quant = getattr(groups["digital"], QUANT_ATTR, None) if "digital" in groups else None
-        out.append(MoEShape(layer.index, layer.num_experts, layer.top_k, h, i,
-                            2 * i + h if info.adapter.layout.has_bias else 0,
-                            (quant["bits"], quant["group_size"]) if quant else None))
+        out.append(
+            MoEShape(
+                layer.index,
+                layer.num_experts,
+                layer.top_k,
+                h,
+                i,
+                2 * i + h if info.adapter.layout.has_bias else 0,
+                (quant["bits"], quant["group_size"]) if quant else None,
+            )
+        )
     return tuple(out)

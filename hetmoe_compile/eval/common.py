@@ -1,4 +1,5 @@
 """Small helpers shared by the evaluators: where the model lives, how long its context is, plain token ids."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Batched log-likelihood of continuations given contexts (lm-evaluation-harness ``loglikelihood`` requests)."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -29,7 +30,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     tokenizer's BOS (else EOS) token.
     """
     stripped = context.rstrip()
-    continuation, context = context[len(stripped):] + continuation, stripped
+    continuation, context = context[len(stripped) :] + continuation, stripped
     if not context:
         prefix = getattr(tokenizer, "bos_token_id", None)
         prefix = getattr(tokenizer, "eos_token_id", None) if prefix is None else prefix
@@ -39,7 +40,7 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
     else:
         context_ids = encode(tokenizer, context)
         whole = encode(tokenizer, context + continuation)
-        continuation_ids = whole[len(context_ids):]
+        continuation_ids = whole[len(context_ids) :]
         if whole[: len(context_ids)] != context_ids or not continuation_ids:  # a merge across the boundary
             continuation_ids = encode(tokenizer, continuation)
     if not continuation_ids:

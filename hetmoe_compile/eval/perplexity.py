@@ -1,4 +1,5 @@
 """Token-level perplexity of a text, over strided windows of the model's context length."""
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,5 @@
 """Plots people would rather see than read (matplotlib, PNG, written atomically)."""
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,14 @@ def plot_scores(scores: dict[str, Scores], path: Path, title: str = "", digital_
     names = list(scores)
     layers = sorted(next(iter(scores.values())).layers)
     n_exp = len(next(iter(scores.values())).layers[layers[0]])
-    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, 0.28 * n_exp + 2), 1.0 + (0.35 + 0.3 * len(layers)) * len(names)),
-                             squeeze=False, sharex=True, constrained_layout=True)
+    fig, axes = plt.subplots(
+        len(names),
+        1,
+        figsize=(max(6, 0.28 * n_exp + 2), 1.0 + (0.35 + 0.3 * len(layers)) * len(names)),
+        squeeze=False,
+        sharex=True,
+        constrained_layout=True,
+    )
     for ax, name in zip(axes[:, 0], names):
         mat = np.stack([scores[name].layers[i] for i in layers])
         ranks = mat.argsort(1).argsort(1) / max(1, n_exp - 1)

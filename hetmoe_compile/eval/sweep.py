@@ -1,6 +1,7 @@
 """Sweep digital fraction x selector under one noise setting, with all-digital / all-analog references, the
 dense-on-analog ablation and the peers (ROMER, HPD, low-bit digital experts) alone and combined with the first
 selector; each placement's estimated energy per token; results as JSON, a Markdown table and plots."""
+
 from __future__ import annotations
 
 import json
@@ -61,13 +62,17 @@ def sweep_cost_fn(params, cfg: AnalogConfig, frequencies: dict[int, list[float]]
     return cost
 
 
-def sweep_jobs(fractions: list[float], selectors: list[str], ablation: bool = True,
-               peers: Sequence[str] = ()) -> list[_Job]:
+def sweep_jobs(
+    fractions: list[float], selectors: list[str], ablation: bool = True, peers: Sequence[str] = ()
+) -> list[_Job]:
     """References, every (selector, inner fraction) with dense modules digital, the ablation for the first
     selector, then each peer alone (dense digital, at its own fraction) and with the first selector's inner
     fractions."""
-    jobs = [_Job("all-digital", "-", 1.0, "digital"), _Job("all-analog", "-", 0.0, "analog"),
-            _Job("dense-digital", "-", 0.0, "digital")]
+    jobs = [
+        _Job("all-digital", "-", 1.0, "digital"),
+        _Job("all-analog", "-", 0.0, "analog"),
+        _Job("dense-digital", "-", 0.0, "digital"),
+    ]
     inner = [f for f in fractions if 0.0 < f < 1.0]
     jobs += [_Job(f"{s} {f:g}", s, f, "digital") for s in selectors for f in inner]
     if ablation and selectors:
@@ -79,10 +84,21 @@ def sweep_jobs(fractions: list[float], selectors: list[str], ablation: bool = Tr
     return jobs
 
 
-def run_sweep(model: nn.Module, info: ModelInfo, tokenizer, fractions: list[float], selectors: list[str],
-              cfg: AnalogConfig, spec: EvalSpec, calibration: Calibration | None = None, ablation: bool = True,
-              prepared: Prepared | None = None, peers: Sequence[str] = (), peer_options: PeerOptions | None = None,
-              cost_fn: CostFn | None = None) -> list[SweepRow]:
+def run_sweep(
+    model: nn.Module,
+    info: ModelInfo,
+    tokenizer,
+    fractions: list[float],
+    selectors: list[str],
+    cfg: AnalogConfig,
+    spec: EvalSpec,
+    calibration: Calibration | None = None,
+    ablation: bool = True,
+    prepared: Prepared | None = None,
+    peers: Sequence[str] = (),
+    peer_options: PeerOptions | None = None,
+    cost_fn: CostFn | None = None,
+) -> list[SweepRow]:
     """Evaluate every job of :func:`sweep_jobs` under ``cfg``.
 
     Fractions 0 and 1 do not depend on the selector and are evaluated once. All placements share hardware
@@ -99,9 +115,15 @@ def run_sweep(model: nn.Module, info: ModelInfo, tokenizer, fractions: list[floa
     rows = []
     for job in tqdm(sweep_jobs(fractions, selectors, ablation, peers), desc="sweep", unit="placement"):
         sel_scores = scores.get(job.selector, scores[selectors[0]])  # fractions 0 and 1 do not depend on scores
-        compiled = compile(model, PlacementPolicy(job.fraction, sel_scores.selector, dense=job.dense), cfg,
-                           calibration, scores=sel_scores, peers=[] if job.peer == "-" else [job.peer],
-                           peer_options=peer_options)
+        compiled = compile(
+            model,
+            PlacementPolicy(job.fraction, sel_scores.selector, dense=job.dense),
+            cfg,
+            calibration,
+            scores=sel_scores,
+            peers=[] if job.peer == "-" else [job.peer],
+            peer_options=peer_options,
+        )
         placement = compiled.placement
         record = {} if compiled.peers is None else compiled.peers.record
         try:
@@ -110,8 +132,9 @@ def run_sweep(model: nn.Module, info: ModelInfo, tokenizer, fractions: list[floa
             cost = cost_fn(model, info, placement, job.dense, record) if cost_fn else None
         finally:
             compiled.undo_peers()
-        rows.append(SweepRow(job.label, job.selector, job.fraction, job.dense, metrics, job.peer,
-                             peer_summary(record), cost))
+        rows.append(
+            SweepRow(job.label, job.selector, job.fraction, job.dense, metrics, job.peer, peer_summary(record), cost)
+        )
     canonicalize(model, None, info)  # leave the model all-digital
     return rows
 
@@ -123,11 +146,13 @@ def peer_summary(record: dict) -> dict:
         if "replacements" in rec:
             out["experts_replaced"] = len(rec["replacements"])
         if "router_calibration" in rec:
-            out["router_calibration"] = {k: v for k, v in rec["router_calibration"].items()
-                                         if not isinstance(v, (list, dict))}
+            out["router_calibration"] = {
+                k: v for k, v in rec["router_calibration"].items() if not isinstance(v, (list, dict))
+            }
         if "projections" in rec:
-            out["projections"] = [{k: p[k] for k in ("module", "rank", "rel_error") if k in p}
-                                  for p in rec["projections"]]
+            out["projections"] = [
+                {k: p[k] for k in ("module", "rank", "rel_error") if k in p} for p in rec["projections"]
+            ]
         if "bits" in rec:
             errs = [e["output_error"] for e in rec["experts"]]
             out["bits"] = rec["bits"]
@@ -146,9 +171,12 @@ def _energy(r: SweepRow) -> float | None:
 def results_markdown(rows: list[SweepRow], cfg: AnalogConfig, seeds: int) -> str:
     metrics = list(rows[0].metrics)
     energy = any(_energy(r) is not None for r in rows)
-    head = (f"Noise preset `{cfg.preset}` (noise scale {cfg.noise_scale:g}, t_inference {cfg.t_inference:g} s), "
-            f"mean ± std over {seeds} hardware instances"
-            + ("; energy per token from the cost model (decode, batch as configured)" if energy else "") + ".\n\n")
+    head = (
+        f"Noise preset `{cfg.preset}` (noise scale {cfg.noise_scale:g}, t_inference {cfg.t_inference:g} s), "
+        f"mean ± std over {seeds} hardware instances"
+        + ("; energy per token from the cost model (decode, batch as configured)" if energy else "")
+        + ".\n\n"
+    )
     cols = ["placement", "selector", "digital fraction", "dense", *metrics] + (["energy/token (µJ)"] if energy else [])
     lines = ["| " + " | ".join(cols) + " |", "|---|---|---|---|" + "---|" * (len(cols) - 4)]
     for r in rows:
@@ -176,22 +204,47 @@ def plot_sweep(rows: list[SweepRow], metric: str, path: Path, title: str) -> Pat
     selectors = list(dict.fromkeys(r.selector for r in rows if r.selector != "-"))
     for zoom, ax in enumerate(axes):
         for i, sel in enumerate(selectors):
-            pts = sorted([r for r in rows if r.selector == sel and r.dense == "digital" and r.peer == "-"],
-                         key=lambda r: r.digital_fraction)
+            pts = sorted(
+                [r for r in rows if r.selector == sel and r.dense == "digital" and r.peer == "-"],
+                key=lambda r: r.digital_fraction,
+            )
             pts = [ends[0]] + pts + [ends[1]]
-            ax.errorbar([r.digital_fraction for r in pts], [r.metrics[metric]["mean"] for r in pts],
-                        yerr=[r.metrics[metric]["std"] for r in pts], marker="o", ms=4, capsize=2, label=sel,
-                        color=f"C{i}")
-            abl = sorted([r for r in rows if r.selector == sel and r.dense == "analog" and r.peer == "-"],
-                         key=lambda r: r.digital_fraction)
+            ax.errorbar(
+                [r.digital_fraction for r in pts],
+                [r.metrics[metric]["mean"] for r in pts],
+                yerr=[r.metrics[metric]["std"] for r in pts],
+                marker="o",
+                ms=4,
+                capsize=2,
+                label=sel,
+                color=f"C{i}",
+            )
+            abl = sorted(
+                [r for r in rows if r.selector == sel and r.dense == "analog" and r.peer == "-"],
+                key=lambda r: r.digital_fraction,
+            )
             if abl and not zoom:
-                ax.plot([r.digital_fraction for r in abl], [r.metrics[metric]["mean"] for r in abl], ls="--",
-                        marker="x", color=f"C{i}", label=f"{sel}, dense on analog")
+                ax.plot(
+                    [r.digital_fraction for r in abl],
+                    [r.metrics[metric]["mean"] for r in abl],
+                    ls="--",
+                    marker="x",
+                    color=f"C{i}",
+                    label=f"{sel}, dense on analog",
+                )
         for j, peer in enumerate(dict.fromkeys(r.peer for r in rows if r.peer != "-")):
             pts = sorted([r for r in rows if r.peer == peer], key=lambda r: r.digital_fraction)
-            ax.errorbar([r.digital_fraction for r in pts], [r.metrics[metric]["mean"] for r in pts],
-                        yerr=[r.metrics[metric]["std"] for r in pts], marker="s", ms=4, capsize=2, ls=":",
-                        label=f"peer: {peer}", color=f"C{len(selectors) + j}")
+            ax.errorbar(
+                [r.digital_fraction for r in pts],
+                [r.metrics[metric]["mean"] for r in pts],
+                yerr=[r.metrics[metric]["std"] for r in pts],
+                marker="s",
+                ms=4,
+                capsize=2,
+                ls=":",
+                label=f"peer: {peer}",
+                color=f"C{len(selectors) + j}",
+            )
         ax.axhline(by["all-digital"].metrics[metric]["mean"], color="k", ls=":", label="all-digital")
         if not zoom:
             ax.axhline(by["all-analog"].metrics[metric]["mean"], color="grey", ls="-.", label="all-analog")
@@ -228,20 +281,42 @@ def plot_pareto(rows: list[SweepRow], metric: str, path: Path, title: str) -> Pa
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     for i, g in enumerate(dict.fromkeys(_family(r) for r, _ in pts)):
         sel = [(r, e) for r, e in pts if _family(r) == g]
-        ax.errorbar([e * 1e6 for _, e in sel], [r.metrics[metric]["mean"] for r, _ in sel],
-                    yerr=[r.metrics[metric]["std"] for r, _ in sel], ls="none", marker="o", ms=5, capsize=2,
-                    color=f"C{i}", label=g)
+        ax.errorbar(
+            [e * 1e6 for _, e in sel],
+            [r.metrics[metric]["mean"] for r, _ in sel],
+            yerr=[r.metrics[metric]["std"] for r, _ in sel],
+            ls="none",
+            marker="o",
+            ms=5,
+            capsize=2,
+            color=f"C{i}",
+            label=g,
+        )
     fx = [pts[i][1] * 1e6 for i in front]
     fy = [pts[i][0].metrics[metric]["mean"] for i in front]
     ax.step(fx, fy, where="post", color="k", lw=1, alpha=0.6, label="Pareto front")
     lines = []
     for n, i in enumerate(front, 1):  # numbered on the plot, named in a box (labels would overlap)
         r, e = pts[i]
-        ax.annotate(str(n), (e * 1e6, r.metrics[metric]["mean"]), fontsize=8, fontweight="bold", xytext=(3, 3),
-                    textcoords="offset points")
+        ax.annotate(
+            str(n),
+            (e * 1e6, r.metrics[metric]["mean"]),
+            fontsize=8,
+            fontweight="bold",
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
         lines.append(f"{n}. {r.label}: {e * 1e6:.4g} µJ, {metric} {r.metrics[metric]['mean']:.4g}")
-    ax.text(1.02, 1.0, "Pareto front\n" + "\n".join(lines), transform=ax.transAxes, va="top", ha="left",
-            fontsize=7, bbox={"boxstyle": "round", "fc": "white"})
+    ax.text(
+        1.02,
+        1.0,
+        "Pareto front\n" + "\n".join(lines),
+        transform=ax.transAxes,
+        va="top",
+        ha="left",
+        fontsize=7,
+        bbox={"boxstyle": "round", "fc": "white"},
+    )
     energies = [e for _, e in pts]
     if max(energies) / min(energies) > 10:
         ax.set_xscale("log")
@@ -287,12 +362,21 @@ def write_sweep(out_dir: Path, rows: list[SweepRow], cfg: AnalogConfig, spec: Ev
         names = ["results.json", "results.md"]
         for metric in rows[0].metrics:
             name = f"{metric.replace('/', '_')}.png"
-            plot_sweep(rows, metric, tmp / name, f"{meta.get('model', {}).get('source', '')}: {metric} under "
-                       f"{cfg.preset} x{cfg.noise_scale:g}")
+            plot_sweep(
+                rows,
+                metric,
+                tmp / name,
+                f"{meta.get('model', {}).get('source', '')}: {metric} under {cfg.preset} x{cfg.noise_scale:g}",
+            )
             names.append(name)
         if any(_energy(r) is not None for r in rows):
             metric = next(iter(rows[0].metrics))
-            plot_pareto(rows, metric, tmp / "pareto.png", f"{meta.get('model', {}).get('source', '')}: {metric} vs "
-                        f"estimated energy under {cfg.preset} x{cfg.noise_scale:g}")
+            plot_pareto(
+                rows,
+                metric,
+                tmp / "pareto.png",
+                f"{meta.get('model', {}).get('source', '')}: {metric} vs "
+                f"estimated energy under {cfg.preset} x{cfg.noise_scale:g}",
+            )
             names.append("pareto.png")
     return [out_dir / n for n in names]

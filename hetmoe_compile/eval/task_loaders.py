@@ -1,4 +1,5 @@
 """Zero-shot task data (Hugging Face jsonl layouts) turned into lm-evaluation-harness style requests."""
+
 from __future__ import annotations
 
 import json

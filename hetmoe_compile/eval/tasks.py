@@ -1,4 +1,5 @@
 """Zero-shot task accuracy (lm-evaluation-harness style): multiple choice by log-likelihood, LAMBADA by greedy match."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence

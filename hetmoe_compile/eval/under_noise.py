@@ -1,4 +1,5 @@
 """Evaluate a placed model under simulated AIMC noise over several hardware instances (seeds)."""
+
 from __future__ import annotations
 
 import math
@@ -63,8 +64,10 @@ def prepare(spec: EvalSpec) -> Prepared:
 
 def summarize(values: dict[str, list[float]]) -> dict[str, dict]:
     """``{metric: {"mean", "std", "values"}}`` (std over seeds, ddof 0)."""
-    return {k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": [float(x) for x in v]}
-            for k, v in values.items()}
+    return {
+        k: {"mean": float(np.mean(v)), "std": float(np.std(v)), "values": [float(x) for x in v]}
+        for k, v in values.items()
+    }
 
 
 def measure(model: nn.Module, tokenizer, spec: EvalSpec, prepared: Prepared) -> dict[str, float]:
@@ -73,18 +76,33 @@ def measure(model: nn.Module, tokenizer, spec: EvalSpec, prepared: Prepared) -> 
 
     out: dict[str, float] = {}
     if prepared.text is not None:
-        res = perplexity(model, tokenizer, prepared.text, max_tokens=spec.ppl_tokens, batch_size=spec.batch_size,
-                         source=str(spec.ppl_path))
+        res = perplexity(
+            model,
+            tokenizer,
+            prepared.text,
+            max_tokens=spec.ppl_tokens,
+            batch_size=spec.batch_size,
+            source=str(spec.ppl_path),
+        )
         out["ppl"] = res.ppl
     for name, examples in prepared.examples.items():
-        for metric, value in evaluate_examples(model, tokenizer, examples, get_task(name).kind, spec.batch_size,
-                                               desc=name).items():
+        for metric, value in evaluate_examples(
+            model, tokenizer, examples, get_task(name).kind, spec.batch_size, desc=name
+        ).items():
             out[f"{name}/{metric}"] = value
     return out
 
 
-def evaluate_under_noise(model: nn.Module, info: ModelInfo, tokenizer, cfg: AnalogConfig, spec: EvalSpec,
-                         prepared: Prepared, dense: str = "digital", has_analog: bool = True) -> dict[str, dict]:
+def evaluate_under_noise(
+    model: nn.Module,
+    info: ModelInfo,
+    tokenizer,
+    cfg: AnalogConfig,
+    spec: EvalSpec,
+    prepared: Prepared,
+    dense: str = "digital",
+    has_analog: bool = True,
+) -> dict[str, dict]:
     """Mean and std over ``spec.seeds`` hardware instances of a canonical model; one run when nothing is analog
     or the preset is ideal (every instance is identical then)."""
     seeds = spec.seeds if (has_analog or dense == "analog") and not cfg.is_ideal else 1

@@ -12,6 +12,7 @@ With a :class:`ProgrammedExpert` per expert the body instead simulates one AIMC 
 programmed (noisy, drifted) normalised weights, output noise, ADC rounding and clipping per tile, then the tiles'
 digital sum scaled back to weight units.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -92,16 +93,32 @@ _I64 = np.dtype(np.int64)
 _F32 = np.dtype(np.float32)
 
 
-def _op(b: GraphBuilder, op_type: str, inputs: list[str], hint: str | None = None, outputs: list[str] | None = None,
-        **attrs: Any) -> str:
+def _op(
+    b: GraphBuilder,
+    op_type: str,
+    inputs: list[str],
+    hint: str | None = None,
+    outputs: list[str] | None = None,
+    **attrs: Any,
+) -> str:
     """``b.op`` for a single-output node: ``GraphBuilder.op`` returns one name (not a list) when ``n_out == 1``."""
     return cast(str, b.op(op_type, inputs, hint, outputs, **attrs))
 
 
-def expert_group_body(b: GraphBuilder, hidden: str, top_k_index: str, top_k_weights: str, output: str,
-                      experts: list[ExpertArrays], act: Activation, dtype: np.dtype,
-                      programmed: list[ProgrammedExpert] | None = None, periphery: TilePeriphery | None = None,
-                      layer: int = 0, lowbit: tuple[int, int] | None = None) -> None:
+def expert_group_body(
+    b: GraphBuilder,
+    hidden: str,
+    top_k_index: str,
+    top_k_weights: str,
+    output: str,
+    experts: list[ExpertArrays],
+    act: Activation,
+    dtype: np.dtype,
+    programmed: list[ProgrammedExpert] | None = None,
+    periphery: TilePeriphery | None = None,
+    layer: int = 0,
+    lowbit: tuple[int, int] | None = None,
+) -> None:
     """Append the nodes computing ``output`` from the three routing inputs to ``b``. ``lowbit = (bits,
     group_size)``: the experts' matrices as ``com.microsoft::MatMulNBits`` weights (low-bit digital experts)."""
     if programmed is not None and (periphery is None or len(programmed) != len(experts)):
@@ -119,20 +136,23 @@ def expert_group_body(b: GraphBuilder, hidden: str, top_k_index: str, top_k_weig
         w = _op(b, "GatherND", [top_k_weights, _op(b, "Transpose", [pairs], perm=[1, 0])], "w")  # [n]
         x = _op(b, "Gather", [hidden, tok], "x", axis=0)  # [n, H]
         if lowbit is not None:
-            h = _linear_nbits(b, x, ex.gate_up, _bias(b, p + "gate_up_bias", ex.gate_up_bias), p + "gate_up", lowbit,
-                              dtype)
+            h = _linear_nbits(
+                b, x, ex.gate_up, _bias(b, p + "gate_up_bias", ex.gate_up_bias), p + "gate_up", lowbit, dtype
+            )
             h = _activate(b, h, act, dtype, ex.gate_up.shape[0] // 2)
             y = _linear_nbits(b, h, ex.down, _bias(b, p + "down_bias", ex.down_bias), p + "down", lowbit, dtype)
         elif programmed is None:
-            h = _linear(b, x, b.const(p + "gate_up", ex.gate_up, public=True),
-                        _bias(b, p + "gate_up_bias", ex.gate_up_bias))
+            h = _linear(
+                b, x, b.const(p + "gate_up", ex.gate_up, public=True), _bias(b, p + "gate_up_bias", ex.gate_up_bias)
+            )
             h = _activate(b, h, act, dtype, ex.gate_up.shape[0] // 2)
             y = _linear(b, h, b.const(p + "down", ex.down, public=True), _bias(b, p + "down_bias", ex.down_bias))
         else:
             assert periphery is not None  # checked on entry: a programmed instance comes with its periphery
             prog = programmed[i]
-            h = _tiled(b, x, ex.gate_up.shape[1], prog.gate_up_weight, prog.gate_up_scale, periphery,
-                       p + "gate_up", dtype)
+            h = _tiled(
+                b, x, ex.gate_up.shape[1], prog.gate_up_weight, prog.gate_up_scale, periphery, p + "gate_up", dtype
+            )
             if ex.gate_up_bias is not None:
                 h = _op(b, "Add", [h, b.const(p + "gate_up_bias", ex.gate_up_bias, public=True)])
             h = _activate(b, h, act, dtype, ex.gate_up.shape[0] // 2)
@@ -171,8 +191,9 @@ def _linear(b: GraphBuilder, x: str, weight: str, bias: str | None) -> str:
     return _op(b, "Gemm", [x, weight] + ([bias] if bias else []), "lin", transB=1)
 
 
-def _linear_nbits(b: GraphBuilder, x: str, weight, bias: str | None, name: str, lowbit: tuple[int, int],
-                  dtype: np.dtype) -> str:
+def _linear_nbits(
+    b: GraphBuilder, x: str, weight, bias: str | None, name: str, lowbit: tuple[int, int], dtype: np.dtype
+) -> str:
     """``x @ W.T (+ bias)`` with ``W`` as ``bits``-bit group-wise integers (``com.microsoft::MatMulNBits``)."""
     bits, block = lowbit
     n, k = weight.shape
@@ -211,12 +232,21 @@ def _act(b: GraphBuilder, x: str, name: str) -> str:
         return _op(b, "Gelu", [x], approximate="tanh")
     if name == "relu":
         return _op(b, "Relu", [x])
-    raise HetMoEError(f"expert activation function '{name}' has no ONNX body; supported: "
-                      f"{', '.join(SUPPORTED_ACTIVATIONS)}")
+    raise HetMoEError(
+        f"expert activation function '{name}' has no ONNX body; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
+    )
 
 
-def _tiled(b: GraphBuilder, x: str, n_in: int, weight: np.ndarray | LazyArray, scale: np.ndarray | LazyArray,
-           io: TilePeriphery, name: str, dtype: np.dtype) -> str:
+def _tiled(
+    b: GraphBuilder,
+    x: str,
+    n_in: int,
+    weight: np.ndarray | LazyArray,
+    scale: np.ndarray | LazyArray,
+    io: TilePeriphery,
+    name: str,
+    dtype: np.dtype,
+) -> str:
     """``x [n, in] -> [n, out]`` through the tiles of one programmed matrix (mirrors ``analog.tiles``)."""
     out, c, t = weight.shape
     xf = _op(b, "Cast", [x], to=TensorProto.FLOAT) if dtype != np.float32 else x
@@ -230,34 +260,64 @@ def _tiled(b: GraphBuilder, x: str, n_in: int, weight: np.ndarray | LazyArray, s
     levels = _op(b, "Div", [xt, _op(b, "Mul", [nm, b.scalar(in_step, _F32)])], "levels")
     if io.inp_res > 0:
         levels = _op(b, "Round", [levels])
-    w = b.const(name + ".programmed", Deferred((c, t, out), np.float32, lambda: np.ascontiguousarray(
-        materialize(weight).transpose(1, 2, 0), dtype=np.float32)), public=True)
+    w = b.const(
+        name + ".programmed",
+        Deferred(
+            (c, t, out),
+            np.float32,
+            lambda: np.ascontiguousarray(materialize(weight).transpose(1, 2, 0), dtype=np.float32),
+        ),
+        public=True,
+    )
     y = _op(b, "MatMul", [levels, w], "tile")  # [C, n, out] in DAC steps
     unit = in_step
     if io.out_res > 0 or io.out_noise > 0:
         out_step = io.out_res * 2.0 * io.out_bound if io.out_res > 0 else 1.0
         y = _op(b, "Mul", [y, b.scalar(unit / out_step, _F32)])
         if io.out_noise > 0:
-            noise = _op(b, "RandomNormalLike", [y], "noise", dtype=TensorProto.FLOAT, mean=0.0,
-                         scale=float(io.out_noise / out_step), seed=float(io.noise_seed % (1 << 24)))
+            noise = _op(
+                b,
+                "RandomNormalLike",
+                [y],
+                "noise",
+                dtype=TensorProto.FLOAT,
+                mean=0.0,
+                scale=float(io.out_noise / out_step),
+                seed=float(io.noise_seed % (1 << 24)),
+            )
             y = _op(b, "Add", [y, noise])
         if io.out_res > 0:
             y = _op(b, "Round", [y])
         limit = io.out_bound / out_step
         y = _op(b, "Clip", [y, b.scalar(-limit, _F32), b.scalar(limit, _F32)])
         unit = out_step
-    s = b.const(name + ".scale", Deferred((c, 1, out), np.float32, lambda u=unit: np.ascontiguousarray(
-        materialize(scale).T[:, None, :] * u, dtype=np.float32)), public=True)
+    s = b.const(
+        name + ".scale",
+        Deferred(
+            (c, 1, out),
+            np.float32,
+            lambda u=unit: np.ascontiguousarray(materialize(scale).T[:, None, :] * u, dtype=np.float32),
+        ),
+        public=True,
+    )
     y = _op(b, "Mul", [_op(b, "Mul", [y, nm]), s], "scaled")
     y = _op(b, "ReduceSum", [y, b.vector([0])], "sum", keepdims=0)
     return _op(b, "Cast", [y], to=helper.np_dtype_to_tensor_dtype(dtype)) if dtype != np.float32 else y
 
 
-
-
-def ort_moe_body(b: GraphBuilder, hidden: str, top_k_index: str, top_k_weights: str, output: str,
-                 experts: list[ExpertArrays], act: Activation, dtype: np.dtype, num_experts: int, top_k: int,
-                 layer: int = 0) -> None:
+def ort_moe_body(
+    b: GraphBuilder,
+    hidden: str,
+    top_k_index: str,
+    top_k_weights: str,
+    output: str,
+    experts: list[ExpertArrays],
+    act: Activation,
+    dtype: np.dtype,
+    num_experts: int,
+    top_k: int,
+    layer: int = 0,
+) -> None:
     """The group as one ONNX Runtime ``com.microsoft::MoE`` node (fused CPU/CUDA kernel), same result.
 
     ``MoE`` routes by itself (softmax over router logits, then top-k), so the routing given by the model is encoded
@@ -277,8 +337,9 @@ def ort_moe_body(b: GraphBuilder, hidden: str, top_k_index: str, top_k_weights: 
     routed_w = _op(b, "Where", [in_group, top_k_weights, zero], "routed_w")
     scale = _op(b, "Add", [_op(b, "ReduceSum", [routed_w, b.vector([1])], keepdims=1), b.scalar(1, dtype)], "scale")
     tokens = _op(b, "Gather", [_op(b, "Shape", [hidden]), b.scalar(0, _I64)], "tokens")
-    base_shape = _op(b, "Concat", [_op(b, "Unsqueeze", [tokens, b.vector([0])]), b.vector([n + 2])], "base_shape",
-                      axis=0)
+    base_shape = _op(
+        b, "Concat", [_op(b, "Unsqueeze", [tokens, b.vector([0])]), b.vector([n + 2])], "base_shape", axis=0
+    )
     row = np.full((1, n + 2), -1e4, dtype=dtype)
     row[0, n] = 0.0  # the null expert
     base = _op(b, "Expand", [b.const("logit_row", row), base_shape], "base")  # [T, n + 2]
@@ -288,19 +349,35 @@ def ort_moe_body(b: GraphBuilder, hidden: str, top_k_index: str, top_k_weights: 
     fc2 = Deferred((n + 1, *experts[0].down.shape), dtype, lambda: _stack(experts, "down", False))
     inputs = [hidden, logits, b.const(f"L{layer}.experts.fc1", fc1, public=True)]
     if experts[0].gate_up_bias is not None:
-        inputs.append(b.const(f"L{layer}.experts.fc1_bias", Deferred(
-            (n + 1, experts[0].gate_up_bias.shape[0]), dtype, lambda: _stack(experts, "gate_up_bias", True)),
-            public=True))
+        inputs.append(
+            b.const(
+                f"L{layer}.experts.fc1_bias",
+                Deferred(
+                    (n + 1, experts[0].gate_up_bias.shape[0]), dtype, lambda: _stack(experts, "gate_up_bias", True)
+                ),
+                public=True,
+            )
+        )
     else:
         inputs.append("")
     inputs.append(b.const(f"L{layer}.experts.fc2", fc2, public=True))
     if experts[0].down_bias is not None:
-        inputs.append(b.const(f"L{layer}.experts.fc2_bias", Deferred(
-            (n + 1, experts[0].down_bias.shape[0]), dtype, lambda: _stack(experts, "down_bias", False)), public=True))
+        inputs.append(
+            b.const(
+                f"L{layer}.experts.fc2_bias",
+                Deferred((n + 1, experts[0].down_bias.shape[0]), dtype, lambda: _stack(experts, "down_bias", False)),
+                public=True,
+            )
+        )
     gpt_oss = act.kind == "gpt_oss_glu"
-    attrs: dict[str, Any] = dict(k=min(top_k + 1, n + 1), activation_type="swiglu", swiglu_fusion=1,
-                                 normalize_routing_weights=0, activation_alpha=float(act.alpha) if gpt_oss else 1.0,
-                                 activation_beta=1.0 if gpt_oss else 0.0)
+    attrs: dict[str, Any] = dict(
+        k=min(top_k + 1, n + 1),
+        activation_type="swiglu",
+        swiglu_fusion=1,
+        normalize_routing_weights=0,
+        activation_alpha=float(act.alpha) if gpt_oss else 1.0,
+        activation_beta=1.0 if gpt_oss else 0.0,
+    )
     if gpt_oss and act.limit:
         attrs["swiglu_limit"] = float(act.limit)
     moe = _op(b, "MoE", inputs, "moe", domain=MOE_DOMAIN, **attrs)

@@ -5,6 +5,7 @@ to an ONNX graph with expert-group placeholders (:mod:`.onnx_capture`), partitio
 check each partition (:mod:`.writer`), then the manifest (:mod:`.manifest`). Everything is written into a
 temporary sibling of the output directory and moved into place only when all of it succeeded.
 """
+
 from __future__ import annotations
 
 import tempfile
@@ -54,8 +55,13 @@ class ExportOptions:
     cost: CostParams | None = None  # cost-model parameters for the manifest's "cost" (default: CostParams())
 
 
-def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, options: ExportOptions = ExportOptions(),
-                tokenizer=None) -> Path:
+def export_onnx(
+    model: nn.Module,
+    placement: Placement,
+    out_dir: str | Path,
+    options: ExportOptions = ExportOptions(),
+    tokenizer=None,
+) -> Path:
     """Export ``model`` placed by ``placement`` to ``out_dir``; returns the manifest's path.
 
     ``model`` is canonicalised in place (see :func:`~hetmoe_compile.canonicalize.canonicalize`)."""
@@ -65,8 +71,10 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
     require_resident(model, "ONNX export")
     restore_digital(model)  # a simulated model's analog weight storage holds programmed tiles; instances are re-made
     if placement.policy.dense != "digital":
-        raise HetMoEError("export keeps dense modules digital; the dense-on-analog ablation is simulation-only "
-                          "(place with --dense digital)")
+        raise HetMoEError(
+            "export keeps dense modules digital; the dense-on-analog ablation is simulation-only "
+            "(place with --dense digital)"
+        )
     if options.instance_seed is not None and options.monolithic:
         raise HetMoEError("a monolithic export has no analog partitions to program; drop --instance-seed")
     cfg = options.analog or AnalogConfig()
@@ -85,8 +93,11 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
         steps.set_postfix_str("torch.export")
         ep = tag_graph(model, placement, info)
         steps.update()
-        group_of = {f"{ROOT_PREFIX}{l.experts}.groups.{d}.gate_up": (l.index, d) for l in info.moe_layers
-                    for d in ("digital", "analog")}
+        group_of = {
+            f"{ROOT_PREFIX}{l.experts}.groups.{d}.gate_up": (l.index, d)
+            for l in info.moe_layers
+            for d in ("digital", "analog")
+        }
         scratch_dir = tempfile.TemporaryDirectory(prefix="hetmoe-onnx-")
         with atomic_replace_dir(out_dir, MANIFEST_NAME) as tmp, scratch_dir as scratch:
             steps.set_postfix_str("ONNX translation")
@@ -96,8 +107,9 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
             store = TensorStore(captured.model, captured.directory)
             groups = find_groups(captured.model, store, group_of)
             steps.set_postfix_str("partitioning")
-            parts = partition_graph(captured.model, store, groups, dtype, ROOT_PREFIX, options.monolithic,
-                                    options.ort_moe, lowbit)
+            parts = partition_graph(
+                captured.model, store, groups, dtype, ROOT_PREFIX, options.monolithic, options.ort_moe, lowbit
+            )
             steps.update()
             instances = options.instance_seed is not None
             steps.total += sum(1 + (instances and p.device == "analog") for p in parts)
@@ -111,8 +123,9 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
             types = value_types(captured.model)
             for part in parts:
                 steps.set_postfix_str(f"writing {part.name}")
-                files[part.name] = write_partition(part, tmp, f"{part.name}.onnx", opsets, PRODUCER,
-                                                   options.external_data_threshold, _doc(part))
+                files[part.name] = write_partition(
+                    part, tmp, f"{part.name}.onnx", opsets, PRODUCER, options.external_data_threshold, _doc(part)
+                )
                 steps.update()
                 if part.device == "analog" and options.instance_seed is not None:  # i.e. `instances`
                     assert part.layer is not None  # an analog partition is one layer's group
@@ -120,15 +133,30 @@ def export_onnx(model: nn.Module, placement: Placement, out_dir: str | Path, opt
                     group = by_layer[part.layer]
                     programmed, periphery = program_instance(model, info, group, cfg, options.instance_seed)
                     inst = analog_partition(group, store, dtype, types, programmed, periphery, ROOT_PREFIX)
-                    variants[part.name] = write_partition(inst, tmp, f"{inst.name}.onnx", opsets, PRODUCER,
-                                                          options.external_data_threshold, _doc(inst))
+                    variants[part.name] = write_partition(
+                        inst, tmp, f"{inst.name}.onnx", opsets, PRODUCER, options.external_data_threshold, _doc(inst)
+                    )
                     del programmed, inst
                     steps.update()
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            manifest = build_manifest(placement, cfg, options.instance_seed, parts, files, variants, tmp,
-                                      captured.model, OPSET, PRODUCER, tokenizer is not None, options.monolithic,
-                                      _generation_ids(model), _contrib_ops(options.ort_moe, lowbit), cost)
+            manifest = build_manifest(
+                placement,
+                cfg,
+                options.instance_seed,
+                parts,
+                files,
+                variants,
+                tmp,
+                captured.model,
+                OPSET,
+                PRODUCER,
+                tokenizer is not None,
+                options.monolithic,
+                _generation_ids(model),
+                _contrib_ops(options.ort_moe, lowbit),
+                cost,
+            )
             write_manifest(manifest, tmp / MANIFEST_NAME)
     finally:
         steps.close()
@@ -175,8 +203,9 @@ def _doc(part) -> str:
     return f"hetmoe-compile partition {part.name} ({part.device}){': ' + experts if experts else ''}"
 
 
-def program_instance(model: nn.Module, info, group: GroupNode, cfg: AnalogConfig,
-                     seed: int) -> tuple[list[ProgrammedExpert], TilePeriphery]:
+def program_instance(
+    model: nn.Module, info, group: GroupNode, cfg: AnalogConfig, seed: int
+) -> tuple[list[ProgrammedExpert], TilePeriphery]:
     """Hardware instance ``seed`` of one analog group: the same devices as ``simulate(model, cfg, seed)`` (an
     expert's devices depend only on seed, layer, expert and matrix). Experts are programmed one at a time, when
     the partition writer asks for their weights."""
@@ -186,8 +215,9 @@ def program_instance(model: nn.Module, info, group: GroupNode, cfg: AnalogConfig
     @lru_cache(maxsize=1)
     def programmed(i: int) -> dict[str, np.ndarray]:
         with torch.no_grad():
-            progs = program_group(source.gate_up[i:i + 1], source.down[i:i + 1], source.expert_ids[i:i + 1], cfg,
-                                  seed, group.layer)
+            progs = program_group(
+                source.gate_up[i : i + 1], source.down[i : i + 1], source.expert_ids[i : i + 1], cfg, seed, group.layer
+            )
         return {k: v[0].detach().cpu().numpy() for k, v in progs.items()}
 
     def field(i: int, key: str, shape: tuple[int, ...]) -> Deferred:
@@ -200,6 +230,7 @@ def program_instance(model: nn.Module, info, group: GroupNode, cfg: AnalogConfig
             count, size = split_sizes(w.shape[1], cfg.tile_size)
             shapes[f"{name}_weight"], shapes[f"{name}_scale"] = (w.shape[0], count, size), (w.shape[0], count)
         experts.append(ProgrammedExpert(**{k: field(i, k, v) for k, v in shapes.items()}))
-    periphery = TilePeriphery(cfg.inp_res, cfg.out_res, cfg.out_noise, cfg.out_bound,
-                              output_noise_seed(seed, group.layer))
+    periphery = TilePeriphery(
+        cfg.inp_res, cfg.out_res, cfg.out_noise, cfg.out_bound, output_noise_seed(seed, group.layer)
+    )
     return experts, periphery

@@ -1,4 +1,5 @@
 """A small ONNX graph builder: nodes and numpy initializers under one name prefix (no torch)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -56,8 +57,15 @@ class GraphBuilder:
         self._count += 1
         return self._count
 
-    def op(self, op_type: str, inputs: list[str], hint: str | None = None, outputs: list[str] | None = None,
-           n_out: int = 1, **attrs) -> str | list[str]:
+    def op(
+        self,
+        op_type: str,
+        inputs: list[str],
+        hint: str | None = None,
+        outputs: list[str] | None = None,
+        n_out: int = 1,
+        **attrs,
+    ) -> str | list[str]:
         """Append one node; returns its output name (or names when ``n_out > 1``)."""
         outs = outputs or [self.fresh(hint or op_type.lower()) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.fresh(op_type), **attrs))

@@ -1,4 +1,5 @@
 """Build ``manifest.json`` from the written partitions (schema: ``hetmoe_compile/schemas/manifest.schema.json``)."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,11 @@ from .partition import Partition
 
 __all__ = ["MANIFEST_NAME", "build_manifest", "tensor_spec", "write_manifest"]
 
-WEIGHT_NAMING = ("L<layer>.E<expert>.gate_up [2I, H] (gate rows then up rows) and L<layer>.E<expert>.down [H, I], "
-                 "[out, in] layout; biases .gate_up_bias/.down_bias; an instance holds .programmed [C, T, out] "
-                 "normalised conductances and .scale [C, 1, out] per matrix")
+WEIGHT_NAMING = (
+    "L<layer>.E<expert>.gate_up [2I, H] (gate rows then up rows) and L<layer>.E<expert>.down [H, I], "
+    "[out, in] layout; biases .gate_up_bias/.down_bias; an instance holds .programmed [C, T, out] "
+    "normalised conductances and .scale [C, 1, out] per matrix"
+)
 
 
 def tensor_spec(vi: ValueInfoProto) -> dict:
@@ -30,15 +33,30 @@ def tensor_spec(vi: ValueInfoProto) -> dict:
 
 
 def _files(paths: list[Path]) -> dict:
-    return {"file": paths[0].name, "sha256": file_sha256(paths[0]),
-            "external_data": [{"file": p.name, "sha256": file_sha256(p)} for p in paths[1:]]}
+    return {
+        "file": paths[0].name,
+        "sha256": file_sha256(paths[0]),
+        "external_data": [{"file": p.name, "sha256": file_sha256(p)} for p in paths[1:]],
+    }
 
 
-def build_manifest(placement: Placement, cfg: AnalogConfig, instance_seed: int | None, parts: list[Partition],
-                   files: dict[str, list[Path]], variants: dict[str, list[Path]], directory: Path,
-                   graph: ModelProto, opset: int, producer: str, has_tokenizer: bool, monolithic: bool,
-                   extra_model: dict | None = None, contrib_ops: list[str] | None = None,
-                   cost: dict | None = None) -> dict:
+def build_manifest(
+    placement: Placement,
+    cfg: AnalogConfig,
+    instance_seed: int | None,
+    parts: list[Partition],
+    files: dict[str, list[Path]],
+    variants: dict[str, list[Path]],
+    directory: Path,
+    graph: ModelProto,
+    opset: int,
+    producer: str,
+    has_tokenizer: bool,
+    monolithic: bool,
+    extra_model: dict | None = None,
+    contrib_ops: list[str] | None = None,
+    cost: dict | None = None,
+) -> dict:
     """The manifest document; ``cost`` is the cost-model estimate of the export (optional ``"cost"`` key)."""
     doc = placement.to_dict()
     partitions, schedule = [], []
@@ -62,9 +80,13 @@ def build_manifest(placement: Placement, cfg: AnalogConfig, instance_seed: int |
                 raise ValueError("instance variants need the instance_seed they were programmed with")
             entry["instance"] = {**_files(variants[part.name]), "seed": int(instance_seed)}
         partitions.append(entry)
-        schedule.append({"partition": part.name,
-                         "inputs": {n: part.bindings[n] for n in part.inputs},
-                         "outputs": {n: part.bindings[n] for n in part.outputs}})
+        schedule.append(
+            {
+                "partition": part.name,
+                "inputs": {n: part.bindings[n] for n in part.inputs},
+                "outputs": {n: part.bindings[n] for n in part.outputs},
+            }
+        )
     manifest = {
         "schema_version": MANIFEST_SCHEMA_VERSION,
         "producer": producer,

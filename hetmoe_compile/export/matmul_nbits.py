@@ -5,6 +5,7 @@ two per byte, low nibble first) and ``scales [N * K / block]``; the op computes 
 are re-derived from the (already dequantised) weights by :func:`hetmoe_compile.lowbit.quantize_groupwise`, so they
 are exactly the ones PyTorch used.
 """
+
 from __future__ import annotations
 
 import numpy as np

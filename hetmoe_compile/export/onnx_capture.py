@@ -5,6 +5,7 @@ gate_up, down[, gate_up_bias, down_bias])`` with the op's attributes; :mod:`.par
 groups' standard-op bodies and cuts the analog ones out as partitions. The graph is saved with external data into a
 scratch directory and read back without it, so no 2 GB protobuf limit applies and weights stay on disk.
 """
+
 from __future__ import annotations
 
 import re
@@ -36,32 +37,62 @@ def register_placeholder_schema() -> None:
     P, A = OpSchema.FormalParameter, OpSchema.Attribute
     opt = OpSchema.FormalParameterOption.Optional
     schema = OpSchema(
-        PLACEHOLDER, DOMAIN, 1,
+        PLACEHOLDER,
+        DOMAIN,
+        1,
         doc="Routed contribution of a group of MoE experts (placeholder replaced by hetmoe-compile).",
-        inputs=[P("hidden", "T"), P("top_k_index", "I"), P("top_k_weights", "T"), P("expert_ids", "I"),
-                P("gate_up", "T"), P("down", "T"), P("gate_up_bias", "T", param_option=opt),
-                P("down_bias", "T", param_option=opt)],
+        inputs=[
+            P("hidden", "T"),
+            P("top_k_index", "I"),
+            P("top_k_weights", "T"),
+            P("expert_ids", "I"),
+            P("gate_up", "T"),
+            P("down", "T"),
+            P("gate_up_bias", "T", param_option=opt),
+            P("down_bias", "T", param_option=opt),
+        ],
         outputs=[P("output", "T")],
         type_constraints=[("T", FLOATS, "float tensors"), ("I", ["tensor(int64)"], "indices")],
-        attributes=[A("num_experts", OpSchema.AttrType.INT, "experts in the layer"),
-                    A("activation", OpSchema.AttrType.STRING, "glu or gpt_oss_glu"),
-                    A("act_name", OpSchema.AttrType.STRING, "activation function"),
-                    A("alpha", OpSchema.AttrType.FLOAT, "gpt_oss_glu alpha"),
-                    A("limit", OpSchema.AttrType.FLOAT, "gpt_oss_glu limit")],
+        attributes=[
+            A("num_experts", OpSchema.AttrType.INT, "experts in the layer"),
+            A("activation", OpSchema.AttrType.STRING, "glu or gpt_oss_glu"),
+            A("act_name", OpSchema.AttrType.STRING, "activation function"),
+            A("alpha", OpSchema.AttrType.FLOAT, "gpt_oss_glu alpha"),
+            A("limit", OpSchema.AttrType.FLOAT, "gpt_oss_glu limit"),
+        ],
     )
     onnx.defs.register_schema(schema)
 
 
-def _translate(hidden, top_k_index, top_k_weights, expert_ids, gate_up, down, gate_up_bias=None, down_bias=None,
-               num_experts=0, activation="glu", act_name="silu", alpha=0.0, limit=0.0):
+def _translate(
+    hidden,
+    top_k_index,
+    top_k_weights,
+    expert_ids,
+    gate_up,
+    down,
+    gate_up_bias=None,
+    down_bias=None,
+    num_experts=0,
+    activation="glu",
+    act_name="silu",
+    alpha=0.0,
+    limit=0.0,
+):
     import onnxscript
 
     het = onnxscript.values.Opset(DOMAIN, 1)
     inputs = [hidden, top_k_index, top_k_weights, expert_ids, gate_up, down]
     if gate_up_bias is not None or down_bias is not None:
         inputs += [gate_up_bias, down_bias]
-    return het.ExpertGroup(*inputs, num_experts=int(num_experts), activation=str(activation),
-                           act_name=str(act_name), alpha=float(alpha), limit=float(limit))
+    return het.ExpertGroup(
+        *inputs,
+        num_experts=int(num_experts),
+        activation=str(activation),
+        act_name=str(act_name),
+        alpha=float(alpha),
+        limit=float(limit),
+    )
 
 
 @dataclass
@@ -77,8 +108,9 @@ def to_onnx(ep: ExportedProgram, directory: Path) -> CapturedGraph:
     register_placeholder_schema()
     table: dict[Callable[..., Any], Callable[..., Any]] = {torch.ops.hetmoe.expert_group.default: _translate}
     try:
-        program = torch.onnx.export(ep, dynamo=True, custom_translation_table=table, optimize=True,
-                                    opset_version=OPSET, verbose=False)
+        program = torch.onnx.export(
+            ep, dynamo=True, custom_translation_table=table, optimize=True, opset_version=OPSET, verbose=False
+        )
     except Exception as exc:  # one line for the user; the traceback stays chained
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise HetMoEError(f"ONNX translation failed: {first}") from exc

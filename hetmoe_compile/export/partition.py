@@ -7,6 +7,7 @@ of stage ``d - 1`` and before those of stage ``d``, so the schedule is ``D0, A0,
 MoE layers. Tensors crossing a cut become partition outputs and inputs; ``Constant`` nodes and initializers are
 copied into every partition that uses them.
 """
+
 from __future__ import annotations
 
 import ast
@@ -47,10 +48,16 @@ class GroupNode:
         """Lazy per-expert weights read from the group's stacked initializers."""
         names = list(self.node.input)
         bias = len(names) > 6 and names[6]
-        return [ExpertArrays(e, store.ref(names[4], i), store.ref(names[5], i),
-                             store.ref(names[6], i) if bias else None,
-                             store.ref(names[7], i) if bias else None)
-                for i, e in enumerate(self.expert_ids)]
+        return [
+            ExpertArrays(
+                e,
+                store.ref(names[4], i),
+                store.ref(names[5], i),
+                store.ref(names[6], i) if bias else None,
+                store.ref(names[7], i) if bias else None,
+            )
+            for i, e in enumerate(self.expert_ids)
+        ]
 
 
 @dataclass
@@ -82,8 +89,12 @@ def find_groups(model: ModelProto, store: TensorStore, group_of: dict[str, tuple
             raise ValueError(f"expert group with weights '{node.input[4]}' is not in the placement")
         layer, device = group_of[node.input[4]]
         attrs = _attrs(node)
-        act = Activation(_str(attrs.get("activation", "glu")), _str(attrs.get("act_name", "silu")),
-                         float(attrs.get("alpha", 0.0)), float(attrs.get("limit", 0.0)))
+        act = Activation(
+            _str(attrs.get("activation", "glu")),
+            _str(attrs.get("act_name", "silu")),
+            float(attrs.get("alpha", 0.0)),
+            float(attrs.get("limit", 0.0)),
+        )
         ids = [int(i) for i in store.load(node.input[3]).reshape(-1)]
         dims = types[node.input[1]].type.tensor_type.shape.dim if node.input[1] in types else []
         top_k = dims[1].dim_value if len(dims) == 2 and dims[1].HasField("dim_value") else 0
@@ -95,10 +106,17 @@ def _str(v) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
 
 
-def inline_group(group: GroupNode, store: TensorStore, dtype: np.dtype,
-                 programmed: list[ProgrammedExpert] | None = None, periphery: TilePeriphery | None = None,
-                 inputs: list[str] | None = None, output: str | None = None, ort_moe: bool = False,
-                 lowbit: tuple[int, int] | None = None) -> GraphBuilder:
+def inline_group(
+    group: GroupNode,
+    store: TensorStore,
+    dtype: np.dtype,
+    programmed: list[ProgrammedExpert] | None = None,
+    periphery: TilePeriphery | None = None,
+    inputs: list[str] | None = None,
+    output: str | None = None,
+    ort_moe: bool = False,
+    lowbit: tuple[int, int] | None = None,
+) -> GraphBuilder:
     """The body of ``group`` (on the placeholder's tensors unless ``inputs``/``output`` are given): standard ops,
     with ``ort_moe`` one ``com.microsoft::MoE`` node, with ``lowbit = (bits, group_size)`` ``MatMulNBits``."""
     b = GraphBuilder(f"hetmoe/L{group.layer}/{group.device}/")
@@ -107,11 +125,34 @@ def inline_group(group: GroupNode, store: TensorStore, dtype: np.dtype,
     if ort_moe:
         if not group.top_k:
             raise HetMoEError(f"layer {group.layer}: the routing width K is not static; export without --ort-moe")
-        ort_moe_body(b, hidden, index, weights, out, group.experts(store), group.act, dtype,
-                     int(_attrs(group.node).get("num_experts", 0)), group.top_k, group.layer)
+        ort_moe_body(
+            b,
+            hidden,
+            index,
+            weights,
+            out,
+            group.experts(store),
+            group.act,
+            dtype,
+            int(_attrs(group.node).get("num_experts", 0)),
+            group.top_k,
+            group.layer,
+        )
     else:
-        expert_group_body(b, hidden, index, weights, out, group.experts(store), group.act, dtype, programmed,
-                          periphery, group.layer, lowbit)
+        expert_group_body(
+            b,
+            hidden,
+            index,
+            weights,
+            out,
+            group.experts(store),
+            group.act,
+            dtype,
+            programmed,
+            periphery,
+            group.layer,
+            lowbit,
+        )
     return b
 
 
@@ -152,7 +193,7 @@ def _module_of(node: NodeProto, root_prefix: str) -> str | None:
             except (ValueError, SyntaxError):
                 return None
             mods = [s for s in scopes[:-1] if s.startswith(root_prefix)]
-            return mods[-1][len(root_prefix):] if mods else None
+            return mods[-1][len(root_prefix) :] if mods else None
     return None
 
 
@@ -168,9 +209,16 @@ class _Stages:
     constants: dict[str, NodeProto] = field(default_factory=dict)
 
 
-def _assign_stages(model: ModelProto, store: TensorStore, groups: list[GroupNode], dtype: np.dtype,
-                   root_prefix: str, monolithic: bool, ort_moe: bool,
-                   lowbit: dict[int, tuple[int, int]]) -> _Stages:
+def _assign_stages(
+    model: ModelProto,
+    store: TensorStore,
+    groups: list[GroupNode],
+    dtype: np.dtype,
+    root_prefix: str,
+    monolithic: bool,
+    ort_moe: bool,
+    lowbit: dict[int, tuple[int, int]],
+) -> _Stages:
     by_node = {id(g.node): g for g in groups}
     out = _Stages()
     stage: dict[str, int] = {}
@@ -193,17 +241,25 @@ def _assign_stages(model: ModelProto, store: TensorStore, groups: list[GroupNode
             out.digital.setdefault(s, []).append(node)
             continue
         digital = group.device == "digital"
-        b = inline_group(group, store, dtype, ort_moe=ort_moe and digital,
-                         lowbit=lowbit.get(group.layer) if digital else None)
+        b = inline_group(
+            group, store, dtype, ort_moe=ort_moe and digital, lowbit=lowbit.get(group.layer) if digital else None
+        )
         out.digital.setdefault(s, []).extend(b.nodes)
         out.body_inits.setdefault(s, {}).update(b.initializers)
         out.experts.setdefault(s, {}).setdefault(group.layer, []).extend(group.expert_ids)
     return out
 
 
-def partition_graph(model: ModelProto, store: TensorStore, groups: list[GroupNode], dtype: np.dtype,
-                    root_prefix: str, monolithic: bool = False, ort_moe: bool = False,
-                    lowbit: dict[int, tuple[int, int]] | None = None) -> list[Partition]:
+def partition_graph(
+    model: ModelProto,
+    store: TensorStore,
+    groups: list[GroupNode],
+    dtype: np.dtype,
+    root_prefix: str,
+    monolithic: bool = False,
+    ort_moe: bool = False,
+    lowbit: dict[int, tuple[int, int]] | None = None,
+) -> list[Partition]:
     """Split ``model`` into the scheduled partitions (``monolithic``: one partition, analog groups inlined ideal;
     ``ort_moe``: digital expert groups as ``com.microsoft::MoE`` nodes; ``lowbit``: layer -> ``(bits, group_size)``
     of low-bit digital experts, emitted as ``MatMulNBits``).
@@ -223,8 +279,11 @@ def partition_graph(model: ModelProto, store: TensorStore, groups: list[GroupNod
 
     consumers: dict[str, set[str]] = {n.name: {"<output>"} for n in model.graph.output}
     for kind, key in order:
-        used = (list(key.node.input[:3]) if isinstance(key, GroupNode)  # analog
-                else [n for node in st.digital[key] for n in _node_inputs(node)])
+        used = (
+            list(key.node.input[:3])
+            if isinstance(key, GroupNode)  # analog
+            else [n for node in st.digital[key] for n in _node_inputs(node)]
+        )
         for n in used:
             consumers.setdefault(n, set()).add(name_of(kind, key))
     types = value_types(model)
@@ -235,14 +294,20 @@ def partition_graph(model: ModelProto, store: TensorStore, groups: list[GroupNod
         if isinstance(key, GroupNode):  # analog
             parts.append(analog_partition(key, store, dtype, types, root_prefix=root_prefix))
         else:
-            parts.append(_digital_partition(name_of(kind, key), key, st, store, inits, consumers, graph_inputs,
-                                            types))
+            parts.append(_digital_partition(name_of(kind, key), key, st, store, inits, consumers, graph_inputs, types))
     return parts
 
 
-def _digital_partition(name: str, stage: int, st: _Stages, store: TensorStore, inits: set[str],
-                       consumers: dict[str, set[str]], graph_inputs: list[str],
-                       types: dict[str, ValueInfoProto]) -> Partition:
+def _digital_partition(
+    name: str,
+    stage: int,
+    st: _Stages,
+    store: TensorStore,
+    inits: set[str],
+    consumers: dict[str, set[str]],
+    graph_inputs: list[str],
+    types: dict[str, ValueInfoProto],
+) -> Partition:
     """One digital stage: its inputs are the tensors it reads that no node, initializer or constant of it makes;
     its outputs are the tensors it makes that another partition (or the model output) reads."""
     nodes = st.digital[stage]
@@ -264,18 +329,33 @@ def _digital_partition(name: str, stage: int, st: _Stages, store: TensorStore, i
             needed[n] = None
     outputs = [n for n in _ordered(nodes) if consumers.get(n, set()) - {name}]
     ins = [n for n in graph_inputs if n in needed] + [n for n in needed if n not in graph_inputs]
-    return Partition(name, "digital", list(const_nodes.values()) + nodes, weights, ins, outputs,
-                     {n: n for n in ins + outputs}, {n: types[n] for n in ins + outputs if n in types},
-                     expert_ids=st.experts.get(stage, {}), source_modules=st.modules.get(stage, []))
+    return Partition(
+        name,
+        "digital",
+        list(const_nodes.values()) + nodes,
+        weights,
+        ins,
+        outputs,
+        {n: n for n in ins + outputs},
+        {n: types[n] for n in ins + outputs if n in types},
+        expert_ids=st.experts.get(stage, {}),
+        source_modules=st.modules.get(stage, []),
+    )
 
 
 def _ordered(nodes: list[NodeProto]) -> list[str]:
     return [o for node in nodes for o in node.output if o]
 
 
-def analog_partition(group: GroupNode, store: TensorStore, dtype: np.dtype, types: dict[str, ValueInfoProto],
-                     programmed: list[ProgrammedExpert] | None = None, periphery: TilePeriphery | None = None,
-                     root_prefix: str = "model.") -> Partition:
+def analog_partition(
+    group: GroupNode,
+    store: TensorStore,
+    dtype: np.dtype,
+    types: dict[str, ValueInfoProto],
+    programmed: list[ProgrammedExpert] | None = None,
+    periphery: TilePeriphery | None = None,
+    root_prefix: str = "model.",
+) -> Partition:
     """The partition of one analog group: ideal weights, or one programmed instance when ``programmed`` is given."""
     b = inline_group(group, store, dtype, programmed, periphery, list(ANALOG_INPUTS), ANALOG_OUTPUT)
     glob = [*group.node.input[:3], group.node.output[0]]
@@ -288,6 +368,17 @@ def analog_partition(group: GroupNode, store: TensorStore, dtype: np.dtype, type
             vi.name = loc
             typ[loc] = vi
     suffix = "" if programmed is None else ".instance"
-    return Partition(f"analog_L{group.layer}{suffix}", "analog", b.nodes, b.initializers, list(ANALOG_INPUTS),
-                     [ANALOG_OUTPUT], dict(zip(local, glob)), typ, group.layer, {group.layer: group.expert_ids},
-                     [_module_of(group.node, root_prefix) or f"layers.{group.layer}.experts"], group.act)
+    return Partition(
+        f"analog_L{group.layer}{suffix}",
+        "analog",
+        b.nodes,
+        b.initializers,
+        list(ANALOG_INPUTS),
+        [ANALOG_OUTPUT],
+        dict(zip(local, glob)),
+        typ,
+        group.layer,
+        {group.layer: group.expert_ids},
+        [_module_of(group.node, root_prefix) or f"layers.{group.layer}.experts"],
+        group.act,
+    )

@@ -1,4 +1,5 @@
 """Initializers of a captured ONNX graph, read from its external-data file only when needed."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

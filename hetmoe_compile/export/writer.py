@@ -1,4 +1,5 @@
 """Write one partition as an ONNX file (external data above a size threshold) and check it."""
+
 from __future__ import annotations
 
 from contextlib import nullcontext
@@ -17,8 +18,15 @@ EXTERNAL_DATA_THRESHOLD = 1 << 28
 protobuf files cannot exceed 2 GB, and streaming tensors to a data file keeps the exporter's memory flat."""
 
 
-def write_partition(part: Partition, directory: Path, filename: str, opsets: list, producer: str,
-                    threshold: int = EXTERNAL_DATA_THRESHOLD, doc: str = "") -> list[Path]:
+def write_partition(
+    part: Partition,
+    directory: Path,
+    filename: str,
+    opsets: list,
+    producer: str,
+    threshold: int = EXTERNAL_DATA_THRESHOLD,
+    doc: str = "",
+) -> list[Path]:
     """Write ``part`` to ``directory / filename``; returns the files written (model first, then its data)."""
     path = directory / filename
     total = sum(int(cast("np.ndarray | LazyArray", a).nbytes) for a in part.initializers.values())
@@ -31,8 +39,9 @@ def write_partition(part: Partition, directory: Path, filename: str, opsets: lis
             array = np.asarray(array, order="C")
             if external and array.nbytes >= 1024:
                 assert data is not None  # opened when external
-                t = TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype),
-                                dims=list(array.shape))
+                t = TensorProto(
+                    name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=list(array.shape)
+                )
                 offset = data.tell()
                 data.write(array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes())
                 t.data_location = TensorProto.EXTERNAL

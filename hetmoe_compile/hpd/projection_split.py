@@ -9,6 +9,7 @@ Targets: the LM head (the module of kind ``lm_head``) and the attention output p
 children named ``o_proj`` of modules of kind ``attention``). :func:`~hetmoe_compile.analog.simulate` puts every
 ``HPDLinear.u_sigma`` on simulated tiles, whatever its ``dense`` argument, and keeps ``v_t`` digital.
 """
+
 from __future__ import annotations
 
 import math
@@ -91,9 +92,11 @@ def require_unsplit(model: nn.Module, what: str) -> None:
     """Refuse ``what`` on a model with HPD-split projections (the paths that only know analog expert groups would
     run the analog ``U·Σ`` half digitally and say nothing)."""
     if hpd_modules(model):
-        raise HetMoEError(f"{what} does not support HPD-split projections yet (the analog U·Σ half would run "
-                          "digitally); HPD is simulation-only: call hetmoe_compile.hpd.unsplit_projections(model) "
-                          "first")
+        raise HetMoEError(
+            f"{what} does not support HPD-split projections yet (the analog U·Σ half would run "
+            "digitally); HPD is simulation-only: call hetmoe_compile.hpd.unsplit_projections(model) "
+            "first"
+        )
 
 
 def find_projections(model: nn.Module, info: ModelInfo, targets=TARGETS) -> list[tuple[str, str]]:
@@ -112,8 +115,10 @@ def find_projections(model: nn.Module, info: ModelInfo, targets=TARGETS) -> list
             continue
         if not isinstance(module, nn.Linear):
             if any(isinstance(m, nn.Linear) for m in module.modules()):  # wrapped, e.g. on simulated tiles
-                raise HetMoEError(f"{name} is a {type(module).__name__} around its nn.Linear: restore the digital "
-                                  "model (analog.restore_digital(model)) before HPD-splitting it")
+                raise HetMoEError(
+                    f"{name} is a {type(module).__name__} around its nn.Linear: restore the digital "
+                    "model (analog.restore_digital(model)) before HPD-splitting it"
+                )
             continue
         found.append((name, target))
     return found
@@ -138,8 +143,10 @@ def resolve_rank(rank: int | float | None, full: int, module: str = "projection"
             raise HetMoEError(f"HPD rank fraction must be in (0, 1], got {rank}; pass an int for an absolute rank")
         return max(1, math.ceil(rank * full - 1e-9))
     if not 0 < rank <= full:
-        raise HetMoEError(f"HPD rank {rank} is out of range for {module} (full rank {full}): use 1..{full}, "
-                          "a fraction in (0, 1], or None for full rank")
+        raise HetMoEError(
+            f"HPD rank {rank} is out of range for {module} (full rank {full}): use 1..{full}, "
+            "a fraction in (0, 1], or None for full rank"
+        )
     return int(rank)
 
 
@@ -156,8 +163,8 @@ def _rel_error(weight: torch.Tensor, u_sigma: torch.Tensor, v_t: torch.Tensor) -
     v = v_t.to(torch.float64)
     err = ref = 0.0
     for i in range(0, weight.shape[0], _ROW_CHUNK):
-        w = weight[i:i + _ROW_CHUNK].to(torch.float64)
-        err += float(torch.sum((w - u_sigma[i:i + _ROW_CHUNK].to(torch.float64) @ v) ** 2))
+        w = weight[i : i + _ROW_CHUNK].to(torch.float64)
+        err += float(torch.sum((w - u_sigma[i : i + _ROW_CHUNK].to(torch.float64) @ v) ** 2))
         ref += float(torch.sum(w**2))
     return math.sqrt(err / ref) if ref > 0 else 0.0
 
@@ -182,8 +189,13 @@ def split_linear(linear: nn.Linear, rank: int, target: str = "", kind: str = "")
     tail = math.sqrt(float(s2[rank:].sum()) / total) if total > 0 else 0.0
     module = HPDLinear(v_t, u_sigma, linear, target, kind)
     record = HPDRecord(
-        module=target, kind=kind, shape=(out_f, in_f), rank=rank, full_rank=full,
-        rel_error=_rel_error(weight, u_sigma.weight, v_t.weight), tail_bound=tail,
+        module=target,
+        kind=kind,
+        shape=(out_f, in_f),
+        rank=rank,
+        full_rank=full,
+        rel_error=_rel_error(weight, u_sigma.weight, v_t.weight),
+        tail_bound=tail,
         digital_params=v_t.weight.numel() + (0 if linear.bias is None else linear.bias.numel()),
         analog_params=u_sigma.weight.numel(),
     )
@@ -206,8 +218,9 @@ def _shared_params(model: nn.Module, module: nn.Module) -> bool:
 
 
 @torch.no_grad()
-def split_projections(model: nn.Module, info: ModelInfo | None = None, targets=TARGETS,
-                      rank: int | float | None = None) -> list[HPDRecord]:
+def split_projections(
+    model: nn.Module, info: ModelInfo | None = None, targets=TARGETS, rank: int | float | None = None
+) -> list[HPDRecord]:
     """HPD-split, in place, every projection of ``model`` that ``targets`` select (see :data:`TARGETS`).
 
     ``rank``: ``None`` = full rank ``min(out, in)`` (exact up to float error), an int = that rank for every
@@ -221,8 +234,10 @@ def split_projections(model: nn.Module, info: ModelInfo | None = None, targets=T
     info = info or recognize(model)
     found = find_projections(model, info, targets)
     if not found:
-        raise HetMoEError(f"found no projection to HPD-split for target(s) {', '.join(targets)} (no nn.Linear "
-                          f"LM head / attention o_proj); valid targets: {', '.join(TARGETS)}")
+        raise HetMoEError(
+            f"found no projection to HPD-split for target(s) {', '.join(targets)} (no nn.Linear "
+            f"LM head / attention o_proj); valid targets: {', '.join(TARGETS)}"
+        )
     ranks = {}
     for path, _ in found:  # validate every rank before touching the model
         linear = cast(nn.Linear, model.get_submodule(path))  # find_projections finds nn.Linear modules only
@@ -257,8 +272,10 @@ def hpd_output_error(module: HPDLinear, x: torch.Tensor) -> float:
     """``||hpd(x) - W x||_F / ||W x||_F`` on inputs ``x [..., in]``: the split's output error, including analog
     noise when ``u_sigma`` is simulated (call :func:`~hetmoe_compile.analog.simulate` first)."""
     if not isinstance(module, HPDLinear):
-        raise HetMoEError(f"hpd_output_error needs an HPDLinear, got {type(module).__name__}; split with "
-                          "hpd.split_projections(model) first")
+        raise HetMoEError(
+            f"hpd_output_error needs an HPDLinear, got {type(module).__name__}; split with "
+            "hpd.split_projections(model) first"
+        )
     ref = module.original(x).to(torch.float64)
     y = module(x).to(torch.float64)
     norm = float(torch.linalg.vector_norm(ref))

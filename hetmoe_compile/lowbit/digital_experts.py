@@ -4,6 +4,7 @@ The weights are replaced by their dequantised values (fake quantisation), so sim
 ``torch.compile`` backend see exactly what an INT8/INT4 kernel computes; the ONNX export re-derives the integers
 and emits ``com.microsoft::MatMulNBits``. Analog groups and dense modules are untouched.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -42,8 +43,14 @@ def _rel(delta: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def quantize_digital_experts(model: nn.Module, bits: int, group_size: int = 128, info: ModelInfo | None = None,
-                             inputs: torch.Tensor | None = None, seed: int = 0) -> list[ExpertQuantError]:
+def quantize_digital_experts(
+    model: nn.Module,
+    bits: int,
+    group_size: int = 128,
+    info: ModelInfo | None = None,
+    inputs: torch.Tensor | None = None,
+    seed: int = 0,
+) -> list[ExpertQuantError]:
     """Quantise the digital experts of a canonical model; returns each expert's error. ``inputs [n, H]`` are the
     tokens the output error is measured on (default: 256 standard-normal vectors drawn with ``seed``)."""
     info = info or recognize(model)

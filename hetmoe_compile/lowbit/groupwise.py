@@ -5,6 +5,7 @@ or 7) and its weights round to integers in ``[-qmax, qmax]``. Rounding moves a w
 ``||dW||_F <= sqrt(sum_g group_size * (step_g / 2)^2)``. For isotropic inputs the RMS relative output error of the
 layer equals ``||dW||_F / ||W||_F``; :func:`error_bound` is that ratio's worst case, from the step sizes alone.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -27,7 +28,8 @@ class GroupwiseQuant(NamedTuple):
     def dequantize(self) -> torch.Tensor:
         out, n = self.q.shape
         return (self.q.float().reshape(out, n // self.group_size, self.group_size) * self.scale[..., None]).reshape(
-            out, n)
+            out, n
+        )
 
 
 def check_quant_args(bits: int, group_size: int, in_features: int, what: str = "matrix") -> None:
@@ -36,8 +38,10 @@ def check_quant_args(bits: int, group_size: int, in_features: int, what: str = "
         raise HetMoEError(f"weight quantisation supports {' and '.join(map(str, BITS))} bits, got {bits}")
     if group_size < 1 or in_features % group_size:
         fits = [g for g in range(16, in_features + 1) if in_features % g == 0 and g & (g - 1) == 0]
-        raise HetMoEError(f"group size {group_size} does not divide the {in_features} inputs of {what}; sizes that "
-                          f"fit: {', '.join(map(str, fits)) or in_features}")
+        raise HetMoEError(
+            f"group size {group_size} does not divide the {in_features} inputs of {what}; sizes that "
+            f"fit: {', '.join(map(str, fits)) or in_features}"
+        )
 
 
 def quantize_groupwise(w: torch.Tensor, bits: int, group_size: int) -> GroupwiseQuant:

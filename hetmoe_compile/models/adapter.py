@@ -3,6 +3,7 @@
 Adding a family is one small file in this package that builds a :class:`FamilyAdapter` and calls
 :func:`register`. Everything else (recognition, canonicalisation, scoring, export) is generic.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -7,6 +7,7 @@ take one expert's weights of memory. Checkpoint keys are mapped to the model's p
 own conversion mapping from transformers (renamings such as ``block_sparse_moe`` -> ``mlp``, and the per-expert
 ``experts.<e>.gate_proj`` / ``up_proj`` / ``down_proj`` tensors that transformers merges into fused ones).
 """
+
 from __future__ import annotations
 
 import json
@@ -30,8 +31,16 @@ if TYPE_CHECKING:
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
-    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 
@@ -51,8 +60,10 @@ def _read_header(path: Path) -> dict[str, _Entry]:
             raise HetMoEError(f"{path}: truncated safetensors file (no header); re-download or re-save the model")
         (length,) = struct.unpack("<Q", raw)
         if length > size - 8:
-            raise HetMoEError(f"{path}: truncated safetensors file (header of {length} bytes, file of {size}); "
-                              "re-download or re-save the model")
+            raise HetMoEError(
+                f"{path}: truncated safetensors file (header of {length} bytes, file of {size}); "
+                "re-download or re-save the model"
+            )
         try:
             header = json.loads(f.read(length))
         except ValueError as exc:
@@ -62,13 +73,17 @@ def _read_header(path: Path) -> dict[str, _Entry]:
         if key == "__metadata__":
             continue
         if meta["dtype"] not in _DTYPES:
-            raise HetMoEError(f"{path}: tensor {key} has dtype {meta['dtype']}, which scoring from the checkpoint "
-                              "does not read; load the model instead (--load full)")
+            raise HetMoEError(
+                f"{path}: tensor {key} has dtype {meta['dtype']}, which scoring from the checkpoint "
+                "does not read; load the model instead (--load full)"
+            )
         begin, end = meta["data_offsets"]
         entry = _Entry(path, _DTYPES[meta["dtype"]], tuple(meta["shape"]), 8 + length + begin)
         if 8 + length + end > size:
-            raise HetMoEError(f"{path}: truncated safetensors file (tensor {key} ends past the end of the file); "
-                              "re-download or re-save the model")
+            raise HetMoEError(
+                f"{path}: truncated safetensors file (tensor {key} ends past the end of the file); "
+                "re-download or re-save the model"
+            )
         out[key] = entry
     return out
 
@@ -85,9 +100,11 @@ def shard_files(directory: Path) -> list[str] | None:
     files = sorted(set(weight_map.values()))
     missing = [f for f in files if not (Path(directory) / f).is_file()]
     if missing:
-        raise HetMoEError(f"{directory}: {len(missing)} of {len(files)} checkpoint shards are missing "
-                          f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); download the complete "
-                          "model")
+        raise HetMoEError(
+            f"{directory}: {len(missing)} of {len(files)} checkpoint shards are missing "
+            f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}); download the complete "
+            "model"
+        )
     return files
 
 
@@ -102,8 +119,10 @@ class Checkpoint:
         elif (self.directory / SINGLE_NAME).is_file():
             paths = [self.directory / SINGLE_NAME]
         else:
-            raise HetMoEError(f"{self.directory}: no {SINGLE_NAME} or {INDEX_NAME}; scoring without loading needs "
-                              "safetensors weights (or load the model: --load full)")
+            raise HetMoEError(
+                f"{self.directory}: no {SINGLE_NAME} or {INDEX_NAME}; scoring without loading needs "
+                "safetensors weights (or load the model: --load full)"
+            )
         self.entries: dict[str, _Entry] = {}
         for path in paths:
             self.entries.update(_read_header(path))
@@ -163,10 +182,13 @@ class ParameterSource:
             converter = by_pattern[pattern]
             numbers = re.findall(r"experts\.(\d+)\.", key)
             if not numbers:
-                raise HetMoEError(f"{key}: merged by transformers in a way scoring from the checkpoint does not read; "
-                                  "load the model instead (--load full)")
+                raise HetMoEError(
+                    f"{key}: merged by transformers in a way scoring from the checkpoint does not read; "
+                    "load the model instead (--load full)"
+                )
             self.merged.setdefault(target, {}).setdefault(int(numbers[-1]), {})[
-                converter.source_patterns.index(pattern)] = key
+                converter.source_patterns.index(pattern)
+            ] = key
             self.ops[target] = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
 
     def read(self, name: str) -> torch.Tensor:
@@ -182,8 +204,10 @@ class ParameterSource:
         if name in self.direct:
             key = self.direct[name]
             if not 0 <= index < self.checkpoint.shape(key)[0]:
-                raise HetMoEError(f"the checkpoint's {key} has {self.checkpoint.shape(key)[0]} experts, not "
-                                  f"{index + 1} or more; it does not match the model's config")
+                raise HetMoEError(
+                    f"the checkpoint's {key} has {self.checkpoint.shape(key)[0]} experts, not "
+                    f"{index + 1} or more; it does not match the model's config"
+                )
             return self.checkpoint.read(key, index)
         if name not in self.merged:
             raise HetMoEError(f"the checkpoint has no tensor for {name}; it does not match the model's config")
@@ -196,8 +220,10 @@ class ParameterSource:
             return tensors[0]
         if ops[:1] == [("MergeModulelist", 0)] and ops[1:] and ops[1][0] == "Concatenate" and len(ops) == 2:
             return torch.cat(tensors, dim=ops[1][1] - 1)  # Concatenate(dim=d) of the merged [E, ...] stacks
-        raise HetMoEError(f"{name}: transformers builds it with {ops}, which scoring from the checkpoint does not "
-                          "read; load the model instead (--load full)")
+        raise HetMoEError(
+            f"{name}: transformers builds it with {ops}, which scoring from the checkpoint does not "
+            "read; load the model instead (--load full)"
+        )
 
 
 def _with_prefix(key: str, names: set[str], prefix: str) -> str:
@@ -206,6 +232,6 @@ def _with_prefix(key: str, names: set[str], prefix: str) -> str:
         return key
     if f"{prefix}.{key}" in names:
         return f"{prefix}.{key}"
-    if key.startswith(prefix + ".") and key[len(prefix) + 1:] in names:
-        return key[len(prefix) + 1:]
+    if key.startswith(prefix + ".") and key[len(prefix) + 1 :] in names:
+        return key[len(prefix) + 1 :]
     return key

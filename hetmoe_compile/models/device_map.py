@@ -13,6 +13,7 @@ Canonicalising an offloaded layer builds its expert groups from the loaded weigh
 device, so its routed experts become resident there (its attention and norms stay offloaded); every expert group
 is programmed on its own group's device.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,9 +77,11 @@ def require_resident(model: nn.Module, what: str) -> None:
     """Refuse ``what`` on a model with offloaded weights, naming them and the fix."""
     names = offloaded_modules(model)
     if names:
-        raise HetMoEError(f"{what} needs every weight in memory, but {len(names)} modules are offloaded by the "
-                          f"device map (e.g. {names[0]}); load the model without offload (more devices or memory, "
-                          "or no --device-map)")
+        raise HetMoEError(
+            f"{what} needs every weight in memory, but {len(names)} modules are offloaded by the "
+            f"device map (e.g. {names[0]}); load the model without offload (more devices or memory, "
+            "or no --device-map)"
+        )
 
 
 def parse_device_map(value: str) -> str | dict:
@@ -89,19 +92,24 @@ def parse_device_map(value: str) -> str | dict:
     path = Path(value).expanduser()
     if not value.lstrip().startswith("{"):
         if not path.is_file():
-            raise HetMoEError(f"--device-map {value}: not a strategy ({', '.join(STRATEGIES)}), a JSON object or a "
-                              "JSON file; e.g. --device-map auto")
+            raise HetMoEError(
+                f"--device-map {value}: not a strategy ({', '.join(STRATEGIES)}), a JSON object or a "
+                "JSON file; e.g. --device-map auto"
+            )
         text = path.read_text()
     try:
         mapping = json.loads(text)
     except json.JSONDecodeError as exc:
-        raise HetMoEError(f"--device-map {value}: not valid JSON ({exc.msg} at line {exc.lineno}); give "
-                          '{"module name": "cuda:0" | "cpu" | "disk", ...}') from exc
+        raise HetMoEError(
+            f"--device-map {value}: not valid JSON ({exc.msg} at line {exc.lineno}); give "
+            '{"module name": "cuda:0" | "cpu" | "disk", ...}'
+        ) from exc
     if not isinstance(mapping, dict) or not mapping:
         raise HetMoEError(f"--device-map {value}: expected a JSON object of module name -> device")
     for key, device in mapping.items():
-        if not isinstance(device, (str, int)) or (isinstance(device, str) and device not in ("cpu", "disk", "meta")
-                                                  and not _is_device(device)):
+        if not isinstance(device, (str, int)) or (
+            isinstance(device, str) and device not in ("cpu", "disk", "meta") and not _is_device(device)
+        ):
             raise HetMoEError(f"--device-map: module {key!r} has device {device!r}; use cuda:N, N, cpu or disk")
     return mapping
 
@@ -117,7 +125,12 @@ def _is_device(name: str) -> bool:
 def check_dtype_on_device(dtype: torch.dtype, device: torch.device | str) -> None:
     """A dtype the device has no fast kernels for is an error, not a silently slow or wrong run."""
     device = torch.device(device)
-    if device.type == "cuda" and dtype == torch.bfloat16 and torch.cuda.is_available() \
-            and not torch.cuda.is_bf16_supported():
-        raise HetMoEError(f"{torch.cuda.get_device_name(device)} has no bfloat16 kernels; use --dtype float16 or "
-                          "float32")
+    if (
+        device.type == "cuda"
+        and dtype == torch.bfloat16
+        and torch.cuda.is_available()
+        and not torch.cuda.is_bf16_supported()
+    ):
+        raise HetMoEError(
+            f"{torch.cuda.get_device_name(device)} has no bfloat16 kernels; use --dtype float16 or float32"
+        )

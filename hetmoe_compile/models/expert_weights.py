@@ -1,4 +1,5 @@
 """Read a family's fused expert tensors in the canonical ``[out_features, in_features]`` form."""
+
 from __future__ import annotations
 
 from typing import cast

@@ -1,5 +1,6 @@
 """GPT-OSS: ``mlp.router`` (with bias, returns a tuple); experts stored transposed, gate/up interleaved, with
 biases and a clamped swiglu (``swiglu_alpha``, ``swiglu_limit``)."""
+
 from .adapter import ExpertLayout, FamilyAdapter, register
 
 ADAPTER = register(

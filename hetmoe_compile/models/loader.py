@@ -1,4 +1,5 @@
 """Load a causal LM from a local directory or a Hugging Face hub id."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -24,8 +25,9 @@ def resolve_source(source: str) -> str:
     if path.exists():
         raise HetMoEError(f"{source}: is a file, not a model directory; point MODEL at a directory with config.json")
     if _looks_like_path(source):
-        raise HetMoEError(f"{source}: no such model directory; give an existing directory or a hub id like "
-                          "'owner/name'")
+        raise HetMoEError(
+            f"{source}: no such model directory; give an existing directory or a hub id like 'owner/name'"
+        )
     return source
 
 
@@ -40,9 +42,14 @@ def _cpu_dtype(resolved: str) -> str | torch.dtype:
     return torch.float32 if str(stored).replace("torch.", "") == "float16" else "auto"
 
 
-def load_model(source: str, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu",
-               device_map: str | dict | None = None, max_memory: dict | None = None,
-               offload_folder: str | None = None) -> nn.Module:
+def load_model(
+    source: str,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+    offload_folder: str | None = None,
+) -> nn.Module:
     """Load ``AutoModelForCausalLM`` from a directory or hub id, in eval mode.
 
     ``dtype="auto"`` follows the checkpoint (float16 checkpoints load as float32 on CPU); a hub id needs network
@@ -64,16 +71,19 @@ def load_model(source: str, dtype: str | torch.dtype = "auto", device: str | tor
         dtype = _cpu_dtype(resolved)
     if isinstance(dtype, torch.dtype):
         check_dtype_on_device(dtype, device if device_map is None else ("cpu" if on_cpu else "cuda"))
-    kwargs = {} if device_map is None else dict(device_map=device_map, max_memory=max_memory,
-                                                 offload_folder=offload_folder)
+    kwargs = (
+        {} if device_map is None else dict(device_map=device_map, max_memory=max_memory, offload_folder=offload_folder)
+    )
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, dtype=dtype, **kwargs)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if device_map is not None and "offload_folder" in first:
-            raise HetMoEError(f"{source}: the devices of --device-map {_describe(device_map)} cannot hold the model, "
-                              "and the rest would go to disk; pass --offload-folder DIR (or more memory with "
-                              "--max-memory, or more devices)") from exc
+            raise HetMoEError(
+                f"{source}: the devices of --device-map {_describe(device_map)} cannot hold the model, "
+                "and the rest would go to disk; pass --offload-folder DIR (or more memory with "
+                "--max-memory, or more devices)"
+            ) from exc
         raise HetMoEError(
             f"{source}: could not load the model ({first}); check the path or hub id, and network access for hub ids"
         ) from exc
@@ -95,8 +105,10 @@ def load_meta_model(source: str, dtype: str | torch.dtype = "auto"):
 
     resolved = resolve_source(source)
     if not Path(resolved).is_dir():
-        raise HetMoEError(f"{source}: scoring without loading reads a local directory's safetensors files; download "
-                          "the model first, or load it (--load full)")
+        raise HetMoEError(
+            f"{source}: scoring without loading reads a local directory's safetensors files; download "
+            "the model first, or load it (--load full)"
+        )
     checkpoint = Checkpoint(resolved)
     config = AutoConfig.from_pretrained(resolved)
     if dtype == "auto":

@@ -1,4 +1,5 @@
 """Qwen2-MoE: ``mlp.gate`` router, a shared expert with a sigmoid ``shared_expert_gate``; dense MLP layers possible."""
+
 from .adapter import FamilyAdapter, register
 
 ADAPTER = register(

@@ -1,5 +1,6 @@
 """Recognise the MoE structure of a Hugging Face causal LM: per decoder layer, the router, the routed experts,
 shared experts, attention, norms and dense MLPs; plus embeddings and the LM head."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

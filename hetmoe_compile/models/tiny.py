@@ -1,12 +1,21 @@
 """Tiny random models of every supported family, built from configs (no download): for tests and examples."""
+
 from __future__ import annotations
 
 import torch
 from torch import nn
 
 _COMMON = dict(
-    vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-    max_position_embeddings=128, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=0,
+    vocab_size=128,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+    bos_token_id=0,
+    eos_token_id=1,
+    pad_token_id=0,
     rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
 )
 
@@ -14,8 +23,15 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "olmoe": ("OlmoeConfig", dict(intermediate_size=16, num_experts=8, num_experts_per_tok=2)),
     "qwen2_moe": (
         "Qwen2MoeConfig",
-        dict(intermediate_size=24, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=8,
-             num_experts_per_tok=2, num_hidden_layers=3, mlp_only_layers=[1]),
+        dict(
+            intermediate_size=24,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_experts=8,
+            num_experts_per_tok=2,
+            num_hidden_layers=3,
+            mlp_only_layers=[1],
+        ),
     ),
     "qwen3_moe": (
         "Qwen3MoeConfig",
@@ -24,15 +40,36 @@ TINY_CONFIGS: dict[str, tuple[str, dict]] = {
     "mixtral": ("MixtralConfig", dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)),
     "deepseek_v3": (
         "DeepseekV3Config",
-        dict(intermediate_size=24, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
-             n_shared_experts=1, first_k_dense_replace=1, num_hidden_layers=3, n_group=2, topk_group=1,
-             q_lora_rank=16, kv_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
-             num_key_value_heads=4, routed_scaling_factor=2.5, norm_topk_prob=True),
+        dict(
+            intermediate_size=24,
+            moe_intermediate_size=16,
+            n_routed_experts=8,
+            num_experts_per_tok=2,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            num_hidden_layers=3,
+            n_group=2,
+            topk_group=1,
+            q_lora_rank=16,
+            kv_lora_rank=8,
+            qk_rope_head_dim=4,
+            qk_nope_head_dim=4,
+            v_head_dim=8,
+            num_key_value_heads=4,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+        ),
     ),
     "gpt_oss": (
         "GptOssConfig",
-        dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2, head_dim=8, sliding_window=16,
-             layer_types=["sliding_attention", "full_attention"]),
+        dict(
+            intermediate_size=16,
+            num_local_experts=8,
+            num_experts_per_tok=2,
+            head_dim=8,
+            sliding_window=16,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
     ),
     "granitemoe": ("GraniteMoeConfig", dict(intermediate_size=16, num_local_experts=8, num_experts_per_tok=2)),
 }

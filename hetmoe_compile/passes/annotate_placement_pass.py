@@ -4,6 +4,7 @@ Partitioning only tags: the graph is not edited. Expert-group nodes take their g
 modules (attention, routers, shared experts, embeddings, norms, LM head, dense MLPs) take the policy's dense
 device; glue without a module (reshapes, the sum of expert groups, inputs and outputs) stays digital.
 """
+
 from __future__ import annotations
 
 import re
@@ -27,8 +28,13 @@ class AnnotatePlacementPass(PassBase):
 
     name = "annotate_placement"
 
-    def __init__(self, placement: Placement, info: ModelInfo, param_fqns: Mapping[str, str] | None = None,
-                 root_prefix: str = "model.") -> None:
+    def __init__(
+        self,
+        placement: Placement,
+        info: ModelInfo,
+        param_fqns: Mapping[str, str] | None = None,
+        root_prefix: str = "model.",
+    ) -> None:
         super().__init__()
         self.placement = placement
         self.info = info
@@ -52,7 +58,7 @@ class AnnotatePlacementPass(PassBase):
         return PassResult(graph_module, True)
 
     def _strip(self, path: str) -> str:
-        return path[len(self.root_prefix):] if self.root_prefix and path.startswith(self.root_prefix) else path
+        return path[len(self.root_prefix) :] if self.root_prefix and path.startswith(self.root_prefix) else path
 
     def _module_of(self, node: fx.Node) -> str | None:
         if node.op == "placeholder" and node.name in self.param_fqns:

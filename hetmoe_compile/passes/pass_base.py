@@ -1,4 +1,5 @@
 """Shared pass plumbing: ``torch.fx`` infra's PassBase/PassResult, and errors that name the failing pass."""
+
 from __future__ import annotations
 
 from typing import Any, NamedTuple
@@ -48,5 +49,13 @@ def is_expert_group(node) -> bool:
     return node.op == "call_function" and str(node.target).startswith(EXPERT_GROUP_OP)
 
 
-__all__ = ["PLACEMENT_META", "NodePlacement", "PassBase", "PassError", "PassResult", "attr_value", "drop_unused_attrs",
-           "is_expert_group"]
+__all__ = [
+    "PLACEMENT_META",
+    "NodePlacement",
+    "PassBase",
+    "PassError",
+    "PassResult",
+    "attr_value",
+    "drop_unused_attrs",
+    "is_expert_group",
+]

@@ -12,6 +12,7 @@ rewritten graph computes the same function; :class:`SplitExpertGroupsPass` can t
 The region's module is reached through ``resolve(path)``: the backend resolves Dynamo's module paths
 (``L['self'].model.layers.0.mlp.experts``) against the locals of the frame being compiled.
 """
+
 from __future__ import annotations
 
 import re
@@ -28,9 +29,11 @@ from .split_expert_groups_pass import layer_of
 Resolver = Callable[[str], "nn.Module | None"]
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _ROOT = re.compile(r"^L\['(\w+)'\]")
-_SPLIT = ("a graph break inside the experts (e.g. experts_implementation='eager'), or the experts compiled alone; "
-          "compile the whole model with the default 'grouped_mm' experts, or call hetmoe_compile.prepare(model) "
-          "before torch.compile")
+_SPLIT = (
+    "a graph break inside the experts (e.g. experts_implementation='eager'), or the experts compiled alone; "
+    "compile the whole model with the default 'grouped_mm' experts, or call hetmoe_compile.prepare(model) "
+    "before torch.compile"
+)
 _FUSED_NAME = re.compile(r"(?:\['|_)(?:gate_up_proj|down_proj)(?:'\]|_)$")
 
 
@@ -43,7 +46,7 @@ def frame_resolver(f_locals: dict) -> Resolver:
         root = f_locals.get(match.group(1)) if match else None
         if match is None or not isinstance(root, nn.Module):
             return None
-        rest = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path[match.end():]).strip(".")
+        rest = re.sub(r"\[['\"]?([^\]'\"]+)['\"]?\]", r".\1", path[match.end() :]).strip(".")
         try:
             return root.get_submodule(rest) if rest else root
         except AttributeError:
@@ -54,8 +57,11 @@ def frame_resolver(f_locals: dict) -> Resolver:
 
 def _is_fused_experts(module: nn.Module | None) -> bool:
     down = getattr(module, "down_proj", None)
-    return (isinstance(getattr(module, "gate_up_proj", None), torch.Tensor) and isinstance(down, torch.Tensor)
-            and down.dim() == 3)
+    return (
+        isinstance(getattr(module, "gate_up_proj", None), torch.Tensor)
+        and isinstance(down, torch.Tensor)
+        and down.dim() == 3
+    )
 
 
 def _fused(experts: nn.Module, name: str) -> torch.Tensor:
@@ -74,9 +80,12 @@ def _layout_of(experts: nn.Module):
     config = getattr(experts, "config", None)
     adapter = registered().get(str(getattr(config, "model_type", None)))
     if adapter is None:
-        raise PassError(RecognizeExpertsPass.name, f"experts module {type(experts).__name__} belongs to no supported "
-                        f"family (model_type {getattr(config, 'model_type', None)!r}); call "
-                        "hetmoe_compile.prepare(model) before torch.compile")
+        raise PassError(
+            RecognizeExpertsPass.name,
+            f"experts module {type(experts).__name__} belongs to no supported "
+            f"family (model_type {getattr(config, 'model_type', None)!r}); call "
+            "hetmoe_compile.prepare(model) before torch.compile",
+        )
     return adapter.layout, config
 
 
@@ -94,8 +103,9 @@ class RecognizeExpertsPass(PassBase):
         gm = graph_module
         frame_self = self.resolve("L['self']")
         if _is_fused_experts(frame_self):
-            raise PassError(self.name, f"Dynamo compiles a {type(frame_self).__name__}'s forward as a frame of its "
-                            f"own: {_SPLIT}")
+            raise PassError(
+                self.name, f"Dynamo compiles a {type(frame_self).__name__}'s forward as a frame of its own: {_SPLIT}"
+            )
         regions: dict[str, list[fx.Node]] = {}
         modules: dict[str, nn.Module | None] = {}
         for node in gm.graph.nodes:
@@ -125,8 +135,12 @@ class RecognizeExpertsPass(PassBase):
         inputs: list[fx.Node] = []
         for node in nodes:
             for arg in node.all_input_nodes:
-                if (arg in region or arg in inputs or _value(arg) is None  # symbolic sizes are not data
-                        or self._is_own(gm, arg, own)):
+                if (
+                    arg in region
+                    or arg in inputs
+                    or _value(arg) is None  # symbolic sizes are not data
+                    or self._is_own(gm, arg, own)
+                ):
                     continue
                 inputs.append(arg)
         used_outside = [n for n in nodes if any(u not in region for u in n.users)]
@@ -138,8 +152,12 @@ class RecognizeExpertsPass(PassBase):
         hidden, index, weights = self._signature(inputs, where)
         out_value = _value(outputs[0]) if len(outputs) == 1 else None
         hidden_value = _value(hidden)
-        if (out_value is None or hidden_value is None or out_value.shape != hidden_value.shape
-                or any(u.op == "output" for u in outputs[0].users)):
+        if (
+            out_value is None
+            or hidden_value is None
+            or out_value.shape != hidden_value.shape
+            or any(u.op == "output" for u in outputs[0].users)
+        ):
             raise PassError(self.name, f"{where}: the graph holds only part of their computation: {_SPLIT}")
         if layer is None:
             raise PassError(self.name, f"cannot tell the decoder layer of {where}")
@@ -164,17 +182,23 @@ class RecognizeExpertsPass(PassBase):
         gm.get_submodule("hetmoe_experts").add_module(f"L{layer}", holder)
         prefix = f"hetmoe_experts.L{layer}"
         with gm.graph.inserting_before(outputs[0]):
-            attrs = [None if getattr(holder, k) is None else gm.graph.get_attr(f"{prefix}.{k}")
-                     for k in ("expert_ids", "gate_up", "down", "gate_up_bias", "down_bias")]
+            attrs = [
+                None if getattr(holder, k) is None else gm.graph.get_attr(f"{prefix}.{k}")
+                for k in ("expert_ids", "gate_up", "down", "gate_up_bias", "down_bias")
+            ]
             new = gm.graph.call_function(
                 torch.ops.hetmoe.expert_group.default,
-                (hidden, index, weights, *attrs, num_experts, layout.activation, act_name, alpha, limit))
+                (hidden, index, weights, *attrs, num_experts, layout.activation, act_name, alpha, limit),
+            )
         new.meta["nn_module_stack"] = dict(outputs[0].meta.get("nn_module_stack") or {})
         new.meta["example_value"] = out_value
         outputs[0].replace_all_uses_with(new)
         if keep is None:
-            raise PassError(self.name, f"{where}: a size computed from the experts' tensors is used after them; "
-                            "call hetmoe_compile.prepare(model) before torch.compile")
+            raise PassError(
+                self.name,
+                f"{where}: a size computed from the experts' tensors is used after them; "
+                "call hetmoe_compile.prepare(model) before torch.compile",
+            )
         for node in reversed(nodes):
             if node not in keep:
                 gm.graph.erase_node(node)
@@ -229,6 +253,9 @@ class RecognizeExpertsPass(PassBase):
             hidden = [n for n, v in floats if v.shape[-1] != k]
             if len(weights) == 1 and len(hidden) == 1:
                 return hidden[0], ints[0][0], weights[0]
-        raise PassError(self.name, f"{where}: expected the experts to read (hidden [T, H], top_k_index [T, K], "
-                        f"top_k_weights [T, K]) besides their weights, found {[n.name for n in inputs]}; call "
-                        "hetmoe_compile.prepare(model) before torch.compile")
+        raise PassError(
+            self.name,
+            f"{where}: expected the experts to read (hidden [T, H], top_k_index [T, K], "
+            f"top_k_weights [T, K]) besides their weights, found {[n.name for n in inputs]}; call "
+            "hetmoe_compile.prepare(model) before torch.compile",
+        )

@@ -10,6 +10,7 @@ programmed copy is a second one. With ``in_place=True`` (the ``torch.compile`` b
 own copies) the programmed tiles take over the ideal weights' storage, which the graph module then drops: one
 copy of the analog weights on the device.
 """
+
 from __future__ import annotations
 
 import re
@@ -17,6 +18,7 @@ import re
 import torch
 from torch import fx, nn
 
+from ..analog import expert_group_op as _analog_op  # noqa: F401 (registers hetmoe::analog_expert_group)
 from ..analog.config import AnalogConfig
 from ..analog.instance import MATRICES, output_noise_seed, program_expert_stacks
 from ..analog.programmed_stack import ProgrammedStack
@@ -28,8 +30,11 @@ _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 def _attr(gm: fx.GraphModule, node) -> torch.Tensor:
     if not isinstance(node, fx.Node) or node.op != "get_attr":
-        raise PassError(RewriteAnalogPass.name, f"expected weights as get_attr nodes, got {node}; rewrite "
-                        "ep.module() (unlifted) rather than ep.graph_module")
+        raise PassError(
+            RewriteAnalogPass.name,
+            f"expected weights as get_attr nodes, got {node}; rewrite "
+            "ep.module() (unlifted) rather than ep.graph_module",
+        )
     return attr_value(gm, str(node.target))
 
 
@@ -73,13 +78,28 @@ class RewriteAnalogPass(PassBase):
             if match is None:
                 raise PassError(self.name, f"cannot tell the decoder layer of {node.name} ({tag.module})")
             layer = int(match.group(1))
-            (hidden, idx, weights, ids_n, gu_n, down_n, gub_n, db_n, num_experts, activation, act_name, alpha,
-             limit) = node.args
+            (
+                hidden,
+                idx,
+                weights,
+                ids_n,
+                gu_n,
+                down_n,
+                gub_n,
+                db_n,
+                num_experts,
+                activation,
+                act_name,
+                alpha,
+                limit,
+            ) = node.args
             ids, gate_up, down = _attr(gm, ids_n), _attr(gm, gu_n), _attr(gm, down_n)
             holder = nn.Module()
             holder.register_buffer("rng_state", torch.full((1,), output_noise_seed(self.seed, layer)))
-            stacks = [ProgrammedStack(t, self.cfg.tile_size, "discard" if self.in_place else "copy", name=key)
-                      for key, t in zip(MATRICES, (gate_up, down))]
+            stacks = [
+                ProgrammedStack(t, self.cfg.tile_size, "discard" if self.in_place else "copy", name=key)
+                for key, t in zip(MATRICES, (gate_up, down))
+            ]
             program_expert_stacks(stacks, self.cfg, self.seed, layer, ids.tolist())
             for key, stack, tensor_node in zip(MATRICES, stacks, (gu_n, down_n)):
                 holder.register_buffer(f"{key}_weight", stack.weight)
@@ -89,13 +109,31 @@ class RewriteAnalogPass(PassBase):
             gm.get_submodule("hetmoe_analog").add_module(f"L{layer}", holder)
             prefix = f"hetmoe_analog.L{layer}"
             with gm.graph.inserting_before(node):
-                get = {k: gm.graph.get_attr(f"{prefix}.{k}") for k in
-                       ("gate_up_weight", "gate_up_scale", "down_weight", "down_scale", "rng_state")}
+                get = {
+                    k: gm.graph.get_attr(f"{prefix}.{k}")
+                    for k in ("gate_up_weight", "gate_up_scale", "down_weight", "down_scale", "rng_state")
+                }
                 new = gm.graph.call_function(
                     torch.ops.hetmoe.analog_expert_group.default,
-                    (hidden, idx, weights, ids_n, get["gate_up_weight"], get["gate_up_scale"], get["down_weight"],
-                     get["down_scale"], gub_n, db_n, get["rng_state"], num_experts, activation, act_name, alpha,
-                     limit, list(Periphery.of(self.cfg))),
+                    (
+                        hidden,
+                        idx,
+                        weights,
+                        ids_n,
+                        get["gate_up_weight"],
+                        get["gate_up_scale"],
+                        get["down_weight"],
+                        get["down_scale"],
+                        gub_n,
+                        db_n,
+                        get["rng_state"],
+                        num_experts,
+                        activation,
+                        act_name,
+                        alpha,
+                        limit,
+                        list(Periphery.of(self.cfg)),
+                    ),
                 )
             new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
             new.meta[PLACEMENT_META] = tag._replace(reason=tag.reason + f"; AIMC {self.cfg.preset}, seed {self.seed}")

@@ -7,6 +7,7 @@ scores the experts (``max-neuron-norm`` or ``random``), ranks them with the plac
 by a digital and an analog group whose weights are registered on the graph module (``hetmoe_groups.L<layer>``).
 New nodes carry their :class:`NodePlacement`, so :class:`RewriteAnalogPass` can run next.
 """
+
 from __future__ import annotations
 
 import operator
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
-from ..placement.placement import rank_digital
+from ..placement.placement import Placement, rank_digital
 from ..placement.policy import PlacementPolicy, parse_override_key
 from ..scoring.max_neuron_norm import max_neuron_norms_canonical
 from .pass_base import (
@@ -81,19 +82,28 @@ class SplitExpertGroupsPass(PassBase):
 
     name = "split_expert_groups"
 
-    def __init__(self, policy: PlacementPolicy, example_inputs: Sequence) -> None:
+    def __init__(self, policy: PlacementPolicy, example_inputs: Sequence, placement: Placement | None = None) -> None:
+        """``placement``: the experts' devices, made from the whole model by the composer's placement step
+        (:func:`hetmoe_compile.pipeline.place_model`); without it the pass scores the graph's weights itself."""
         super().__init__()
+        self.placement = placement
         if policy.selector not in SELECTORS:
-            raise PassError(self.name, f"selector '{policy.selector}' needs the whole model or calibration text; "
-                            f"in a graph use one of {', '.join(SELECTORS)} (hetmoe_compile.compile() takes any)")
+            raise PassError(
+                self.name,
+                f"selector '{policy.selector}' needs the whole model or calibration text; "
+                f"in a graph use one of {', '.join(SELECTORS)} (hetmoe_compile.compile() takes any)",
+            )
         self.policy, self.example_inputs = policy, example_inputs
         self.placed: dict[int, dict[int, str]] = {}  # layer -> expert -> device, for reports
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         for node in graph_module.graph.nodes:
             if is_expert_group(node) and PLACEMENT_META in node.meta:
-                raise PassError(self.name, "expert groups are already placed (a canonical model): prepare the "
-                                "model with hetmoe_compile.prepare(model) so each layer has one group")
+                raise PassError(
+                    self.name,
+                    "expert groups are already placed (a canonical model): prepare the "
+                    "model with hetmoe_compile.prepare(model) so each layer has one group",
+                )
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
@@ -107,8 +117,13 @@ class SplitExpertGroupsPass(PassBase):
             keys = ("ids", "gate_up", "down", "gate_up_bias", "down_bias")
             layers[layer] = (node, {k: next(values) for k in keys})
         self._check_overrides({layer: w["ids"].tolist() for layer, (_, w) in layers.items()})
-        scores = {layer: self._scores(layer, w) for layer, (_, w) in layers.items()}
-        digital, notes = rank_digital(scores, self.policy, self.policy.selector)
+        if self.placement is not None:
+            placed = self.placement.devices()
+            digital = {(li, e) for li, d in placed.items() for e, dev in d.items() if dev == "digital"}
+            notes = {(l.index, x.id): x.reason for l in self.placement.layers for x in l.experts}
+        else:
+            scores = {layer: self._scores(layer, w) for layer, (_, w) in layers.items()}
+            digital, notes = rank_digital(scores, self.policy, self.policy.selector)
         if not hasattr(gm, "hetmoe_groups"):
             gm.add_submodule("hetmoe_groups", nn.Module())
         for layer, (node, w) in layers.items():
@@ -130,11 +145,15 @@ class SplitExpertGroupsPass(PassBase):
         for key in self.policy.overrides:
             layer, expert = parse_override_key(key)
             if layer not in experts:
-                raise PassError(self.name, f"override '{key}' names layer {layer}, but the MoE layers in this graph "
-                                f"are {sorted(experts)}")
+                raise PassError(
+                    self.name,
+                    f"override '{key}' names layer {layer}, but the MoE layers in this graph are {sorted(experts)}",
+                )
             if expert not in experts[layer]:
-                raise PassError(self.name, f"override '{key}' names expert {expert}, but layer {layer} has experts "
-                                f"0..{max(experts[layer])}")
+                raise PassError(
+                    self.name,
+                    f"override '{key}' names expert {expert}, but layer {layer} has experts 0..{max(experts[layer])}",
+                )
 
     def _scores(self, layer: int, w: dict) -> np.ndarray:
         if self.policy.selector == "random":
@@ -143,8 +162,9 @@ class SplitExpertGroupsPass(PassBase):
             norms = max_neuron_norms_canonical(w["gate_up"], w["down"])
         return (norms["gate"] * norms["up"] * norms["down"]).cpu().numpy()
 
-    def _split(self, gm: fx.GraphModule, node: fx.Node, layer: int, w: dict, devices: dict[int, str],
-               notes: dict) -> None:
+    def _split(
+        self, gm: fx.GraphModule, node: fx.Node, layer: int, w: dict, devices: dict[int, str], notes: dict
+    ) -> None:
         ids = w["ids"].tolist()
         holder = nn.Module()
         gm.get_submodule("hetmoe_groups").add_module(f"L{layer}", holder)
@@ -162,15 +182,20 @@ class SplitExpertGroupsPass(PassBase):
             holder.add_module(device, sub)
             prefix = f"hetmoe_groups.L{layer}.{device}"
             with gm.graph.inserting_before(node):
-                attrs = [gm.graph.get_attr(f"{prefix}.{k}") if getattr(sub, k) is not None else None
-                         for k in ("expert_ids", "gate_up", "down", "gate_up_bias", "down_bias")]
+                attrs = [
+                    gm.graph.get_attr(f"{prefix}.{k}") if getattr(sub, k) is not None else None
+                    for k in ("expert_ids", "gate_up", "down", "gate_up_bias", "down_bias")
+                ]
                 new = gm.graph.call_function(cast(Callable, node.target), (*node.args[:3], *attrs, *node.args[8:]))
             chosen = [ids[i] for i in local]
             new.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "example_value")})
             new.meta[PLACEMENT_META] = NodePlacement(
-                device, "routed_experts", f"layers.{layer}.experts.groups.{device}",
+                device,
+                "routed_experts",
+                f"layers.{layer}.experts.groups.{device}",
                 f"{device} expert group of layer {layer}: experts {chosen} "
-                f"({notes.get((layer, chosen[0]), 'override')}, ...)")
+                f"({notes.get((layer, chosen[0]), 'override')}, ...)",
+            )
             outputs.append(new)
         with gm.graph.inserting_before(node):
             total = outputs[0] if len(outputs) == 1 else gm.graph.call_function(operator.add, tuple(outputs))

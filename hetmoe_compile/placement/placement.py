@@ -1,4 +1,5 @@
 """Compute a placement (each routed expert and dense module -> digital | analog, with the reason) and its JSON."""
+
 from __future__ import annotations
 
 import hashlib
@@ -139,8 +140,9 @@ def _n_digital(fraction: float, n: int) -> int:
     return min(n, math.ceil(fraction * n - 1e-9))
 
 
-def rank_digital(scores: dict[int, np.ndarray], policy: PlacementPolicy,
-                 selector: str) -> tuple[set[tuple[int, int]], dict[tuple[int, int], str]]:
+def rank_digital(
+    scores: dict[int, np.ndarray], policy: PlacementPolicy, selector: str
+) -> tuple[set[tuple[int, int]], dict[tuple[int, int], str]]:
     """The ``(layer, expert)`` pairs on digital by ``policy`` (top fraction per layer, or over all layers), and a
     note per expert saying its rank. Ties go to the lower expert id."""
     digital: set[tuple[int, int]] = set()
@@ -176,10 +178,12 @@ def check_scores(info: ModelInfo, scores: Scores) -> None:
 def policy_overrides(policy: PlacementPolicy, info: ModelInfo) -> dict[tuple[int, int], str]:
     """``(layer, expert) -> device`` of the policy's overrides, checked against the model."""
     overrides = {parse_override_key(k): v for k, v in policy.overrides.items()}
-    for (li, e) in overrides:
+    for li, e in overrides:
         if li not in {l.index for l in info.moe_layers} or not 0 <= e < info.layer(li).num_experts:
-            raise HetMoEError(f"override {li}:{e}: no such MoE layer/expert; MoE layers are "
-                              f"{[l.index for l in info.moe_layers]} with {info.moe_layers[0].num_experts} experts")
+            raise HetMoEError(
+                f"override {li}:{e}: no such MoE layer/expert; MoE layers are "
+                f"{[l.index for l in info.moe_layers]} with {info.moe_layers[0].num_experts} experts"
+            )
     return overrides
 
 
@@ -188,11 +192,14 @@ def place(model: nn.Module, info: ModelInfo, scores: Scores, policy: PlacementPo
     with a budget is placed by the cost model (:func:`hetmoe_compile.pipeline.place_scores` dispatches)."""
     policy.validate()
     if policy.budget is not None:
-        raise HetMoEError("a budget policy is placed by the cost model: use hetmoe_compile.pipeline.place_scores "
-                          "(or hetmoe_compile.compile), which costs it with the cost parameters and routing")
+        raise HetMoEError(
+            "a budget policy is placed by the cost model: use hetmoe_compile.pipeline.place_scores "
+            "(or hetmoe_compile.compile), which costs it with the cost parameters and routing"
+        )
     check_scores(info, scores)
-    digital, rank_note = rank_digital({l.index: scores.layers[l.index] for l in info.moe_layers}, policy,
-                                      scores.selector)
+    digital, rank_note = rank_digital(
+        {l.index: scores.layers[l.index] for l in info.moe_layers}, policy, scores.selector
+    )
     overrides = policy_overrides(policy, info)
     layers = []
     for layer in info.moe_layers:
@@ -236,5 +243,7 @@ def _parameter_accounting(model: nn.Module, info: ModelInfo, layers: list[LayerP
 def check_placement_matches(placement_model: dict, model: nn.Module, source: str) -> None:
     """A placement made for another model is an error, not a silent mismatch."""
     if placement_model.get("config_sha256") != config_hash(model):
-        raise HetMoEError(f"{source}: placement was made for another model ({placement_model.get('source')}, "
-                          "config hash differs); re-run 'hetmoe-compile place' for this model")
+        raise HetMoEError(
+            f"{source}: placement was made for another model ({placement_model.get('source')}, "
+            "config hash differs); re-run 'hetmoe-compile place' for this model"
+        )

@@ -1,4 +1,5 @@
 """Placement policy: how many experts go digital, chosen how, and where dense modules run."""
+
 from __future__ import annotations
 
 import re
@@ -54,10 +55,13 @@ class PlacementPolicy:
                 raise HetMoEError(f"override {key}={device}: device must be one of {', '.join(DEVICES)}")
         if self.digital_memory_budget is not None and self.energy_budget is not None:
             raise HetMoEError("give one budget: --digital-memory-budget or --energy-budget, not both")
-        for name, value in (("digital memory budget", self.digital_memory_budget),
-                            ("energy budget", self.energy_budget)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                                      or not value > 0 or value == float("inf")):
+        for name, value in (
+            ("digital memory budget", self.digital_memory_budget),
+            ("energy budget", self.energy_budget),
+        ):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 or value == float("inf")
+            ):
                 raise HetMoEError(f"{name} must be a finite number > 0, got {value!r}")
         if self.digital_memory_budget is not None:
             self.digital_memory_budget = int(self.digital_memory_budget)

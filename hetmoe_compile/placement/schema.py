@@ -1,4 +1,5 @@
 """The placement.json JSON Schema (shipped in ``hetmoe_compile/schemas``) and its validation."""
+
 from __future__ import annotations
 
 import json

@@ -3,6 +3,7 @@ under-activated analog experts replaced by frequently used ones (:func:`replace_
 logits recalibrated by per-expert percentile maps (:func:`fit_router_calibration`,
 :func:`apply_router_calibration`). Both undo exactly (:func:`restore_replaced_experts`,
 :func:`remove_router_calibration`)."""
+
 from .collect import RouterOutputs, router_outputs
 from .expert_replacement import Replacement, activation_frequencies, replace_underused_experts, restore_replaced_experts
 from .recalibrated_router import RecalibratedRouter
@@ -18,8 +19,19 @@ from .router_calibration import (
 )
 
 __all__ = [
-    "DEFAULT_SEEDS", "LayerRouterCalibration", "PercentileMap", "RecalibratedRouter", "Replacement",
-    "RouterCalibration", "RouterOutputs", "activation_frequencies", "apply_router_calibration",
-    "fit_percentile_map", "fit_router_calibration", "remove_router_calibration", "replace_underused_experts",
-    "restore_replaced_experts", "router_outputs",
+    "DEFAULT_SEEDS",
+    "LayerRouterCalibration",
+    "PercentileMap",
+    "RecalibratedRouter",
+    "Replacement",
+    "RouterCalibration",
+    "RouterOutputs",
+    "activation_frequencies",
+    "apply_router_calibration",
+    "fit_percentile_map",
+    "fit_router_calibration",
+    "remove_router_calibration",
+    "replace_underused_experts",
+    "restore_replaced_experts",
+    "router_outputs",
 ]

@@ -5,6 +5,7 @@ seed with that hardware instance programmed (``simulate(model, cfg, seed)``). Fo
 record each MoE layer's router logits (the routers' first output) and how many routed (token, slot) pairs each
 expert received (their third output). The model is left in the state it came in (see :func:`preserved_state`).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -44,18 +45,24 @@ def check_canonical(model: nn.Module, info: ModelInfo, caller: str) -> None:
     """ROMER passes work on a canonical, placed model (each experts module a :class:`HetExperts`)."""
     for layer in info.moe_layers:
         if not isinstance(model.get_submodule(layer.experts), HetExperts):
-            raise HetMoEError(f"{caller}() needs a canonical, placed model ({layer.experts} is not a HetExperts): "
-                              "call canonicalize(model, placement.devices(), info) first")
+            raise HetMoEError(
+                f"{caller}() needs a canonical, placed model ({layer.experts} is not a HetExperts): "
+                "call canonicalize(model, placement.devices(), info) first"
+            )
 
 
 def check_inputs(calibration: Calibration | None, seeds: Sequence[int], batch_size: int, caller: str) -> list[int]:
     """Validate the calibration tokens, seeds and batch size; returns the seeds as a list."""
     if calibration is None or calibration.input_ids.numel() == 0:
-        raise HetMoEError(f"{caller}() needs calibration tokens, got none: build them with "
-                          "calibration_from_text(tokenizer, text) (CLI: --calib TEXTFILE)")
+        raise HetMoEError(
+            f"{caller}() needs calibration tokens, got none: build them with "
+            "calibration_from_text(tokenizer, text) (CLI: --calib TEXTFILE)"
+        )
     if calibration.input_ids.dim() != 2:
-        raise HetMoEError(f"{caller}(): calibration input_ids must be [windows, length], got shape "
-                          f"{tuple(calibration.input_ids.shape)}; use calibration_from_text(tokenizer, text)")
+        raise HetMoEError(
+            f"{caller}(): calibration input_ids must be [windows, length], got shape "
+            f"{tuple(calibration.input_ids.shape)}; use calibration_from_text(tokenizer, text)"
+        )
     seeds = [int(s) for s in seeds]
     if not seeds:
         raise HetMoEError(f"{caller}() needs at least one calibration seed (hardware instance), e.g. seeds=(1000,)")
@@ -68,8 +75,10 @@ def _dense_on_tiles(model: nn.Module) -> bool:
     """True if dense layers run on tiles (``simulate(dense="analog")``); the analog halves of HPD-split projections
     (``u_sigma`` under an ``HPDLinear``) are on tiles whatever ``dense`` is, so they do not count."""
     modules = dict(model.named_modules())
-    return any(isinstance(m, AnalogLinear) and not isinstance(modules.get(n.rpartition(".")[0]), HPDLinear)
-               for n, m in modules.items())
+    return any(
+        isinstance(m, AnalogLinear) and not isinstance(modules.get(n.rpartition(".")[0]), HPDLinear)
+        for n, m in modules.items()
+    )
 
 
 @contextmanager
@@ -95,9 +104,16 @@ def preserved_state(model: nn.Module, info: ModelInfo) -> Iterator[None]:
             simulate(model, state[0], state[1], dense=state[2], info=info)
 
 
-def router_outputs(model: nn.Module, info: ModelInfo, calibration: Calibration, cfg: AnalogConfig,
-                   seeds: Sequence[int], batch_size: int = 8, keep_logits: bool = True,
-                   desc: str = "ROMER calibration") -> tuple[RouterOutputs, RouterOutputs]:
+def router_outputs(
+    model: nn.Module,
+    info: ModelInfo,
+    calibration: Calibration,
+    cfg: AnalogConfig,
+    seeds: Sequence[int],
+    batch_size: int = 8,
+    keep_logits: bool = True,
+    desc: str = "ROMER calibration",
+) -> tuple[RouterOutputs, RouterOutputs]:
     """``(clean, noisy)`` router outputs on the calibration tokens: clean from one pass with every analog group
     ideal; noisy pooled over one pass per seed in ``seeds`` (hardware instances of ``cfg``, dense modules digital).
     """
@@ -124,15 +140,19 @@ def router_outputs(model: nn.Module, info: ModelInfo, calibration: Calibration, 
             for start in starts:
                 model(input_ids=ids[start : start + batch_size].to(device), use_cache=False)
                 bar.update(1)
-        return RouterOutputs({i: c.clone() for i, (_, c) in records.items()},
-                             {i: torch.cat(lg) for i, (lg, _) in records.items()} if keep_logits else None)
+        return RouterOutputs(
+            {i: c.clone() for i, (_, c) in records.items()},
+            {i: torch.cat(lg) for i, (lg, _) in records.items()} if keep_logits else None,
+        )
 
     for layer in info.moe_layers:
         router = model.get_submodule(layer.router)
         handles.append(router.register_forward_hook(make_hook(layer.index, layer.num_experts)))
     try:
-        with preserved_state(model, info), tqdm(total=len(starts) * (1 + len(seeds)), desc=desc, unit="batch",
-                                                leave=False) as bar:
+        with (
+            preserved_state(model, info),
+            tqdm(total=len(starts) * (1 + len(seeds)), desc=desc, unit="batch", leave=False) as bar,
+        ):
             restore_digital(model, info)
             clean = run_pass(bar)
             noisy_passes = []
@@ -145,10 +165,13 @@ def router_outputs(model: nn.Module, info: ModelInfo, calibration: Calibration, 
     noisy = RouterOutputs(  # one pass or more (callers check the seeds); each pass kept its logits if asked to
         {i: cast(torch.Tensor, sum(p.counts[i] for p in noisy_passes)) for i in clean.counts},
         {i: torch.cat([cast(dict[int, torch.Tensor], p.logits)[i] for p in noisy_passes]) for i in clean.counts}
-        if keep_logits else None,
+        if keep_logits
+        else None,
     )
     for name, out in (("clean", clean), ("noisy", noisy)):
         if out.logits is not None and not all(bool(torch.isfinite(t).all()) for t in out.logits.values()):
-            raise HetMoEError(f"router logits are not finite in the {name} calibration pass under preset "
-                              f"'{cfg.preset}'; check the analog configuration (noise scale, bounds)")
+            raise HetMoEError(
+                f"router logits are not finite in the {name} calibration pass under preset "
+                f"'{cfg.preset}'; check the analog configuration (noise scale, bounds)"
+            )
     return clean, noisy

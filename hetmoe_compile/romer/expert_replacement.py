@@ -8,6 +8,7 @@ under-activated themselves; with more under-activated experts than sources, the 
 Router rows are unchanged: tokens routed to a replaced expert run the popular expert's function on the replaced
 expert's own crossbars (devices depend on the expert id, so the replica is an independent hardware instance).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -47,8 +48,19 @@ class Replacement:
     original: tuple[torch.Tensor | None, ...] = field(default=(), repr=False, compare=False)
 
     def to_dict(self) -> dict:
-        return {k: getattr(self, k) for k in ("layer", "expert", "source", "source_device", "frequency",
-                                              "source_frequency", "clean_frequency", "source_clean_frequency")}
+        return {
+            k: getattr(self, k)
+            for k in (
+                "layer",
+                "expert",
+                "source",
+                "source_device",
+                "frequency",
+                "source_frequency",
+                "clean_frequency",
+                "source_clean_frequency",
+            )
+        }
 
 
 def _ideal(group: nn.Module) -> ExpertGroup:
@@ -78,29 +90,44 @@ def _ideal_weights(model: nn.Module, info: ModelInfo) -> Iterator[None]:
         yield
 
 
-def activation_frequencies(model: nn.Module, info: ModelInfo, calibration: Calibration | None, cfg: AnalogConfig,
-                           seeds: Sequence[int] = DEFAULT_SEEDS,
-                           batch_size: int = 8) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+def activation_frequencies(
+    model: nn.Module,
+    info: ModelInfo,
+    calibration: Calibration | None,
+    cfg: AnalogConfig,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    batch_size: int = 8,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
     """``(clean, noisy)``: MoE layer -> ``[E]`` float64 share of routed (token, slot) pairs per expert on the
     calibration tokens, clean and pooled over the hardware instances ``seeds``. The model is left as it came."""
     check_canonical(model, info, "activation_frequencies")
     seeds = check_inputs(calibration, seeds, batch_size, "activation_frequencies")
     assert calibration is not None  # check_inputs raised otherwise
-    clean, noisy = router_outputs(model, info, calibration, cfg, seeds, batch_size, keep_logits=False,
-                                  desc="ROMER expert usage")
+    clean, noisy = router_outputs(
+        model, info, calibration, cfg, seeds, batch_size, keep_logits=False, desc="ROMER expert usage"
+    )
     return clean.frequencies(), noisy.frequencies()
 
 
 @torch.no_grad()
-def replace_underused_experts(model: nn.Module, info: ModelInfo, calibration: Calibration | None, cfg: AnalogConfig,
-                              seeds: Sequence[int] = DEFAULT_SEEDS, threshold: float = 0.25,
-                              max_per_layer: int | None = None, batch_size: int = 8) -> list[Replacement]:
+def replace_underused_experts(
+    model: nn.Module,
+    info: ModelInfo,
+    calibration: Calibration | None,
+    cfg: AnalogConfig,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    threshold: float = 0.25,
+    max_per_layer: int | None = None,
+    batch_size: int = 8,
+) -> list[Replacement]:
     """Replace the under-activated analog experts of a canonical, placed model (in place; see the module
     docstring). ``max_per_layer`` caps the replacements per layer (least used first). A simulated model is
     re-programmed from the new weights. Returns one :class:`Replacement` per replaced expert."""
     if not isinstance(threshold, (int, float)) or not 0.0 < float(threshold) <= 1.0:
-        raise HetMoEError(f"ROMER threshold must be in (0, 1] (a fraction of the uniform share 1/E), got "
-                          f"{threshold}; the default is 0.25")
+        raise HetMoEError(
+            f"ROMER threshold must be in (0, 1] (a fraction of the uniform share 1/E), got "
+            f"{threshold}; the default is 0.25"
+        )
     if max_per_layer is not None and max_per_layer < 0:
         raise HetMoEError(f"max_per_layer must be >= 0 or None (no cap), got {max_per_layer}")
     check_canonical(model, info, "replace_underused_experts")
@@ -109,8 +136,9 @@ def replace_underused_experts(model: nn.Module, info: ModelInfo, calibration: Ca
         return _replace(model, info, clean, noisy, float(threshold), max_per_layer)
 
 
-def _replace(model: nn.Module, info: ModelInfo, clean: dict, noisy: dict, threshold: float,
-             max_per_layer: int | None) -> list[Replacement]:
+def _replace(
+    model: nn.Module, info: ModelInfo, clean: dict, noisy: dict, threshold: float, max_per_layer: int | None
+) -> list[Replacement]:
     replacements: list[Replacement] = []
     for layer in info.moe_layers:
         het = model.get_submodule(layer.experts)
@@ -125,8 +153,9 @@ def _replace(model: nn.Module, info: ModelInfo, clean: dict, noisy: dict, thresh
             under = under[:max_per_layer]
         if not under:
             continue
-        sources = sorted((e for e in range(layer.num_experts) if e not in set(under)),
-                         key=lambda e: (-float(freq[e]), e))
+        sources = sorted(
+            (e for e in range(layer.num_experts) if e not in set(under)), key=lambda e: (-float(freq[e]), e)
+        )
         snapshot: dict[int, tuple[str, tuple[torch.Tensor | None, ...]]] = {}
         for e in sources[: len(under)]:  # copies: a source may share its group's tensors with a target
             device, group, local = _locate(het, e)
@@ -141,9 +170,19 @@ def _replace(model: nn.Module, info: ModelInfo, clean: dict, noisy: dict, thresh
                 if dst is not None:
                     assert src is not None  # the groups of a layer share its layout
                     dst.copy_(src)
-            replacements.append(Replacement(
-                layer.index, expert, source, source_device, float(freq[expert]), float(freq[source]),
-                float(clean_freq[expert]), float(clean_freq[source]), original))
+            replacements.append(
+                Replacement(
+                    layer.index,
+                    expert,
+                    source,
+                    source_device,
+                    float(freq[expert]),
+                    float(freq[source]),
+                    float(clean_freq[expert]),
+                    float(clean_freq[source]),
+                    original,
+                )
+            )
     return replacements
 
 
@@ -154,8 +193,10 @@ def restore_replaced_experts(model: nn.Module, info: ModelInfo, replacements: Se
     check_canonical(model, info, "restore_replaced_experts")
     for r in replacements:
         if not r.original:
-            raise HetMoEError(f"replacement of expert {r.expert} in layer {r.layer} carries no original weights "
-                              "(it was read back from a record); restore the model from its checkpoint instead")
+            raise HetMoEError(
+                f"replacement of expert {r.expert} in layer {r.layer} carries no original weights "
+                "(it was read back from a record); restore the model from its checkpoint instead"
+            )
     with _ideal_weights(model, info):
         for r in reversed(list(replacements)):
             het = model.get_submodule(info.layer(r.layer).experts)

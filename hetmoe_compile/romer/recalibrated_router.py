@@ -9,6 +9,7 @@ returns ``(logits, weights, indices)``. The shim shares the router's hooks, so h
 router (e.g. transformers' router-logit recorder) see the recalibrated routing. With ``scale = 1, shift = 0`` the
 outputs equal the original router's exactly (the identity matmul is exact).
 """
+
 from __future__ import annotations
 
 from typing import cast
@@ -37,8 +38,9 @@ class RecalibratedRouter(nn.Module):
         weight = cast(torch.Tensor, inner.weight)
         num_experts = weight.shape[0]
         if scale.shape != (num_experts,) or shift.shape != (num_experts,):
-            raise ValueError(f"scale and shift must be [{num_experts}], got {tuple(scale.shape)} and "
-                             f"{tuple(shift.shape)}")
+            raise ValueError(
+                f"scale and shift must be [{num_experts}], got {tuple(scale.shape)} and {tuple(shift.shape)}"
+            )
         self.inner = inner
         self.float32_logits = type(inner).__name__ in FLOAT32_LOGIT_ROUTERS
         self.register_buffer("scale", scale.detach().to(weight.device, torch.float32).clone())

@@ -10,6 +10,7 @@ The default calibration seed (1000) is disjoint from the evaluation seeds ``0..N
 hardware instances the evaluation never sees, so they must generalise across instances rather than fit one.
 All layers are fitted from the same passes (uncalibrated routers upstream).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -54,8 +55,9 @@ class PercentileMap:
     noisy_hi: np.ndarray
 
 
-def fit_percentile_map(clean: torch.Tensor | np.ndarray, noisy: torch.Tensor | np.ndarray,
-                       percentiles: Sequence[float] = (5.0, 95.0)) -> PercentileMap:
+def fit_percentile_map(
+    clean: torch.Tensor | np.ndarray, noisy: torch.Tensor | np.ndarray, percentiles: Sequence[float] = (5.0, 95.0)
+) -> PercentileMap:
     """Fit the map on logits ``clean [N, E]`` and ``noisy [M, E]`` (linear-interpolated percentiles, float64).
 
     ``a = (c_hi - c_lo) / (n_hi - n_lo)``, ``b = c_lo - a * n_lo``. Where the noisy spread is degenerate
@@ -127,28 +129,48 @@ class RouterCalibration:
         shifts = torch.cat([l.shift for l in self.layers.values()]) if self.layers else torch.zeros(1)
         n = max(len(self.layers), 1)
         return {
-            "preset": self.preset, "noise_scale": self.noise_scale, "num_tokens": self.num_tokens,
-            "scale_min": float(scales.min()), "scale_max": float(scales.max()),
-            "shift_min": float(shifts.min()), "shift_max": float(shifts.max()),
+            "preset": self.preset,
+            "noise_scale": self.noise_scale,
+            "num_tokens": self.num_tokens,
+            "scale_min": float(scales.min()),
+            "scale_max": float(scales.max()),
+            "shift_min": float(shifts.min()),
+            "shift_max": float(shifts.max()),
             "mean_lo_drift": sum(l.lo_drift for l in self.layers.values()) / n,
             "mean_hi_drift": sum(l.hi_drift for l in self.layers.values()) / n,
         }
 
     def to_dict(self) -> dict:
         """JSON-ready: the summary scalars at the top level, then the percentiles, seeds and per-layer maps."""
-        return {**self.summary(), "percentiles": list(self.percentiles), "seeds": list(self.seeds),
-                "layers": [l.to_dict() for _, l in sorted(self.layers.items())]}
+        return {
+            **self.summary(),
+            "percentiles": list(self.percentiles),
+            "seeds": list(self.seeds),
+            "layers": [l.to_dict() for _, l in sorted(self.layers.items())],
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> RouterCalibration:
         layers = [LayerRouterCalibration.from_dict(d) for d in data["layers"]]
-        return cls({l.layer: l for l in layers}, tuple(data["percentiles"]), tuple(data["seeds"]),
-                   data.get("preset", ""), float(data.get("noise_scale", 1.0)), int(data.get("num_tokens", 0)))
+        return cls(
+            {l.layer: l for l in layers},
+            tuple(data["percentiles"]),
+            tuple(data["seeds"]),
+            data.get("preset", ""),
+            float(data.get("noise_scale", 1.0)),
+            int(data.get("num_tokens", 0)),
+        )
 
 
-def fit_router_calibration(model: nn.Module, info: ModelInfo, calibration: Calibration | None, cfg: AnalogConfig,
-                           seeds: Sequence[int] = DEFAULT_SEEDS, percentiles: Sequence[float] = (5.0, 95.0),
-                           batch_size: int = 8) -> RouterCalibration:
+def fit_router_calibration(
+    model: nn.Module,
+    info: ModelInfo,
+    calibration: Calibration | None,
+    cfg: AnalogConfig,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    percentiles: Sequence[float] = (5.0, 95.0),
+    batch_size: int = 8,
+) -> RouterCalibration:
     """Fit each MoE layer's router logit map on a canonical, placed model (see the module docstring).
 
     Runs one clean pass and one pass per seed over ``calibration``; the model is left as it came (digital, or
@@ -159,19 +181,27 @@ def fit_router_calibration(model: nn.Module, info: ModelInfo, calibration: Calib
     seeds = check_inputs(calibration, seeds, batch_size, "fit_router_calibration")
     assert calibration is not None  # check_inputs raised otherwise
     if any(isinstance(model.get_submodule(l.router), RecalibratedRouter) for l in info.moe_layers):
-        raise HetMoEError("fit_router_calibration(): the routers are recalibrated already; call "
-                          "remove_router_calibration(model, info) before fitting again")
-    clean, noisy = router_outputs(model, info, calibration, cfg, seeds, batch_size, keep_logits=True,
-                                  desc="ROMER router calibration")
+        raise HetMoEError(
+            "fit_router_calibration(): the routers are recalibrated already; call "
+            "remove_router_calibration(model, info) before fitting again"
+        )
+    clean, noisy = router_outputs(
+        model, info, calibration, cfg, seeds, batch_size, keep_logits=True, desc="ROMER router calibration"
+    )
     assert clean.logits is not None and noisy.logits is not None  # keep_logits=True
     layers: dict[int, LayerRouterCalibration] = {}
     for layer in info.moe_layers:
         m = fit_percentile_map(clean.logits[layer.index], noisy.logits[layer.index], (lo, hi))
         layers[layer.index] = LayerRouterCalibration(
-            layer.index, *(torch.tensor(getattr(m, n), dtype=torch.float32)
-                           for n in ("scale", "shift", "clean_lo", "clean_hi", "noisy_lo", "noisy_hi")))
-    return RouterCalibration(layers, (lo, hi), tuple(seeds), cfg.preset, float(cfg.noise_scale),
-                             int(calibration.input_ids.numel()))
+            layer.index,
+            *(
+                torch.tensor(getattr(m, n), dtype=torch.float32)
+                for n in ("scale", "shift", "clean_lo", "clean_hi", "noisy_lo", "noisy_hi")
+            ),
+        )
+    return RouterCalibration(
+        layers, (lo, hi), tuple(seeds), cfg.preset, float(cfg.noise_scale), int(calibration.input_ids.numel())
+    )
 
 
 def apply_router_calibration(model: nn.Module, info: ModelInfo, rc: RouterCalibration) -> nn.Module:
@@ -179,13 +209,17 @@ def apply_router_calibration(model: nn.Module, info: ModelInfo, rc: RouterCalibr
     again replaces the map). Returns ``model``."""
     have = {l.index: l for l in info.moe_layers}
     if set(rc.layers) != set(have):
-        raise HetMoEError(f"router calibration covers MoE layers {sorted(rc.layers)} but the model has "
-                          f"{sorted(have)}; fit it on this model with fit_router_calibration()")
+        raise HetMoEError(
+            f"router calibration covers MoE layers {sorted(rc.layers)} but the model has "
+            f"{sorted(have)}; fit it on this model with fit_router_calibration()"
+        )
     for index, layer in have.items():
         lrc = rc.layers[index]
         if lrc.scale.numel() != layer.num_experts:
-            raise HetMoEError(f"router calibration of layer {index} has {lrc.scale.numel()} experts, the model "
-                              f"{layer.num_experts}; fit it on this model with fit_router_calibration()")
+            raise HetMoEError(
+                f"router calibration of layer {index} has {lrc.scale.numel()} experts, the model "
+                f"{layer.num_experts}; fit it on this model with fit_router_calibration()"
+            )
         router = model.get_submodule(layer.router)
         parent, attr = layer.router.rsplit(".", 1)
         setattr(model.get_submodule(parent), attr, RecalibratedRouter(router, lrc.scale, lrc.shift))

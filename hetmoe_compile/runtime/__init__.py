@@ -3,6 +3,7 @@
 Imports only numpy, jsonschema and onnxruntime (plus ``tokenizers`` for text prompts), so an accelerator
 toolchain can consume an export without PyTorch installed.
 """
+
 from .manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, read_manifest, validate_manifest
 from .runner import Runner, load
 

@@ -1,4 +1,5 @@
 """Read and check an export's ``manifest.json``: schema, version, files and their sha256 (no torch)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -26,8 +27,10 @@ def validate_manifest(doc: dict, source: str = "<manifest>") -> None:
 
     version = str(doc.get("schema_version", "")) if isinstance(doc, dict) else ""
     if version and version.split(".")[0] != MANIFEST_SCHEMA_VERSION.split(".")[0]:
-        raise HetMoEError(f"{source}: manifest schema version {version} is newer than this runtime reads "
-                          f"({MANIFEST_SCHEMA_VERSION}); upgrade hetmoe-compile or re-export with this version")
+        raise HetMoEError(
+            f"{source}: manifest schema version {version} is newer than this runtime reads "
+            f"({MANIFEST_SCHEMA_VERSION}); upgrade hetmoe-compile or re-export with this version"
+        )
     try:
         jsonschema.validate(doc, manifest_schema())
     except jsonschema.ValidationError as exc:
@@ -58,11 +61,15 @@ def check_files(directory: Path, entry: dict, variant: str = "ideal", verify_has
     for name, digest in partition_files(entry, variant):
         path = directory / name
         if not path.is_file():
-            raise HetMoEError(f"partition '{entry['name']}': file {name} is missing from {directory}; "
-                              "copy the whole export directory or re-export")
+            raise HetMoEError(
+                f"partition '{entry['name']}': file {name} is missing from {directory}; "
+                "copy the whole export directory or re-export"
+            )
         if verify_hashes and file_sha256(path) != digest:
-            raise HetMoEError(f"partition '{entry['name']}': {name} does not match its sha256 in the manifest "
-                              "(the file was modified or truncated); re-export or restore the file")
+            raise HetMoEError(
+                f"partition '{entry['name']}': {name} does not match its sha256 in the manifest "
+                "(the file was modified or truncated); re-export or restore the file"
+            )
     return directory / (entry["file"] if variant == "ideal" else entry["instance"]["file"])
 
 
@@ -71,7 +78,9 @@ def read_manifest(directory: str | Path) -> dict:
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     # any JSON value until validated (validate_manifest rejects all but a manifest object)
-    doc = cast(dict, read_json_file(path, f"{directory}: no {MANIFEST_NAME}; pass a directory written by "
-                                          "'hetmoe-compile export'"))
+    doc = cast(
+        dict,
+        read_json_file(path, f"{directory}: no {MANIFEST_NAME}; pass a directory written by 'hetmoe-compile export'"),
+    )
     validate_manifest(doc, str(path))
     return doc

@@ -6,6 +6,7 @@ memory arena (see :func:`_session_options`). A caller may hand any device's part
 accelerator toolchain): ``load(dir, executors={"analog": fn})`` calls ``fn(partition, feeds)`` with the
 partition's manifest entry and numpy inputs, and expects ``{output_name: array}`` back.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -23,8 +24,9 @@ VARIANTS = ("auto", "ideal", "instance")
 class Runner:
     """``runner(input_ids, attention_mask=None) -> logits [batch, seq, vocab]`` and greedy :meth:`generate`."""
 
-    def __init__(self, directory: Path, manifest: dict, sessions: dict, executors: dict[str, Executor],
-                 variant: str) -> None:
+    def __init__(
+        self, directory: Path, manifest: dict, sessions: dict, executors: dict[str, Executor], variant: str
+    ) -> None:
         self.directory = directory
         self.manifest = manifest
         self.sessions = sessions
@@ -42,8 +44,10 @@ class Runner:
         import onnxruntime as ort
 
         ids, mask = self._check_inputs(input_ids, attention_mask)
-        env: dict[str, ort.OrtValue] = {"input_ids": ort.OrtValue.ortvalue_from_numpy(ids),
-                                        "attention_mask": ort.OrtValue.ortvalue_from_numpy(mask)}
+        env: dict[str, ort.OrtValue] = {
+            "input_ids": ort.OrtValue.ortvalue_from_numpy(ids),
+            "attention_mask": ort.OrtValue.ortvalue_from_numpy(mask),
+        }
         held: list[np.ndarray] = [ids, mask]
         for i, step in enumerate(self.manifest["schedule"]):
             part = self.partitions[step["partition"]]
@@ -102,8 +106,9 @@ class Runner:
             if mask.ndim == 1:
                 mask = mask[None]
             if mask.shape != ids.shape:
-                raise HetMoEError(f"attention_mask: expected the shape of input_ids {list(ids.shape)}, "
-                                  f"got {list(mask.shape)}")
+                raise HetMoEError(
+                    f"attention_mask: expected the shape of input_ids {list(ids.shape)}, got {list(mask.shape)}"
+                )
             if not (np.issubdtype(mask.dtype, np.integer) or mask.dtype == bool):
                 raise HetMoEError(f"attention_mask: expected 0/1 integers (int64), got dtype {mask.dtype}")
         return np.ascontiguousarray(ids, dtype=np.int64), np.ascontiguousarray(mask, dtype=np.int64)
@@ -124,13 +129,17 @@ def _last_use(schedule: list[dict], keep: str) -> dict[int, list[str]]:
 
 def _check_executor_outputs(part: dict, got, names: list[str]) -> None:
     if not isinstance(got, dict) or any(n not in got for n in names):
-        raise HetMoEError(f"executor for partition '{part['name']}' must return a dict with {names}, "
-                          f"got {sorted(got) if isinstance(got, dict) else type(got).__name__}")
+        raise HetMoEError(
+            f"executor for partition '{part['name']}' must return a dict with {names}, "
+            f"got {sorted(got) if isinstance(got, dict) else type(got).__name__}"
+        )
     for spec in part["outputs"]:
         arr = np.asarray(got[spec["name"]])
         if str(arr.dtype) != spec["dtype"]:
-            raise HetMoEError(f"executor for partition '{part['name']}': output '{spec['name']}' must be "
-                              f"{spec['dtype']}, got {arr.dtype}")
+            raise HetMoEError(
+                f"executor for partition '{part['name']}': output '{spec['name']}' must be "
+                f"{spec['dtype']}, got {arr.dtype}"
+            )
 
 
 _SHARED_ARENA: list[bool] = []  # [True] once this process registered the shared CPU arena, [False] if it could not
@@ -164,8 +173,14 @@ def _session_options(threads: int):
     return options
 
 
-def load(directory: str | Path, analog: str = "auto", executors: dict[str, Executor] | None = None,
-         providers: list[str] | None = None, verify_hashes: bool = True, threads: int = 0) -> Runner:
+def load(
+    directory: str | Path,
+    analog: str = "auto",
+    executors: dict[str, Executor] | None = None,
+    providers: list[str] | None = None,
+    verify_hashes: bool = True,
+    threads: int = 0,
+) -> Runner:
     """Load the export in ``directory``: check its manifest (schema, version, files, sha256) and open one ONNX
     Runtime session per partition (``threads``: intra-op threads per session, 0 = one per core). ``analog``:
     ``ideal`` weights, the programmed ``instance`` (needs an export with ``--instance-seed``), or ``auto`` (the
@@ -179,13 +194,16 @@ def load(directory: str | Path, analog: str = "auto", executors: dict[str, Execu
     manifest = read_manifest(directory)
     has_instance = manifest["analog"]["instance_seed"] is not None
     if analog == "instance" and not has_instance:
-        raise HetMoEError(f"{directory}: the export holds no programmed instance; re-export with --instance-seed N "
-                          "or load with analog='ideal'")
+        raise HetMoEError(
+            f"{directory}: the export holds no programmed instance; re-export with --instance-seed N "
+            "or load with analog='ideal'"
+        )
     variant = "instance" if (analog == "instance" or (analog == "auto" and has_instance)) else "ideal"
     executors = dict(executors or {})
     options = _session_options(threads)
-    providers = providers or [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider")
-                              if p in ort.get_available_providers()]
+    providers = providers or [
+        p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()
+    ]
     sessions = {}
     for part in manifest["partitions"]:
         v = variant if (part["device"] == "analog" and "instance" in part) else "ideal"
@@ -195,6 +213,8 @@ def load(directory: str | Path, analog: str = "auto", executors: dict[str, Execu
         try:
             sessions[part["name"]] = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:
-            raise HetMoEError(f"partition '{part['name']}': ONNX Runtime cannot load {path.name}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+            raise HetMoEError(
+                f"partition '{part['name']}': ONNX Runtime cannot load {path.name}: "
+                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+            ) from exc
     return Runner(directory, manifest, sessions, executors, variant)

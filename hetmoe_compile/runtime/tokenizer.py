@@ -1,4 +1,5 @@
 """The tokenizer saved beside an export, read with the ``tokenizers`` library (no torch, no transformers)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,8 @@ def load_export_tokenizer(directory: Path, manifest: dict):
     sub = manifest.get("tokenizer")
     path = Path(directory) / (sub or "tokenizer") / "tokenizer.json"
     if not sub or not path.is_file():
-        raise HetMoEError(f"{directory}: the export has no tokenizer (tokenizer/tokenizer.json); "
-                          "pass token ids with --ids, or export a model that has tokenizer.json beside it")
+        raise HetMoEError(
+            f"{directory}: the export has no tokenizer (tokenizer/tokenizer.json); "
+            "pass token ids with --ids, or export a model that has tokenizer.json beside it"
+        )
     return Tokenizer.from_file(str(path))

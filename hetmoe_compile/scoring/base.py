@@ -1,5 +1,6 @@
 """Score tables and the selector registry. A selector maps a model to one score per routed expert; higher means
 more noise-sensitive, so the highest-scoring experts are placed digitally."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

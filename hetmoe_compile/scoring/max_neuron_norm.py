@@ -1,5 +1,6 @@
 """The paper's selector: per linear layer of an expert, the largest L2 norm of one neuron's weight vector (a row of
 the ``[out_features, in_features]`` weight); the expert's score is the product over its gate, up and down layers."""
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,9 @@ def _row_norms(t: torch.Tensor, dim: int) -> torch.Tensor:
         return torch.linalg.vector_norm(t, dim=dim).double()
     bounded = bounded_allocator() if t.device.type == "cpu" else contextlib.nullcontext()
     with bounded:  # each expert's float32 temporary goes back to the system, not to a growing heap
-        return torch.stack([torch.linalg.vector_norm(t[e], dim=dim - 1, dtype=torch.float32)
-                            for e in range(t.shape[0])]).double()
+        return torch.stack(
+            [torch.linalg.vector_norm(t[e], dim=dim - 1, dtype=torch.float32) for e in range(t.shape[0])]
+        ).double()
 
 
 def max_neuron_norms(experts: nn.Module | SimpleNamespace, layout: ExpertLayout) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
 """Empirical oracle: how much the MoE layer's routed output changes on calibration tokens when only one expert's
 weights carry PCM programming noise (averaged over seeds). Expensive-ish, but exact for the question asked."""
+
 from __future__ import annotations
 
 from typing import cast
@@ -31,8 +32,12 @@ def _expert_weights(
                 return group.expert(ids.index(e))
     device = cast(torch.Tensor, experts.down_proj).device
     w = canonical_expert_weights(experts, info.adapter.layout, torch.tensor([e], device=device))
-    return (w.gate_up[0], w.down[0], None if w.gate_up_bias is None else w.gate_up_bias[0],
-            None if w.down_bias is None else w.down_bias[0])
+    return (
+        w.gate_up[0],
+        w.down[0],
+        None if w.gate_up_bias is None else w.gate_up_bias[0],
+        None if w.down_bias is None else w.down_bias[0],
+    )
 
 
 def measured_sensitivity(

@@ -1,4 +1,5 @@
 """Baseline: seeded random scores (a random placement)."""
+
 from __future__ import annotations
 
 import numpy as np

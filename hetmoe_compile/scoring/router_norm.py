@@ -1,4 +1,5 @@
 """Data-free peer: the L2 norm of the expert's row in the router weight ``[E, H]``."""
+
 from __future__ import annotations
 
 from typing import cast

@@ -1,4 +1,5 @@
 """Data-driven peers from routing on calibration text: activation frequency and mean routing weight."""
+
 from __future__ import annotations
 
 import numpy as np
