@@ -3,9 +3,8 @@
 Every path that makes an instance (eager :func:`~.simulate.simulate`, the FX :class:`RewriteAnalogPass`, the
 ONNX instance export) programs through :func:`program_expert_stacks` (in place) or :func:`program_group`
 (copies) and seeds the output noise with :func:`output_noise_seed`, so instance ``seed`` is the same devices
-everywhere. An expert's
-devices depend only on ``(seed, layer, expert id, matrix)``: two placements evaluated with the same seed see the
-same devices (common random numbers).
+everywhere. An expert's devices depend only on ``(seed, layer, expert id, matrix)``: two placements evaluated with
+the same seed see the same devices (common random numbers).
 """
 
 from __future__ import annotations
