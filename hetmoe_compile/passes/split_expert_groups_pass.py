@@ -2,10 +2,11 @@
 
 For Dynamo graphs with one ``hetmoe.expert_group`` node per MoE layer holding all of its experts (made by
 :class:`RecognizeExpertsPass` from a raw model, or traced from one prepared with :func:`hetmoe_compile.prepare`):
-the pass reads each group's weights,
-scores the experts (``max-neuron-norm`` or ``random``), ranks them with the placement policy, and replaces the node
-by a digital and an analog group whose weights are registered on the graph module (``hetmoe_groups.L<layer>``).
-New nodes carry their :class:`NodePlacement`, so :class:`RewriteAnalogPass` can run next.
+the pass takes each layer's devices from a given placement (the backend's, made from the whole model by the
+composer's placement step) or else scores the graph's weights (``max-neuron-norm`` or ``random``) and ranks them
+with the placement policy, and replaces the node by a digital and an analog group whose weights are registered on
+the graph module (``hetmoe_groups.L<layer>``). New nodes carry their :class:`NodePlacement`, so
+:class:`RewriteAnalogPass` can run next.
 """
 
 from __future__ import annotations
