@@ -128,3 +128,15 @@ def test_compile_checks_a_given_placement_against_the_model():
     assert again.placement.devices() == placement.devices()
     with pytest.raises(hc.HetMoEError, match=r"p.json: placement was made for another model"):
         hc.compile(tiny_model("mixtral"), placement=placement, source="p.json")
+
+
+def test_simulate_in_a_fresh_process_registers_the_analog_op():
+    """The analog op must be registered by the modules that call it, not by whatever a test imported first."""
+    code = (
+        "import torch, hetmoe_compile as hc; from hetmoe_compile.models.tiny import tiny_model; "
+        "c = hc.compile(tiny_model('olmoe'), hc.PlacementPolicy(0.25), 'pcm'); "
+        "print(c.simulate(0)(input_ids=torch.tensor([[1, 2, 3]]), use_cache=False).logits.shape)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "torch.Size([1, 3, 128])" in out.stdout
