@@ -203,3 +203,41 @@ def test_split_pass_checks_overrides_against_its_graph():
     ):
         with pytest.raises(PassError, match=message):
             SplitExpertGroupsPass(PlacementPolicy(overrides={override: "digital"}), example_inputs)(gm)
+
+
+def test_dead_code_removal_keeps_in_place_calls_and_drops_unused_weights():
+    """The passes' clean-up erases only unused get_attr nodes; an unused in-place ``scatter_`` (DeepSeek-V3's group
+    mask) stays, where FX's plain eliminate_dead_code deletes it."""
+    import torch.fx as fx
+
+    from hetmoe_compile.passes.pass_base import drop_unused_attrs
+
+    class Masked(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("unused", torch.ones(3))
+
+        def forward(self, x, idx):
+            mask = torch.zeros_like(x)
+            mask.scatter_(1, idx, 1.0)  # result unused: the mutation is the point
+            return x * mask
+
+    def traced():
+        gm = fx.symbolic_trace(Masked())
+        gm.register_buffer("unused", torch.ones(3))
+        with gm.graph.inserting_before(next(iter(gm.graph.nodes))):
+            gm.graph.get_attr("unused")  # a weight a rewrite left unused
+        gm.recompile()
+        return gm
+
+    x, idx = torch.randn(2, 4), torch.tensor([[1], [3]])
+    gm = traced()
+    drop_unused_attrs(gm)
+    gm.recompile()
+    assert [n.target for n in gm.graph.nodes if n.op == "call_method"].count("scatter_") == 1
+    assert not [n for n in gm.graph.nodes if n.op == "get_attr"]
+    torch.testing.assert_close(gm(x, idx), Masked()(x, idx), rtol=0, atol=0)
+    plain = traced()
+    plain.graph.eliminate_dead_code()  # what the passes called before
+    plain.recompile()
+    assert "scatter_" not in [n.target for n in plain.graph.nodes]  # the bug this guards against
