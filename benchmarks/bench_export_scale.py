@@ -21,7 +21,8 @@ def child(layers: int, out: str, instance_seed: int | None) -> dict:
     import time
 
     import torch
-    from transformers import OlmoeConfig, OlmoeForCausalLM
+    from shapes import olmoe_1b_7b_config
+    from transformers import OlmoeForCausalLM
 
     from hetmoe_compile.analog.config import analog_config
     from hetmoe_compile.export import ExportOptions, export_onnx
@@ -29,17 +30,7 @@ def child(layers: int, out: str, instance_seed: int | None) -> dict:
     from hetmoe_compile.placement.policy import PlacementPolicy
 
     torch.manual_seed(0)
-    cfg = OlmoeConfig(
-        vocab_size=50304,
-        hidden_size=2048,
-        intermediate_size=1024,
-        num_experts=64,
-        num_experts_per_tok=8,
-        num_hidden_layers=layers,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        max_position_embeddings=4096,
-    )
+    cfg = olmoe_1b_7b_config(layers)
     t = time.perf_counter()
     with torch.no_grad():
         model = OlmoeForCausalLM(cfg).eval()

@@ -93,7 +93,8 @@ class Phase:
 
 def child(layers: int, dtype_name: str, tokens: int, device_name: str, repeat: int) -> dict:
     import torch
-    from transformers import OlmoeConfig, OlmoeForCausalLM
+    from shapes import olmoe_1b_7b_config
+    from transformers import OlmoeForCausalLM
 
     import hetmoe_compile as hc
     from hetmoe_compile.analog.pcm_fused import CHUNK_ELEMENTS
@@ -107,17 +108,7 @@ def child(layers: int, dtype_name: str, tokens: int, device_name: str, repeat: i
     dtype = getattr(torch, dtype_name)
     base = _rss("VmRSS") if device.type == "cpu" else 0
     torch.manual_seed(0)
-    cfg = OlmoeConfig(
-        vocab_size=50304,
-        hidden_size=2048,
-        intermediate_size=1024,
-        num_experts=64,
-        num_experts_per_tok=8,
-        num_hidden_layers=layers,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        max_position_embeddings=4096,
-    )
+    cfg = olmoe_1b_7b_config(layers)
     torch.set_default_dtype(dtype)
     with torch.no_grad(), torch.device(device):
         model = OlmoeForCausalLM(cfg).eval()

@@ -33,20 +33,10 @@ PLACEMENTS = [
 
 
 def olmoe_1b_7b() -> torch.nn.Module:
-    from transformers import OlmoeConfig, OlmoeForCausalLM
+    from shapes import olmoe_1b_7b_config
+    from transformers import OlmoeForCausalLM
 
-    cfg = OlmoeConfig(
-        vocab_size=50304,
-        hidden_size=2048,
-        intermediate_size=1024,
-        num_experts=64,
-        num_experts_per_tok=8,
-        num_hidden_layers=16,
-        num_attention_heads=16,
-        num_key_value_heads=16,
-        max_position_embeddings=4096,
-        torch_dtype="bfloat16",
-    )
+    cfg = olmoe_1b_7b_config(16, torch_dtype="bfloat16")
     with torch.device("meta"):
         return OlmoeForCausalLM(cfg).to(torch.bfloat16).eval()
 

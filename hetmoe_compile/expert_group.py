@@ -122,18 +122,15 @@ def _grouped_expert_group(
     limit,
 ) -> torch.Tensor:
     """The grouped path of :func:`expert_group_op` (see :mod:`.grouped_routing`): no host synchronisation."""
-    token, flat_slot, local, ends = routing_plan(top_k_index, expert_ids, num_experts)
-    row = local.clamp(max=expert_ids.numel() - 1)
-    h = F.grouped_mm(hidden[token].to(gate_up.dtype), gate_up.transpose(1, 2), offs=ends)
+    plan = routing_plan(top_k_index, expert_ids, num_experts)
+    h = F.grouped_mm(hidden[plan.token].to(gate_up.dtype), gate_up.transpose(1, 2), offs=plan.ends)
     if gate_up_bias is not None:
-        h = h + gate_up_bias[row]
+        h = h + gate_up_bias[plan.row]
     h = activate(h, activation, act_name, alpha, limit)
-    y = F.grouped_mm(h, down.transpose(1, 2), offs=ends)
+    y = F.grouped_mm(h, down.transpose(1, 2), offs=plan.ends)
     if down_bias is not None:
-        y = y + down_bias[row]
-    valid = (local < expert_ids.numel())[:, None]  # rows past the last offset are other groups' (and garbage)
-    y = torch.where(valid, y * top_k_weights.reshape(-1)[flat_slot, None], 0)
-    return torch.zeros_like(hidden).index_add_(0, token, y.to(hidden.dtype))
+        y = y + down_bias[plan.row]
+    return plan.combine(hidden, top_k_weights, y)
 
 
 @expert_group_op.register_fake

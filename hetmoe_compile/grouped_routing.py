@@ -21,6 +21,7 @@ seed's noisy outputs are reproducible per path and device, not across them.
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -45,8 +46,7 @@ def use_grouped(hidden: torch.Tensor, dtype: torch.dtype, *widths: int) -> bool:
     mode = grouped_mode()
     if mode == "0" or hidden.shape[0] == 0:
         return False
-    size = torch.empty((), dtype=dtype).element_size()
-    if any((w * size) % _ALIGN_BYTES for w in widths):
+    if any((w * dtype.itemsize) % _ALIGN_BYTES for w in widths):
         return False
     if mode == "1":
         return True
@@ -73,19 +73,29 @@ def routed_slots(
     return flat_slot // k, flat_slot, counts
 
 
-def routing_plan(
-    top_k_index: torch.Tensor, expert_ids: torch.Tensor, num_experts: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every ``T*K`` (token, slot) pair sorted by local expert, device-side (grouped path).
+class RoutingPlan(NamedTuple):
+    """Every ``T*K`` (token, slot) pair sorted by local expert (see :func:`routing_plan`)."""
 
-    Returns ``(token, flat_slot, local, ends)``: per sorted pair its token, its index into the flattened routing
-    tensors and its local expert (``len(expert_ids)`` for pairs of other groups, sorted last); ``ends[e]`` (int32)
-    is one past the last pair of local expert ``e``.
-    """
+    token: torch.Tensor  # [T*K] the pair's token
+    flat_slot: torch.Tensor  # [T*K] its index into the flattened [T*K] routing tensors
+    local: torch.Tensor  # [T*K] its local expert; len(expert_ids) for pairs of other groups (sorted last)
+    row: torch.Tensor  # [T*K] ``local`` clamped to a valid expert (for per-row gathers of biases and scales)
+    ends: torch.Tensor  # [E] int32: one past the last pair of each local expert (grouped_mm's offsets)
+
+    def combine(self, hidden: torch.Tensor, top_k_weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``[T, H]``: the rows ``y`` (one per pair, in plan order) weighted by their routing weights and summed per
+        token. Rows of other groups count zero (grouped GEMMs leave them undefined, possibly NaN)."""
+        valid = (self.local == self.row)[:, None]
+        y = torch.where(valid, y * top_k_weights.reshape(-1)[self.flat_slot, None], 0)
+        return torch.zeros_like(hidden).index_add_(0, self.token, y.to(hidden.dtype))
+
+
+def routing_plan(top_k_index: torch.Tensor, expert_ids: torch.Tensor, num_experts: int) -> RoutingPlan:
+    """Every ``T*K`` (token, slot) pair sorted by local expert, device-side (grouped path)."""
     n = expert_ids.numel()
     device = top_k_index.device
     lut = torch.full((num_experts,), n, dtype=torch.long, device=device)
     lut[expert_ids] = torch.arange(n, device=device)
     local, flat_slot = torch.sort(lut[top_k_index.reshape(-1)], stable=True)
     ends = torch.searchsorted(local, torch.arange(n, device=device), right=True).to(torch.int32)
-    return flat_slot // top_k_index.shape[-1], flat_slot, local, ends
+    return RoutingPlan(flat_slot // top_k_index.shape[-1], flat_slot, local, local.clamp(max=n - 1), ends)

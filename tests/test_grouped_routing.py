@@ -45,7 +45,8 @@ def _both(monkeypatch, fn):
 def test_routing_plan_matches_per_expert_slots():
     (_, index, _), _ = _inputs()
     token, flat_slot, counts = routed_slots(index, IDS, E)
-    g_token, g_slot, local, ends = routing_plan(index, IDS, E)
+    plan = routing_plan(index, IDS, E)
+    g_token, g_slot, local, ends = plan.token, plan.flat_slot, plan.local, plan.ends
     assert g_token.numel() == T * K and ends.dtype == torch.int32
     assert ends.tolist() == torch.tensor(counts).cumsum(0).tolist()
     n = int(ends[-1])

@@ -111,21 +111,19 @@ def _grouped_analog(
     gen: torch.Generator | None,
 ) -> torch.Tensor:
     """The grouped path of :func:`analog_expert_group_op` (see :mod:`~hetmoe_compile.grouped_routing`)."""
-    token, flat_slot, local, ends = routing_plan(top_k_index, expert_ids, num_experts)
-    row = local.clamp(max=expert_ids.numel() - 1)
+    plan = routing_plan(top_k_index, expert_ids, num_experts)
     levels, nm = dac(hidden, gate_up_weight.shape[2:], io)
-    h = grouped_tile_mvm(levels[:, token], nm[:, token], gate_up_weight, gate_up_scale, row, ends, io, gen)
+    tok = plan.token
+    h = grouped_tile_mvm(levels[:, tok], nm[:, tok], gate_up_weight, gate_up_scale, plan.row, plan.ends, io, gen)
     h = h.to(hidden.dtype)
     if gate_up_bias is not None:
-        h = h + gate_up_bias[row]
+        h = h + gate_up_bias[plan.row]
     h = activate(h, activation, act_name, alpha, limit)
     levels, nm = dac(h, down_weight.shape[2:], io)
-    y = grouped_tile_mvm(levels, nm, down_weight, down_scale, row, ends, io, gen).to(hidden.dtype)
+    y = grouped_tile_mvm(levels, nm, down_weight, down_scale, plan.row, plan.ends, io, gen).to(hidden.dtype)
     if down_bias is not None:
-        y = y + down_bias[row]
-    valid = (local < expert_ids.numel())[:, None]  # rows past the last offset are other groups' (and garbage)
-    y = torch.where(valid, y * top_k_weights.reshape(-1)[flat_slot, None], 0)
-    return torch.zeros_like(hidden).index_add_(0, token, y.to(hidden.dtype))
+        y = y + down_bias[plan.row]
+    return plan.combine(hidden, top_k_weights, y)
 
 
 @analog_expert_group_op.register_fake

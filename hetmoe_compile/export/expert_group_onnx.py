@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import numpy as np
 from onnx import TensorProto, helper
@@ -89,20 +89,6 @@ class TilePeriphery:
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
 MOE_DOMAIN = "com.microsoft"
 """ONNX Runtime's contrib-op domain (``MoE``, ``MatMulNBits``)."""
-_I64 = np.dtype(np.int64)
-_F32 = np.dtype(np.float32)
-
-
-def _op(
-    b: GraphBuilder,
-    op_type: str,
-    inputs: list[str],
-    hint: str | None = None,
-    outputs: list[str] | None = None,
-    **attrs: Any,
-) -> str:
-    """``b.op`` for a single-output node: ``GraphBuilder.op`` returns one name (not a list) when ``n_out == 1``."""
-    return cast(str, b.op(op_type, inputs, hint, outputs, **attrs))
 
 
 def expert_group_body(
@@ -124,17 +110,17 @@ def expert_group_body(
     if programmed is not None and (periphery is None or len(programmed) != len(experts)):
         raise ValueError("a programmed instance needs one ProgrammedExpert per expert and a TilePeriphery")
     dtype = np.dtype(dtype)
-    routing = _op(b, "Shape", [top_k_index], "routing_shape")  # [T, K]
-    k = _op(b, "Gather", [routing, b.scalar(1, _I64)], "k")
+    routing = b.op("Shape", [top_k_index], "routing_shape")  # [T, K]
+    k = b.op("Gather", [routing, b.scalar(1, np.int64)], "k")
     ys, slots = [], []
     for i, ex in enumerate(experts):
         p = f"L{layer}.E{ex.expert_id}."
-        hit = _op(b, "Equal", [top_k_index, b.scalar(ex.expert_id, _I64)], "hit")
-        pairs = _op(b, "NonZero", [hit], "pairs")  # [2, n]: (token, slot)
-        tok = _op(b, "Gather", [pairs, b.scalar(0, _I64)], "tok", axis=0)  # [n]
-        slot = _op(b, "Gather", [pairs, b.scalar(1, _I64)], "slot", axis=0)
-        w = _op(b, "GatherND", [top_k_weights, _op(b, "Transpose", [pairs], perm=[1, 0])], "w")  # [n]
-        x = _op(b, "Gather", [hidden, tok], "x", axis=0)  # [n, H]
+        hit = b.op("Equal", [top_k_index, b.scalar(ex.expert_id, np.int64)], "hit")
+        pairs = b.op("NonZero", [hit], "pairs")  # [2, n]: (token, slot)
+        tok = b.op("Gather", [pairs, b.scalar(0, np.int64)], "tok", axis=0)  # [n]
+        slot = b.op("Gather", [pairs, b.scalar(1, np.int64)], "slot", axis=0)
+        w = b.op("GatherND", [top_k_weights, b.op("Transpose", [pairs], perm=[1, 0])], "w")  # [n]
+        x = b.op("Gather", [hidden, tok], "x", axis=0)  # [n, H]
         if lowbit is not None:
             h = _linear_nbits(
                 b, x, ex.gate_up, _bias(b, p + "gate_up_bias", ex.gate_up_bias), p + "gate_up", lowbit, dtype
@@ -154,28 +140,28 @@ def expert_group_body(
                 b, x, ex.gate_up.shape[1], prog.gate_up_weight, prog.gate_up_scale, periphery, p + "gate_up", dtype
             )
             if ex.gate_up_bias is not None:
-                h = _op(b, "Add", [h, b.const(p + "gate_up_bias", ex.gate_up_bias, public=True)])
+                h = b.op("Add", [h, b.const(p + "gate_up_bias", ex.gate_up_bias, public=True)])
             h = _activate(b, h, act, dtype, ex.gate_up.shape[0] // 2)
             y = _tiled(b, h, ex.down.shape[1], prog.down_weight, prog.down_scale, periphery, p + "down", dtype)
             if ex.down_bias is not None:
-                y = _op(b, "Add", [y, b.const(p + "down_bias", ex.down_bias, public=True)])
-        ys.append(_op(b, "Mul", [y, _op(b, "Unsqueeze", [w, b.vector([1])])], "y"))
-        slots.append(_op(b, "Add", [_op(b, "Mul", [tok, k]), slot], "flat_slot"))  # token * K + slot
-    width = _op(b, "Slice", [_op(b, "Shape", [hidden]), b.vector([1]), b.vector([2])], "width")  # [H]
+                y = b.op("Add", [y, b.const(p + "down_bias", ex.down_bias, public=True)])
+        ys.append(b.op("Mul", [y, b.op("Unsqueeze", [w, b.vector([1])])], "y"))
+        slots.append(b.op("Add", [b.op("Mul", [tok, k]), slot], "flat_slot"))  # token * K + slot
+    width = b.op("Slice", [b.op("Shape", [hidden]), b.vector([1]), b.vector([2])], "width")  # [H]
     if not experts:
-        zeros = _op(b, "ConstantOfShape", [_op(b, "Shape", [hidden])], "zeros", value=_zero(dtype))
-        _op(b, "Identity", [zeros], outputs=[output])
+        zeros = b.op("ConstantOfShape", [b.op("Shape", [hidden])], "zeros", value=_zero(dtype))
+        b.op("Identity", [zeros], outputs=[output])
         return
     # Every (token, slot) pair belongs to exactly one expert, so the scatter indices are unique (a scatter-add
     # with repeated indices is not deterministic in ONNX Runtime's multi-threaded kernel); the K slots of each
     # token are then summed.
-    pairs_shape = _op(b, "Concat", [_op(b, "ReduceProd", [routing], keepdims=1), width], "pairs_shape", axis=0)
-    zeros = _op(b, "ConstantOfShape", [pairs_shape], "zeros", value=_zero(dtype))  # [T*K, H]
-    y = ys[0] if len(ys) == 1 else _op(b, "Concat", ys, "ys", axis=0)
-    flat = slots[0] if len(slots) == 1 else _op(b, "Concat", slots, "slots", axis=0)
-    per_slot = _op(b, "ScatterND", [zeros, _op(b, "Unsqueeze", [flat, b.vector([1])], "index"), y], "per_slot")
-    per_slot = _op(b, "Reshape", [per_slot, _op(b, "Concat", [routing, width], "tkh", axis=0)])  # [T, K, H]
-    _op(b, "ReduceSum", [per_slot, b.vector([1])], outputs=[output], keepdims=0)
+    pairs_shape = b.op("Concat", [b.op("ReduceProd", [routing], keepdims=1), width], "pairs_shape", axis=0)
+    zeros = b.op("ConstantOfShape", [pairs_shape], "zeros", value=_zero(dtype))  # [T*K, H]
+    y = ys[0] if len(ys) == 1 else b.op("Concat", ys, "ys", axis=0)
+    flat = slots[0] if len(slots) == 1 else b.op("Concat", slots, "slots", axis=0)
+    per_slot = b.op("ScatterND", [zeros, b.op("Unsqueeze", [flat, b.vector([1])], "index"), y], "per_slot")
+    per_slot = b.op("Reshape", [per_slot, b.op("Concat", [routing, width], "tkh", axis=0)])  # [T, K, H]
+    b.op("ReduceSum", [per_slot, b.vector([1])], outputs=[output], keepdims=0)
 
 
 def _zero(dtype: np.dtype):
@@ -188,7 +174,7 @@ def _bias(b: GraphBuilder, name: str, bias: np.ndarray | LazyArray | None) -> st
 
 def _linear(b: GraphBuilder, x: str, weight: str, bias: str | None) -> str:
     """``x @ W.T (+ bias)`` with ``W`` kept in ``[out, in]`` layout."""
-    return _op(b, "Gemm", [x, weight] + ([bias] if bias else []), "lin", transB=1)
+    return b.op("Gemm", [x, weight] + ([bias] if bias else []), "lin", transB=1)
 
 
 def _linear_nbits(
@@ -206,32 +192,32 @@ def _linear_nbits(
 
     q = b.const(name + f".int{bits}", Deferred(packed_shape, np.uint8, lambda: pack()[0]), public=True)
     s = b.const(name + ".scales", Deferred((n * k // block,), dtype, lambda: pack()[1].astype(dtype)), public=True)
-    y = _op(b, "MatMulNBits", [x, q, s], "lin", domain=MOE_DOMAIN, K=k, N=n, bits=bits, block_size=block)
-    return _op(b, "Add", [y, bias]) if bias else y
+    y = b.op("MatMulNBits", [x, q, s], "lin", domain=MOE_DOMAIN, K=k, N=n, bits=bits, block_size=block)
+    return b.op("Add", [y, bias]) if bias else y
 
 
 def _activate(b: GraphBuilder, h: str, act: Activation, dtype: np.dtype, inter: int) -> str:
-    gate, up = cast(list[str], b.op("Split", [h, b.vector([inter, inter])], n_out=2, axis=-1))
+    gate, up = b.multi_op("Split", [h, b.vector([inter, inter])], 2, axis=-1)
     if act.kind == "glu":
-        return _op(b, "Mul", [_act(b, gate, act.act_name), up], "act")
+        return b.op("Mul", [_act(b, gate, act.act_name), up], "act")
     if act.kind == "gpt_oss_glu":
         lim = b.scalar(act.limit, dtype)
-        gate = _op(b, "Min", [gate, lim])
-        up = _op(b, "Clip", [up, b.scalar(-act.limit, dtype), lim])
-        glu = _op(b, "Mul", [gate, _op(b, "Sigmoid", [_op(b, "Mul", [gate, b.scalar(act.alpha, dtype)])])])
-        return _op(b, "Mul", [_op(b, "Add", [up, b.scalar(1, dtype)]), glu], "act")
+        gate = b.op("Min", [gate, lim])
+        up = b.op("Clip", [up, b.scalar(-act.limit, dtype), lim])
+        glu = b.op("Mul", [gate, b.op("Sigmoid", [b.op("Mul", [gate, b.scalar(act.alpha, dtype)])])])
+        return b.op("Mul", [b.op("Add", [up, b.scalar(1, dtype)]), glu], "act")
     raise HetMoEError(f"expert activation '{act.kind}' has no ONNX body; supported: glu, gpt_oss_glu")
 
 
 def _act(b: GraphBuilder, x: str, name: str) -> str:
     if name == "silu":
-        return _op(b, "Mul", [x, _op(b, "Sigmoid", [x])], "silu")
+        return b.op("Mul", [x, b.op("Sigmoid", [x])], "silu")
     if name == "gelu":
-        return _op(b, "Gelu", [x])
+        return b.op("Gelu", [x])
     if name in ("gelu_pytorch_tanh", "gelu_new"):
-        return _op(b, "Gelu", [x], approximate="tanh")
+        return b.op("Gelu", [x], approximate="tanh")
     if name == "relu":
-        return _op(b, "Relu", [x])
+        return b.op("Relu", [x])
     raise HetMoEError(
         f"expert activation function '{name}' has no ONNX body; supported: {', '.join(SUPPORTED_ACTIVATIONS)}"
     )
@@ -249,17 +235,17 @@ def _tiled(
 ) -> str:
     """``x [n, in] -> [n, out]`` through the tiles of one programmed matrix (mirrors ``analog.tiles``)."""
     out, c, t = weight.shape
-    xf = _op(b, "Cast", [x], to=TensorProto.FLOAT) if dtype != np.float32 else x
+    xf = b.op("Cast", [x], to=TensorProto.FLOAT) if dtype != np.float32 else x
     pad = c * t - n_in
     if pad:
-        xf = _op(b, "Pad", [xf, b.vector([0, 0, 0, pad])])
-    xt = _op(b, "Transpose", [_op(b, "Reshape", [xf, b.vector([-1, c, t])])], "xt", perm=[1, 0, 2])  # [C, n, T]
-    nm = _op(b, "ReduceMax", [_op(b, "Abs", [xt]), b.vector([-1])], "nm", keepdims=1)
-    nm = _op(b, "Max", [nm, b.scalar(1e-30, _F32)])
+        xf = b.op("Pad", [xf, b.vector([0, 0, 0, pad])])
+    xt = b.op("Transpose", [b.op("Reshape", [xf, b.vector([-1, c, t])])], "xt", perm=[1, 0, 2])  # [C, n, T]
+    nm = b.op("ReduceMax", [b.op("Abs", [xt]), b.vector([-1])], "nm", keepdims=1)
+    nm = b.op("Max", [nm, b.scalar(1e-30, np.float32)])
     in_step = io.inp_res * 2.0 if io.inp_res > 0 else 1.0
-    levels = _op(b, "Div", [xt, _op(b, "Mul", [nm, b.scalar(in_step, _F32)])], "levels")
+    levels = b.op("Div", [xt, b.op("Mul", [nm, b.scalar(in_step, np.float32)])], "levels")
     if io.inp_res > 0:
-        levels = _op(b, "Round", [levels])
+        levels = b.op("Round", [levels])
     w = b.const(
         name + ".programmed",
         Deferred(
@@ -269,14 +255,13 @@ def _tiled(
         ),
         public=True,
     )
-    y = _op(b, "MatMul", [levels, w], "tile")  # [C, n, out] in DAC steps
+    y = b.op("MatMul", [levels, w], "tile")  # [C, n, out] in DAC steps
     unit = in_step
     if io.out_res > 0 or io.out_noise > 0:
         out_step = io.out_res * 2.0 * io.out_bound if io.out_res > 0 else 1.0
-        y = _op(b, "Mul", [y, b.scalar(unit / out_step, _F32)])
+        y = b.op("Mul", [y, b.scalar(unit / out_step, np.float32)])
         if io.out_noise > 0:
-            noise = _op(
-                b,
+            noise = b.op(
                 "RandomNormalLike",
                 [y],
                 "noise",
@@ -285,11 +270,11 @@ def _tiled(
                 scale=float(io.out_noise / out_step),
                 seed=float(io.noise_seed % (1 << 24)),
             )
-            y = _op(b, "Add", [y, noise])
+            y = b.op("Add", [y, noise])
         if io.out_res > 0:
-            y = _op(b, "Round", [y])
+            y = b.op("Round", [y])
         limit = io.out_bound / out_step
-        y = _op(b, "Clip", [y, b.scalar(-limit, _F32), b.scalar(limit, _F32)])
+        y = b.op("Clip", [y, b.scalar(-limit, np.float32), b.scalar(limit, np.float32)])
         unit = out_step
     s = b.const(
         name + ".scale",
@@ -300,9 +285,9 @@ def _tiled(
         ),
         public=True,
     )
-    y = _op(b, "Mul", [_op(b, "Mul", [y, nm]), s], "scaled")
-    y = _op(b, "ReduceSum", [y, b.vector([0])], "sum", keepdims=0)
-    return _op(b, "Cast", [y], to=helper.np_dtype_to_tensor_dtype(dtype)) if dtype != np.float32 else y
+    y = b.op("Mul", [b.op("Mul", [y, nm]), s], "scaled")
+    y = b.op("ReduceSum", [y, b.vector([0])], "sum", keepdims=0)
+    return b.op("Cast", [y], to=helper.np_dtype_to_tensor_dtype(dtype)) if dtype != np.float32 else y
 
 
 def ort_moe_body(
@@ -331,20 +316,18 @@ def ort_moe_body(
     n = len(experts)
     lut = np.full(num_experts, n + 1, dtype=np.int64)  # experts of other groups -> a trash column
     lut[[e.expert_id for e in experts]] = np.arange(n)
-    local = _op(b, "Gather", [b.const("lut", lut), top_k_index], "local", axis=0)  # [T, K]
-    in_group = _op(b, "Less", [local, b.scalar(n, _I64)], "in_group")
+    local = b.op("Gather", [b.const("lut", lut), top_k_index], "local", axis=0)  # [T, K]
+    in_group = b.op("Less", [local, b.scalar(n, np.int64)], "in_group")
     zero = b.scalar(0, dtype)
-    routed_w = _op(b, "Where", [in_group, top_k_weights, zero], "routed_w")
-    scale = _op(b, "Add", [_op(b, "ReduceSum", [routed_w, b.vector([1])], keepdims=1), b.scalar(1, dtype)], "scale")
-    tokens = _op(b, "Gather", [_op(b, "Shape", [hidden]), b.scalar(0, _I64)], "tokens")
-    base_shape = _op(
-        b, "Concat", [_op(b, "Unsqueeze", [tokens, b.vector([0])]), b.vector([n + 2])], "base_shape", axis=0
-    )
+    routed_w = b.op("Where", [in_group, top_k_weights, zero], "routed_w")
+    scale = b.op("Add", [b.op("ReduceSum", [routed_w, b.vector([1])], keepdims=1), b.scalar(1, dtype)], "scale")
+    tokens = b.op("Gather", [b.op("Shape", [hidden]), b.scalar(0, np.int64)], "tokens")
+    base_shape = b.op("Concat", [b.op("Unsqueeze", [tokens, b.vector([0])]), b.vector([n + 2])], "base_shape", axis=0)
     row = np.full((1, n + 2), -1e4, dtype=dtype)
     row[0, n] = 0.0  # the null expert
-    base = _op(b, "Expand", [b.const("logit_row", row), base_shape], "base")  # [T, n + 2]
-    logits = _op(b, "ScatterElements", [base, local, _op(b, "Log", [top_k_weights])], "logits", axis=1)
-    logits = _op(b, "Slice", [logits, b.vector([0]), b.vector([n + 1]), b.vector([1])], "router_logits")
+    base = b.op("Expand", [b.const("logit_row", row), base_shape], "base")  # [T, n + 2]
+    logits = b.op("ScatterElements", [base, local, b.op("Log", [top_k_weights])], "logits", axis=1)
+    logits = b.op("Slice", [logits, b.vector([0]), b.vector([n + 1]), b.vector([1])], "router_logits")
     fc1 = Deferred((n + 1, *experts[0].gate_up.shape), dtype, lambda: _stack(experts, "gate_up", True))
     fc2 = Deferred((n + 1, *experts[0].down.shape), dtype, lambda: _stack(experts, "down", False))
     inputs = [hidden, logits, b.const(f"L{layer}.experts.fc1", fc1, public=True)]
@@ -380,8 +363,8 @@ def ort_moe_body(
     )
     if gpt_oss and act.limit:
         attrs["swiglu_limit"] = float(act.limit)
-    moe = _op(b, "MoE", inputs, "moe", domain=MOE_DOMAIN, **attrs)
-    _op(b, "Mul", [moe, scale], outputs=[output])
+    moe = b.op("MoE", inputs, "moe", domain=MOE_DOMAIN, **attrs)
+    b.op("Mul", [moe, scale], outputs=[output])
 
 
 def _stack(experts: list[ExpertArrays], name: str, interleave: bool) -> np.ndarray:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+from numpy.typing import DTypeLike
 from onnx import NodeProto, helper
 
 
@@ -47,7 +48,7 @@ class GraphBuilder:
         self.initializers[full] = array if hasattr(array, "load") else np.asarray(array, order="C")
         return full
 
-    def scalar(self, value: float | int, dtype: np.dtype) -> str:
+    def scalar(self, value: float | int, dtype: DTypeLike) -> str:
         return self.const(f"c{self._next()}", np.asarray(value, dtype=dtype))
 
     def vector(self, values: list[int]) -> str:
@@ -58,15 +59,21 @@ class GraphBuilder:
         return self._count
 
     def op(
+        self, op_type: str, inputs: list[str], hint: str | None = None, outputs: list[str] | None = None, **attrs
+    ) -> str:
+        """Append one single-output node; returns its output name."""
+        return self.multi_op(op_type, inputs, 1, hint, outputs, **attrs)[0]
+
+    def multi_op(
         self,
         op_type: str,
         inputs: list[str],
+        n_out: int,
         hint: str | None = None,
         outputs: list[str] | None = None,
-        n_out: int = 1,
         **attrs,
-    ) -> str | list[str]:
-        """Append one node; returns its output name (or names when ``n_out > 1``)."""
+    ) -> list[str]:
+        """Append one node with ``n_out`` outputs; returns their names."""
         outs = outputs or [self.fresh(hint or op_type.lower()) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.fresh(op_type), **attrs))
-        return outs[0] if len(outs) == 1 else outs
+        return outs
