@@ -32,8 +32,11 @@ demo: $(STAMP)
 	@echo
 	@echo "Demo outputs are in $(OUT)/: scores.json, scores.png, placement.json, results.json, onnx/ (partitions + manifest.json)"
 
+# One pytest-xdist worker per core (TEST_WORKERS=0 runs in one process); each test file stays on one worker, so its
+# module fixtures are built once.
+TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
 
 # Lint and format rules, and the type check of the package (configured in pyproject.toml).
 lint: $(STAMP)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch import nn
 
 from .analog.config import AnalogConfig, analog_config
+from .analog.simulate import restore_digital
 from .calibration import Calibration
 from .canonicalize import canonicalize
 from .cost.params import CostParams
-from .errors import HetMoEError
+from .errors import HetMoEError, check_seed
 from .lowbit import quantize_digital_experts
 from .models.recognize import ModelInfo, recognize
 from .peers import Applied, PeerOptions
@@ -21,6 +22,8 @@ from .placement.placement import Placement, check_placement_matches
 from .placement.policy import PlacementPolicy
 from .scoring import Scores, check_selectors, score
 from .scoring import selectors as _registry
+
+_HANDLE_ATTR = "_hetmoe_compiled"
 
 
 @dataclass
@@ -36,6 +39,18 @@ class CompiledMoE:
     """What ``digital_bits`` did: ``{"bits", "group_size", "experts": [per-expert error bounds and errors]}``."""
     peers: Applied | None = None
     """The peers applied (``peers.record``); :meth:`undo_peers` takes them back."""
+    _handle: object = field(default_factory=object, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self.model, _HANDLE_ATTR, self._handle)  # the latest compile of the model owns it
+
+    def _current(self) -> None:
+        """Refuse to act through a handle a later :func:`compile` of the same model superseded."""
+        if getattr(self.model, _HANDLE_ATTR, None) is not self._handle:
+            raise HetMoEError(
+                "this CompiledMoE is out of date: its model was compiled again with another placement; use the "
+                "handle the latest hetmoe_compile.compile(model, ...) returned"
+            )
 
     def report(self, graph: bool = False, verbose: bool = False) -> str:
         """Parameter share per device and digital experts per layer; with ``graph``, also ``torch.export`` the
@@ -43,6 +58,7 @@ class CompiledMoE:
         from .capture import tag_graph
         from .report import placement_report
 
+        self._current()
         gm = None
         if graph:
             self.restore()
@@ -54,16 +70,19 @@ class CompiledMoE:
         also puts dense layers on tiles, the paper's ablation). Returns the model; :meth:`restore` undoes it."""
         from .analog.simulate import simulate
 
+        self._current()
         return simulate(self.model, self.analog, seed, dense or self.placement.policy.dense, self.info)
 
     def restore(self) -> nn.Module:
         """The ideal (digital-equivalent) model back after :meth:`simulate`."""
         from .analog.simulate import restore_digital
 
+        self._current()
         return restore_digital(self.model, self.info)
 
     def undo_peers(self) -> None:
         """Take back the peers :func:`compile` applied (ROMER, HPD, low-bit), leaving the placed model."""
+        self._current()
         if self.peers is not None:
             self.peers.undo()
             self.peers = None
@@ -73,6 +92,7 @@ class CompiledMoE:
         :func:`hetmoe_compile.lowbit.quantize_digital_experts`); returns each expert's error bound and error."""
         from .lowbit import quantize_digital_experts
 
+        self._current()
         return quantize_digital_experts(self.model, bits, group_size, self.info)
 
     def export(
@@ -82,6 +102,8 @@ class CompiledMoE:
         returns the manifest's path."""
         from .export import ExportOptions, export_onnx
 
+        if instance_seed is not None:
+            check_seed(instance_seed, "instance_seed")
         self.restore()
         return export_onnx(
             self.model, self.placement, directory, ExportOptions(self.analog, instance_seed, monolithic), tokenizer
@@ -120,11 +142,17 @@ def compile(
     """
     from .peers import PeerContext, apply_peers, check_peers
 
+    _check_arg("model", model, nn.Module, "a loaded model (hetmoe_compile.load_model(path) loads one)")
+    _check_arg("policy", policy, PlacementPolicy, "e.g. PlacementPolicy(digital_fraction=0.25)", optional=True)
+    _check_arg("analog", analog, (AnalogConfig, str), "a preset name such as 'pcm' or an AnalogConfig", optional=True)
+    _check_arg("placement", placement, Placement, "Placement.load(path) reads a placement.json", optional=True)
+    _check_arg("calibration", calibration, Calibration, "see calibration_from_text", optional=True)
     cfg = analog if isinstance(analog, AnalogConfig) else analog_config(analog or "pcm")
     names = check_peers(list(peers), calibration is not None) if peers else []
     if digital_bits is not None and {"int8", "int4"} & set(names):
         raise HetMoEError("digital_bits and the int8/int4 peers both quantise the digital experts: use one")
     info = recognize(model)
+    restore_digital(model, info)  # compiling a simulated model again places the ideal one (a fresh handle)
     if placement is None:
         policy = policy or PlacementPolicy()
         if scores is None:
@@ -133,7 +161,7 @@ def compile(
         frequencies = routing_frequencies(model, info, calibration) if policy.budget is not None else None
         placement = place_scores(model, info, scores, policy, source, cost_params, frequencies)
     else:
-        check_placement_matches(placement.model, model, source or "placement")
+        check_placement_matches(placement, model, info, source or "placement")
     canonicalize(model, placement.devices(), info)
     compiled = CompiledMoE(model, recognize(model), placement, cfg)
     if digital_bits is not None:
@@ -152,6 +180,18 @@ def analyze(
     """Every selector's score for every routed expert (``Analysis.scores``, ``.spearman()``, ``.table()``).
 
     By default all selectors the inputs allow run (data-driven ones only with ``calibration``)."""
+    _check_arg("model", model, nn.Module, "a loaded model (hetmoe_compile.load_model(path) loads one)")
+    _check_arg("calibration", calibration, Calibration, "see calibration_from_text", optional=True)
     names = selectors or [n for n, s in _registry().items() if calibration is not None or not s.needs_calibration]
     check_selectors(names, calibration is not None)
     return analyze_model(model, names, calibration, seed)
+
+
+def _check_arg(name: str, value, kinds, hint: str, optional: bool = False) -> None:
+    """A wrong type for a public argument is one line naming it and what to pass, not a traceback further in."""
+    if (optional and value is None) or isinstance(value, kinds):
+        return
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    want = " or ".join("torch.nn.Module" if k is nn.Module else k.__name__ for k in kinds)
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise HetMoEError(f"{name} must be {want}, got {type(value).__name__} {shown}; {hint}")

@@ -17,7 +17,7 @@ from dataclasses import dataclass, fields
 from torch import fx, nn
 
 from .analog.config import AnalogConfig, analog_config
-from .errors import HetMoEError, UnsupportedModelError
+from .errors import HetMoEError, UnsupportedModelError, check_seed
 from .models.recognize import recognize
 from .passes import RecognizeExpertsPass, RewriteAnalogPass, SplitExpertGroupsPass, is_expert_group
 from .passes.recognize_experts_pass import frame_resolver
@@ -70,8 +70,7 @@ class BackendOptions:
             raise HetMoEError(
                 f"hetmoe backend option {name}={value!r} must be {want}" + (" or None" if optional else "")
             )
-        if isinstance(opts.seed, bool) or not isinstance(opts.seed, int) or opts.seed < 0:
-            raise HetMoEError(f"hetmoe backend option seed={opts.seed!r} must be an integer >= 0")
+        check_seed(opts.seed, "hetmoe backend option seed")
         if opts.selector not in SELECTORS:
             raise HetMoEError(
                 f"hetmoe backend option selector={opts.selector!r}: in a graph use one of "

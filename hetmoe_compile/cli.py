@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 from typing import NoReturn
 
-from .errors import HetMoEError
+from .errors import HetMoEError, NoTokenizerError
+from .io import check_output_path
 from .placement.policy import SCOPES, PlacementPolicy, parse_override
 from .version import PRODUCER, __version__
 
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 
 
 class _ArgError(argparse.ArgumentTypeError, HetMoEError):
@@ -38,6 +40,32 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} must be >= 1")
     return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise _ArgError(f"'{text}' is not an integer; give a seed >= 0, e.g. 0") from None
+    if value < 0:
+        raise _ArgError(f"{value} is negative; give a seed >= 0, e.g. 0")
+    return value
+
+
+def _number(minimum: float, strict: bool, example: str):
+    """A finite number ``>= minimum`` (``> minimum`` when ``strict``): nan and inf are refused at parse time."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise _ArgError(f"'{text}' is not a number; e.g. {example}") from None
+        if not math.isfinite(value) or value < minimum or (strict and value == minimum):
+            bound = f"{'>' if strict else '>='} {minimum:g}"
+            raise _ArgError(f"{text} is not a finite number {bound}; e.g. {example}")
+        return value
+
+    return parse
 
 
 def _byte_size(text: str) -> int:
@@ -77,7 +105,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="at most N calibration tokens, in windows of 256 (default 8192)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seed for the random and measured selectors (default 0)")
+    p.add_argument("--seed", type=_seed, default=0, help="seed for the random and measured selectors (default 0)")
     p.add_argument(
         "--dtype",
         default="auto",
@@ -267,11 +295,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PRESET",
         help="analog preset recorded in the manifest and used by --instance-seed (default pcm)",
     )
-    x.add_argument("--noise-scale", type=float, default=None, metavar="C", help="multiply the weight noise by C")
-    x.add_argument("--t-inference", type=float, default=None, metavar="S", help="seconds after programming (3600)")
+    x.add_argument(
+        "--noise-scale", type=_number(0, False, "2.5"), default=None, metavar="C", help="multiply the weight noise by C"
+    )
+    x.add_argument(
+        "--t-inference",
+        type=_number(0, True, "86400"),
+        default=None,
+        metavar="S",
+        help="seconds after programming (3600)",
+    )
     x.add_argument(
         "--instance-seed",
-        type=int,
+        type=_seed,
         default=None,
         metavar="N",
         help="also write hardware instance N of every analog partition (programmed, drifted, DAC/ADC)",
@@ -372,7 +408,7 @@ def _add_peer_args(p: argparse.ArgumentParser, what: str) -> None:
     )
     p.add_argument(
         "--hpd-rank",
-        type=float,
+        type=_number(0, True, "0.5"),
         default=None,
         metavar="R",
         help="HPD: rank kept (an integer, or a fraction of full rank in (0, 1); default full rank)",
@@ -398,9 +434,19 @@ def _peer_options(args):
 
 def _add_noise_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--noise", default="pcm", metavar="PRESET", help="pcm (default), dac-adc, gaussian or ideal")
-    p.add_argument("--noise-scale", type=float, default=None, metavar="C", help="multiply the weight noise by C")
-    p.add_argument("--t-inference", type=float, default=None, metavar="S", help="seconds after programming (3600)")
-    p.add_argument("--seeds", type=int, default=3, metavar="N", help="hardware instances to average (default 3)")
+    p.add_argument(
+        "--noise-scale", type=_number(0, False, "2.5"), default=None, metavar="C", help="multiply the weight noise by C"
+    )
+    p.add_argument(
+        "--t-inference",
+        type=_number(0, True, "86400"),
+        default=None,
+        metavar="S",
+        help="seconds after programming (3600)",
+    )
+    p.add_argument(
+        "--seeds", type=_positive_int, default=3, metavar="N", help="hardware instances to average (default 3)"
+    )
     p.add_argument("--ppl", metavar="TEXTFILE", help="measure perplexity of this text")
     p.add_argument("--ppl-tokens", type=_positive_int, default=None, metavar="N", help="first N tokens only")
     p.add_argument("--tasks", default="", metavar="LIST", help="comma-separated tasks, e.g. piqa,arc_easy")
@@ -621,6 +667,15 @@ def cmd_place(args) -> int:
     return 0
 
 
+def _ppl_scored(tokenizer, spec, prepared) -> int | None:
+    """Tokens the perplexity will score (refusing too short a text before the model loads); None without --ppl."""
+    from .eval.perplexity import scored_tokens
+
+    if prepared.text is None:
+        return None
+    return scored_tokens(tokenizer, prepared.text, spec.ppl_tokens, str(spec.ppl_path))
+
+
 def cmd_eval(args) -> int:
     from .api import compile
     from .eval.under_noise import evaluate_under_noise
@@ -642,8 +697,9 @@ def cmd_eval(args) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise HetMoEError(f"--out {out}: is a directory; give a file path such as {out / 'results.json'}")
-    model, info, calibration = _load(args)
     tokenizer = load_tokenizer(args.model)
+    ppl_scored = _ppl_scored(tokenizer, spec, prepared)
+    model, info, calibration = _load(args)
     policy = None
     if placement is None:
         policy = PlacementPolicy(args.digital_fraction, args.selector, dense=args.dense or "digital", seed=args.seed)
@@ -673,7 +729,8 @@ def cmd_eval(args) -> int:
         "analog": cfg.to_dict(),
         "seeds": spec.seeds,
         "ppl_text": spec.ppl_path,
-        "ppl_tokens": spec.ppl_tokens,
+        "ppl_tokens": ppl_scored,
+        "ppl_max_tokens": spec.ppl_tokens,
         "tasks": spec.tasks,
         "limit": spec.limit,
         "metrics": metrics,
@@ -709,8 +766,9 @@ def cmd_sweep(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise HetMoEError(f"--out {out}: exists and is not a directory; choose a directory path")
-    model, info, calibration = _load(args)
     tokenizer = load_tokenizer(args.model)
+    ppl_scored = _ppl_scored(tokenizer, spec, prepared)
+    model, info, calibration = _load(args)
     rows = run_sweep(
         model,
         info,
@@ -733,7 +791,8 @@ def cmd_sweep(args) -> int:
         "selectors": selectors_,
         "peers": peers,
         "ppl_text": spec.ppl_path,
-        "ppl_tokens": spec.ppl_tokens,
+        "ppl_tokens": ppl_scored,
+        "ppl_max_tokens": spec.ppl_tokens,
         "tasks": spec.tasks,
         "limit": spec.limit,
         "cost_params": cost_params.to_dict(),
@@ -758,8 +817,14 @@ def cmd_export(args) -> int:
     cost_params = load_cost_params(args.cost_config)
     placement = Placement.load(args.placement)
     check_replaceable_dir(Path(args.out), MANIFEST_NAME)
+    try:
+        tokenizer = load_tokenizer(args.model)  # a corrupt tokenizer file is an error; none at all is not
+    except NoTokenizerError:
+        tokenizer = None
     import torch
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # keep stderr for our bars and one-line errors
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     model = load_model(args.model, dtype=dtype, device="cpu")
     compiled = compile(
@@ -773,10 +838,6 @@ def cmd_export(args) -> int:
         group_size=args.group_size,
     )
     _print_quantization(compiled.quantization)
-    try:
-        tokenizer = load_tokenizer(args.model)
-    except HetMoEError:
-        tokenizer = None
     options = ExportOptions(cfg, args.instance_seed, args.monolithic, ort_moe=args.ort_moe, cost=cost_params)
     manifest = export_onnx(compiled.model, compiled.placement, Path(args.out), options, tokenizer)
     doc = json.loads(manifest.read_text())
@@ -835,7 +896,10 @@ def cmd_run(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # usage errors (one line, printed), --help, --version: an exit code, not an exception
+        return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     try:
         commands = {
             "analyze": cmd_analyze,
@@ -845,10 +909,15 @@ def main(argv: list[str] | None = None) -> int:
             "export": cmd_export,
             "run": cmd_run,
         }
+        if getattr(args, "out", None):
+            check_output_path(args.out)  # before the model loads: a bad --out costs no work
         return commands[args.command](args)
     except HetMoEError as exc:
         print(f"hetmoe-compile {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # outputs are written atomically: an interrupted run leaves nothing behind
+        print(f"hetmoe-compile {args.command}: interrupted; nothing was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -4,24 +4,19 @@ and the rewrite_analog graph pass."""
 import numpy as np
 import pytest
 import torch
+from helpers import FAMILIES, norm_rel_err, placed
 
 from hetmoe_compile.analog import AnalogConfig, analog_config, analog_matmul, program_matrix, restore_digital, simulate
 from hetmoe_compile.analog.aihwkit_reference import aihwkit_linear
 from hetmoe_compile.analog.instance import program_group
 from hetmoe_compile.analog.tiles import split_sizes
-from hetmoe_compile.canonicalize import canonicalize
 from hetmoe_compile.capture import tag_graph
 from hetmoe_compile.errors import HetMoEError
 from hetmoe_compile.models import recognize
-from hetmoe_compile.models.tiny import TINY_CONFIGS, tiny_model
+from hetmoe_compile.models.tiny import tiny_model
 from hetmoe_compile.passes import PLACEMENT_META, RewriteAnalogPass, is_expert_group
 from hetmoe_compile.pipeline import place_model
 from hetmoe_compile.placement import PlacementPolicy
-
-
-def _rel(y, ref):
-    return ((y - ref).norm() / ref.norm()).item()
-
 
 # ---- configuration -------------------------------------------------------------------------------------------
 
@@ -95,9 +90,11 @@ def test_relative_mvm_error_agrees_with_aihwkit(preset):
     cfg = analog_config(preset)
     ours, theirs = [], []
     for seed in range(20):
-        ours.append(_rel(analog_matmul(x, program_matrix(w, cfg, seed), cfg, torch.Generator().manual_seed(seed)), ref))
+        ours.append(
+            norm_rel_err(analog_matmul(x, program_matrix(w, cfg, seed), cfg, torch.Generator().manual_seed(seed)), ref)
+        )
         with torch.no_grad():
-            theirs.append(_rel(aihwkit_linear(w, cfg, seed)(x), ref))
+            theirs.append(norm_rel_err(aihwkit_linear(w, cfg, seed)(x), ref))
     ratio = np.mean(ours) / np.mean(theirs)
     assert abs(ratio - 1) < 0.05, (np.mean(ours), np.mean(theirs))
 
@@ -134,7 +131,7 @@ def test_noise_scale_and_drift_increase_error():
     def err(cfg):
         return np.mean(
             [
-                _rel(analog_matmul(x, program_matrix(w, cfg, s), cfg, torch.Generator().manual_seed(s)), ref)
+                norm_rel_err(analog_matmul(x, program_matrix(w, cfg, s), cfg, torch.Generator().manual_seed(s)), ref)
                 for s in range(5)
             ]
         )
@@ -160,20 +157,12 @@ def test_program_group_common_random_numbers():
 # ---- simulate() on models ------------------------------------------------------------------------------------
 
 
-def _placed(family="olmoe", fraction=0.25):
-    model = tiny_model(family)
-    info = recognize(model)
-    placement = place_model(model, PlacementPolicy(fraction), info=info)
-    canonicalize(model, placement.devices(), info)
-    return model, info, placement
-
-
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
 
 
-@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_simulate_ideal_is_exact_noisy_is_seeded(family):
-    model, info, _ = _placed(family)
+    model, info, _ = placed(family)
     with torch.no_grad():
         clean = model(input_ids=IDS).logits
         simulate(model, analog_config("ideal"), seed=0)
@@ -190,8 +179,39 @@ def test_simulate_ideal_is_exact_noisy_is_seeded(family):
         assert torch.equal(model(input_ids=IDS).logits, clean)
 
 
+NOISE_FREE = analog_config(
+    "pcm", programming_noise=False, drift=False, dac_bits=0, adc_bits=0, out_noise=0.0, tile_size=16
+)  # the physics with every effect off; 16x16 tiles: each tiny matrix spans several, summed digitally
+
+
+@pytest.fixture
+def forced_analog(monkeypatch):
+    """The analog op runs even on a noise-free config (``is_ideal`` normally routes it to the digital op)."""
+    monkeypatch.setattr(AnalogConfig, "is_ideal", property(lambda self: False))
+    return NOISE_FREE
+
+
+@pytest.mark.parametrize("grouped", ["0", "1"], ids=["loop", "grouped"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_analog_path_without_noise_or_converters_equals_clean(family, grouped, forced_analog, monkeypatch):
+    """Programming (per-row scaling onto tiles), routing, the tiled MVMs and the digital tile sums with every
+    effect off: the clean logits to float rounding, on every family and on both expert-group paths."""
+    monkeypatch.setenv("HETMOE_GROUPED_MM", grouped)
+    model, info, _ = placed(family)
+    with torch.no_grad():
+        clean = model(input_ids=IDS).logits
+        simulate(model, forced_analog, seed=0)
+        assert all(
+            type(model.get_submodule(layer.experts).groups["analog"]).__name__ == "AnalogExpertGroup"
+            for layer in info.moe_layers
+        )
+        got = model(input_ids=IDS).logits
+    torch.testing.assert_close(got, clean, rtol=0, atol=1e-5)
+    assert not torch.equal(got, clean)  # the tiles' float sums in another order: not the digital op itself
+
+
 def test_simulate_only_touches_analog_experts():
-    model, info, placement = _placed("qwen2_moe")
+    model, info, placement = placed("qwen2_moe")
     het = model.get_submodule(info.moe_layers[0].experts)
     digital_before = het.groups["digital"]
     simulate(model, analog_config("pcm"), seed=0)
@@ -201,7 +221,7 @@ def test_simulate_only_touches_analog_experts():
 
 
 def test_dense_on_analog_ablation_swaps_dense_linears():
-    model, info, _ = _placed("qwen2_moe")
+    model, info, _ = placed("qwen2_moe")
     simulate(model, analog_config("pcm"), seed=0, dense="analog")
     swapped = {n for n, m in model.named_modules() if type(m).__name__ == "AnalogLinear"}
     assert any(".self_attn.q_proj" in n for n in swapped) and "lm_head" in swapped
@@ -220,7 +240,7 @@ def test_simulate_needs_canonical_model():
 # ---- graph path ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_rewrite_analog_pass_matches_eager_simulation(family):
     model = tiny_model(family)
     info = recognize(model)
@@ -242,7 +262,7 @@ def test_rewrite_analog_pass_matches_eager_simulation(family):
 
 
 def test_simulated_model_runs_under_torch_compile():
-    model, info, _ = _placed("olmoe")
+    model, info, _ = placed("olmoe")
     simulate(model, analog_config("gaussian"), seed=0)  # no quantisation: compiled numerics stay close
     with torch.no_grad():
         eager = model(input_ids=IDS).logits

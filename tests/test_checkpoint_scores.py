@@ -2,21 +2,20 @@
 time equal the loaded model's; broken checkpoints are one-line errors."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import FAMILIES, REF_MODEL
 
 from hetmoe_compile.cli import main
 from hetmoe_compile.errors import HetMoEError
 from hetmoe_compile.models import load_meta_model, load_model, recognize
 from hetmoe_compile.models.checkpoint import Checkpoint
-from hetmoe_compile.models.tiny import TINY_CONFIGS, tiny_model
+from hetmoe_compile.models.tiny import tiny_model
 from hetmoe_compile.pipeline import analyze_checkpoint, analyze_model
 from hetmoe_compile.placement import PlacementPolicy, place
 
-REF = Path(__file__).resolve().parents[2] / "shared" / "models" / "olmoe-ref"
 SELECTORS = ["max-neuron-norm", "router-norm", "random"]
 
 
@@ -26,11 +25,11 @@ def _same_scores(meta, full):
             np.testing.assert_array_equal(meta.scores[name].layers[layer], values)
 
 
-@pytest.mark.skipif(not REF.is_dir(), reason="needs ../shared/models/olmoe-ref (the shared reference model)")
+@pytest.mark.skipif(not REF_MODEL.is_dir(), reason=f"needs {REF_MODEL} (the shared reference model)")
 def test_reference_model_scores_and_placement_equal_the_loaded_model():
-    meta_model, meta = analyze_checkpoint(str(REF), SELECTORS, seed=3)
+    meta_model, meta = analyze_checkpoint(str(REF_MODEL), SELECTORS, seed=3)
     assert all(p.is_meta for p in meta_model.parameters())
-    model = load_model(str(REF))
+    model = load_model(str(REF_MODEL))
     full = analyze_model(model, SELECTORS, seed=3)
     _same_scores(meta, full)
     policy = PlacementPolicy(0.25)
@@ -39,7 +38,7 @@ def test_reference_model_scores_and_placement_equal_the_loaded_model():
     assert a == b
 
 
-@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_family_scores_from_its_checkpoint(tmp_path, family):
     model = tiny_model(family)
     model.save_pretrained(tmp_path)

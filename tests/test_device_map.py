@@ -2,10 +2,10 @@
 the unsharded model's; steps that need every weight resident, and bad maps, are one-line errors."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import DEMO, logits
 
 import hetmoe_compile as hc
 from hetmoe_compile.analog import simulate
@@ -18,8 +18,6 @@ from hetmoe_compile.models.tiny import tiny_model
 
 pytest.importorskip("accelerate", reason="device maps need accelerate (make install)")
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "examples" / "olmoe-demo"
 IDS = torch.tensor([[3, 7, 11, 2, 9, 4, 40, 41]])
 
 
@@ -28,11 +26,6 @@ def _offload_map(model, to_disk: list[str]) -> dict:
     names = ["model.embed_tokens", "model.norm", "model.rotary_emb", "lm_head"]
     names += [f"model.layers.{i}" for i in range(model.config.num_hidden_layers)]
     return {n: ("disk" if n in to_disk else "cpu") for n in names}
-
-
-def _logits(model):
-    with torch.no_grad():
-        return model(input_ids=IDS, use_cache=False).logits
 
 
 @pytest.mark.parametrize("family", ["olmoe", "qwen2_moe", "gpt_oss"])
@@ -44,7 +37,9 @@ def test_offloaded_model_places_and_simulates_like_the_unsharded_one(tmp_path, f
         str(tmp_path / "m"), device_map=_offload_map(full, [last, "lm_head"]), offload_folder=str(tmp_path / "offload")
     )
     assert offloaded_modules(sharded) and input_device(sharded) == torch.device("cpu")
-    torch.testing.assert_close(_logits(sharded), _logits(full), rtol=0, atol=1e-6)
+    # The same weights (read back from the offload files) and the same operations: equal logits, at every step
+    # (measured: equal for the three families, placed, simulated and restored)
+    assert torch.equal(logits(sharded, IDS), logits(full, IDS))
     a, b = hc.analyze(full), hc.analyze(sharded)
     for name, scores in a.scores.items():
         for layer, values in scores.layers.items():
@@ -55,13 +50,13 @@ def test_offloaded_model_places_and_simulates_like_the_unsharded_one(tmp_path, f
     info = recognize(sharded)
     het = sharded.get_submodule(info.moe_layers[-1].experts)
     assert isinstance(het, HetExperts) and all(p.device.type == "cpu" for p in het.parameters())
-    torch.testing.assert_close(_logits(sharded), _logits(full), rtol=0, atol=1e-6)
+    assert torch.equal(logits(sharded, IDS), logits(full, IDS))
     cf.simulate(seed=2)
     cs.simulate(seed=2)
-    torch.testing.assert_close(_logits(sharded), _logits(full), rtol=0, atol=1e-6)
+    assert torch.equal(logits(sharded, IDS), logits(full, IDS))
     cf.restore()
     cs.restore()
-    torch.testing.assert_close(_logits(sharded), _logits(full), rtol=0, atol=1e-6)
+    assert torch.equal(logits(sharded, IDS), logits(full, IDS))
     with pytest.raises(HetMoEError, match="ONNX export needs every weight in memory, but .* modules are offloaded"):
         cs.export(tmp_path / "onnx")
     with pytest.raises(HetMoEError, match="dense modules on tiles .* needs every weight in memory"):
@@ -113,7 +108,7 @@ def test_cli_eval_with_disk_offload_equals_the_unsharded_run(tmp_path):
     )
     a, b = (json.loads((tmp_path / f).read_text())["metrics"] for f in ("a.json", "b.json"))
     assert set(a) == set(b) == {"ppl"}
-    assert b["ppl"]["values"] == pytest.approx(a["ppl"]["values"], rel=1e-6)
+    assert b["ppl"] == a["ppl"] and len(a["ppl"]["values"]) == 2  # measured: equal, instance for instance
 
 
 @pytest.mark.parametrize(

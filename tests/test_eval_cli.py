@@ -2,19 +2,52 @@
 written)."""
 
 import json
-from pathlib import Path
+import math
 
 import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DEMO, REPO, SHARED
 
+from hetmoe_compile.analog import analog_config
+from hetmoe_compile.api import compile
 from hetmoe_compile.cli import main
+from hetmoe_compile.eval import evaluate_examples, get_task, load_task
+from hetmoe_compile.models import load_model, load_tokenizer
+from hetmoe_compile.placement import Placement, PlacementPolicy
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "examples" / "olmoe-demo"
-QA = REPO.parent / "shared" / "data" / "qa"
+QA = SHARED / "data" / "qa"
 TEXT = REPO / "examples" / "calibration.txt"
+PCM = analog_config("pcm", noise_scale=2.5)
 
 
-def test_eval_on_the_fly_placement_writes_mean_and_std(tmp_path, capsys):
+def _ppl(model, ids):
+    """By hand: one window of all 256 tokens, ``exp`` of the mean cross-entropy of ids[1:] given ids[:-1]."""
+    with torch.no_grad():
+        logits = model(input_ids=ids[None, :-1], use_cache=False).logits[0]
+    return math.exp(F.cross_entropy(logits.float(), ids[1:]).item())
+
+
+@pytest.fixture(scope="module")
+def hand():
+    """Perplexities of the first 256 tokens of ``TEXT`` (the CLI's ``--ppl-tokens 256``), computed by hand on the demo
+    model placed through the Python API: the clean model, and hardware instances 0 and 1 of ``PCM`` at 25 % digital
+    and all-analog (dense modules on tiles too). Each instance is freshly programmed before its one forward, as the
+    CLI does (the output noise of a forward depends on the forwards before it)."""
+    model, tok = load_model(str(DEMO)), load_tokenizer(str(DEMO))
+    ids = torch.tensor(tok(TEXT.read_text(), add_special_tokens=False)["input_ids"][:256])
+    out = {"clean": _ppl(model, ids)}
+    for label, fraction, dense in [("max-neuron-norm 0.25", 0.25, "digital"), ("all-analog", 0.0, "analog")]:
+        compiled = compile(model, PlacementPolicy(fraction, dense=dense), PCM)
+        out[label] = []
+        for seed in (0, 1):
+            compiled.simulate(seed)
+            out[label].append(_ppl(model, ids))
+        compiled.restore()
+    return out
+
+
+def test_eval_on_the_fly_placement_writes_mean_and_std(tmp_path, capsys, hand):
     out = tmp_path / "results.json"
     rc = main(
         [
@@ -39,13 +72,18 @@ def test_eval_on_the_fly_placement_writes_mean_and_std(tmp_path, capsys):
     assert rc == 0
     doc = json.loads(out.read_text())
     ppl = doc["metrics"]["ppl"]
-    assert len(ppl["values"]) == 2 and ppl["values"][0] != ppl["values"][1]  # two hardware instances differ
-    assert ppl["mean"] == pytest.approx(sum(ppl["values"]) / 2) and ppl["std"] > 0
+    # measured: the CLI's values are within 1e-7 (relative) of the hand-computed instances 0 and 1
+    assert ppl["values"] == pytest.approx(hand["max-neuron-norm 0.25"], rel=1e-6)
+    a, b = ppl["values"]
+    assert ppl["mean"] == pytest.approx((a + b) / 2, rel=1e-12)
+    assert ppl["std"] == pytest.approx(abs(a - b) / 2, rel=1e-9)  # over the seeds, ddof 0
+    # the two instances differ by 3.2e-4 (relative), 300x the tolerance above: the seeds really are different
+    assert abs(a - b) > 1e-4 * a
     assert doc["analog"]["noise_scale"] == 2.5 and doc["policy"]["digital_fraction"] == 0.25
     assert "ppl" in capsys.readouterr().out
 
 
-def test_eval_placement_file_ideal_equals_digital_and_tasks(tmp_path):
+def test_eval_placement_file_ideal_equals_digital_and_tasks(tmp_path, hand):
     placement = tmp_path / "p.json"
     assert main(["place", str(DEMO), "--digital-fraction", "0.5", "--no-graph", "--out", str(placement)]) == 0
     ideal, digital = tmp_path / "ideal.json", tmp_path / "digital.json"
@@ -56,6 +94,8 @@ def test_eval_placement_file_ideal_equals_digital_and_tasks(tmp_path):
     assert main(["eval", str(DEMO), "--digital-fraction", "1", "--noise", "pcm", *common, "--out", str(digital)]) == 0
     a, b = json.loads(ideal.read_text())["metrics"]["ppl"], json.loads(digital.read_text())["metrics"]["ppl"]
     assert a["values"] == b["values"] and len(a["values"]) == 1  # ideal / nothing analog: one exact run
+    assert a["values"] == pytest.approx([hand["clean"]], rel=1e-6)  # the clean model's (measured: 7e-8 apart)
+    assert a["std"] == 0.0
     if QA.is_dir():
         out = tmp_path / "tasks.json"
         assert (
@@ -82,11 +122,21 @@ def test_eval_placement_file_ideal_equals_digital_and_tasks(tmp_path):
             == 0
         )
         metrics = json.loads(out.read_text())["metrics"]
-        assert set(metrics) >= {"copa/acc", "copa/acc_norm", "lambada/acc"}
-        assert all(0.0 <= m["mean"] <= 1.0 for m in metrics.values())
+        # Reference: the same placement file through the Python API, instance 0 of dac-adc, the tasks in the CLI's
+        # order on that one instance (dac-adc's output noise makes each forward depend on those before it), scored
+        # by evaluate_examples (which test_eval.py checks against unbatched forwards by hand).
+        model, tok = load_model(str(DEMO)), load_tokenizer(str(DEMO))
+        compile(model, analog="dac-adc", placement=Placement.load(placement)).simulate(0)
+        expected = {}
+        for name in ("copa", "lambada"):
+            scores = evaluate_examples(model, tok, load_task(name, QA, limit=8), get_task(name).kind, batch_size=8)
+            expected.update({f"{name}/{k}": v for k, v in scores.items()})
+        assert set(metrics) == set(expected)
+        for key, value in expected.items():
+            assert metrics[key] == {"mean": value, "std": 0.0, "values": [value]}, key
 
 
-def test_sweep_writes_table_plots_and_rows(tmp_path):
+def test_sweep_writes_table_plots_and_rows(tmp_path, hand):
     out = tmp_path / "sweep"
     rc = main(
         [
@@ -121,8 +171,15 @@ def test_sweep_writes_table_plots_and_rows(tmp_path):
         "random 0.25",
         "max-neuron-norm 0.25 (dense analog)",
     ]
-    rows = {r["label"]: r["metrics"]["ppl"]["mean"] for r in doc["rows"]}
-    assert rows["all-analog"] > rows["all-digital"] and rows["dense-digital"] > rows["all-digital"]
+    rows = {r["label"]: r["metrics"]["ppl"]["values"] for r in doc["rows"]}
+    # Every placement runs the same hardware instances: the hand-computed ones (measured: within 1.2e-7, relative)
+    assert rows["all-digital"] == pytest.approx([hand["clean"]], rel=1e-6)
+    assert rows["max-neuron-norm 0.25"] == pytest.approx(hand["max-neuron-norm 0.25"], rel=1e-6)
+    assert rows["all-analog"] == pytest.approx(hand["all-analog"], rel=1e-6)
+    assert all(len(v) == 2 for k, v in rows.items() if k != "all-digital")
+    # Noise on every expert costs perplexity: measured +13 % all-analog, +2.0 % with the dense modules digital
+    mean = {k: sum(v) / len(v) for k, v in rows.items()}
+    assert mean["all-analog"] > 1.1 * mean["all-digital"] and mean["dense-digital"] > 1.01 * mean["all-digital"]
     table = (out / "results.md").read_text()
     assert "| max-neuron-norm 0.25 | max-neuron-norm | 0.25 | digital |" in table
     png = (out / "ppl.png").read_bytes()
@@ -134,12 +191,12 @@ def test_sweep_writes_table_plots_and_rows(tmp_path):
     "extra, message",
     [
         (["--noise", "magic"], "unknown noise preset 'magic'; choose one of pcm, dac-adc, gaussian, ideal"),
-        (["--noise-scale", "-1"], "noise scale must be >= 0"),
-        (["--t-inference", "0"], "t_inference must be > 0"),
-        (["--seeds", "0"], "seeds must be >= 1"),
+        (["--noise-scale", "-1"], "--noise-scale: -1 is not a finite number >= 0"),
+        (["--t-inference", "0"], "--t-inference: 0 is not a finite number > 0"),
+        (["--seeds", "0"], "--seeds: 0 must be >= 1"),
         (["--tasks", "nope", "--tasks-dir", "{qa}"], "unknown task 'nope'; available: piqa"),
         (["--tasks", "piqa"], "--tasks needs --tasks-dir"),
-        (["--ppl", "{short}"], "perplexity needs at least 2"),
+        (["--ppl", "{short}"], "a perplexity needs at least"),
         (["--ppl", "{missing}"], "text file not found"),
     ],
 )

@@ -1,30 +1,18 @@
 """The export and run commands on the demo model: files, printed output, and bad input (one line, exit 2)."""
 
 import json
+import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import DEMO
 
 from hetmoe_compile.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "examples" / "olmoe-demo"
 
-
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    root = tmp_path_factory.mktemp("cli-export")
-    placement = root / "placement.json"
-    assert main(["place", str(DEMO), "--out", str(placement), "--no-graph"]) == 0
-    out = root / "export"
-    assert main(["export", str(DEMO), "--placement", str(placement), "--instance-seed", "5", "--out", str(out)]) == 0
-    return placement, out
-
-
-def test_export_writes_partitions_manifest_and_tokenizer(exported, capsys):
-    placement, out = exported
+def test_export_writes_partitions_manifest_and_tokenizer(demo_export, capsys):
+    placement, out = demo_export
     doc = json.loads((out / "manifest.json").read_text())
     assert doc["model"]["source"] == str(DEMO) and doc["tokenizer"] == "tokenizer"
     assert (out / "tokenizer" / "tokenizer.json").is_file()
@@ -46,8 +34,8 @@ def test_export_writes_partitions_manifest_and_tokenizer(exported, capsys):
     assert not [f for f in out.parent.iterdir() if f.name.startswith(".")]  # no temporary leftovers
 
 
-def test_run_generates_from_a_prompt_and_from_ids(exported, capsys):
-    _, out = exported
+def test_run_generates_from_a_prompt_and_from_ids(demo_export, capsys):
+    _, out = demo_export
     capsys.readouterr()
     assert main(["run", str(out), "--prompt", "The king said", "--max-new-tokens", "6"]) == 0
     captured = capsys.readouterr()
@@ -60,14 +48,15 @@ def test_run_generates_from_a_prompt_and_from_ids(exported, capsys):
     assert "analog partitions: ideal" in captured.err
 
 
-def test_reexport_replaces_the_directory(exported, tmp_path):
-    placement, out = exported
+def test_reexport_replaces_the_directory(demo_export, tmp_path):
+    placement, out = demo_export
     target = tmp_path / "again"
-    assert main(["export", str(DEMO), "--placement", str(placement), "--out", str(target)]) == 0
-    assert any(p.name.endswith(".instance.onnx") for p in out.iterdir())
+    shutil.copytree(out, target)  # a partitioned export with instance partitions
+    assert any(p.name.endswith(".instance.onnx") for p in target.iterdir())
     (target / "stale.txt").write_text("from an earlier run")
     assert main(["export", str(DEMO), "--placement", str(placement), "--monolithic", "--out", str(target)]) == 0
     assert sorted(p.name for p in target.iterdir()) == ["manifest.json", "model.onnx", "tokenizer"]
+    assert not [p for p in tmp_path.iterdir() if p.name != "again"]  # no temporary sibling left
 
 
 @pytest.mark.parametrize(
@@ -103,8 +92,8 @@ def test_reexport_replaces_the_directory(exported, tmp_path):
         (["run", "{export}", "--ids", "99999"], "token ids must lie in [0, 4096)"),
     ],
 )
-def test_bad_input_one_line_exit_2(exported, tmp_path, argv, message, capsys):
-    placement, out = exported
+def test_bad_input_one_line_exit_2(demo_export, tmp_path, argv, message, capsys):
+    placement, out = demo_export
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "notes.txt").write_text("keep me")
     other = tmp_path / "other"
@@ -126,10 +115,10 @@ def test_bad_input_one_line_exit_2(exported, tmp_path, argv, message, capsys):
     assert (tmp_path / "full" / "notes.txt").read_text() == "keep me"
 
 
-def test_run_console_script_without_tokenizer_names_the_fix(exported, tmp_path):
+def test_run_console_script_without_tokenizer_names_the_fix(demo_export, tmp_path):
     import shutil
 
-    _, out = exported
+    _, out = demo_export
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     shutil.rmtree(copy / "tokenizer")

@@ -4,10 +4,10 @@ layouts, user-facing errors, and the trained reference model."""
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
+from helpers import FAMILIES, logits, reference_model
 
 import hetmoe_compile.expert_group as expert_group_mod
 from hetmoe_compile.canonicalize import canonicalize
@@ -25,10 +25,6 @@ from hetmoe_compile.models import (
 from hetmoe_compile.models.expert_weights import canonical_expert_weights
 from hetmoe_compile.models.tiny import TINY_CONFIGS, tiny_config, tiny_model
 
-FAMILIES = sorted(TINY_CONFIGS)
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-REF_MODEL = SHARED / "models" / "olmoe-ref"
-
 # What each tiny family must look like: MoE layer indices, dense-MLP layer indices, block/router attribute names
 # and the shared-expert attributes of each MoE block.
 EXPECTED = {
@@ -43,17 +39,12 @@ EXPECTED = {
     "granitemoe": dict(layers=2, moe=[0, 1], dense=[], block="block_sparse_moe", router="router", shared=()),
 }
 
-PARITY_TOL = 1e-5
+PARITY_TOL = 1e-5  # measured: the largest parity gap of the tiny families is 4.2e-7 (GPT-OSS's transposed copies)
 
 
 def _input_ids(seed: int = 0, batch: int = 2, seq: int = 12) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(2, 128, (batch, seq), generator=gen)
-
-
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return model(input_ids=ids, use_cache=False).logits.float()
 
 
 def _split(info, kind: str, seed: int = 1234) -> dict[int, dict[int, str]]:
@@ -183,7 +174,7 @@ def test_canonical_parity(family, split):
     model = tiny_model(family)
     info = recognize(model)
     ids = _input_ids()
-    ref = _logits(model, ids)
+    ref = logits(model, ids)
     devices = _split(info, split)
     originals = {l.index: model.get_submodule(l.experts) for l in info.moe_layers}
     n_routed = sum(sum(p.numel() for p in m.parameters()) for m in originals.values())
@@ -201,7 +192,7 @@ def test_canonical_parity(family, split):
     n_canonical = sum(sum(p.numel() for p in model.get_submodule(l.experts).parameters()) for l in info.moe_layers)
     assert n_canonical == n_routed
 
-    out = _logits(model, ids)
+    out = logits(model, ids)
     assert out.shape == ref.shape
     assert (out - ref).abs().max().item() <= PARITY_TOL
 
@@ -211,17 +202,17 @@ def test_recanonicalize_keeps_parity(family):
     model = tiny_model(family)
     info = recognize(model)
     ids = _input_ids(seed=3)
-    ref = _logits(model, ids)
+    ref = logits(model, ids)
 
     canonicalize(model, _split(info, "alternating"))
-    assert (_logits(model, ids) - ref).abs().max().item() <= PARITY_TOL
+    assert (logits(model, ids) - ref).abs().max().item() <= PARITY_TOL
 
     for kind in ("random", "all-analog", "all-digital"):
         devices = _split(info, kind, seed=7)
         canonicalize(model, devices)
         for layer in recognize(model).moe_layers:
             assert model.get_submodule(layer.experts).device_of() == devices[layer.index]
-        assert (_logits(model, ids) - ref).abs().max().item() <= PARITY_TOL, kind
+        assert (logits(model, ids) - ref).abs().max().item() <= PARITY_TOL, kind
 
 
 def test_recanonicalize_with_the_same_devices_keeps_the_groups():
@@ -245,13 +236,13 @@ def test_parity_check_is_sensitive(family):
     model = tiny_model(family)
     info = recognize(model)
     ids = _input_ids()
-    ref = _logits(model, ids)
+    ref = logits(model, ids)
     canonicalize(model, _split(info, "all-analog"))
     layer = info.moe_layers[-1]
     group = model.get_submodule(layer.experts).groups["analog"]
     with torch.no_grad():
         group.down.mul_(1.5)
-    assert (_logits(model, ids) - ref).abs().max().item() > 100 * PARITY_TOL
+    assert (logits(model, ids) - ref).abs().max().item() > 100 * PARITY_TOL
 
 
 def test_canonicalize_default_devices_are_digital():
@@ -351,7 +342,7 @@ def test_expert_group_computes_only_routed_tokens(monkeypatch):
     untouched = ~torch.isin(index, group.expert_ids).any(dim=1)
     assert untouched.any()
     assert torch.equal(out[untouched], torch.zeros_like(out[untouched]))
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)  # measured: 1.2e-7 apart, outputs up to 1.8
 
 
 def test_expert_group_with_no_routed_tokens_returns_zeros(monkeypatch):
@@ -381,11 +372,12 @@ def test_het_experts_groups_sum_to_original_experts():
         parts = {name: g(hidden, index, weights) for name, g in het.groups.items()}
         total = het(hidden, index, weights)
     assert set(parts) == {"digital", "analog"}
-    torch.testing.assert_close(parts["digital"] + parts["analog"], total)
-    torch.testing.assert_close(total, ref, rtol=1e-5, atol=1e-6)
-    # Each group alone is only a part of the answer.
+    # measured: the parts sum to the total exactly and to the original experts' output within 6e-8 (outputs up to 2.2)
+    torch.testing.assert_close(parts["digital"] + parts["analog"], total, rtol=0, atol=1e-6)
+    torch.testing.assert_close(total, ref, rtol=0, atol=1e-6)
+    # Each group alone is only a part of the answer: measured 0.58 and 2.1 short of it
     for part in parts.values():
-        assert (part - ref).abs().max() > 1e-4
+        assert (part - ref).abs().max() > 0.1
 
 
 def test_het_experts_without_groups_returns_zeros():
@@ -449,7 +441,7 @@ def test_gpt_oss_canonical_expert_matches_module_math():
             cfg.swiglu_alpha,
             cfg.swiglu_limit,
         )
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)  # measured: equal (outputs up to 8.5)
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "gpt_oss"])
@@ -540,13 +532,6 @@ def test_load_model_unloadable_directory(tmp_path):
 # ----------------------------------------------------------------------------------- reference model (real)
 
 
-@pytest.fixture(scope="module")
-def ref_model():
-    if not (REF_MODEL / "config.json").is_file():
-        pytest.skip(f"reference model folder {REF_MODEL} is absent (needs the shared/ checkout beside the repo)")
-    return load_model(str(REF_MODEL))
-
-
 def test_reference_model_recognized(ref_model):
     info = recognize(ref_model)
     assert info.family == "olmoe"
@@ -563,9 +548,10 @@ def test_reference_model_recognized(ref_model):
 
 
 def test_reference_model_canonical_parity(ref_model):
-    model = load_model(str(REF_MODEL))  # a private copy: canonicalize works in place
+    model = reference_model()  # a private copy: canonicalize works in place
     info = recognize(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
-    ref = _logits(model, ids)
+    ref = logits(model, ids)
     canonicalize(model, _split(info, "random", seed=0))
-    assert (_logits(model, ids) - ref).abs().max().item() <= PARITY_TOL * max(1.0, ref.abs().max().item())
+    # measured: 9.1e-6 apart on logits up to 13.5 (a bound of 1.35e-4)
+    assert (logits(model, ids) - ref).abs().max().item() <= PARITY_TOL * max(1.0, ref.abs().max().item())

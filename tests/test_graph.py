@@ -2,27 +2,17 @@
 
 import pytest
 import torch
+from helpers import FAMILIES, placed
 
 from hetmoe_compile.capture import export_model, tag_graph
 from hetmoe_compile.errors import HetMoEError
-from hetmoe_compile.models import recognize
-from hetmoe_compile.models.tiny import TINY_CONFIGS, tiny_model
 from hetmoe_compile.passes import PLACEMENT_META, AnnotatePlacementPass, PassError, is_expert_group
-from hetmoe_compile.placement import PlacementPolicy, place
 from hetmoe_compile.report import node_counts, placement_report
-from hetmoe_compile.scoring import score
 
 
-def _placed(family, fraction=0.25, dense="digital"):
-    model = tiny_model(family)
-    info = recognize(model)
-    p = place(model, info, score(model, info, "max-neuron-norm"), PlacementPolicy(fraction, dense=dense))
-    return model, info, p
-
-
-@pytest.mark.parametrize("family", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("family", FAMILIES)
 def test_export_tags_every_node_and_matches_eager(family):
-    model, info, placement = _placed(family)
+    model, info, placement = placed(family, canonical=False)
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
@@ -47,7 +37,7 @@ def test_export_tags_every_node_and_matches_eager(family):
 
 
 def test_reason_names_the_group_experts():
-    model, info, placement = _placed("olmoe")
+    model, info, placement = placed("olmoe", canonical=False)
     gm = tag_graph(model, placement, info).graph_module
     node = next(n for n in gm.graph.nodes if is_expert_group(n) and n.meta[PLACEMENT_META].device == "analog")
     layer = placement.layers[0]
@@ -55,7 +45,7 @@ def test_reason_names_the_group_experts():
 
 
 def test_dense_on_analog_ablation_tags_dense_nodes_analog():
-    model, info, placement = _placed("qwen2_moe", dense="analog")
+    model, info, placement = placed("qwen2_moe", dense="analog", canonical=False)
     gm = tag_graph(model, placement, info).graph_module
     counts = node_counts(gm)
     assert counts["analog"].get("attention", 0) > 0 and counts["analog"].get("shared_expert", 0) > 0
@@ -64,14 +54,14 @@ def test_dense_on_analog_ablation_tags_dense_nodes_analog():
 
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
 def test_extreme_fractions_give_one_group_per_layer(fraction):
-    model, info, placement = _placed("mixtral", fraction)
+    model, info, placement = placed("mixtral", fraction, canonical=False)
     gm = tag_graph(model, placement, info).graph_module
     devices = {n.meta[PLACEMENT_META].device for n in gm.graph.nodes if is_expert_group(n)}
     assert devices == {"digital" if fraction == 1.0 else "analog"}
 
 
 def test_pass_requires_canonical_graph():
-    model, info, placement = _placed("olmoe")
+    model, info, placement = placed("olmoe", canonical=False)
     # an uncanonicalised model's graph has no expert-group node: the pass says which pass failed and why
     ids = torch.randint(0, 128, (1, 4))
     gm = torch.export.export(_Toy(), (ids.float(),)).graph_module
@@ -85,7 +75,7 @@ class _Toy(torch.nn.Module):
 
 
 def test_report_lists_devices_and_nodes():
-    model, info, placement = _placed("olmoe")
+    model, info, placement = placed("olmoe", canonical=False)
     gm = tag_graph(model, placement, info).graph_module
     text = placement_report(placement, gm, verbose=True)
     assert "digital" in text and "analog" in text and "graph nodes by kind" in text

@@ -58,7 +58,8 @@ def test_routing_plan_matches_per_expert_slots():
 def test_digital_grouped_equals_loop(monkeypatch, activation):
     routing, mats = _inputs()
     loop, grouped = _both(monkeypatch, lambda: expert_group_op(*routing, IDS, *mats, E, activation, "silu", 1.7, 7.0))
-    assert torch.allclose(grouped, loop, rtol=1e-6, atol=1e-6) and loop.abs().max() > 1
+    # measured: equal for glu, 3.7e-9 apart (8e-8 of that element) for gpt_oss_glu, on outputs up to 5
+    assert torch.allclose(grouped, loop, rtol=1e-6, atol=1e-7) and loop.abs().max() > 1
 
 
 def test_digital_grouped_bf16_within_rounding(monkeypatch):
@@ -100,9 +101,13 @@ def test_analog_grouped_output_noise_same_law_and_seeded(monkeypatch):
     clean = _both(monkeypatch, _analog(analog_config("pcm", out_noise=0.0, tile_size=32)))[0]
     loop, grouped = _both(monkeypatch, _analog(cfg))
     again = _analog(cfg)()  # still grouped
-    assert torch.equal(again, grouped) and not torch.equal(grouped, loop)
+    assert torch.equal(again, grouped)
     spread = [float((x - clean).std()) for x in (loop, grouped)]
-    assert 0.9 < spread[0] / spread[1] < 1.1 and spread[0] > 0
+    # measured: 0.068 and 0.066 on outputs of std 0.86 (the noise is real, 8 % of the signal)
+    assert 0.9 < spread[0] / spread[1] < 1.1 and spread[1] > 0.02 * float(clean.std())
+    # The paths draw their own noise: their gap is as large as the noise itself (measured 1.24x; independent draws
+    # of one law give about sqrt(2)x, less here as clipping and unrouted rows shrink it; a shared draw gives 0).
+    assert float((grouped - loop).std()) > max(spread)
 
 
 def test_grouped_path_reads_nothing_back_from_the_device():
@@ -164,10 +169,13 @@ def test_model_simulation_grouped_equals_loop(monkeypatch):
         info.adapter.layout.activation,
         "silu",
     )
-    hidden = torch.randn(11, group.gate_up.shape[-1])
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(11, group.gate_up.shape[-1], generator=g)
     analog = AnalogExpertGroup(group, analog_config("pcm", out_noise=0.0), seed=3, layer=0)
-    index, weights = torch.randint(0, 8, (11, 2)), torch.rand(11, 2)
+    index, weights = torch.randint(0, 8, (11, 2), generator=g), torch.rand(11, 2, generator=g)
     loop, grouped = _both(monkeypatch, lambda: analog(hidden, index, weights))
-    assert torch.allclose(grouped, loop, rtol=1e-6, atol=1e-7) and loop.abs().max() > 0
+    # the same arithmetic row by row, as test_analog_grouped_equals_loop_without_output_noise (measured: equal on 30
+    # random draws); outputs up to 0.4
+    assert torch.equal(grouped, loop) and loop.abs().max() > 0.1
     analog.to(torch.float32)  # a move keeps the noise counter on the host
     assert analog.rng_state.device.type == "cpu"

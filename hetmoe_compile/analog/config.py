@@ -9,6 +9,7 @@ needs data-dependent control flow); the paper used 8-bit converters, 512x512 til
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 
 from ..errors import HetMoEError
@@ -33,6 +34,16 @@ class AnalogConfig:
     tile_size: int = 512
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value, kind = getattr(self, f.name), f.type
+            if kind in ("float", "int") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise HetMoEError(f"analog config {f.name}={value!r} must be a number")
+            if kind == "int" and not isinstance(value, int):
+                raise HetMoEError(f"analog config {f.name}={value!r} must be an integer")
+            if kind == "float" and not math.isfinite(value):
+                raise HetMoEError(f"analog config {f.name}={value!r} must be a finite number")
+            if kind == "bool" and not isinstance(value, bool):
+                raise HetMoEError(f"analog config {f.name}={value!r} must be true or false")
         if self.noise_scale < 0:
             raise HetMoEError(f"noise scale must be >= 0, got {self.noise_scale}")
         if not self.t_inference > 0:

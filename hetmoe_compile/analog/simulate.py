@@ -25,6 +25,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from ..errors import HetMoEError, check_choice, check_seed
 from ..expert_group import ExpertGroup, HetExperts, device_groups
 from ..host_memory import trim
 from ..hpd.projection_split import HPDLinear
@@ -194,6 +195,10 @@ def simulate(
     model: nn.Module, cfg: AnalogConfig, seed: int = 0, dense: str = "digital", info: ModelInfo | None = None
 ) -> nn.Module:
     """Put hardware instance ``seed`` of ``cfg`` under the analog parts of a canonical model (in place)."""
+    check_seed(seed)
+    check_choice(dense, "dense", ("digital", "analog"))
+    if not isinstance(cfg, AnalogConfig):
+        raise HetMoEError(f"cfg must be an AnalogConfig (analog_config('pcm') makes one), got {type(cfg).__name__}")
     info = info or recognize(model)
     try:
         for layer, het, group in device_groups(model, info.moe_layers, "analog", "simulate"):

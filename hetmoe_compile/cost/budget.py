@@ -44,9 +44,8 @@ class _Search:
         self.total = base + sum(self.layer_value.values())
 
     def _layer(self, index: int, digital: set[int]) -> float:
-        if self.kind == "digital_memory":
-            return len(digital) * self.est.expert_bytes(index)
-        return self.est.energy(self.est.layer_terms(index, digital))
+        terms = self.est.layer_terms(index, digital)
+        return terms.footprint if self.kind == "digital_memory" else self.est.energy(terms)
 
     def with_expert(self, index: int, expert: int) -> tuple[float, float]:
         """``(new total, new layer value)`` if ``expert`` of layer ``index`` went digital."""

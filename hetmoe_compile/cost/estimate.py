@@ -251,6 +251,10 @@ class Estimator:
                 t.analog_cells += p[e] * tiles * self.tile**2
                 t.analog_tiles += tiles
                 t.analog_weights += 3 * h * i
+                if layer.bias:  # an analog expert's biases are added digitally, from digital memory
+                    bias_bytes = layer.bias * self.weight_bytes
+                    t.footprint += bias_bytes
+                    t.digital_bytes += bias_bytes * (1.0 - (1.0 - p[e]) ** b) / b
         hit = any_analog(layer, analog, p, self.frequencies is None)
         t.analog_latency_s += hit * 2 * prm.analog_mvm_latency_s
         t.link_bits += hit * 2 * h * prm.activation_bits

@@ -16,6 +16,8 @@ from ..io import read_text_file
 from .common import encode, max_positions, model_device
 
 MAX_DEFAULT_CONTEXT = 1024
+MIN_SCORED_TOKENS = 32
+"""The fewest predictions a reported perplexity (``eval --ppl``, ``sweep --ppl``) may rest on."""
 
 
 @dataclass(frozen=True)
@@ -117,3 +119,16 @@ def perplexity_of_file(
     """:func:`perplexity` of a UTF-8 text file (options are checked before the file is read)."""
     _check_options(model, context, stride, max_tokens)
     return perplexity(model, tokenizer, read_text(path), context, stride, max_tokens, batch_size, source=str(path))
+
+
+def scored_tokens(tokenizer, text: str, max_tokens: int | None = None, source: str = "<text>") -> int:
+    """How many tokens :func:`perplexity` scores in ``text`` (first ``max_tokens``); refuses fewer than
+    :data:`MIN_SCORED_TOKENS` (a perplexity of a few tokens says nothing about the model)."""
+    scored = max(0, len(encode(tokenizer, text)[:max_tokens]) - 1)
+    if scored < MIN_SCORED_TOKENS:
+        limit = f" (--ppl-tokens {max_tokens})" if max_tokens is not None else ""
+        raise HetMoEError(
+            f"{source}: {scored} token(s) would be scored{limit}; a perplexity needs at least {MIN_SCORED_TOKENS}, "
+            "give a longer text or a larger --ppl-tokens"
+        )
+    return scored

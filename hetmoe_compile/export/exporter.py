@@ -8,7 +8,11 @@ temporary sibling of the output directory and moved into place only when all of 
 
 from __future__ import annotations
 
+import shutil
 import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -26,12 +30,13 @@ from ..analog.simulate import restore_digital
 from ..analog.tiles import split_sizes
 from ..capture import ROOT_PREFIX, tag_graph
 from ..cost import CostParams
-from ..errors import HetMoEError
+from ..errors import HetMoEError, check_seed
 from ..expert_group import ExpertGroup, HetExperts
 from ..io import atomic_replace_dir, check_replaceable_dir
 from ..models.device_map import require_resident
 from ..models.recognize import recognize
 from ..placement.placement import Placement
+from ..runtime.manifest import partition_identity
 from ..version import PRODUCER
 from .expert_group_onnx import MOE_DOMAIN, ProgrammedExpert, TilePeriphery
 from .graph_builder import Deferred
@@ -75,6 +80,8 @@ def export_onnx(
             "export keeps dense modules digital; the dense-on-analog ablation is simulation-only "
             "(place with --dense digital)"
         )
+    if options.instance_seed is not None:
+        check_seed(options.instance_seed, "instance_seed")
     if options.instance_seed is not None and options.monolithic:
         raise HetMoEError("a monolithic export has no analog partitions to program; drop --instance-seed")
     cfg = options.analog or AnalogConfig()
@@ -98,8 +105,8 @@ def export_onnx(
             for l in info.moe_layers
             for d in ("digital", "analog")
         }
-        scratch_dir = tempfile.TemporaryDirectory(prefix="hetmoe-onnx-")
-        with atomic_replace_dir(out_dir, MANIFEST_NAME) as tmp, scratch_dir as scratch:
+        _remove_old_scratch()
+        with atomic_replace_dir(out_dir, MANIFEST_NAME) as tmp, _scratch_in(tmp) as scratch:
             steps.set_postfix_str("ONNX translation")
             captured = to_onnx(ep, Path(scratch))
             del ep
@@ -123,8 +130,16 @@ def export_onnx(
             types = value_types(captured.model)
             for part in parts:
                 steps.set_postfix_str(f"writing {part.name}")
+                identity = partition_identity(part.name, part.device, part.layer, part.expert_ids)
                 files[part.name] = write_partition(
-                    part, tmp, f"{part.name}.onnx", opsets, PRODUCER, options.external_data_threshold, _doc(part)
+                    part,
+                    tmp,
+                    f"{part.name}.onnx",
+                    opsets,
+                    PRODUCER,
+                    options.external_data_threshold,
+                    _doc(part),
+                    identity,
                 )
                 steps.update()
                 if part.device == "analog" and options.instance_seed is not None:  # i.e. `instances`
@@ -133,8 +148,18 @@ def export_onnx(
                     group = by_layer[part.layer]
                     programmed, periphery = program_instance(model, info, group, cfg, options.instance_seed)
                     inst = analog_partition(group, store, dtype, types, programmed, periphery, ROOT_PREFIX)
+                    identity = partition_identity(
+                        part.name, part.device, part.layer, part.expert_ids, "instance", options.instance_seed
+                    )
                     variants[part.name] = write_partition(
-                        inst, tmp, f"{inst.name}.onnx", opsets, PRODUCER, options.external_data_threshold, _doc(inst)
+                        inst,
+                        tmp,
+                        f"{inst.name}.onnx",
+                        opsets,
+                        PRODUCER,
+                        options.external_data_threshold,
+                        _doc(inst),
+                        identity,
                     )
                     del programmed, inst
                     steps.update()
@@ -191,11 +216,40 @@ def _contrib_ops(ort_moe: bool, lowbit: dict) -> list[str]:
 
 
 def _generation_ids(model: nn.Module) -> dict:
+    """What the runtime checks and generates with: vocabulary size, end-of-text id, context length."""
     cfg = cast(Any, model).config  # a Hugging Face config
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None) or getattr(cfg, "eos_token_id", None)
     if isinstance(eos, (list, tuple)):
         eos = eos[0] if eos else None
-    return {"vocab_size": int(cfg.vocab_size), "eos_token_id": None if eos is None else int(eos)}
+    out = {"vocab_size": int(cfg.vocab_size), "eos_token_id": None if eos is None else int(eos)}
+    context = getattr(cfg, "max_position_embeddings", None)
+    if isinstance(context, int) and context > 0:
+        out["context_length"] = context
+    return out
+
+
+@contextmanager
+def _scratch_in(directory: Path) -> Iterator[Path]:
+    """torch.onnx's scratch files inside the export's temporary directory, so the cleanup of an interrupted export
+    (or the next run's, after a kill) removes both; emptied before the directory is renamed into place."""
+    path = directory / ".scratch"
+    path.mkdir()
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _remove_old_scratch(max_age_s: float = 86400.0) -> None:
+    """Remove the ``hetmoe-onnx-*`` scratch folders that earlier versions' exports left in the temp dir (those a
+    day old or more: a younger one may belong to an export still running)."""
+    now = time.time()
+    for old in Path(tempfile.gettempdir()).glob("hetmoe-onnx-*"):
+        try:
+            if old.is_dir() and now - old.stat().st_mtime > max_age_s:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _doc(part) -> str:

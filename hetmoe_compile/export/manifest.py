@@ -40,6 +40,10 @@ def _files(paths: list[Path]) -> dict:
     }
 
 
+def _tokenizer_files(directory: Path) -> list[dict]:
+    return [{"file": p.name, "sha256": file_sha256(p)} for p in sorted(directory.iterdir()) if p.is_file()]
+
+
 def build_manifest(
     placement: Placement,
     cfg: AnalogConfig,
@@ -100,6 +104,7 @@ def build_manifest(
         "parameter_share": doc["parameter_share"],
         "opset": opset,
         "tokenizer": "tokenizer" if has_tokenizer else None,
+        **({"tokenizer_files": _tokenizer_files(directory / "tokenizer")} if has_tokenizer else {}),
         "monolithic": monolithic,
         "contrib_ops": list(contrib_ops or []),
     }

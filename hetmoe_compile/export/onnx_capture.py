@@ -8,8 +8,11 @@ scratch directory and read back without it, so no 2 GB protobuf limit applies an
 
 from __future__ import annotations
 
+import logging
 import re
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,20 +106,46 @@ class CapturedGraph:
     directory: Path
 
 
+class _NoTorchvisionNotice(logging.Filter):
+    """Drops the exporter registry's "torchvision is not installed. Skipping torchvision::<op>" lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("torchvision is not installed")
+
+
+@contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """Silence exactly two notices of torch's ONNX exporter that concern no user of this package: the registry's
+    four "torchvision is not installed" lines (no model here has torchvision ops) and torch's own deprecation of
+    ``LeafSpec`` (torch.export's pytree specs use it internally). Everything else is still shown."""
+    registry = logging.getLogger("torch.onnx._internal.exporter._registration")
+    notice = _NoTorchvisionNotice()
+    registry.addFilter(notice)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings(
+                "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+            )
+            yield
+    finally:
+        registry.removeFilter(notice)
+
+
 def to_onnx(ep: ExportedProgram, directory: Path) -> CapturedGraph:
     """Translate ``ep`` to ONNX with expert-group placeholders; write it (external data) under ``directory``."""
     register_placeholder_schema()
     table: dict[Callable[..., Any], Callable[..., Any]] = {torch.ops.hetmoe.expert_group.default: _translate}
-    try:
-        program = torch.onnx.export(
-            ep, dynamo=True, custom_translation_table=table, optimize=True, opset_version=OPSET, verbose=False
-        )
-    except Exception as exc:  # one line for the user; the traceback stays chained
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise HetMoEError(f"ONNX translation failed: {first}") from exc
-    assert program is not None  # dynamo=True returns an ONNXProgram
     path = directory / "graph.onnx"
-    program.save(path, external_data=True)
+    with _quiet_exporter():
+        try:
+            program = torch.onnx.export(
+                ep, dynamo=True, custom_translation_table=table, optimize=True, opset_version=OPSET, verbose=False
+            )
+        except Exception as exc:  # one line for the user; the traceback stays chained
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise HetMoEError(f"ONNX translation failed: {first}") from exc
+        assert program is not None  # dynamo=True returns an ONNXProgram
+        program.save(path, external_data=True)
     del program
     model = onnx.load(str(path), load_external_data=False)
     _name_dims(model)

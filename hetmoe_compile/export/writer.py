@@ -26,8 +26,10 @@ def write_partition(
     producer: str,
     threshold: int = EXTERNAL_DATA_THRESHOLD,
     doc: str = "",
+    metadata: dict[str, str] | None = None,
 ) -> list[Path]:
-    """Write ``part`` to ``directory / filename``; returns the files written (model first, then its data)."""
+    """Write ``part`` to ``directory / filename`` with ``metadata`` in its ``metadata_props``; returns the files
+    written (model first, then its data)."""
     path = directory / filename
     total = sum(int(cast("np.ndarray | LazyArray", a).nbytes) for a in part.initializers.values())
     external = total > threshold
@@ -57,6 +59,8 @@ def write_partition(
     graph = helper.make_graph(part.nodes, part.name, inputs, outputs, initializers)
     model = helper.make_model(graph, opset_imports=opsets, producer_name=producer, doc_string=doc)
     model.ir_version = 10
+    if metadata:
+        helper.set_model_props(model, metadata)
     onnx.save_model(model, str(path))
     del model, graph, initializers
     onnx.checker.check_model(str(path), full_check=True)

@@ -18,7 +18,7 @@ from ..models.recognize import ROUTED_EXPERTS, ModelInfo
 from ..scoring.base import Scores
 from ..version import PRODUCER
 from .policy import PlacementPolicy, parse_override_key
-from .schema import SCHEMA_VERSION, validate_placement
+from .schema import SCHEMA_VERSION, check_coverage, validate_placement
 
 
 @dataclass
@@ -240,10 +240,17 @@ def _parameter_accounting(model: nn.Module, info: ModelInfo, layers: list[LayerP
     return dense, share
 
 
-def check_placement_matches(placement_model: dict, model: nn.Module, source: str) -> None:
-    """A placement made for another model is an error, not a silent mismatch."""
-    if placement_model.get("config_sha256") != config_hash(model):
+def check_placement_matches(placement: Placement, model: nn.Module, info: ModelInfo, source: str) -> None:
+    """A placement made for another model, or one that does not place each of the model's experts exactly once,
+    is an error, not a silent mismatch."""
+    if placement.model.get("config_sha256") != config_hash(model):
         raise HetMoEError(
-            f"{source}: placement was made for another model ({placement_model.get('source')}, "
+            f"{source}: placement was made for another model ({placement.model.get('source')}, "
             "config hash differs); re-run 'hetmoe-compile place' for this model"
         )
+    check_coverage(
+        [(layer.index, [e.id for e in layer.experts]) for layer in placement.layers],
+        [layer.index for layer in info.moe_layers],
+        {layer.index: layer.num_experts for layer in info.moe_layers},
+        source,
+    )

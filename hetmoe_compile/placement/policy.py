@@ -6,7 +6,7 @@ import re
 from dataclasses import asdict, dataclass, field
 
 from ..devices import DEVICES
-from ..errors import HetMoEError
+from ..errors import HetMoEError, check_seed
 
 SCOPES = ("per-layer", "global")
 
@@ -42,9 +42,16 @@ class PlacementPolicy:
 
     def validate(self) -> None:
         f = self.digital_fraction
-        if not isinstance(f, (int, float)) or not 0.0 <= float(f) <= 1.0:
-            raise HetMoEError(f"digital fraction must be in [0, 1], got {f}; e.g. --digital-fraction 0.25")
+        if isinstance(f, bool) or not isinstance(f, (int, float)):
+            raise HetMoEError(f"digital_fraction={f!r} must be a number in [0, 1] (the share of digital experts)")
+        if not 0.0 <= float(f) <= 1.0:
+            raise HetMoEError(f"digital fraction must be in [0, 1], got {f}; e.g. 0.25 for a quarter of the experts")
         self.digital_fraction = float(f)
+        check_seed(self.seed, "placement seed")
+        if not isinstance(self.selector, str):
+            raise HetMoEError(f"selector={self.selector!r} must be a selector name such as 'max-neuron-norm'")
+        if not isinstance(self.overrides, dict):
+            raise HetMoEError(f"overrides={self.overrides!r} must be a dict of 'LAYER:EXPERT' -> device")
         if self.scope not in SCOPES:
             raise HetMoEError(f"unknown scope '{self.scope}'; use one of {', '.join(SCOPES)}")
         if self.dense not in DEVICES:

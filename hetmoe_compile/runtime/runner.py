@@ -15,17 +15,24 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import HetMoEError
-from .manifest import check_files, read_manifest
+from .manifest import check_files, partition_variants, read_manifest
 
 Executor = Callable[[dict, dict[str, np.ndarray]], dict[str, np.ndarray]]
 VARIANTS = ("auto", "ideal", "instance")
+MODEL_INPUTS = ("input_ids", "attention_mask")  # what the runner feeds
 
 
 class Runner:
     """``runner(input_ids, attention_mask=None) -> logits [batch, seq, vocab]`` and greedy :meth:`generate`."""
 
     def __init__(
-        self, directory: Path, manifest: dict, sessions: dict, executors: dict[str, Executor], variant: str
+        self,
+        directory: Path,
+        manifest: dict,
+        sessions: dict,
+        executors: dict[str, Executor],
+        variant: str,
+        vocab_size: int | None = None,
     ) -> None:
         self.directory = directory
         self.manifest = manifest
@@ -35,10 +42,17 @@ class Runner:
         self.partitions = {p["name"]: p for p in manifest["partitions"]}
         self.output = manifest["outputs"][0]["name"]
         self._last_use = _last_use(manifest["schedule"], self.output)
+        self._vocab_size = vocab_size if vocab_size is not None else manifest["model"].get("vocab_size")
 
     @property
     def vocab_size(self) -> int | None:
-        return self.manifest["model"].get("vocab_size")
+        """The logits' last dimension (token ids must lie below it); ``None`` when neither file nor manifest says."""
+        return self._vocab_size
+
+    @property
+    def context_length(self) -> int | None:
+        """The model's context (its config's ``max_position_embeddings``); ``None`` for exports before schema 1.1."""
+        return self.manifest["model"].get("context_length")
 
     def __call__(self, input_ids, attention_mask=None) -> np.ndarray:
         import onnxruntime as ort
@@ -75,6 +89,12 @@ class Runner:
         if max_new_tokens < 0:
             raise HetMoEError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         ids = self._check_inputs(input_ids, None)[0]
+        context = self.context_length
+        if context is not None and ids.shape[1] + max_new_tokens > context:
+            raise HetMoEError(
+                f"a prompt of {ids.shape[1]} tokens plus max_new_tokens {max_new_tokens} exceeds the model's context "
+                f"of {context} tokens; shorten the prompt or lower max_new_tokens (--max-new-tokens)"
+            )
         if eos_token_id is None:
             eos_token_id = self.manifest["model"].get("eos_token_id")
         done = np.zeros(ids.shape[0], dtype=bool)
@@ -96,6 +116,11 @@ class Runner:
             raise HetMoEError(f"input_ids: expected shape [batch, seq] with seq >= 1, got {list(ids.shape)}")
         if not np.issubdtype(ids.dtype, np.integer):
             raise HetMoEError(f"input_ids: expected integer token ids (int64), got dtype {ids.dtype}")
+        context = self.context_length
+        if context is not None and ids.shape[1] > context:
+            raise HetMoEError(
+                f"input_ids: {ids.shape[1]} tokens exceed the model's context of {context} tokens; shorten the input"
+            )
         vocab = self.vocab_size
         if vocab is not None and ids.size and (ids.min() < 0 or ids.max() >= vocab):
             raise HetMoEError(f"input_ids: token ids must lie in [0, {vocab}), got {int(ids.min())}..{int(ids.max())}")
@@ -181,8 +206,9 @@ def load(
     verify_hashes: bool = True,
     threads: int = 0,
 ) -> Runner:
-    """Load the export in ``directory``: check its manifest (schema, version, files, sha256) and open one ONNX
-    Runtime session per partition (``threads``: intra-op threads per session, 0 = one per core). ``analog``:
+    """Load the export in ``directory``: check its manifest (schema, version, schedule), every file it lists (sha256,
+    and that each holds the partition its entry claims), the vocabulary size, and open one ONNX Runtime session per
+    partition (``threads``: intra-op threads per session, 0 = one per core). ``analog``:
     ``ideal`` weights, the programmed ``instance`` (needs an export with ``--instance-seed``), or ``auto`` (the
     instance when there is one). Partitions of a device in ``executors`` run through that callable instead of ONNX
     Runtime. ``providers`` default to CUDA when ONNX Runtime has it, else CPU."""
@@ -196,7 +222,7 @@ def load(
     if analog == "instance" and not has_instance:
         raise HetMoEError(
             f"{directory}: the export holds no programmed instance; re-export with --instance-seed N "
-            "or load with analog='ideal'"
+            "or run the ideal partitions (--analog ideal; runtime.load(..., analog='ideal'))"
         )
     variant = "instance" if (analog == "instance" or (analog == "auto" and has_instance)) else "ideal"
     executors = dict(executors or {})
@@ -204,12 +230,26 @@ def load(
     providers = providers or [
         p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()
     ]
+    extra = [t["name"] for t in manifest["inputs"] if t["name"] not in MODEL_INPUTS]
+    if extra:
+        raise HetMoEError(
+            f"{directory}: the model takes inputs {extra}, but this runtime feeds only {list(MODEL_INPUTS)}; "
+            "restore the manifest's inputs or re-export"
+        )
+    # every listed file, before any session opens: the variant that runs must be complete; the files of the other
+    # variant may be absent (deleted to save space) but, where present, must be what the manifest says
+    paths = {}
+    for part in manifest["partitions"]:
+        run = variant if (part["device"] == "analog" and "instance" in part) else "ideal"
+        for v in sorted(partition_variants(part), key=lambda v: v != run):  # the one that runs first
+            path = check_files(directory, part, v, verify_hashes, required=v == run)
+            if v == run:
+                paths[part["name"]] = path
     sessions = {}
     for part in manifest["partitions"]:
-        v = variant if (part["device"] == "analog" and "instance" in part) else "ideal"
-        path = check_files(directory, part, v, verify_hashes)
         if part["device"] in executors:
             continue
+        path = paths[part["name"]]
         try:
             sessions[part["name"]] = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:
@@ -217,4 +257,30 @@ def load(
                 f"partition '{part['name']}': ONNX Runtime cannot load {path.name}: "
                 f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
             ) from exc
-    return Runner(directory, manifest, sessions, executors, variant)
+    vocab = _logits_vocab(manifest, sessions)
+    claimed = manifest["model"].get("vocab_size")
+    if vocab is not None and claimed is not None and claimed != vocab:
+        raise HetMoEError(
+            f"{directory}: the manifest's model.vocab_size is {claimed}, but the partitions compute logits over "
+            f"{vocab} tokens (the manifest was edited); restore manifest.json or re-export"
+        )
+    return Runner(directory, manifest, sessions, executors, variant, vocab)
+
+
+def _logits_vocab(manifest: dict, sessions: dict) -> int | None:
+    """The static last dimension of the model output as the partition producing it declares it: its ONNX Runtime
+    session's output (the file itself), or its manifest entry when an executor runs it."""
+    output = manifest["outputs"][0]["name"]
+    for step in reversed(manifest["schedule"]):
+        for local, tensor in step["outputs"].items():
+            if tensor != output:
+                continue
+            session = sessions.get(step["partition"])
+            if session is not None:
+                shape = next((o.shape for o in session.get_outputs() if o.name == local), None)
+            else:
+                entry = next(p for p in manifest["partitions"] if p["name"] == step["partition"])
+                shape = next((t["shape"] for t in entry["outputs"] if t["name"] == local), None)
+            last = shape[-1] if shape else None
+            return last if isinstance(last, int) else None
+    return None

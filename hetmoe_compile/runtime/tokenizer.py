@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import HetMoEError
+from .manifest import check_file
 
 
-def load_export_tokenizer(directory: Path, manifest: dict):
-    """A ``tokenizers.Tokenizer`` from ``<export>/tokenizer/tokenizer.json``."""
+def load_export_tokenizer(directory: Path, manifest: dict, verify_hashes: bool = True):
+    """A ``tokenizers.Tokenizer`` from ``<export>/tokenizer/tokenizer.json``, after checking the tokenizer files
+    against their sha256 in the manifest (``tokenizer_files``, schema 1.1; older manifests have none to check)."""
     from tokenizers import Tokenizer
 
     sub = manifest.get("tokenizer")
@@ -18,4 +20,12 @@ def load_export_tokenizer(directory: Path, manifest: dict):
             f"{directory}: the export has no tokenizer (tokenizer/tokenizer.json); "
             "pass token ids with --ids, or export a model that has tokenizer.json beside it"
         )
-    return Tokenizer.from_file(str(path))
+    for f in manifest.get("tokenizer_files", []):
+        check_file(Path(directory), f"{sub}/{f['file']}", f["sha256"], "tokenizer", verify=verify_hashes)
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for unreadable JSON or an unknown model
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise HetMoEError(
+            f"{path}: not a readable tokenizer file ({reason}); restore it from the model or re-export"
+        ) from exc
