@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from helpers import DEMO, REPO
 import hetmoe_compile as hc
 from hetmoe_compile.analog import analog_config, simulate
 from hetmoe_compile.cli import main
-from hetmoe_compile.io import atomic_write_text
+from hetmoe_compile.io import atomic_write_text, remove_stale_temps
 from hetmoe_compile.models.tiny import tiny_model
 from hetmoe_compile.placement import Placement, PlacementPolicy
 
@@ -247,21 +248,50 @@ def test_results_record_the_tokens_actually_scored(tmp_path):
 # ---- interrupted and killed runs leave nothing ---------------------------------------------------------------
 
 
-def test_ctrl_c_during_eval_prints_one_line_exits_130_and_leaves_nothing(tmp_path):
-    out = tmp_path / "out" / "r.json"
-    argv = ["eval", str(DEMO), "--digital-fraction", "0.25", "--seeds", "3", "--ppl", str(TEXT), "--out", str(out)]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hetmoe_compile", *argv], stderr=subprocess.PIPE, text=True, cwd=tmp_path
-    )
+def _started(argv, cwd, wait: float = 0.3) -> subprocess.Popen:
+    """The CLI in a subprocess, returned once it shows progress (it is inside the command then)."""
+    proc = subprocess.Popen([sys.executable, "-m", "hetmoe_compile", *argv], stderr=subprocess.PIPE, text=True, cwd=cwd)
     assert proc.stderr is not None
-    proc.stderr.read(1)  # the first progress output: the command is at work
-    time.sleep(0.5)
+    proc.stderr.read(1)  # the first progress output
+    time.sleep(wait)
+    return proc
+
+
+@pytest.mark.parametrize("command", ["eval", "export"])
+def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing(demo_export, tmp_path, command):
+    out = tmp_path / "out" / ("r.json" if command == "eval" else "onnx")
+    extra = {
+        "eval": ["--digital-fraction", "0.25", "--seeds", "40", "--ppl", str(TEXT)],  # a few seconds of work
+        "export": ["--placement", str(demo_export[0]), "--instance-seed", "1"],
+    }[command]
+    proc = _started([command, str(DEMO), *extra, "--out", str(out)], tmp_path)
     proc.send_signal(signal.SIGINT)
     err = proc.stderr.read()
     assert proc.wait(timeout=60) == 130
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
-    assert lines[-1] == "hetmoe-compile eval: interrupted; nothing was written" and "Traceback" not in err
+    assert lines[-1] == f"hetmoe-compile {command}: interrupted; nothing was written" and "Traceback" not in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_killed_export_leaves_only_what_the_next_run_removes(demo_export, tmp_path):
+    """kill -9 cannot be cleaned up after; what it leaves is one pid-named sibling of --out (torch.onnx's scratch
+    inside it, not in the temp dir), which the next write to that --out removes."""
+    import tempfile
+
+    out = tmp_path / "onnx"
+    scratch_before = set(Path(tempfile.gettempdir()).glob("hetmoe-onnx-*"))
+    argv = ["export", str(DEMO), "--placement", str(demo_export[0]), "--out", str(out)]
+    proc = _started(argv, tmp_path)
+    deadline = time.time() + 60
+    while not list(tmp_path.glob(".onnx.tmp-*/.scratch/*")) and time.time() < deadline:
+        time.sleep(0.05)  # until torch.onnx writes its scratch files
+    proc.kill()
+    proc.wait(timeout=60)
+    left = [p.name for p in tmp_path.iterdir()]
+    assert left == [f".onnx.tmp-{proc.pid}-" + left[0].rsplit("-", 1)[1]], left
+    assert set(Path(tempfile.gettempdir()).glob("hetmoe-onnx-*")) == scratch_before
+    remove_stale_temps(out)  # what every atomic write to `out` does first
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_temporaries_of_killed_runs_are_removed_by_the_next_write(tmp_path):
