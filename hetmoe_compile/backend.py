@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 
 from torch import fx, nn
+from torch._dynamo.exc import ShortenTraceback
 
 from .analog.config import AnalogConfig, analog_config
 from .errors import HetMoEError, UnsupportedModelError, check_seed
@@ -121,8 +122,26 @@ def _place_frame_model(model: object, policy: PlacementPolicy) -> Placement | No
     return place_model(model, policy, None, "", info)
 
 
+class BackendError(HetMoEError, ShortenTraceback):
+    """A :class:`HetMoEError` raised inside the backend. Dynamo wraps other exceptions of a backend in
+    ``BackendCompilerFailed`` with its own traceback; this one reaches the caller as itself (catch
+    ``hetmoe_compile.HetMoEError``), its message first."""
+
+    def __init__(self, message: str) -> None:
+        ShortenTraceback.__init__(self, message, first_useful_frame=None)
+
+
 def hetmoe_backend(gm: fx.GraphModule, example_inputs: Sequence, options: dict | None = None) -> Callable:
     """Place and rewrite the expert groups of one Dynamo graph; returns the callable Dynamo runs."""
+    try:
+        return _compile_graph(gm, example_inputs, options)
+    except BackendError:
+        raise
+    except HetMoEError as exc:
+        raise BackendError(str(exc)) from exc
+
+
+def _compile_graph(gm: fx.GraphModule, example_inputs: Sequence, options: dict | None) -> Callable:
     opts = BackendOptions.parse(options)
     policy, cfg = opts.policy(), opts.analog()
     frame = _frame_locals()

@@ -154,7 +154,7 @@ def test_compiling_the_module_itself():
 def test_experts_split_by_a_graph_break_are_a_clear_error():
     model = tiny_model("olmoe")
     model.set_experts_implementation("eager")  # a Python loop over hit experts: Dynamo breaks at nonzero()
-    with pytest.raises(Exception, match=r"graph break inside the experts.*call hetmoe_compile.prepare\(model\)"):
+    with pytest.raises(HetMoEError, match=r"graph break inside the experts.*call hetmoe_compile.prepare\(model\)"):
         _compiled_forward(model, {})(input_ids=IDS, use_cache=False)
     hc.prepare(model)  # the way out the message names
     with torch.no_grad():
@@ -182,6 +182,16 @@ def test_options_are_checked_like_the_cli(options, message):
         BackendOptions.parse(options)
 
 
+def test_bad_options_reach_the_caller_as_a_hetmoe_error():
+    """Not Dynamo's BackendCompilerFailed: the error a user can catch, its message first."""
+    model = tiny_model("olmoe")
+    dynamo.reset()
+    compiled = torch.compile(model, backend="hetmoe", options={"seed": "x"})
+    with pytest.raises(HetMoEError) as err:
+        compiled(input_ids=IDS, use_cache=False)
+    assert str(err.value).startswith("hetmoe backend option seed='x' must be an integer >= 0")
+
+
 @pytest.mark.parametrize(
     "override, message",
     [
@@ -192,7 +202,7 @@ def test_options_are_checked_like_the_cli(options, message):
 def test_overrides_naming_missing_experts_fail_through_dynamo(override, message):
     """Checked against the whole model by the composer's placement step (the message of hetmoe-compile place)."""
     model = tiny_model("olmoe")
-    with pytest.raises(Exception, match=message):  # Dynamo wraps our error; the message stays readable
+    with pytest.raises(HetMoEError, match=message):  # our error reaches the caller as itself, through Dynamo
         _compiled_forward(model, {"overrides": {override: "digital"}})(input_ids=IDS, use_cache=False)
 
 
