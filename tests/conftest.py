@@ -53,3 +53,13 @@ def demo_export(tmp_path_factory):
                 == 0
             )
     return placement, out
+
+
+SLOW_FIRST = ("test_readme.py", "test_export.py", "test_lowbit.py", "test_examples.py", "test_backend.py")
+"""The longest test files (each stays on one pytest-xdist worker) start first, so none is left running alone at
+the end of a parallel run."""
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(SLOW_FIRST)))  # stable: each file keeps its order

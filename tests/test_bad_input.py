@@ -250,7 +250,14 @@ def test_results_record_the_tokens_actually_scored(tmp_path):
 
 def _started(argv, cwd, wait: float = 0.3) -> subprocess.Popen:
     """The CLI in a subprocess, returned once it shows progress (it is inside the command then)."""
-    proc = subprocess.Popen([sys.executable, "-m", "hetmoe_compile", *argv], stderr=subprocess.PIPE, text=True, cwd=cwd)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hetmoe_compile", *argv],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=cwd,
+        # as in a terminal: a test run started in the background inherits an ignored SIGINT, and Python keeps it so
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     assert proc.stderr is not None
     proc.stderr.read(1)  # the first progress output
     time.sleep(wait)

@@ -7,9 +7,10 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import DEMO, REPO, SHARED
+from helpers import DEMO, FAMILIES, REPO, SHARED, placed
 from torch import nn
 
+from hetmoe_compile.analog import analog_config, restore_digital, simulate
 from hetmoe_compile.errors import HetMoEError
 from hetmoe_compile.eval import (
     TASKS,
@@ -24,6 +25,7 @@ from hetmoe_compile.eval import (
     perplexity_of_file,
     window_plan,
 )
+from hetmoe_compile.eval.under_noise import EvalSpec, Prepared, evaluate_under_noise
 from hetmoe_compile.models.loader import load_model, load_tokenizer
 
 QA = SHARED / "data" / "qa"
@@ -342,3 +344,30 @@ def test_evaluate_tasks_on_demo_model(demo):
         assert scores[name] == expected, name
         # measured: the closest choices are 3.5e-4 apart, batching moves a log-likelihood by <= 4e-6: no tie flips
         assert not gaps or min(gaps) > 1e-4
+
+
+class _ByteTokenizer:
+    """Token ids = UTF-8 bytes mod 128 (the tiny models' vocabulary): a tokenizer for models that ship none."""
+
+    def __call__(self, text, add_special_tokens=False, **kwargs):
+        return {"input_ids": [b % 128 for b in text.encode()]}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_perplexity_under_noise_equals_a_hand_computation_on_every_family(family):
+    """evaluate_under_noise on each family: instance s's perplexity equals exp(mean NLL) of the model simulated
+    with seed s, computed here from the logits (one window: the text is shorter than the context)."""
+    model, info, _ = placed(family)
+    text = "The quick brown fox jumps over the lazy dog; " * 2
+    ids = torch.tensor([_ByteTokenizer()(text)["input_ids"]])
+    cfg = analog_config("pcm")
+    got = evaluate_under_noise(model, info, _ByteTokenizer(), cfg, EvalSpec("text", seeds=2), Prepared(text, {}))
+    hand = []
+    for seed in (0, 1):
+        simulate(model, cfg, seed, info=info)  # a fresh instance: its output-noise stream starts over
+        with torch.no_grad():
+            out = model(input_ids=ids[:, :-1], use_cache=False).logits[0].double()
+        hand.append(math.exp(F.cross_entropy(out, ids[0, 1:]).item()))
+    restore_digital(model, info)
+    assert got["ppl"]["values"] == pytest.approx(hand, rel=1e-6)
+    assert abs(hand[0] - hand[1]) > 1e-5 * hand[0]  # two instances, two perplexities (granitemoe: 9e-5 apart)
