@@ -295,16 +295,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PRESET",
         help="analog preset recorded in the manifest and used by --instance-seed (default pcm)",
     )
-    x.add_argument(
-        "--noise-scale", type=_number(0, False, "2.5"), default=None, metavar="C", help="multiply the weight noise by C"
-    )
-    x.add_argument(
-        "--t-inference",
-        type=_number(0, True, "86400"),
-        default=None,
-        metavar="S",
-        help="seconds after programming (3600)",
-    )
+    _add_scale_args(x)
     x.add_argument(
         "--instance-seed",
         type=_seed,
@@ -432,8 +423,8 @@ def _peer_options(args):
     )
 
 
-def _add_noise_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--noise", default="pcm", metavar="PRESET", help="pcm (default), dac-adc, gaussian or ideal")
+def _add_scale_args(p: argparse.ArgumentParser) -> None:
+    """``--noise-scale`` and ``--t-inference`` (finite, checked at parse time)."""
     p.add_argument(
         "--noise-scale", type=_number(0, False, "2.5"), default=None, metavar="C", help="multiply the weight noise by C"
     )
@@ -444,6 +435,11 @@ def _add_noise_args(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds after programming (3600)",
     )
+
+
+def _add_noise_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--noise", default="pcm", metavar="PRESET", help="pcm (default), dac-adc, gaussian or ideal")
+    _add_scale_args(p)
     p.add_argument(
         "--seeds", type=_positive_int, default=3, metavar="N", help="hardware instances to average (default 3)"
     )
