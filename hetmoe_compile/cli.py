@@ -309,6 +309,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="one ONNX file with every expert inlined (ideal weights): a baseline, no partitions",
     )
     x.add_argument(
+        "--kv-cache",
+        action="store_true",
+        help="partitions take past_key_values.<i>.key/value and return present.<i>.*: 'run' prefills once, then "
+        "decodes one token per step",
+    )
+    x.add_argument(
         "--ort-moe",
         action="store_true",
         help="digital expert groups as ONNX Runtime's com.microsoft::MoE (fused kernel, not standard ONNX)",
@@ -834,7 +840,9 @@ def cmd_export(args) -> int:
         group_size=args.group_size,
     )
     _print_quantization(compiled.quantization)
-    options = ExportOptions(cfg, args.instance_seed, args.monolithic, ort_moe=args.ort_moe, cost=cost_params)
+    options = ExportOptions(
+        cfg, args.instance_seed, args.monolithic, ort_moe=args.ort_moe, cost=cost_params, kv_cache=args.kv_cache
+    )
     manifest = export_onnx(compiled.model, compiled.placement, Path(args.out), options, tokenizer)
     doc = json.loads(manifest.read_text())
     rows = [

@@ -58,6 +58,7 @@ class ExportOptions:
     external_data_threshold: int = EXTERNAL_DATA_THRESHOLD
     progress: bool = True
     cost: CostParams | None = None  # cost-model parameters for the manifest's "cost" (default: CostParams())
+    kv_cache: bool = False  # digital partitions take past_key_values.<i>.* and return present.<i>.* (decoding)
 
 
 def export_onnx(
@@ -98,7 +99,7 @@ def export_onnx(
     steps = tqdm(total=3, desc="export", unit="step", disable=not options.progress)
     try:
         steps.set_postfix_str("torch.export")
-        ep = tag_graph(model, placement, info)
+        ep = tag_graph(model, placement, info, kv_cache=options.kv_cache)
         steps.update()
         group_of = {
             f"{ROOT_PREFIX}{l.experts}.groups.{d}.gate_up": (l.index, d)
@@ -108,7 +109,7 @@ def export_onnx(
         _remove_old_scratch()
         with atomic_replace_dir(out_dir, MANIFEST_NAME) as tmp, _scratch_in(tmp) as scratch:
             steps.set_postfix_str("ONNX translation")
-            captured = to_onnx(ep, Path(scratch))
+            captured = to_onnx(ep, Path(scratch), info.num_layers if options.kv_cache else 0)
             del ep
             steps.update()
             store = TensorStore(captured.model, captured.directory)

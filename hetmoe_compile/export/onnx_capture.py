@@ -131,8 +131,10 @@ def _quiet_exporter() -> Iterator[None]:
         registry.removeFilter(notice)
 
 
-def to_onnx(ep: ExportedProgram, directory: Path) -> CapturedGraph:
-    """Translate ``ep`` to ONNX with expert-group placeholders; write it (external data) under ``directory``."""
+def to_onnx(ep: ExportedProgram, directory: Path, cache_layers: int = 0) -> CapturedGraph:
+    """Translate ``ep`` to ONNX with expert-group placeholders; write it (external data) under ``directory``.
+    ``cache_layers``: the graph of a KV-cached capture with that many layers (its cache inputs and outputs get
+    ONNX Runtime GenAI's names, see :mod:`hetmoe_compile.kv_cache`)."""
     register_placeholder_schema()
     table: dict[Callable[..., Any], Callable[..., Any]] = {torch.ops.hetmoe.expert_group.default: _translate}
     path = directory / "graph.onnx"
@@ -148,9 +150,54 @@ def to_onnx(ep: ExportedProgram, directory: Path) -> CapturedGraph:
         program.save(path, external_data=True)
     del program
     model = onnx.load(str(path), load_external_data=False)
+    if cache_layers:
+        _name_cache(model, cache_layers)
     _name_dims(model)
     _name_output(model, "logits")
     return CapturedGraph(model, directory)
+
+
+def _rename(model: onnx.ModelProto, names: dict[str, str]) -> None:
+    """Rename graph tensors everywhere they occur (inputs, outputs, node ends, value infos)."""
+    for node in model.graph.node:
+        node.input[:] = [names.get(n, n) for n in node.input]
+        node.output[:] = [names.get(n, n) for n in node.output]
+    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        vi.name = names.get(vi.name, vi.name)
+
+
+def _name_cache(model: onnx.ModelProto, layers: int) -> None:
+    """``past_key_values_<k>`` -> ``past_key_values.<i>.key|value``, outputs after the logits -> ``present.<i>...``,
+    and the symbols of the past and total lengths -> ``past``, ``total``."""
+    from ..kv_cache import past_names, present_names
+
+    inputs = [i.name for i in model.graph.input]
+    past = [n for n in inputs if n.startswith("past_key_values")]
+    outputs = [o.name for o in model.graph.output][1:]
+    if len(past) != 2 * layers or len(outputs) != 2 * layers:
+        raise HetMoEError(
+            f"the cached graph has {len(past)} cache inputs and {len(outputs)} cache outputs; expected {2 * layers}"
+        )
+    _rename(model, {**dict(zip(past, past_names(layers))), **dict(zip(outputs, present_names(layers)))})
+    symbols: dict[str, str] = {}
+    for inp in model.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if inp.name == "attention_mask" and len(dims) == 2 and dims[1].dim_param:
+            symbols.setdefault(dims[1].dim_param, "total")
+        if inp.name.startswith("past_key_values.") and len(dims) == 4 and dims[2].dim_param:
+            symbols.setdefault(dims[2].dim_param, "past")
+    _relabel(model, symbols)
+
+
+def _relabel(model: onnx.ModelProto, names: dict[str, str]) -> None:
+    """Substitute dimension symbols in every dim_param (``s36 + s70`` -> ``past + seq``)."""
+    if not names:
+        return
+    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
+    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        for dim in vi.type.tensor_type.shape.dim:
+            if dim.dim_param:
+                dim.dim_param = pattern.sub(lambda m: names[m.group(1)], dim.dim_param)
 
 
 def _name_dims(model: onnx.ModelProto) -> None:
@@ -161,13 +208,7 @@ def _name_dims(model: onnx.ModelProto) -> None:
         for dim, label in zip(dims, ("batch", "seq")):
             if dim.dim_param and re.fullmatch(r"s\d+", dim.dim_param):
                 names.setdefault(dim.dim_param, label)
-    if not names:
-        return
-    pattern = re.compile(r"\b(" + "|".join(map(re.escape, names)) + r")\b")
-    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
-        for dim in vi.type.tensor_type.shape.dim:
-            if dim.dim_param:
-                dim.dim_param = pattern.sub(lambda m: names[m.group(1)], dim.dim_param)
+    _relabel(model, names)
 
 
 def _name_output(model: onnx.ModelProto, name: str) -> None:

@@ -19,7 +19,7 @@ from .manifest import check_files, partition_variants, read_manifest
 
 Executor = Callable[[dict, dict[str, np.ndarray]], dict[str, np.ndarray]]
 VARIANTS = ("auto", "ideal", "instance")
-MODEL_INPUTS = ("input_ids", "attention_mask")  # what the runner feeds
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")  # what the runner feeds, besides the KV cache
 
 
 class Runner:
@@ -54,15 +54,52 @@ class Runner:
         """The model's context (its config's ``max_position_embeddings``); ``None`` for exports before schema 1.1."""
         return self.manifest["model"].get("context_length")
 
+    @property
+    def cache_inputs(self) -> list[dict]:
+        """The ``past_key_values.<i>.key|value`` inputs of a KV-cached export (empty without a cache)."""
+        return [t for t in self.manifest["inputs"] if t["name"].startswith("past_key_values.")]
+
     def __call__(self, input_ids, attention_mask=None) -> np.ndarray:
+        """Logits of the whole sequence (a KV-cached export runs it as one prefill with an empty cache)."""
+        ids, mask = self._check_inputs(input_ids, attention_mask)
+        if not self.cache_inputs:
+            return self._run({"input_ids": ids, "attention_mask": mask})[self.output]
+        return self.step(ids, mask, self.empty_cache(ids.shape[0]))[0]
+
+    def empty_cache(self, batch: int) -> list[np.ndarray]:
+        """Zero-length past tensors for a prefill, in the manifest's input order."""
+        return [
+            np.zeros((batch, t["shape"][1], 0, t["shape"][3]), dtype=np.dtype(t["dtype"])) for t in self.cache_inputs
+        ]
+
+    def step(self, input_ids, attention_mask, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One cached step: ``input_ids [b, s]`` after ``past`` (``[b, heads, p, dim]`` each, :meth:`empty_cache`
+        for none), ``attention_mask [b, p + s]`` over past and new tokens. Returns the new tokens' logits and the
+        present cache (``[b, heads, p + s, dim]``), to pass as ``past`` to the next step."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        mask = np.asarray(attention_mask, dtype=np.int64)
+        names = self.cache_inputs
+        if len(past) != len(names):
+            raise HetMoEError(f"past: expected {len(names)} cache tensors, got {len(past)}")
+        if mask.shape != (ids.shape[0], past[0].shape[2] + ids.shape[1]):
+            raise HetMoEError(
+                f"attention_mask: expected shape [{ids.shape[0]}, {past[0].shape[2] + ids.shape[1]}] (past + new "
+                f"tokens), got {list(mask.shape)}"
+            )
+        position_ids = (np.cumsum(mask, axis=1) - 1)[:, -ids.shape[1] :]
+        position_ids = np.where(mask[:, -ids.shape[1] :] == 0, 1, position_ids).astype(np.int64)  # as transformers
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": position_ids}
+        feeds.update({t["name"]: np.ascontiguousarray(a) for t, a in zip(names, past)})
+        env = self._run(feeds)
+        presents = [env[t["name"].replace("past_key_values.", "present.")] for t in names]
+        return env[self.output], presents
+
+    def _run(self, arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run the schedule on the model inputs ``arrays``; returns the model outputs."""
         import onnxruntime as ort
 
-        ids, mask = self._check_inputs(input_ids, attention_mask)
-        env: dict[str, ort.OrtValue] = {
-            "input_ids": ort.OrtValue.ortvalue_from_numpy(ids),
-            "attention_mask": ort.OrtValue.ortvalue_from_numpy(mask),
-        }
-        held: list[np.ndarray] = [ids, mask]
+        env: dict[str, ort.OrtValue] = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
+        held: list[np.ndarray] = list(arrays.values())
         for i, step in enumerate(self.manifest["schedule"]):
             part = self.partitions[step["partition"]]
             feeds = {local: env[glob] for local, glob in step["inputs"].items()}
@@ -81,11 +118,14 @@ class Runner:
                 env[step["outputs"][local]] = value
             for glob in self._last_use.get(i, ()):
                 env.pop(glob, None)
-        # OrtValue.numpy() shares the OrtValue's buffer, which is freed with it: return a copy
-        return np.array(env[self.output].numpy(), copy=True)
+        # OrtValue.numpy() shares the OrtValue's buffer, which is freed with it: return copies
+        return {t["name"]: np.array(env[t["name"]].numpy(), copy=True) for t in self.manifest["outputs"]}
 
-    def generate(self, input_ids, max_new_tokens: int = 20, eos_token_id: int | None = None) -> np.ndarray:
-        """Greedy decoding; every step re-runs the whole prefix (the export has no KV cache)."""
+    def generate(
+        self, input_ids, max_new_tokens: int = 20, eos_token_id: int | None = None, attention_mask=None
+    ) -> np.ndarray:
+        """Greedy decoding (``attention_mask`` for left-padded batches). A KV-cached export prefills once and then
+        runs one token per step; an export without a cache re-runs the whole prefix every step."""
         if max_new_tokens < 0:
             raise HetMoEError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         ids = self._check_inputs(input_ids, None)[0]
@@ -97,13 +137,22 @@ class Runner:
             )
         if eos_token_id is None:
             eos_token_id = self.manifest["model"].get("eos_token_id")
+        mask = self._check_inputs(ids, attention_mask)[1]
         done = np.zeros(ids.shape[0], dtype=bool)
+        past = self.empty_cache(ids.shape[0]) if self.cache_inputs else None
+        new = ids
         for _ in range(max_new_tokens):
-            nxt = self(ids)[:, -1].argmax(-1).astype(np.int64)
+            if past is not None:
+                logits, past = self.step(new, mask, past)
+            else:
+                logits = self._run({"input_ids": ids, "attention_mask": mask})[self.output]
+            nxt = logits[:, -1].argmax(-1).astype(np.int64)
             if eos_token_id is not None:
                 nxt = np.where(done, eos_token_id, nxt)
                 done |= nxt == eos_token_id
             ids = np.concatenate([ids, nxt[:, None]], axis=1)
+            mask = np.concatenate([mask, np.ones((ids.shape[0], 1), dtype=mask.dtype)], axis=1)
+            new = nxt[:, None]
             if done.all():
                 break
         return ids
@@ -230,7 +279,11 @@ def load(
     providers = providers or [
         p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()
     ]
-    extra = [t["name"] for t in manifest["inputs"] if t["name"] not in MODEL_INPUTS]
+    extra = [
+        t["name"]
+        for t in manifest["inputs"]
+        if t["name"] not in MODEL_INPUTS and not t["name"].startswith("past_key_values.")
+    ]
     if extra:
         raise HetMoEError(
             f"{directory}: the model takes inputs {extra}, but this runtime feeds only {list(MODEL_INPUTS)}; "
