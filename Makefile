@@ -27,10 +27,10 @@ demo: $(STAMP)
 	$(VENV)/bin/hetmoe-compile eval $(DEMO_MODEL) --placement $(OUT)/placement.json --noise pcm --noise-scale 2.5 \
 	  --seeds 2 --ppl examples/calibration.txt --out $(OUT)/results.json
 	$(VENV)/bin/hetmoe-compile export $(DEMO_MODEL) --placement $(OUT)/placement.json --noise pcm --instance-seed 0 \
-	  --out $(OUT)/onnx
+	  --kv-cache --out $(OUT)/onnx
 	$(VENV)/bin/hetmoe-compile run $(OUT)/onnx --prompt "The history of" --max-new-tokens 12
 	@echo
-	@echo "Demo outputs are in $(OUT)/: scores.json, scores.png, placement.json, results.json, onnx/ (partitions + manifest.json)"
+	@echo "Demo outputs are in $(OUT)/: scores.json, scores.png, placement.json, results.json, onnx/ (partitions, manifest.json, genai_config.json)"
 
 # One pytest-xdist worker per core (TEST_WORKERS=0 runs in one process); each test file stays on one worker, so its
 # module fixtures are built once.

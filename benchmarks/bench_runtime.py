@@ -1,20 +1,25 @@
 """Runtime speed on the reference model: partitioned export vs one monolithic ONNX export vs PyTorch eager, each
 with and without a KV cache.
 
-Prefill: one forward over 512 tokens. Decode: greedy generation of 16 tokens after prompts of 128, 512 and 1008
-tokens, per token. Without a cache each decode step re-runs the prefix; with one (``--kv-cache`` exports, eager's
-``DynamicCache``) it runs one token. All use the same number of intra-op threads. Targets (issue 15): partitioned
-with cache <= 1.15x monolithic with cache and <= 1.0x eager with its cache; per-token time after 1024 tokens
-<= 1.5x the time after 128 (the reference model has 1024 positions: the longest prompt is 1008).
+Prefill: one forward over 512 tokens. Decode: the time per generated token after prompts of 128, 512 and 1007
+tokens, prefill excluded: (greedy generation of 1 + 16 tokens minus generation of 1 token) / 16, each runner's own
+``generate`` (eager: ``model.generate``). Without a cache each decode step re-runs the prefix; with one
+(``--kv-cache`` exports, eager's ``DynamicCache``) it runs one token. The runners take turns within each repeat, so
+the machine's drift hits them alike; medians. All use the same number of intra-op threads. Targets (issue 15):
+partitioned with cache <= 1.15x monolithic with cache and <= 1.0x eager with its cache; per-token time after 1024
+tokens <= 1.5x the time after 128 (the reference model has 1024 positions: the longest prompt is 1007).
 
-    python benchmarks/bench_runtime.py [--model DIR] [--threads N] [--repeat N] [--prompts 128,512,1008]
+    python benchmarks/bench_runtime.py [--model DIR] [--threads N] [--repeat N] [--prompts 128,512,1007]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +45,8 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, default=512)
     ap.add_argument(
         "--prompts",
-        default="128,512,1008",
-        help="prompt lengths before the decoded tokens (1008 + 16 fills the reference model's 1024 positions)",
+        default="128,512,1007",
+        help="prompt lengths before the decoded tokens (1007 + 1 + 16 fills the reference model's 1024 positions)",
     )
     ap.add_argument("--new-tokens", type=int, default=16)
     args = ap.parse_args()
@@ -72,59 +77,81 @@ def main() -> None:
             return runtime.load(out.parent, threads=args.threads)
 
         part_kv, mono_kv = cached("pk"), cached("mk", monolithic=True)
-        rows = {}
-        for name, runner in (
-            ("partitioned ONNX, KV cache", part_kv),
-            ("monolithic ONNX, KV cache", mono_kv),
-            ("partitioned ONNX (recompute)", part),
-            ("partitioned ONNX (recompute), digital experts as com.microsoft::MoE", fused),
-            ("monolithic ONNX (recompute)", mono),
-        ):
-            pre = timed(lambda r=runner: r(long.numpy()), args.repeat)
-            dec = [
-                timed(lambda r=runner, p=p: r.generate(p.numpy(), n, eos_token_id=-1), dec_repeat) / n for p in prompts
-            ]
-            rows[name] = (pre, dec)
+        onnx_runners = {
+            "partitioned ONNX, KV cache": part_kv,
+            "monolithic ONNX, KV cache": mono_kv,
+            "partitioned ONNX (recompute)": part,
+            "partitioned ONNX (recompute), digital experts as com.microsoft::MoE": fused,
+            "monolithic ONNX (recompute)": mono,
+        }
+        generators: dict[str, Callable[[torch.Tensor, int], object]] = {
+            name: (lambda p, k, r=r: r.generate(p.numpy(), k, eos_token_id=-1)) for name, r in onnx_runners.items()
+        }
+        for cache, label in ((True, "PyTorch eager, KV cache"), (False, "PyTorch eager (recompute)")):
+            generators[label] = lambda p, k, c=cache: _eager_generate(model, p, k, c)
+        prefill = {name: timed(lambda r=r: r(long.numpy()), args.repeat) for name, r in onnx_runners.items()}
+        eager_pre = timed(lambda: _eager_prefill(model, long), args.repeat)
+        prefill.update({"PyTorch eager, KV cache": eager_pre, "PyTorch eager (recompute)": eager_pre})
+        decode = _decode_per_token(generators, prompts, n, dec_repeat)
+        rows = {name: (prefill[name], decode[name]) for name in generators}
         ref = part(long.numpy())
         mono_err = float(np.abs(mono(long.numpy()) - ref).max() / np.abs(ref).max())
         fused_err = float(np.abs(fused(long.numpy()) - ref).max() / np.abs(ref).max())
         cached_tokens = part_kv.generate(prompts[0].numpy(), n, eos_token_id=-1)
         same_tokens = bool(np.array_equal(cached_tokens, part.generate(prompts[0].numpy(), n, eos_token_id=-1)))
 
-    def eager_prefill():
-        with torch.no_grad():
-            model(input_ids=long, use_cache=False)
-
-    def eager_generate(prompt, cache: bool):
-        with torch.no_grad():
-            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False, use_cache=cache, pad_token_id=0)
-
-    pre = timed(eager_prefill, args.repeat)
-    for label, cache in (("PyTorch eager, KV cache", True), ("PyTorch eager (recompute)", False)):
-        rows[label] = (pre, [timed(lambda p=p, c=cache: eager_generate(p, c), dec_repeat) / n for p in prompts])
     base = rows["monolithic ONNX, KV cache"]
     eager = rows["PyTorch eager, KV cache"]
     print(
         f"model {args.model}, 25 % experts digital (max-neuron-norm), {args.threads} threads, median of "
-        f"{args.repeat} (prefill) and {dec_repeat} (decode, {n} new tokens)"
+        f"{args.repeat} (prefill) and {dec_repeat} (decode: 1 + {n} minus 1 generated tokens, runners in turn)"
     )
     lengths = [p.shape[1] for p in prompts]
     head = " | ".join(f"decode after {k} (ms/token)" for k in lengths)
+    each = "/".join(str(k) for k in lengths)
     print(
-        f"| runner | prefill {args.prefill} tok (ms) | {head} | x mono KV | x eager KV | "
+        f"| runner | prefill {args.prefill} tok (ms) | {head} | x mono KV ({each}) | x eager KV ({each}) | "
         f"after {lengths[-1]} / {lengths[0]} |"
     )
     print("|---|---:|" + "---:|" * len(lengths) + "---:|---:|---:|")
     for name, (p, d) in rows.items():
         cells = " | ".join(f"{x * 1e3:.1f}" for x in d)
-        print(
-            f"| {name} | {p * 1e3:.1f} | {cells} | {d[-1] / base[1][-1]:.2f} | {d[-1] / eager[1][-1]:.2f} | "
-            f"{d[-1] / d[0]:.2f} |"
-        )
+        x_mono = " / ".join(f"{a / b:.2f}" for a, b in zip(d, base[1]))
+        x_eager = " / ".join(f"{a / b:.2f}" for a, b in zip(d, eager[1]))
+        print(f"| {name} | {p * 1e3:.1f} | {cells} | {x_mono} | {x_eager} | {d[-1] / d[0]:.2f} |")
     print(
         f"\npartitioned vs monolithic logits: max relative difference {mono_err:.1e}; with MoE nodes: {fused_err:.1e}; "
         f"greedy tokens with and without the cache equal: {same_tokens}"
     )
+
+
+def _eager_prefill(model, ids: torch.Tensor) -> None:
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+
+
+def _eager_generate(model, prompt: torch.Tensor, k: int, cache: bool) -> None:
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False, use_cache=cache, pad_token_id=0)
+
+
+def _decode_per_token(
+    generators: dict[str, Callable[[torch.Tensor, int], object]], prompts: list[torch.Tensor], n: int, repeat: int
+) -> dict[str, list[float]]:
+    """Median seconds per decoded token after each prompt: (generate 1 + n) - (generate 1), over n; every runner
+    takes its turn in each of ``repeat`` rounds (after one warm-up)."""
+    samples: dict[str, list[list[float]]] = {name: [[] for _ in prompts] for name in generators}
+    for round_ in range(repeat + 1):
+        for name, gen in generators.items():
+            for i, prompt in enumerate(prompts):
+                t0 = time.perf_counter()
+                gen(prompt, n + 1)
+                t1 = time.perf_counter()
+                gen(prompt, 1)
+                t2 = time.perf_counter()
+                if round_:  # round 0 warms up
+                    samples[name][i].append(((t1 - t0) - (t2 - t1)) / n)
+    return {name: [statistics.median(x) for x in per] for name, per in samples.items()}
 
 
 if __name__ == "__main__":

@@ -96,18 +96,24 @@ class CompiledMoE:
         return quantize_digital_experts(self.model, bits, group_size, self.info)
 
     def export(
-        self, directory: str | Path, instance_seed: int | None = None, monolithic: bool = False, tokenizer=None
+        self,
+        directory: str | Path,
+        instance_seed: int | None = None,
+        monolithic: bool = False,
+        tokenizer=None,
+        kv_cache: bool = False,
     ) -> Path:
-        """Partitioned ONNX + ``manifest.json`` in ``directory`` (see :func:`hetmoe_compile.export.export_onnx`);
-        returns the manifest's path."""
+        """Partitioned ONNX + ``manifest.json`` in ``directory`` (see :func:`hetmoe_compile.export.export_onnx`;
+        ``kv_cache``: past in, present out, and ``genai_config.json``); returns the manifest's path."""
         from .export import ExportOptions, export_onnx
 
         if instance_seed is not None:
             check_seed(instance_seed, "instance_seed")
+        if not isinstance(kv_cache, bool):
+            raise HetMoEError(f"kv_cache must be True or False, got {kv_cache!r}")
+        options = ExportOptions(self.analog, instance_seed, monolithic, kv_cache=kv_cache)
         self.restore()
-        return export_onnx(
-            self.model, self.placement, directory, ExportOptions(self.analog, instance_seed, monolithic), tokenizer
-        )
+        return export_onnx(self.model, self.placement, directory, options, tokenizer)
 
 
 def compile(

@@ -43,7 +43,7 @@ def export_model(model: nn.Module, batch: int = 2, seq: int = 8, kv_cache: bool 
 
         past_len, s = 6, Dim("seq", min=1, max=context)  # example sizes >= 2; the minima 0 and 1 still hold
         dtype = next(model.parameters()).dtype
-        past = [torch.zeros(batch, h, past_len, d, dtype=dtype, device=device) for h, d in cache_shapes(model)]
+        past = [torch.zeros(batch, h, past_len, w, dtype=dtype, device=device) for h, w in cache_shapes(model)]
         attention_mask = torch.ones(batch, past_len + seq, dtype=torch.long, device=device)
         position_ids = torch.arange(past_len, past_len + seq, device=device).expand(batch, -1)
         args: tuple = (input_ids, attention_mask, position_ids, past)

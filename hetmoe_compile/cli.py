@@ -332,9 +332,27 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="generate text with an export, on ONNX Runtime (no torch needed)")
     r.add_argument("export_dir", metavar="DIR", help="a directory written by 'export'")
     what = r.add_mutually_exclusive_group(required=True)
-    what.add_argument("--prompt", metavar="TEXT", help="prompt text (needs the tokenizer saved in the export)")
-    what.add_argument("--ids", metavar="LIST", help="comma-separated prompt token ids")
+    what.add_argument(
+        "--prompt",
+        action="append",
+        metavar="TEXT",
+        help="prompt text (needs the tokenizer saved in the export); repeat for a batch (left-padded)",
+    )
+    what.add_argument("--ids", action="append", metavar="LIST", help="comma-separated prompt token ids; repeatable")
     r.add_argument("--max-new-tokens", type=_positive_int, default=20, metavar="N", help="default 20")
+    r.add_argument("--sample", action="store_true", help="sample the next token (default: greedy)")
+    r.add_argument(
+        "--temperature", type=_number(0, True, "0.8"), default=None, metavar="T", help="with --sample (default 1)"
+    )
+    r.add_argument("--top-k", type=_seed, default=None, metavar="K", help="with --sample: the K most likely (0: off)")
+    r.add_argument(
+        "--top-p",
+        type=_number(0, True, "0.9"),
+        default=None,
+        metavar="P",
+        help="with --sample: the most likely tokens up to probability P, in (0, 1] (default 1: off)",
+    )
+    r.add_argument("--seed", type=_seed, default=None, metavar="S", help="with --sample: seed of the draws (0)")
     r.add_argument(
         "--analog",
         choices=["auto", "ideal", "instance"],
@@ -874,28 +892,67 @@ def _size(directory: Path, entry: dict) -> str:
 def cmd_run(args) -> int:
     import time
 
-    from .runtime import load
+    import numpy as np
+
+    from .runtime import Sampling, load
     from .runtime.tokenizer import load_export_tokenizer
 
+    sampling = _sampling(args, Sampling)
     runner = load(args.export_dir, analog=args.analog)
     tokenizer = None
+    rows: list[list[int]] = []
     if args.prompt is not None:
         tokenizer = load_export_tokenizer(Path(args.export_dir), runner.manifest)
-        ids = tokenizer.encode(args.prompt).ids
-        if not ids:
-            raise HetMoEError("--prompt: the text encodes to no tokens; give some text")
+        for text in args.prompt:
+            rows.append(tokenizer.encode(text).ids)
+            if not rows[-1]:
+                raise HetMoEError(f"--prompt {text!r}: the text encodes to no tokens; give some text")
     else:
-        try:
-            ids = [int(t) for t in _list(args.ids, "ids")]
-        except ValueError as exc:
-            raise HetMoEError(f"--ids {args.ids}: expected comma-separated integers") from exc
+        for text in args.ids:
+            try:
+                rows.append([int(t) for t in _list(text, "ids")])
+            except ValueError as exc:
+                raise HetMoEError(f"--ids {text}: expected comma-separated integers") from exc
+    width = max(len(r) for r in rows)
+    pad = runner.manifest["model"].get("eos_token_id") or 0
+    ids = np.array([[pad] * (width - len(r)) + r for r in rows], dtype=np.int64)  # left padding
+    mask = np.array([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=np.int64)
     start = time.perf_counter()
-    out = runner.generate([ids], args.max_new_tokens)[0]
+    out = runner.generate(ids, args.max_new_tokens, attention_mask=mask, sampling=sampling)
     took = time.perf_counter() - start
-    new = out[len(ids) :].tolist()
-    print(tokenizer.decode(out.tolist()) if tokenizer else " ".join(map(str, out.tolist())))
-    print(f"\n({len(new)} new tokens in {took:.2f} s; analog partitions: {runner.variant})", file=sys.stderr)
+    for n, (row, tokens) in enumerate(zip(rows, out)):
+        tokens = tokens[width - len(row) :].tolist()
+        if len(rows) > 1:
+            print(f"{'' if n == 0 else chr(10)}[{n}]")
+        print(tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens)))
+    new = out.shape[1] - width
+    how = "greedy" if sampling is None else f"sampled, seed {sampling.seed}"
+    print(
+        f"\n({len(rows)} x {new} new tokens in {took:.2f} s, {how}; analog partitions: {runner.variant}; "
+        f"{'KV cache' if runner.cache_inputs else 'no KV cache: every step re-runs the prefix'})",
+        file=sys.stderr,
+    )
     return 0
+
+
+def _sampling(args, sampling_type):
+    """``--sample`` and its options as a :class:`~hetmoe_compile.runtime.Sampling` (``None``: greedy)."""
+    given = {
+        k: v
+        for k, v in (
+            ("temperature", args.temperature),
+            ("top_k", args.top_k),
+            ("top_p", args.top_p),
+            ("seed", args.seed),
+        )
+        if v is not None
+    }
+    if not args.sample:
+        if given:
+            flags = ", ".join("--" + k.replace("_", "-") for k in given)
+            raise HetMoEError(f"{flags} only apply with --sample; add --sample or drop them")
+        return None
+    return sampling_type(**given)
 
 
 def main(argv: list[str] | None = None) -> int:

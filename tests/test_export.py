@@ -8,6 +8,8 @@ import sys
 
 import numpy as np
 import onnx
+import onnxruntime as ort
+import onnxruntime_genai as og
 import pytest
 import torch
 from helpers import FAMILIES, REF_MODEL, logits, max_rel_err
@@ -144,7 +146,6 @@ def test_manifest_records_placement_files_and_bindings(olmoe_export):
 
 def test_analog_partition_computes_only_routed_tokens(olmoe_export):
     model, _, out, _ = olmoe_export
-    import onnxruntime as ort
 
     doc = json.loads((out / "manifest.json").read_text())
     a0 = next(p for p in doc["partitions"] if p["name"] == "analog_L0")
@@ -330,7 +331,6 @@ def test_generate_is_greedy(olmoe_export):
 
 def test_analog_partitions_can_run_on_a_callable(olmoe_export):
     """A toolchain takes the analog partitions; ONNX Runtime keeps the digital ones."""
-    import onnxruntime as ort
 
     out = olmoe_export[2]
     calls = []
@@ -388,7 +388,6 @@ def test_runtime_is_deterministic_on_many_tokens(olmoe_export):
 def test_instance_partition_equals_the_simulated_op_on_the_same_inputs(olmoe_export):
     """Given the PyTorch simulation's own inputs, an instance partition reproduces its output to float rounding;
     whole-model differences only come from upstream float32 differences crossing a DAC/ADC rounding boundary."""
-    import onnxruntime as ort
 
     model, _, out, cfg = olmoe_export
     simulate(model, cfg, seed=7)
@@ -464,3 +463,50 @@ def test_kv_cached_export_decodes_like_full_recomputation(family, tmp_path):
         eager = model.generate(prompt, attention_mask=prompt_mask, max_new_tokens=10, do_sample=False, pad_token_id=eos)
     got = runtime.load(out, analog="ideal").generate(prompt.numpy(), 10, attention_mask=mask[:, :12])
     np.testing.assert_array_equal(got, eager.numpy()[:, : got.shape[1]])
+
+    # the analog partitions, stateless, run on a caller's executor (here ONNX Runtime on the instance files)
+    calls = []
+
+    def accelerator(partition, feeds):
+        calls.append(partition["name"])
+        sess = ort.InferenceSession(str(out / partition["instance"]["file"]))
+        return dict(zip(["partial_output"], sess.run(None, feeds)))
+
+    offloaded = runtime.load(out, analog="instance", executors={"analog": accelerator})
+    tokens = offloaded.generate(prompt.numpy(), 6)
+    np.testing.assert_array_equal(tokens, runtime.load(out).generate(prompt.numpy(), 6))
+    assert len(calls) == (tokens.shape[1] - 12) * len(recognize(model).moe_layers)  # one call per layer and step
+
+    # ONNX Runtime GenAI runs the same files as a decoder-pipeline (the instance, as runtime.load's default)
+    assert doc["genai_config"] == {"file": "genai_config.json", "analog": "instance"}
+    genai = og.Model(str(out))
+    params = og.GeneratorParams(genai)
+    params.set_search_options(max_length=32, do_sample=False)
+    generator = og.Generator(genai, params)
+    generator.append_tokens(ids[:1, :12].numpy().astype(np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    theirs = [int(t) for t in generator.get_sequence(0)]
+    ours = runtime.load(out).generate(ids[:1, :12].numpy(), 20)[0].tolist()
+    assert len(ours) > 12
+    assert theirs == (ours[:-1] if ours[-1] == eos else ours)  # GenAI's sequence leaves out the EOS it stopped at
+
+
+def test_a_kv_export_genai_cannot_run_says_why_in_the_manifest(tmp_path, monkeypatch):
+    """Where the pipeline file cannot be written, the export still succeeds, without it, and the manifest says
+    why; the runtime decodes as before."""
+    from hetmoe_compile.export import genai_config as genai_module
+
+    def refuse(*args):
+        raise genai_module.GenAIUnsupported("tensor 'x' feeds two partitions")
+
+    monkeypatch.setattr(exporter_module, "genai_config", refuse)
+    model = tiny_model("olmoe")
+    _, out = _export(model, tmp_path / "olmoe", options=ExportOptions(kv_cache=True, progress=False))
+    doc = json.loads((out / "manifest.json").read_text())
+    assert doc["genai_config"] == {"file": None, "analog": "ideal", "reason": "tensor 'x' feeds two partitions"}
+    assert not (out / "genai_config.json").exists()
+    ids = _ids(1, 6)
+    np.testing.assert_array_equal(
+        runtime.load(out).generate(ids.numpy(), 4), model.generate(ids, max_new_tokens=4, do_sample=False).numpy()
+    )

@@ -48,6 +48,34 @@ def test_run_generates_from_a_prompt_and_from_ids(demo_export, capsys):
     assert "analog partitions: ideal" in captured.err
 
 
+def test_run_decodes_a_left_padded_batch_and_samples_with_a_seed(demo_export, capsys):
+    """Two prompts of different lengths in one batch give each prompt's own tokens; --sample draws what
+    ``Runner.generate`` draws with the same seed, and the seed decides. (Ideal partitions: the instance's output
+    noise is drawn per MVM, so its tokens depend on what else is in the batch.)"""
+    from hetmoe_compile import runtime
+
+    _, out = demo_export
+    runner = runtime.load(out, analog="ideal")
+    capsys.readouterr()
+    ideal = ["--analog", "ideal"]
+    assert main(["run", str(out), "--ids", "5,6,7,8,9", "--ids", "11,12", "--max-new-tokens", "4", *ideal]) == 0
+    printed = capsys.readouterr().out.split("\n\n")
+    rows = [block.split("\n", 1)[1].split() for block in printed]
+    assert rows[0] == [str(t) for t in runner.generate([[5, 6, 7, 8, 9]], 4)[0]]
+    assert rows[1] == [str(t) for t in runner.generate([[11, 12]], 4)[0]]
+
+    def sampled(seed):
+        argv = ["run", str(out), "--ids", "5,6,7", "--max-new-tokens", "8", "--sample", "--seed", str(seed), *ideal]
+        assert main(argv) == 0
+        captured = capsys.readouterr()
+        assert f"sampled, seed {seed}" in captured.err
+        return captured.out.split()
+
+    expected = runner.generate([[5, 6, 7]], 8, sampling=runtime.Sampling(seed=3))[0]
+    assert sampled(3) == [str(t) for t in expected] == sampled(3)
+    assert sampled(4) != sampled(3)
+
+
 def test_reexport_replaces_the_directory(demo_export, tmp_path):
     placement, out = demo_export
     target = tmp_path / "again"
@@ -90,6 +118,9 @@ def test_reexport_replaces_the_directory(demo_export, tmp_path):
         (["run", "{tmp}", "--prompt", "hi"], "no manifest.json"),
         (["run", "{export}", "--ids", "1,x"], "expected comma-separated integers"),
         (["run", "{export}", "--ids", "99999"], "token ids must lie in [0, 4096)"),
+        (["run", "{export}", "--ids", "5", "--temperature", "0.5"], "--temperature only apply with --sample"),
+        (["run", "{export}", "--ids", "5", "--sample", "--top-p", "1.5"], "top_p must lie in (0, 1]"),
+        (["run", "{export}", "--ids", "5", "--sample", "--temperature", "0"], "0 is not a finite number > 0"),
     ],
 )
 def test_bad_input_one_line_exit_2(demo_export, tmp_path, argv, message, capsys):

@@ -8,6 +8,7 @@ temporary sibling of the output directory and moved into place only when all of 
 
 from __future__ import annotations
 
+import json
 import shutil
 import tempfile
 import time
@@ -39,6 +40,7 @@ from ..placement.placement import Placement
 from ..runtime.manifest import partition_identity
 from ..version import PRODUCER
 from .expert_group_onnx import MOE_DOMAIN, ProgrammedExpert, TilePeriphery
+from .genai_config import GENAI_CONFIG, GenAIUnsupported, genai_config
 from .graph_builder import Deferred
 from .manifest import MANIFEST_NAME, build_manifest, write_manifest
 from .onnx_capture import OPSET, to_onnx
@@ -183,10 +185,24 @@ def export_onnx(
                 _contrib_ops(options.ort_moe, lowbit),
                 cost,
             )
+            if options.kv_cache:
+                manifest["genai_config"] = _write_genai_config(manifest, model, tmp)
             write_manifest(manifest, tmp / MANIFEST_NAME)
     finally:
         steps.close()
     return out_dir / MANIFEST_NAME
+
+
+def _write_genai_config(manifest: dict, model: nn.Module, directory: Path) -> dict:
+    """Write ``genai_config.json`` for the variant ``runtime.load`` runs by default; the manifest's record of it
+    (``file`` null and a ``reason`` where ONNX Runtime GenAI cannot run the export)."""
+    variant = "instance" if manifest["analog"]["instance_seed"] is not None else "ideal"
+    try:
+        doc = genai_config(manifest, cast(Any, model).config, variant)
+    except GenAIUnsupported as exc:
+        return {"file": None, "analog": variant, "reason": str(exc)}
+    (directory / GENAI_CONFIG).write_text(json.dumps(doc, indent=2) + "\n")
+    return {"file": GENAI_CONFIG, "analog": variant}
 
 
 def export_cost(model: nn.Module, info, placement: Placement, options: ExportOptions, cfg: AnalogConfig) -> dict:

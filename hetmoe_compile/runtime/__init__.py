@@ -6,5 +6,14 @@ toolchain can consume an export without PyTorch installed.
 
 from .manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, read_manifest, validate_manifest
 from .runner import Runner, load
+from .sampling import Sampling
 
-__all__ = ["MANIFEST_NAME", "MANIFEST_SCHEMA_VERSION", "Runner", "load", "read_manifest", "validate_manifest"]
+__all__ = [
+    "MANIFEST_NAME",
+    "MANIFEST_SCHEMA_VERSION",
+    "Runner",
+    "Sampling",
+    "load",
+    "read_manifest",
+    "validate_manifest",
+]
