@@ -5,9 +5,12 @@ Prefill: one forward over 512 tokens. Decode: the time per generated token after
 tokens, prefill excluded: (greedy generation of 1 + 16 tokens minus generation of 1 token) / 16, each runner's own
 ``generate`` (eager: ``model.generate``). Without a cache each decode step re-runs the prefix; with one
 (``--kv-cache`` exports, eager's ``DynamicCache``) it runs one token. The runners take turns within each repeat, so
-the machine's drift hits them alike; medians. All use the same number of intra-op threads. Targets (issue 15):
-partitioned with cache <= 1.15x monolithic with cache and <= 1.0x eager with its cache; per-token time after 1024
-tokens <= 1.5x the time after 128 (the reference model has 1024 positions: the longest prompt is 1007).
+the machine's drift hits them alike; medians. The onnxruntime-genai row runs the partitioned KV-cached files
+through their ``genai_config.json`` (prefill column: one generated token after the 512-token prompt; its stages
+take ONNX Runtime's default intra-op threads, one per core: 2 here). All use the same number of intra-op threads.
+Targets (issue 15): partitioned with cache <= 1.15x monolithic with cache and <= 1.0x eager with its cache;
+per-token time after 1024 tokens <= 1.5x the time after 128 (the reference model has 1024 positions: the longest
+prompt is 1007).
 
     python benchmarks/bench_runtime.py [--model DIR] [--threads N] [--repeat N] [--prompts 128,512,1007]
 """
@@ -23,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import onnxruntime_genai as og
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -87,11 +91,16 @@ def main() -> None:
         generators: dict[str, Callable[[torch.Tensor, int], object]] = {
             name: (lambda p, k, r=r: r.generate(p.numpy(), k, eos_token_id=-1)) for name, r in onnx_runners.items()
         }
+        genai = og.Model(str(Path(tmp) / "pk"))  # the same partition files, through GenAI's decoder-pipeline
+        generators["partitioned ONNX, KV cache, onnxruntime-genai"] = lambda p, k: _genai_generate(genai, p, k)
         for cache, label in ((True, "PyTorch eager, KV cache"), (False, "PyTorch eager (recompute)")):
             generators[label] = lambda p, k, c=cache: _eager_generate(model, p, k, c)
         prefill = {name: timed(lambda r=r: r(long.numpy()), args.repeat) for name, r in onnx_runners.items()}
         eager_pre = timed(lambda: _eager_prefill(model, long), args.repeat)
         prefill.update({"PyTorch eager, KV cache": eager_pre, "PyTorch eager (recompute)": eager_pre})
+        prefill["partitioned ONNX, KV cache, onnxruntime-genai"] = timed(
+            lambda: _genai_generate(genai, long, 1), args.repeat
+        )
         decode = _decode_per_token(generators, prompts, n, dec_repeat)
         rows = {name: (prefill[name], decode[name]) for name in generators}
         ref = part(long.numpy())
@@ -133,6 +142,17 @@ def _eager_prefill(model, ids: torch.Tensor) -> None:
 def _eager_generate(model, prompt: torch.Tensor, k: int, cache: bool) -> None:
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=k, min_new_tokens=k, do_sample=False, use_cache=cache, pad_token_id=0)
+
+
+def _genai_generate(model, prompt: torch.Tensor, k: int) -> None:
+    """``k`` greedy tokens after ``prompt`` with onnxruntime-genai (EOS ignored: min_length = max_length)."""
+    params = og.GeneratorParams(model)
+    total = prompt.shape[1] + k
+    params.set_search_options(max_length=total, min_length=total, do_sample=False)
+    generator = og.Generator(model, params)
+    generator.append_tokens(prompt.numpy().astype(np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
 
 
 def _decode_per_token(
