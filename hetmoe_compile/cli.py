@@ -469,9 +469,16 @@ def _add_noise_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--ppl", metavar="TEXTFILE", help="measure perplexity of this text")
     p.add_argument("--ppl-tokens", type=_positive_int, default=None, metavar="N", help="first N tokens only")
-    p.add_argument("--tasks", default="", metavar="LIST", help="comma-separated tasks, e.g. piqa,arc_easy")
-    p.add_argument("--tasks-dir", metavar="DIR", help="folder with <task>.jsonl files")
-    p.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="first N examples per task")
+    p.add_argument(
+        "--tasks", default="", metavar="LIST", help="comma-separated lm-eval tasks or groups, e.g. piqa,arc_easy,mmlu"
+    )
+    p.add_argument(
+        "--tasks-dir",
+        metavar="DIR",
+        help="read the tasks from local jsonl files (the layout of ../shared/data/qa) instead of lm-eval's datasets",
+    )
+    p.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="first N documents per task")
+    p.add_argument("--num-fewshot", type=_seed, default=None, metavar="K", help="few-shot examples (task default)")
     p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N")
 
 
@@ -481,7 +488,9 @@ def _noise_and_spec(args):
 
     cfg = analog_config(args.noise, args.noise_scale, args.t_inference)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
-    spec = EvalSpec(args.ppl, args.ppl_tokens, tasks, args.tasks_dir, args.limit, args.seeds, args.batch_size)
+    spec = EvalSpec(
+        args.ppl, args.ppl_tokens, tasks, args.tasks_dir, args.limit, args.seeds, args.batch_size, args.num_fewshot
+    )
     return cfg, spec, prepare(spec)
 
 
@@ -753,7 +762,9 @@ def cmd_eval(args) -> int:
         "ppl_max_tokens": spec.ppl_tokens,
         "tasks": spec.tasks,
         "limit": spec.limit,
+        "num_fewshot": spec.num_fewshot,
         "metrics": metrics,
+        "lm_eval": prepared.lm_eval,
         "digital_quantization": quant,
         "peers": None if applied is None else applied.record,
     }
@@ -815,6 +826,8 @@ def cmd_sweep(args) -> int:
         "ppl_max_tokens": spec.ppl_tokens,
         "tasks": spec.tasks,
         "limit": spec.limit,
+        "num_fewshot": spec.num_fewshot,
+        "lm_eval": prepared.lm_eval,
         "cost_params": cost_params.to_dict(),
     }
     written = write_sweep(out, rows, cfg, spec, meta)

@@ -361,7 +361,7 @@ def test_perplexity_under_noise_equals_a_hand_computation_on_every_family(family
     text = "The quick brown fox jumps over the lazy dog; " * 2
     ids = torch.tensor([_ByteTokenizer()(text)["input_ids"]])
     cfg = analog_config("pcm")
-    got = evaluate_under_noise(model, info, _ByteTokenizer(), cfg, EvalSpec("text", seeds=2), Prepared(text, {}))
+    got = evaluate_under_noise(model, info, _ByteTokenizer(), cfg, EvalSpec("text", seeds=2), Prepared(text))
     hand = []
     for seed in (0, 1):
         simulate(model, cfg, seed, info=info)  # a fresh instance: its output-noise stream starts over

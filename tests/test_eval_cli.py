@@ -12,7 +12,7 @@ from helpers import DEMO, REPO, SHARED
 from hetmoe_compile.analog import analog_config
 from hetmoe_compile.api import compile
 from hetmoe_compile.cli import main
-from hetmoe_compile.eval import evaluate_examples, get_task, load_task
+from hetmoe_compile.eval.harness import HarnessTasks, harness_metrics
 from hetmoe_compile.models import load_model, load_tokenizer
 from hetmoe_compile.placement import Placement, PlacementPolicy
 
@@ -110,7 +110,7 @@ def test_eval_placement_file_ideal_equals_digital_and_tasks(tmp_path, hand):
                     "--seeds",
                     "1",
                     "--tasks",
-                    "copa,lambada",
+                    "copa,lambada_openai",
                     "--tasks-dir",
                     str(QA),
                     "--limit",
@@ -121,19 +121,37 @@ def test_eval_placement_file_ideal_equals_digital_and_tasks(tmp_path, hand):
             )
             == 0
         )
-        metrics = json.loads(out.read_text())["metrics"]
-        # Reference: the same placement file through the Python API, instance 0 of dac-adc, the tasks in the CLI's
-        # order on that one instance (dac-adc's output noise makes each forward depend on those before it), scored
-        # by evaluate_examples (which test_eval.py checks against unbatched forwards by hand).
+        doc = json.loads(out.read_text())
+        metrics = doc["metrics"]
+        # Reference: the same placement file through the Python API, instance 0 of dac-adc, the tasks scored by
+        # lm-eval on that one instance in the same order (dac-adc's output noise makes each forward depend on those
+        # before it); test_harness.py checks lm-eval's log-likelihoods against our scorer.
         model, tok = load_model(str(DEMO)), load_tokenizer(str(DEMO))
         compile(model, analog="dac-adc", placement=Placement.load(placement)).simulate(0)
-        expected = {}
-        for name in ("copa", "lambada"):
-            scores = evaluate_examples(model, tok, load_task(name, QA, limit=8), get_task(name).kind, batch_size=8)
-            expected.update({f"{name}/{k}": v for k, v in scores.items()})
-        assert set(metrics) == set(expected)
+        expected, record = harness_metrics(model, tok, HarnessTasks(["copa", "lambada_openai"], QA), limit=8)
+        assert set(metrics) == set(expected) and {"copa/acc_stderr", "lambada_openai/perplexity"} <= set(metrics)
         for key, value in expected.items():
             assert metrics[key] == {"mean": value, "std": 0.0, "values": [value]}, key
+        assert doc["lm_eval"]["versions"] == record["versions"] and doc["lm_eval"]["tasks_dir"] == str(QA)
+        assert doc["lm_eval"]["configs"]["copa"]["dataset_kwargs"]["data_files"]["validation"].endswith("copa.jsonl")
+
+
+def test_tasks_without_a_hub_or_a_tasks_dir_say_so_at_once(tmp_path, capsys, monkeypatch):
+    """lm-eval's own datasets need the hub: with none (an endpoint nothing answers) one line, before the model
+    loads, instead of datasets' minute of retries."""
+    from huggingface_hub import constants
+
+    from hetmoe_compile.models import loader
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(loader, "_PROBES", {})
+    argv = ["eval", str(DEMO), "--digital-fraction", "0.25", "--tasks", "piqa", "--out", str(tmp_path / "r.json")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot be reached; pass --tasks-dir DIR" in err, err
+    assert not (tmp_path / "r.json").exists()
 
 
 def test_sweep_writes_table_plots_and_rows(tmp_path, hand):
@@ -194,8 +212,9 @@ def test_sweep_writes_table_plots_and_rows(tmp_path, hand):
         (["--noise-scale", "-1"], "--noise-scale: -1 is not a finite number >= 0"),
         (["--t-inference", "0"], "--t-inference: 0 is not a finite number > 0"),
         (["--seeds", "0"], "--seeds: 0 must be >= 1"),
-        (["--tasks", "nope", "--tasks-dir", "{qa}"], "unknown task 'nope'; available: piqa"),
-        (["--tasks", "piqa"], "--tasks needs --tasks-dir"),
+        (["--tasks", "nope", "--tasks-dir", "{qa}"], "--tasks nope: no local file in"),
+        (["--tasks", "piqa", "--tasks-dir", "{missing}"], "no such folder"),
+        (["--ppl", "{text}", "--num-fewshot", "2"], "--num-fewshot applies to --tasks"),
         (["--ppl", "{short}"], "a perplexity needs at least"),
         (["--ppl", "{missing}"], "text file not found"),
     ],
@@ -205,7 +224,7 @@ def test_eval_bad_input(tmp_path, capsys, extra, message):
         pytest.skip(f"task data not found at {QA}")
     short = tmp_path / "short.txt"
     short.write_text("a")
-    extra = [e.format(qa=QA, short=short, missing=tmp_path / "missing.txt") for e in extra]
+    extra = [e.format(qa=QA, short=short, missing=tmp_path / "missing.txt", text=TEXT) for e in extra]
     argv = ["eval", str(DEMO), "--digital-fraction", "0.25", "--out", str(tmp_path / "out" / "r.json")]
     if "--ppl" not in extra and "--tasks" not in extra:
         extra += ["--ppl", str(TEXT)]

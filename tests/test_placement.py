@@ -116,3 +116,32 @@ def test_canonicalize_rejects_device_maps_it_would_ignore():
         canonicalize(model, {"0": {3: "analog"}})
     with pytest.raises(ValueError, match="names expert 99 of layer 0"):
         canonicalize(model, {0: {99: "analog"}})
+
+
+def test_a_placement_follows_the_model_not_the_path_it_was_loaded_from(tmp_path, monkeypatch):
+    """The config hash leaves out ``_name_or_path``: a placement made from ``examples/olmoe-demo`` fits the same
+    model loaded by its absolute path; a placement carrying the older, path-dependent hash is still accepted; a
+    changed config is refused."""
+    import os
+
+    from helpers import DEMO, REPO
+
+    from hetmoe_compile.models import load_model, recognize
+    from hetmoe_compile.pipeline import place_model
+    from hetmoe_compile.placement.placement import check_placement_matches, config_hash
+
+    monkeypatch.chdir(REPO)
+    relative = load_model(os.path.relpath(DEMO, REPO))
+    absolute = load_model(str(DEMO))
+    assert relative.config._name_or_path != absolute.config._name_or_path
+    assert config_hash(relative) == config_hash(absolute)
+    assert config_hash(relative, legacy=True) != config_hash(absolute, legacy=True)
+    placement = place_model(relative, PlacementPolicy(0.25))
+    check_placement_matches(placement, absolute, recognize(absolute), "p.json")
+    legacy = Placement.from_dict(
+        {**placement.to_dict(), "model": {**placement.model, "config_sha256": config_hash(relative, legacy=True)}}
+    )
+    check_placement_matches(legacy, relative, recognize(relative), "old.json")
+    absolute.config.rope_theta = 1.0
+    with pytest.raises(HetMoEError, match="placement was made for another model"):
+        check_placement_matches(placement, absolute, recognize(absolute), "p.json")

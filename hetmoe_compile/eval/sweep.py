@@ -169,7 +169,7 @@ def _energy(r: SweepRow) -> float | None:
 
 
 def results_markdown(rows: list[SweepRow], cfg: AnalogConfig, seeds: int) -> str:
-    metrics = list(rows[0].metrics)
+    metrics = shown_metrics(rows)
     energy = any(_energy(r) is not None for r in rows)
     head = (
         f"Noise preset `{cfg.preset}` (noise scale {cfg.noise_scale:g}, t_inference {cfg.t_inference:g} s), "
@@ -252,7 +252,7 @@ def plot_sweep(rows: list[SweepRow], metric: str, path: Path, title: str) -> Pat
         ax.set_ylabel(metric)
         ax.set_title(title if not zoom else "dense modules digital (zoom)", fontsize=9)
     values = [r.metrics[metric]["mean"] for r in rows]
-    if metric == "ppl" and min(values) > 0 and max(values) / min(values) > 5:
+    if lower_is_better(metric) and min(values) > 0 and max(values) / min(values) > 5:
         axes[0].set_yscale("log")
     axes[0].legend(fontsize=7)
     out = _save(fig, path)
@@ -260,7 +260,17 @@ def plot_sweep(rows: list[SweepRow], metric: str, path: Path, title: str) -> Pat
     return out
 
 
-LOWER_IS_BETTER = ("ppl",)
+LOWER_IS_BETTER = ("ppl", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+"""Metric names (the part after ``<task>/``) where lower is better: ours and lm-eval's."""
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER
+
+
+def shown_metrics(rows: list[SweepRow]) -> list[str]:
+    """The metrics of the table and plots: all but lm-eval's standard errors (kept in results.json)."""
+    return [m for m in rows[0].metrics if not m.endswith("_stderr")]
 
 
 def plot_pareto(rows: list[SweepRow], metric: str, path: Path, title: str) -> Path:
@@ -276,7 +286,7 @@ def plot_pareto(rows: list[SweepRow], metric: str, path: Path, title: str) -> Pa
     pts = [(r, e) for r in rows if (e := _energy(r)) is not None]
     if not pts:
         raise ValueError("plot_pareto needs rows with a cost estimate")
-    lower = metric in LOWER_IS_BETTER
+    lower = lower_is_better(metric)
     front = pareto_front([(e, r.metrics[metric]["mean"]) for r, e in pts], lower)
     fig, ax = plt.subplots(figsize=(8, 5), constrained_layout=True)
     for i, g in enumerate(dict.fromkeys(_family(r) for r, _ in pts)):
@@ -360,7 +370,7 @@ def write_sweep(out_dir: Path, rows: list[SweepRow], cfg: AnalogConfig, spec: Ev
         (tmp / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
         (tmp / "results.md").write_text(results_markdown(rows, cfg, spec.seeds))
         names = ["results.json", "results.md"]
-        for metric in rows[0].metrics:
+        for metric in shown_metrics(rows):
             name = f"{metric.replace('/', '_')}.png"
             plot_sweep(
                 rows,
@@ -370,7 +380,7 @@ def write_sweep(out_dir: Path, rows: list[SweepRow], cfg: AnalogConfig, spec: Ev
             )
             names.append(name)
         if any(_energy(r) is not None for r in rows):
-            metric = next(iter(rows[0].metrics))
+            metric = shown_metrics(rows)[0]
             plot_pareto(
                 rows,
                 metric,

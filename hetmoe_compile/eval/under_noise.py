@@ -1,9 +1,11 @@
-"""Evaluate a placed model under simulated AIMC noise over several hardware instances (seeds)."""
+"""Evaluate a placed model under simulated AIMC noise over several hardware instances (seeds): perplexity, and
+tasks through lm-evaluation-harness (:mod:`~hetmoe_compile.eval.harness`)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from torch import nn
@@ -18,7 +20,9 @@ CHARS_PER_TOKEN_BOUND = 16  # a generous bound, used to avoid tokenising a whole
 
 @dataclass
 class EvalSpec:
-    """What to measure: perplexity of a text (first ``ppl_tokens`` tokens) and/or tasks (``limit`` each)."""
+    """What to measure: perplexity of a text (first ``ppl_tokens`` tokens) and/or lm-eval tasks and groups
+    (``limit`` documents each, ``num_fewshot`` examples in each prompt; local jsonl files from ``tasks_dir``, else
+    lm-eval's own datasets)."""
 
     ppl_path: str | None = None
     ppl_tokens: int | None = None
@@ -27,27 +31,30 @@ class EvalSpec:
     limit: int | None = None
     seeds: int = 3
     batch_size: int = 8
+    num_fewshot: int | None = None
 
     def validate(self) -> None:
         if self.seeds < 1:
             raise HetMoEError(f"seeds must be >= 1, got {self.seeds}")
         if not self.ppl_path and not self.tasks:
             raise HetMoEError("nothing to evaluate: pass --ppl TEXTFILE and/or --tasks NAME[,NAME]")
-        if self.tasks and not self.tasks_dir:
-            raise HetMoEError("--tasks needs --tasks-dir DIR (a folder of <task>.jsonl files)")
+        if self.num_fewshot is not None and not self.tasks:
+            raise HetMoEError("--num-fewshot applies to --tasks; add --tasks or drop it")
 
 
 @dataclass
 class Prepared:
-    """Inputs read once and reused for every seed and every placement."""
+    """Inputs read once and reused for every seed and every placement: the text, lm-eval's task index, and what
+    lm-eval reported about its tasks (configs, versions; filled by the first evaluation)."""
 
     text: str | None
-    examples: dict[str, list]
+    harness: Any = None  # a HarnessTasks when there are tasks
+    lm_eval: dict | None = None
 
 
 def prepare(spec: EvalSpec) -> Prepared:
-    """Read the text and task files (fails fast on bad names or files, before any model work)."""
-    from . import load_task, read_text
+    """Read the text and index the tasks (fails fast on bad names or files, before any model work)."""
+    from . import read_text
 
     spec.validate()
     text = None
@@ -55,11 +62,12 @@ def prepare(spec: EvalSpec) -> Prepared:
         text = read_text(spec.ppl_path)
         if spec.ppl_tokens:
             text = text[: spec.ppl_tokens * CHARS_PER_TOKEN_BOUND]
-    examples: dict[str, list] = {}
+    harness = None
     if spec.tasks:
-        assert spec.tasks_dir is not None  # validate(): tasks need a tasks folder
-        examples = {name: load_task(name, spec.tasks_dir, spec.limit) for name in spec.tasks}
-    return Prepared(text, examples)
+        from .harness import HarnessTasks
+
+        harness = HarnessTasks(spec.tasks, spec.tasks_dir)
+    return Prepared(text, harness)
 
 
 def summarize(values: dict[str, list[float]]) -> dict[str, dict]:
@@ -72,7 +80,7 @@ def summarize(values: dict[str, list[float]]) -> dict[str, dict]:
 
 def measure(model: nn.Module, tokenizer, spec: EvalSpec, prepared: Prepared) -> dict[str, float]:
     """One evaluation of the model as it is now: ``{"ppl": ..., "<task>/<metric>": ...}``."""
-    from . import evaluate_examples, get_task, perplexity
+    from . import perplexity
 
     out: dict[str, float] = {}
     if prepared.text is not None:
@@ -85,11 +93,14 @@ def measure(model: nn.Module, tokenizer, spec: EvalSpec, prepared: Prepared) -> 
             source=str(spec.ppl_path),
         )
         out["ppl"] = res.ppl
-    for name, examples in prepared.examples.items():
-        for metric, value in evaluate_examples(
-            model, tokenizer, examples, get_task(name).kind, spec.batch_size, desc=name
-        ).items():
-            out[f"{name}/{metric}"] = value
+    if prepared.harness is not None:
+        from .harness import harness_metrics
+
+        metrics, record = harness_metrics(
+            model, tokenizer, prepared.harness, spec.limit, spec.num_fewshot, spec.batch_size
+        )
+        out.update(metrics)
+        prepared.lm_eval = prepared.lm_eval or record
     return out
 
 

@@ -115,10 +115,13 @@ class Placement:
         return cls.from_dict(cast(dict, data), str(path))  # from_dict validates it against the schema
 
 
-def config_hash(model: nn.Module) -> str:
-    """sha256 of the model config (sorted JSON, without the transformers version)."""
+def config_hash(model: nn.Module, legacy: bool = False) -> str:
+    """sha256 of the model config (sorted JSON, without the transformers version and without ``_name_or_path``,
+    the path it was loaded from: the same model loaded as ``./m`` and ``/abs/m`` has one hash). ``legacy``: the
+    hash placements written before 2026-12-02 carry, with the load path in it."""
     config = cast(Any, model).config  # a Hugging Face config
-    cfg = {k: v for k, v in config.to_dict().items() if k != "transformers_version"}
+    skip = {"transformers_version"} if legacy else {"transformers_version", "_name_or_path"}
+    cfg = {k: v for k, v in config.to_dict().items() if k not in skip}
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -243,7 +246,7 @@ def _parameter_accounting(model: nn.Module, info: ModelInfo, layers: list[LayerP
 def check_placement_matches(placement: Placement, model: nn.Module, info: ModelInfo, source: str) -> None:
     """A placement made for another model, or one that does not place each of the model's experts exactly once,
     is an error, not a silent mismatch."""
-    if placement.model.get("config_sha256") != config_hash(model):
+    if placement.model.get("config_sha256") not in (config_hash(model), config_hash(model, legacy=True)):
         raise HetMoEError(
             f"{source}: placement was made for another model ({placement.model.get('source')}, "
             "config hash differs); re-run 'hetmoe-compile place' for this model"
