@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_analog.py
 	$(PY) benchmarks/aihwkit_agreement.py
 	$(PY) benchmarks/cost_table.py
+	$(PY) benchmarks/lm_eval_agreement.py
 	$(MAKE) bench-export
 
 # Export parity per family, runtime speed (partitioned vs monolithic vs eager), export at OLMoE-1B-7B width
@@ -75,7 +76,7 @@ sweep: $(STAMP)
 	  --selectors max-neuron-norm,router-norm,activation-frequency,activation-weight,measured,random \
 	  --calib $(SHARED)/data/wikitext2-tokenized-valid.txt --calib-tokens 8192 --noise pcm --noise-scale $$c \
 	  --seeds 3 --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 16384 \
-	  --tasks piqa,arc_easy,lambada --tasks-dir $(SHARED)/data/qa --limit 100 --out benchmarks/results/pcm_x$$c; done
+	  --tasks piqa,arc_easy,lambada_openai --tasks-dir $(SHARED)/data/qa --limit 100 --out benchmarks/results/pcm_x$$c; done
 	$(PY) benchmarks/paired_differences.py benchmarks/results/pcm_x2.5/results.json benchmarks/results/pcm_x8/results.json
 
 # The peers (ROMER, HPD, INT8/INT4 digital experts) alone and with 25 % max-neuron-norm, at two noise levels, with
@@ -85,7 +86,7 @@ peers: $(STAMP)
 	  --selectors max-neuron-norm --peers romer,romer-recalibrate,romer-replace,hpd,int8,int4 \
 	  --calib $(SHARED)/data/wikitext2-tokenized-valid.txt --calib-tokens 8192 --noise pcm --noise-scale $$c \
 	  --seeds 3 --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 16384 \
-	  --tasks piqa,arc_easy,lambada --tasks-dir $(SHARED)/data/qa --limit 100 --out benchmarks/results/peers_pcm_x$$c; done
+	  --tasks piqa,arc_easy,lambada_openai --tasks-dir $(SHARED)/data/qa --limit 100 --out benchmarks/results/peers_pcm_x$$c; done
 	$(PY) benchmarks/peer_differences.py benchmarks/results/peers_pcm_x2.5/results.json benchmarks/results/peers_pcm_x8/results.json
 
 clean:
