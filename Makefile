@@ -50,7 +50,6 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_analog.py
 	$(PY) benchmarks/aihwkit_agreement.py
 	$(PY) benchmarks/cost_table.py
-	$(PY) benchmarks/lm_eval_agreement.py
 	$(MAKE) bench-export
 
 # Export parity per family, runtime speed (partitioned vs monolithic vs eager), export at OLMoE-1B-7B width

@@ -81,3 +81,20 @@ def reference_model() -> torch.nn.Module:
     if not (REF_MODEL / "config.json").is_file():
         pytest.skip(f"reference model folder {REF_MODEL} is absent (needs the shared/ checkout beside the repo)")
     return load_model(str(REF_MODEL))
+
+
+def reference_loglikelihood(model: torch.nn.Module, tokenizer, context: str, continuation: str) -> tuple[float, bool]:
+    """``(log p(continuation | context), whether greedy decoding gives it)`` by one unbatched forward, the request
+    split into tokens as lm-eval's HFLM documents it: trailing whitespace of the context moves to the
+    continuation, the pair is tokenised whole and split after the context's own tokens."""
+    stripped = context.rstrip()
+    continuation, context = context[len(stripped) :] + continuation, stripped
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    cont = whole[len(ctx) :]
+    ids = torch.tensor(ctx + cont)
+    with torch.no_grad():
+        logprobs = model(input_ids=ids[None, :-1], use_cache=False).logits[0].double().log_softmax(-1)
+    picked = logprobs[len(ctx) - 1 :]
+    target = torch.tensor(cont)
+    return picked.gather(-1, target[:, None]).sum().item(), bool((picked.argmax(-1) == target).all())

@@ -1,18 +1,17 @@
-"""lm-evaluation-harness as the task engine: local task configs, lm-eval's log-likelihoods against our scorer on
-the same requests, and the registered ``hetmoe`` model."""
+"""lm-evaluation-harness as the task engine: local task configs, lm-eval's log-likelihoods against an unbatched
+reference computation on the same requests, the registered ``hetmoe`` model and lm-eval's CLI with it."""
 
 import json
 
 import lm_eval
 import numpy as np
 import pytest
-from helpers import DEMO, SHARED
+from helpers import DEMO, SHARED, reference_loglikelihood
 from lm_eval.tasks import TaskManager
 
 from hetmoe_compile.errors import HetMoEError
 from hetmoe_compile.eval.harness import HarnessTasks, HetMoELM, harness_metrics
 from hetmoe_compile.eval.harness_tasks import LOCAL_TASKS, MARKER, write_local_tasks
-from hetmoe_compile.eval.loglikelihood import loglikelihoods
 from hetmoe_compile.models import load_model, load_tokenizer
 
 QA = SHARED / "data" / "qa"
@@ -45,8 +44,8 @@ def test_local_tasks_cover_the_shared_folder_and_mmlu(tasks_dir, tmp_path):
 
 
 def test_lm_eval_scores_the_requests_our_scorer_scores(tasks_dir, demo):
-    """Every request lm-eval makes (its prompts) gets the log-likelihood and greedy flag our scorer computes for the
-    same (context, continuation) pair, and lm-eval's accuracy is the share of documents whose best choice is the
+    """Every request lm-eval makes (its prompts) gets the log-likelihood and greedy flag of one unbatched forward on
+    the same (context, continuation) pair, and lm-eval's accuracy is the share of documents whose best choice is the
     target; MMLU's subject filter keeps only that subject."""
     model, tokenizer = demo
     out, _ = tasks_dir
@@ -60,9 +59,9 @@ def test_lm_eval_scores_the_requests_our_scorer_scores(tasks_dir, demo):
     for task, samples in res["samples"].items():
         pairs = [tuple(a) for s in samples for a in s["arguments"]]
         theirs = [r for s in samples for r in s["filtered_resps"]]
-        ours = loglikelihoods(model, tokenizer, pairs, batch_size=3)
-        np.testing.assert_allclose([r[0] for r in theirs], [r.logprob for r in ours], rtol=1e-5)  # measured: 3e-7
-        assert [bool(r[1]) for r in theirs] == [r.is_greedy for r in ours]
+        ours = [reference_loglikelihood(model, tokenizer, c, x) for c, x in pairs]
+        np.testing.assert_allclose([r[0] for r in theirs], [r[0] for r in ours], rtol=1e-5)  # measured: <= 3e-7
+        assert [bool(r[1]) for r in theirs] == [r[1] for r in ours]
         if task != "lambada_openai":
             best = [int(np.argmax([r[0] for r in s["filtered_resps"]])) == s["target"] for s in samples]
             assert res["results"][task]["acc,none"] == pytest.approx(np.mean(best))
@@ -89,7 +88,7 @@ def test_the_registered_model_is_the_placed_model_under_its_instance(tasks_dir, 
     assert run["config"]["hetmoe"]["seed"] == 2 and run["config"]["hetmoe"]["noise"]["noise_scale"] == 2.5
     model, tokenizer = demo
     pairs = [tuple(a) for s in run["samples"]["piqa"] for a in s["arguments"]]
-    clean = [r.logprob for r in loglikelihoods(model, tokenizer, pairs)]
+    clean = [reference_loglikelihood(model, tokenizer, c, x)[0] for c, x in pairs]
     noisy = [r[0] for s in run["samples"]["piqa"] for r in s["filtered_resps"]]
     assert np.abs(np.subtract(clean, noisy)).max() > 1e-2  # the instance is not the clean model
     compiled = api.compile(model, analog=analog_config("pcm", noise_scale=2.5), placement=Placement.load(placement))
