@@ -6,8 +6,9 @@ tokens, prefill excluded: (greedy generation of 1 + 16 tokens minus generation o
 ``generate`` (eager: ``model.generate``). Without a cache each decode step re-runs the prefix; with one
 (``--kv-cache`` exports, eager's ``DynamicCache``) it runs one token. The runners take turns within each repeat, so
 the machine's drift hits them alike; medians. The onnxruntime-genai row runs the partitioned KV-cached files
-through their ``genai_config.json`` (prefill column: one generated token after the 512-token prompt; its stages
-take ONNX Runtime's default intra-op threads, one per core: 2 here). All use the same number of intra-op threads.
+through their ``genai_config.json`` (prefill column: one generated token after the 512-token prompt); its stages
+take GenAI's default intra-op threads, half the cores (1 here), whatever ``--threads`` says. The other runners use
+``--threads`` intra-op threads each.
 Targets (issue 15): partitioned with cache <= 1.15x monolithic with cache and <= 1.0x eager with its cache;
 per-token time after 1024 tokens <= 1.5x the time after 128 (the reference model has 1024 positions: the longest
 prompt is 1007).
