@@ -69,7 +69,7 @@ bench-scale: $(STAMP)
 noise-scan: $(STAMP)
 	$(PY) benchmarks/noise_scan.py --ppl-tokens 8192 --scales 0,1,2.5,4,8 --plot benchmarks/results/noise_scan.png
 
-# The reference-model sweeps of benchmarks/RESULTS.md (about an hour on 2 CPU cores).
+# The reference-model sweeps of benchmarks/RESULTS.md (about 25 minutes on 2 CPU cores).
 sweep: $(STAMP)
 	for c in 2.5 8; do $(VENV)/bin/hetmoe-compile sweep $(SHARED)/models/olmoe-ref --fractions 0,0.125,0.25,0.5,1 \
 	  --selectors max-neuron-norm,router-norm,activation-frequency,activation-weight,measured,random \
