@@ -100,6 +100,10 @@ def test_the_registered_model_is_the_placed_model_under_its_instance(tasks_dir, 
     assert metrics["piqa/acc_stderr"] == pytest.approx(run["results"]["piqa"]["acc_stderr,none"])
     assert record["configs"]["piqa"]["doc_to_text"] == "Question: {{goal}}\nAnswer:"  # lm-eval's own prompt
     assert record["lm_eval_version"] == lm_eval.__version__
+    with pytest.raises(HetMoEError, match="noise_scale='x' is not a number"):
+        HetMoELM(str(DEMO), placement=str(placement), noise_scale="x")
+    with pytest.raises(HetMoEError, match="noise_scale=nan must be a finite number"):
+        HetMoELM(str(DEMO), placement=str(placement), noise_scale="nan")
     with pytest.raises(HetMoEError, match="--tasks mathqa: no local file in .* for it"):
         HarnessTasks(["mathqa"], QA)
     with pytest.raises(HetMoEError, match="--tasks nope: not an lm-eval task or group"):

@@ -50,9 +50,13 @@ class HetMoELM(HFLM):
         from ..placement import Placement
 
         seed = check_seed(int(seed) if isinstance(seed, str) and seed.isdigit() else seed, "seed")
-        overrides = {
-            k: float(v) for k, v in (("noise_scale", noise_scale), ("t_inference", t_inference)) if v is not None
-        }
+        overrides = {}
+        for key, value in (("noise_scale", noise_scale), ("t_inference", t_inference)):
+            if value is not None:
+                try:
+                    overrides[key] = float(value)
+                except (TypeError, ValueError):
+                    raise HetMoEError(f"{key}={value!r} is not a number; e.g. {key}=2.5") from None
         cfg = analog_config(noise, **overrides)
         model = load_model(str(pretrained), dtype=dtype)
         tokenizer = load_tokenizer(str(pretrained))
