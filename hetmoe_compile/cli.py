@@ -907,10 +907,10 @@ def cmd_run(args) -> int:
 
     import numpy as np
 
-    from .runtime import Sampling, load
+    from .runtime import load
     from .runtime.tokenizer import load_export_tokenizer
 
-    sampling = _sampling(args, Sampling)
+    sampling = _sampling(args)
     runner = load(args.export_dir, analog=args.analog)
     tokenizer = None
     rows: list[list[int]] = []
@@ -936,7 +936,7 @@ def cmd_run(args) -> int:
     for n, (row, tokens) in enumerate(zip(rows, out)):
         tokens = tokens[width - len(row) :].tolist()
         if len(rows) > 1:
-            print(f"{'' if n == 0 else chr(10)}[{n}]")
+            print(f"\n[{n}]" if n else "[0]")
         print(tokenizer.decode(tokens) if tokenizer else " ".join(map(str, tokens)))
     new = out.shape[1] - width
     how = "greedy" if sampling is None else f"sampled, seed {sampling.seed}"
@@ -948,24 +948,17 @@ def cmd_run(args) -> int:
     return 0
 
 
-def _sampling(args, sampling_type):
+def _sampling(args):
     """``--sample`` and its options as a :class:`~hetmoe_compile.runtime.Sampling` (``None``: greedy)."""
-    given = {
-        k: v
-        for k, v in (
-            ("temperature", args.temperature),
-            ("top_k", args.top_k),
-            ("top_p", args.top_p),
-            ("seed", args.seed),
-        )
-        if v is not None
-    }
+    from .runtime import Sampling
+
+    given = {k: getattr(args, k) for k in ("temperature", "top_k", "top_p", "seed") if getattr(args, k) is not None}
     if not args.sample:
         if given:
             flags = ", ".join("--" + k.replace("_", "-") for k in given)
             raise HetMoEError(f"{flags} only apply with --sample; add --sample or drop them")
         return None
-    return sampling_type(**given)
+    return Sampling(**given)
 
 
 def main(argv: list[str] | None = None) -> int:

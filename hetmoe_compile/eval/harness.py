@@ -114,11 +114,11 @@ def _check_hub() -> None:
 
     from huggingface_hub import constants
 
-    from ..models.loader import HUB_PROBE_TIMEOUT_S, _hub_reachable
+    from ..models.loader import hub_reachable
 
     if constants.is_offline_mode() or os.environ.get("HF_DATASETS_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE"):
         return
-    if not _hub_reachable(constants.ENDPOINT, HUB_PROBE_TIMEOUT_S):
+    if not hub_reachable():
         raise HetMoEError(
             f"--tasks without --tasks-dir reads lm-eval's datasets from the Hugging Face hub ({constants.ENDPOINT}), "
             "which cannot be reached; pass --tasks-dir DIR (local jsonl files, e.g. ../shared/data/qa), or set "

@@ -71,6 +71,13 @@ def _hub_reachable(endpoint: str, timeout: float) -> bool:
     return reachable
 
 
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers within :data:`HUB_PROBE_TIMEOUT_S` (one probe a minute)."""
+    from huggingface_hub import constants
+
+    return _hub_reachable(constants.ENDPOINT, HUB_PROBE_TIMEOUT_S)
+
+
 def hub_options(source: str, resolved: str) -> dict[str, Any]:
     """``from_pretrained`` options for ``resolved``: ``local_files_only`` when the hub cannot be reached (or
     ``HF_HUB_OFFLINE`` is set) and the model is in the local cache; an error when it is not there either."""
