@@ -5,7 +5,8 @@ Prefill: one forward over 512 tokens. Decode: the time per generated token after
 tokens, prefill excluded: (greedy generation of 1 + 16 tokens minus generation of 1 token) / 16, each runner's own
 ``generate`` (eager: ``model.generate``). Without a cache each decode step re-runs the prefix; with one
 (``--kv-cache`` exports, eager's ``DynamicCache``) it runs one token. The runners take turns within each repeat, so
-the machine's drift hits them alike; medians. The onnxruntime-genai row runs the partitioned KV-cached files
+the machine's drift hits them alike; medians, and the ratio columns are medians of the per-round ratios of two
+runners (paired). The onnxruntime-genai row runs the partitioned KV-cached files
 through their ``genai_config.json`` (prefill column: one generated token after the 512-token prompt); its stages
 take GenAI's default intra-op threads, half the cores (1 here), whatever ``--threads`` says. The other runners use
 ``--threads`` intra-op threads each.
@@ -54,6 +55,7 @@ def main() -> None:
         help="prompt lengths before the decoded tokens (1007 + 1 + 16 fills the reference model's 1024 positions)",
     )
     ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--decode-repeat", type=int, default=0, help="decode rounds (default: half of --repeat)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     model = load_model(args.model)
@@ -63,7 +65,7 @@ def main() -> None:
     long = torch.randint(0, vocab, (1, args.prefill), generator=gen)
     prompts = [torch.randint(0, vocab, (1, int(k)), generator=gen) for k in args.prompts.split(",")]
     n = args.new_tokens
-    dec_repeat = max(1, args.repeat // 2)
+    dec_repeat = args.decode_repeat or max(1, args.repeat // 2)
     with tempfile.TemporaryDirectory() as tmp:
         part = runtime.load(
             export_onnx(model, placement, Path(tmp) / "p", ExportOptions(progress=False)).parent, threads=args.threads
@@ -102,7 +104,8 @@ def main() -> None:
         prefill["partitioned ONNX, KV cache, onnxruntime-genai"] = timed(
             lambda: _genai_generate(genai, long, 1), args.repeat
         )
-        decode = _decode_per_token(generators, prompts, n, dec_repeat)
+        samples = _decode_per_token(generators, prompts, n, dec_repeat)
+        decode = {name: [statistics.median(x) for x in per] for name, per in samples.items()}
         rows = {name: (prefill[name], decode[name]) for name in generators}
         ref = part(long.numpy())
         mono_err = float(np.abs(mono(long.numpy()) - ref).max() / np.abs(ref).max())
@@ -110,8 +113,7 @@ def main() -> None:
         cached_tokens = part_kv.generate(prompts[0].numpy(), n, eos_token_id=-1)
         same_tokens = bool(np.array_equal(cached_tokens, part.generate(prompts[0].numpy(), n, eos_token_id=-1)))
 
-    base = rows["monolithic ONNX, KV cache"]
-    eager = rows["PyTorch eager, KV cache"]
+    mono_name, eager_name = "monolithic ONNX, KV cache", "PyTorch eager, KV cache"
     print(
         f"model {args.model}, 25 % experts digital (max-neuron-norm), {args.threads} threads, median of "
         f"{args.repeat} (prefill) and {dec_repeat} (decode: 1 + {n} minus 1 generated tokens, runners in turn)"
@@ -126,8 +128,8 @@ def main() -> None:
     print("|---|---:|" + "---:|" * len(lengths) + "---:|---:|---:|")
     for name, (p, d) in rows.items():
         cells = " | ".join(f"{x * 1e3:.1f}" for x in d)
-        x_mono = " / ".join(f"{a / b:.2f}" for a, b in zip(d, base[1]))
-        x_eager = " / ".join(f"{a / b:.2f}" for a, b in zip(d, eager[1]))
+        x_mono = " / ".join(f"{r:.2f}" for r in _paired_ratio(samples, name, mono_name))
+        x_eager = " / ".join(f"{r:.2f}" for r in _paired_ratio(samples, name, eager_name))
         print(f"| {name} | {p * 1e3:.1f} | {cells} | {x_mono} | {x_eager} | {d[-1] / d[0]:.2f} |")
     print(
         f"\npartitioned vs monolithic logits: max relative difference {mono_err:.1e}; with MoE nodes: {fused_err:.1e}; "
@@ -172,7 +174,13 @@ def _decode_per_token(
                 t2 = time.perf_counter()
                 if round_:  # round 0 warms up
                     samples[name][i].append(((t1 - t0) - (t2 - t1)) / n)
-    return {name: [statistics.median(x) for x in per] for name, per in samples.items()}
+    return samples
+
+
+def _paired_ratio(samples: dict[str, list[list[float]]], name: str, base: str) -> list[float]:
+    """Median over rounds of ``name``'s time over ``base``'s in the same round, per prompt (the two ran moments
+    apart, so the machine's drift between rounds cancels)."""
+    return [statistics.median(a / b for a, b in zip(x, y)) for x, y in zip(samples[name], samples[base])]
 
 
 if __name__ == "__main__":

@@ -253,8 +253,11 @@ def _owned(array: np.ndarray):
 
 
 def _run_session(session, feeds: dict, names: list[str]) -> list:
-    """``session.run_with_ort_values`` on C values, without the Python wrapper's per-call checks and wrapping."""
-    return list(session._sess.run_with_ort_values(feeds, names, None))
+    """``session.run_with_ort_values`` on C values, without the Python wrapper's per-call checks and wrapping. The
+    returned ``OrtValueVector`` is read by index: ``list()`` of it ends with a C++ ``IndexError`` crossing into Python,
+    which cost about 75 us a call (0.7 ms a decoded token over nine partitions)."""
+    values = session._sess.run_with_ort_values(feeds, names, None)
+    return [values[i] for i in range(len(values))]
 
 
 def _last_use(schedule: list[dict], keep: str) -> dict[int, list[str]]:
