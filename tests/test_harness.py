@@ -142,6 +142,21 @@ def test_lm_eval_command_line_runs_the_hetmoe_model(tasks_dir, tmp_path):
     assert res.returncode == 2 and "placement was made for another model" in last and "Traceback" not in res.stderr
 
 
+def test_the_installed_package_advertises_the_model_in_lm_evals_plugin_group():
+    """The ``lm_eval.models`` entry point that lm-eval's plugin discovery reads names :class:`HetMoELM`, and
+    lm-eval's own registry turns that entry point into the class (what its discovery does with it)."""
+    from importlib.metadata import entry_points
+
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import Registry
+
+    (ep,) = [e for e in entry_points(group="lm_eval.models") if e.name == "hetmoe"]
+    assert ep.value == "hetmoe_compile.eval.harness:HetMoELM"
+    registry = Registry("model", base_cls=LM)
+    registry.register("hetmoe", target=ep)
+    assert registry.get("hetmoe") is HetMoELM
+
+
 def test_sweep_reports_lm_eval_metrics_and_keeps_standard_errors_out_of_the_table(tmp_path):
     from hetmoe_compile.cli import main
 

@@ -187,9 +187,11 @@ def harness_metrics(
 
 def main(argv: list[str] | None = None) -> None:
     """``hetmoe-lm-eval``: lm-eval's own command line with the ``hetmoe`` model registered, plus ``--tasks-dir DIR``
-    (local jsonl tasks, handed to lm-eval as its ``--include_path``). lm-eval 0.4.13 finds model classes only in its
-    own ``lm_eval.models`` table or through ``register_model`` in an imported module (no entry points), so a bare
-    ``lm_eval --model hetmoe`` cannot see this package; this command is that CLI after the import::
+    (local jsonl tasks, handed to lm-eval as its ``--include_path``). The package declares the model in lm-eval's
+    ``lm_eval.models`` entry-point group, which lm-eval's plugin discovery (main branch, not in 0.4.13 or
+    0.5.0.dev1) reads; the released versions find model classes only in their own table or through
+    ``register_model`` in an imported module, so a bare ``lm_eval --model hetmoe`` cannot see this package; this
+    command is that CLI after the import::
 
         hetmoe-lm-eval run --model hetmoe --model_args pretrained=DIR,placement=p.json,noise=pcm,seed=0 \\
             --tasks piqa --tasks-dir ../shared/data/qa --limit 50
