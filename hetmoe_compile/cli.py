@@ -459,6 +459,34 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds after programming (3600)",
     )
+    p.add_argument(
+        "--w-noise",
+        type=_number(0, False, "0.0175"),
+        default=None,
+        metavar="W",
+        help="short-term weight (read) noise drawn at every MVM, aihwkit's w_noise (0; its standard preset 0.0175)",
+    )
+    p.add_argument(
+        "--w-noise-type",
+        choices=("pcm-read", "additive"),
+        default=None,
+        help="pcm-read: std W sqrt(sum |w| x^2), aihwkit's PCM_READ (default); additive: W ||x||",
+    )
+    p.add_argument(
+        "--ir-drop",
+        type=_number(0, False, "1"),
+        default=None,
+        metavar="S",
+        help="scale of aihwkit's input-dependent IR drop along each tile's inputs (0; its standard preset 1)",
+    )
+
+
+def _analog_cfg(args):
+    """The preset of ``--noise`` with the scale and physics flags given."""
+    from .analog.config import analog_config
+
+    extra = {k: getattr(args, k) for k in ("w_noise", "w_noise_type", "ir_drop") if getattr(args, k, None) is not None}
+    return analog_config(args.noise, args.noise_scale, args.t_inference, **extra)
 
 
 def _add_noise_args(p: argparse.ArgumentParser) -> None:
@@ -483,10 +511,9 @@ def _add_noise_args(p: argparse.ArgumentParser) -> None:
 
 
 def _noise_and_spec(args):
-    from .analog.config import analog_config
     from .eval.under_noise import EvalSpec, prepare
 
-    cfg = analog_config(args.noise, args.noise_scale, args.t_inference)
+    cfg = _analog_cfg(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     spec = EvalSpec(
         args.ppl, args.ppl_tokens, tasks, args.tasks_dir, args.limit, args.seeds, args.batch_size, args.num_fewshot
@@ -837,7 +864,6 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .analog.config import analog_config
     from .api import compile
     from .cost import format_cost, load_cost_params
     from .export import ExportOptions, export_onnx
@@ -846,7 +872,7 @@ def cmd_export(args) -> int:
     from .placement import Placement
     from .runtime import MANIFEST_NAME
 
-    cfg = analog_config(args.noise, args.noise_scale, args.t_inference)
+    cfg = _analog_cfg(args)
     cost_params = load_cost_params(args.cost_config)
     placement = Placement.load(args.placement)
     check_replaceable_dir(Path(args.out), MANIFEST_NAME)

@@ -35,6 +35,9 @@ def test_presets_and_json_round_trip():
         (dict(preset="magic"), "unknown noise preset 'magic'; choose one of pcm, dac-adc, gaussian, ideal"),
         (dict(preset="pcm", noise_scale=-1), "noise scale must be >= 0"),
         (dict(preset="pcm", t_inference=0), "t_inference must be > 0"),
+        (dict(preset="pcm", w_noise=-0.1), "w_noise and ir_drop must be >= 0"),
+        (dict(preset="pcm", w_noise_type="pink"), "w_noise_type must be one of pcm-read, additive"),
+        (dict(preset="pcm", ir_drop="high"), "ir_drop='high' must be a number"),
     ],
 )
 def test_bad_config(kwargs, message):
@@ -97,6 +100,66 @@ def test_relative_mvm_error_agrees_with_aihwkit(preset):
             theirs.append(norm_rel_err(aihwkit_linear(w, cfg, seed)(x), ref))
     ratio = np.mean(ours) / np.mean(theirs)
     assert abs(ratio - 1) < 0.05, (np.mean(ours), np.mean(theirs))
+
+
+def test_the_transcribed_native_forward_equals_aihwkits_pytorch_tile():
+    """The reference for IR drop and short-term weight noise (a transcription of aihwkit's C++ forward, whose
+    tiles do not load under the pinned torch) gives aihwkit's PyTorch tile output for output where both apply:
+    DAC and ADC on, noise off, three input tiles."""
+    from hetmoe_compile.analog.aihwkit_reference import native_tile_forward
+
+    gen = torch.Generator().manual_seed(6)
+    w, x = torch.randn(40, 1100, generator=gen) * 0.05, torch.randn(24, 1100, generator=gen)
+    cfg = analog_config("dac-adc", out_noise=0.0)
+    with torch.no_grad():
+        theirs = aihwkit_linear(w, cfg, 0)(x).double().numpy()
+    ours = native_tile_forward(x.numpy(), w.numpy(), cfg)
+    step = cfg.out_res * 2 * cfg.out_bound * float(x.abs().max()) * float(w.abs().max())  # one ADC step, at most
+    assert np.abs(ours - theirs).max() < step and np.mean(np.abs(ours - theirs) > 1e-5) < 0.01
+
+
+@pytest.mark.parametrize("preset, ir_drop", [("ideal", 1.0), ("ideal", 3.0), ("dac-adc", 1.0)])
+def test_ir_drop_equals_aihwkits_native_forward(preset, ir_drop):
+    """IR drop is deterministic: on exact devices the tiled MVM equals aihwkit's C++ forward (transcribed) output
+    for output, converters off (to float rounding) and on (all but ADC rounding ties), three input tiles with a
+    shorter last one, where the drop profile is per tile."""
+    from hetmoe_compile.analog.aihwkit_reference import native_tile_forward
+
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(40, 1100, generator=gen) * 0.05
+    x = torch.randn(24, 1100, generator=gen)
+    cfg = analog_config(preset, ir_drop=ir_drop, out_noise=0.0)
+    ours = analog_matmul(x, program_matrix(w, cfg, 0), cfg).double().numpy()
+    theirs = native_tile_forward(x.numpy(), w.numpy(), cfg)
+    ideal = (x @ w.T).double().numpy()
+    assert norm_rel_err(theirs, ideal) > 0.004 * ir_drop  # the drop is there, and grows with ir_drop
+    scale = np.abs(ideal).max()
+    if preset == "ideal":
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5 * scale)
+    else:
+        assert np.mean(np.abs(ours - theirs) > 1e-4 * scale) < 0.01
+
+
+@pytest.mark.parametrize("kind", ["pcm-read", "additive"])
+def test_short_term_weight_noise_agrees_with_aihwkits_native_forward(kind):
+    """``w_noise`` per MVM (converters on, exact devices): mean relative MVM error over 20 MVMs within 5 % of
+    aihwkit's C++ forward (transcribed), a fresh draw at every MVM, and larger than without it."""
+    from hetmoe_compile.analog.aihwkit_reference import native_tile_forward
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(192, 700, generator=gen) * 0.05
+    x = torch.randn(48, 700, generator=gen)
+    ref = x @ w.T
+    cfg = analog_config("dac-adc", w_noise=0.05, w_noise_type=kind)
+    prog = program_matrix(w, cfg, 0)
+    gen_mvm = torch.Generator().manual_seed(0)
+    ours = [norm_rel_err(analog_matmul(x, prog, cfg, gen_mvm), ref) for _ in range(20)]
+    rng = np.random.default_rng(0)
+    theirs = [norm_rel_err(native_tile_forward(x.numpy(), w.numpy(), cfg, rng), ref) for _ in range(20)]
+    base = analog_config("dac-adc")
+    without = norm_rel_err(analog_matmul(x, program_matrix(w, base, 0), base, torch.Generator().manual_seed(0)), ref)
+    assert len(set(ours)) == 20 and np.mean(ours) > 2 * without
+    assert abs(np.mean(ours) / np.mean(theirs) - 1) < 0.05, (np.mean(ours), np.mean(theirs))
 
 
 @pytest.mark.parametrize("drift", [False, True])
@@ -208,6 +271,31 @@ def test_analog_path_without_noise_or_converters_equals_clean(family, grouped, f
         got = model(input_ids=IDS).logits
     torch.testing.assert_close(got, clean, rtol=0, atol=1e-5)
     assert not torch.equal(got, clean)  # the tiles' float sums in another order: not the digital op itself
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ir_drop_and_weight_noise_on_both_expert_group_paths(family, monkeypatch):
+    """IR drop (deterministic) gives the same logits on the per-expert loop and the grouped GEMM path; with
+    short-term weight noise on top, each path repeats under its seed and another seed differs."""
+    ir = analog_config("pcm", programming_noise=False, drift=False, out_noise=0.0, tile_size=16, ir_drop=2.0)
+    noisy = analog_config("pcm", tile_size=16, ir_drop=2.0, w_noise=0.02)
+    model, info, _ = placed(family)
+    out = {}
+    with torch.no_grad():
+        clean = model(input_ids=IDS).logits
+        for grouped in ("0", "1"):
+            monkeypatch.setenv("HETMOE_GROUPED_MM", grouped)
+            simulate(model, ir, seed=0)
+            out[grouped] = model(input_ids=IDS).logits
+            simulate(model, noisy, seed=0)
+            a = model(input_ids=IDS).logits
+            simulate(model, noisy, seed=0)
+            b = model(input_ids=IDS).logits
+            simulate(model, noisy, seed=1)
+            assert torch.equal(a, b) and not torch.equal(a, model(input_ids=IDS).logits)
+        restore_digital(model)
+    torch.testing.assert_close(out["0"], out["1"], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(out["0"], clean, atol=1e-4)
 
 
 def test_simulate_only_touches_analog_experts():

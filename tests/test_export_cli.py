@@ -111,6 +111,15 @@ def test_reexport_replaces_the_directory(demo_export, tmp_path):
             "'ideal' preset programs nothing",
         ),
         (
+            ["export", str(DEMO), "--placement", "{placement}", "--ir-drop", "1", "--instance-seed", "0"]
+            + ["--out", "{tmp}/x"],
+            "the ONNX instance partitions do not reproduce ir_drop yet",
+        ),
+        (
+            ["export", str(DEMO), "--placement", "{placement}", "--w-noise", "-1", "--out", "{tmp}/x"],
+            "-1 is not a finite number >= 0",
+        ),
+        (
             ["export", str(DEMO), "--placement", "{placement}", "--out", "{tmp}/full"],
             "directory is not empty and holds no manifest.json",
         ),

@@ -9,11 +9,15 @@ from .config import AnalogConfig
 
 
 def aihwkit_rpu_config(cfg: AnalogConfig):
-    """A ``TorchInferenceRPUConfig`` with the periphery, mapping, noise model and compensation of ``cfg``."""
+    """A ``TorchInferenceRPUConfig`` with the periphery, mapping, noise model and compensation of ``cfg`` (which
+    must have no short-term weight noise and no IR drop: aihwkit's PyTorch tile has neither; see
+    :func:`native_tile_forward`)."""
     from aihwkit.inference import GlobalDriftCompensation, PCMLikeNoiseModel
     from aihwkit.simulator.configs import TorchInferenceRPUConfig
     from aihwkit.simulator.parameters.enums import BoundManagementType, NoiseManagementType
 
+    if cfg.w_noise > 0 or cfg.ir_drop > 0:
+        raise ValueError("aihwkit's PyTorch tile has no w_noise or ir_drop: compare with native_tile_forward")
     rpu = TorchInferenceRPUConfig()
     rpu.forward.inp_res = cfg.inp_res if cfg.dac_bits else -1
     rpu.forward.out_res = cfg.out_res if cfg.adc_bits else -1
@@ -45,3 +49,60 @@ def aihwkit_linear(weight: torch.Tensor, cfg: AnalogConfig, seed: int) -> nn.Mod
     if cfg.programming_noise or cfg.drift:
         analog.drift_analog_weights(cfg.t_inference if cfg.drift else 0.0)
     return analog
+
+
+def native_tile_forward(x, weight, cfg: AnalogConfig, rng=None):
+    """aihwkit's C++ analog forward for ``weight [out, in]`` on exact devices (no programming noise), transcribed
+    loop for loop from ``src/rpucuda/rpu_forward_backward_pass.cpp`` (v1.1.0: ``forwardVector`` with abs-max noise
+    management and no bound management, ``prepareInput``, ``applyIrDrop``, ``applyOutputWeightNoise``,
+    ``finalizeOutput``), in float64 numpy, one token and one tile at a time. The reference for the effects
+    aihwkit's PyTorch tile lacks: its C++ tiles (``InferenceRPUConfig``) do not load under the pinned torch
+    (``RuntimeError: weights must be a CPU tensor``). Tiles split the inputs as aihwkit's ``TileModuleArray`` does,
+    each output row scaled to abs-max 1 per tile (``weight_scaling_columnwise``). ``rng``: a numpy Generator for
+    the per-MVM noise. Returns ``[n, out]``."""
+    import numpy as np
+
+    from .tiles import split_sizes
+
+    x, weight = np.asarray(x, dtype=np.float64), np.asarray(weight, dtype=np.float64)
+    rng = rng or np.random.default_rng(0)
+    count, size = split_sizes(weight.shape[1], cfg.tile_size)
+    inp_res = cfg.inp_res * 2.0  # aihwkit scales the resolutions by the ranges (checkAndSetRes): inp_bound 1
+    out_res = cfg.out_res * 2.0 * cfg.out_bound
+    bounded = bool(cfg.adc_bits or cfg.out_noise)
+    out = np.zeros((x.shape[0], weight.shape[0]))
+    for c in range(count):
+        w_tile = weight[:, c * size : (c + 1) * size]
+        row_scale = np.abs(w_tile).max(axis=1)
+        row_scale[row_scale == 0] = 1.0
+        w = w_tile / row_scale[:, None]
+        n = w.shape[1]
+        for t in range(x.shape[0]):
+            x_t = x[t, c * size : (c + 1) * size]
+            nm = np.abs(x_t).max()
+            if nm <= 0:
+                continue
+            v = x_t / nm
+            if inp_res > 0:
+                v = np.round(v / inp_res) * inp_res
+            v = np.clip(v, -1.0, 1.0)
+            y = w @ v
+            if cfg.ir_drop > 0:
+                a = (np.abs(w) @ np.abs(v)) * n / cfg.ir_drop_g_ratio
+                coef = a * (a * (0.05 * a - 0.2) + 0.5)
+                p = 1.0 - np.arange(n) / n
+                y = y - coef * (cfg.ir_drop * (w @ (v * (1.0 - p * p))))
+            if cfg.w_noise > 0:
+                if cfg.w_noise_type == "pcm-read":
+                    std = cfg.w_noise * np.sqrt(np.abs(w) @ (v * v))
+                else:
+                    std = cfg.w_noise * np.linalg.norm(v)
+                y = y + std * rng.standard_normal(y.shape)
+            if cfg.out_noise > 0:
+                y = y + cfg.out_noise * rng.standard_normal(y.shape)
+            if out_res > 0 and cfg.adc_bits:
+                y = np.round(y / out_res) * out_res
+            if bounded:
+                y = np.clip(y, -cfg.out_bound, cfg.out_bound)
+            out[t] += y * nm * row_scale
+    return out

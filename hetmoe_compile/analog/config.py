@@ -14,11 +14,17 @@ from dataclasses import asdict, dataclass, fields, replace
 
 from ..errors import HetMoEError
 
+W_NOISE_TYPES = ("pcm-read", "additive")
+
 
 @dataclass(frozen=True)
 class AnalogConfig:
     """What the simulated AIMC tiles do. ``noise_scale`` multiplies the weight noise (PCM programming noise, or
-    the Gaussian sigma); the paper used 1.5 and 2.5."""
+    the Gaussian sigma); the paper used 1.5 and 2.5. ``w_noise`` is aihwkit's short-term weight (read) noise,
+    drawn anew at every MVM (``w_noise_type`` ``pcm-read``: std ``w_noise * sqrt(sum_j |w_ij| x_j^2)``, aihwkit's
+    ``PCM_READ``; ``additive``: ``w_noise * ||x||``, its ``ADDITIVE_CONSTANT``); ``ir_drop`` scales aihwkit's
+    input-dependent IR drop along each tile's inputs, ``ir_drop_g_ratio`` being its wire-to-device conductance
+    ratio (aihwkit's default: 0.35 Ohm wires, 5 uS devices)."""
 
     preset: str = "pcm"
     programming_noise: bool = True
@@ -32,6 +38,10 @@ class AnalogConfig:
     out_noise: float = 0.04
     out_bound: float = 10.0
     tile_size: int = 512
+    w_noise: float = 0.0
+    w_noise_type: str = "pcm-read"
+    ir_drop: float = 0.0
+    ir_drop_g_ratio: float = 1.0 / 0.35 / 5e-6
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -44,12 +54,21 @@ class AnalogConfig:
                 raise HetMoEError(f"analog config {f.name}={value!r} must be a finite number")
             if kind == "bool" and not isinstance(value, bool):
                 raise HetMoEError(f"analog config {f.name}={value!r} must be true or false")
+            if kind == "str" and not isinstance(value, str):
+                raise HetMoEError(f"analog config {f.name}={value!r} must be a string")
         if self.noise_scale < 0:
             raise HetMoEError(f"noise scale must be >= 0, got {self.noise_scale}")
         if not self.t_inference > 0:
             raise HetMoEError(f"t_inference must be > 0 seconds, got {self.t_inference}; the default is 3600")
         if self.gaussian_sigma < 0 or self.out_noise < 0 or self.out_bound <= 0:
             raise HetMoEError("gaussian_sigma and out_noise must be >= 0 and out_bound > 0")
+        if self.w_noise < 0 or self.ir_drop < 0 or self.ir_drop_g_ratio <= 0:
+            raise HetMoEError(
+                f"w_noise and ir_drop must be >= 0 and ir_drop_g_ratio > 0, got {self.w_noise}, {self.ir_drop}, "
+                f"{self.ir_drop_g_ratio}"
+            )
+        if self.w_noise_type not in W_NOISE_TYPES:
+            raise HetMoEError(f"w_noise_type must be one of {', '.join(W_NOISE_TYPES)}, got {self.w_noise_type!r}")
         for name in ("dac_bits", "adc_bits"):
             bits = getattr(self, name)
             if bits != 0 and not 2 <= bits <= 24:
@@ -67,6 +86,8 @@ class AnalogConfig:
             and self.dac_bits == 0
             and self.adc_bits == 0
             and self.out_noise == 0
+            and self.w_noise == 0
+            and self.ir_drop == 0
         )
 
     @property

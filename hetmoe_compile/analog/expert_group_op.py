@@ -38,7 +38,7 @@ def analog_expert_group_op(
     """Routed contribution of the group's experts, every MVM on simulated tiles (biases added digitally)."""
     io = Periphery(*periphery)
     gen = None
-    if io.out_noise > 0:
+    if io.noisy:
         gen = torch.Generator(device=hidden.device).manual_seed(int(rng_state.item()))
         rng_state.add_(1)
     if use_grouped(
@@ -79,7 +79,7 @@ def analog_expert_group_op(
             continue
         tok = token[start : start + n]
         gate_up = ProgrammedMatrix(gate_up_weight[e], gate_up_scale[e])
-        h = tile_mvm(levels[:, tok], nm[:, tok], gate_up, io, gen).to(hidden.dtype)
+        h = tile_mvm(levels[:, tok], nm[:, tok], gate_up, io, gen, hidden.shape[-1]).to(hidden.dtype)
         if gate_up_bias is not None:
             h = h + gate_up_bias[e]
         h = activate(h, activation, act_name, alpha, limit)
@@ -114,13 +114,16 @@ def _grouped_analog(
     plan = routing_plan(top_k_index, expert_ids, num_experts)
     levels, nm = dac(hidden, gate_up_weight.shape[2:], io)
     tok = plan.token
-    h = grouped_tile_mvm(levels[:, tok], nm[:, tok], gate_up_weight, gate_up_scale, plan.row, plan.ends, io, gen)
+    h = grouped_tile_mvm(
+        levels[:, tok], nm[:, tok], gate_up_weight, gate_up_scale, plan.row, plan.ends, io, gen, hidden.shape[-1]
+    )
     h = h.to(hidden.dtype)
     if gate_up_bias is not None:
         h = h + gate_up_bias[plan.row]
     h = activate(h, activation, act_name, alpha, limit)
     levels, nm = dac(h, down_weight.shape[2:], io)
-    y = grouped_tile_mvm(levels, nm, down_weight, down_scale, plan.row, plan.ends, io, gen).to(hidden.dtype)
+    y = grouped_tile_mvm(levels, nm, down_weight, down_scale, plan.row, plan.ends, io, gen, h.shape[-1])
+    y = y.to(hidden.dtype)
     if down_bias is not None:
         y = y + down_bias[plan.row]
     return plan.combine(hidden, top_k_weights, y)

@@ -180,7 +180,7 @@ class AnalogLinear(_HostCounter):
         if self.cfg.is_ideal:
             return self.source(x)
         gen = None
-        if self.cfg.out_noise > 0:
+        if Periphery.of(self.cfg).noisy:
             gen = torch.Generator(device=x.device).manual_seed(int(self.rng_state.item()))
             self.rng_state.add_(1)
         weight, scale = self.weight_prog, self.scale_prog

@@ -11,6 +11,7 @@ quantisation and clipping per tile, and sums the tiles' partial outputs digitall
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -20,16 +21,36 @@ from .config import AnalogConfig
 
 
 class Periphery(NamedTuple):
-    """DAC/ADC and output-noise settings of a tiled MVM (floats, so they can travel as custom-op arguments)."""
+    """DAC/ADC, output-noise, short-term weight-noise and IR-drop settings of a tiled MVM (floats, so they can
+    travel as custom-op arguments). ``w_noise_pcm`` is 1 for aihwkit's ``PCM_READ`` weight noise, 0 for its
+    ``ADDITIVE_CONSTANT``."""
 
     inp_res: float
     out_res: float
     out_noise: float
     out_bound: float
+    w_noise: float = 0.0
+    w_noise_pcm: float = 1.0
+    ir_drop: float = 0.0
+    ir_drop_g_ratio: float = 1.0 / 0.35 / 5e-6
 
     @classmethod
     def of(cls, cfg: AnalogConfig) -> Periphery:
-        return cls(cfg.inp_res, cfg.out_res, cfg.out_noise, cfg.out_bound)
+        return cls(
+            cfg.inp_res,
+            cfg.out_res,
+            cfg.out_noise,
+            cfg.out_bound,
+            cfg.w_noise,
+            1.0 if cfg.w_noise_type == "pcm-read" else 0.0,
+            cfg.ir_drop,
+            cfg.ir_drop_g_ratio,
+        )
+
+    @property
+    def noisy(self) -> bool:
+        """Whether an MVM draws random numbers (output or short-term weight noise)."""
+        return self.out_noise > 0 or self.w_noise > 0
 
 
 class ProgrammedMatrix(NamedTuple):
@@ -164,13 +185,21 @@ def tile_mvm(
     prog: ProgrammedMatrix,
     cfg: Periphery,
     generator: torch.Generator | None = None,
+    n_in: int | None = None,
 ) -> torch.Tensor:
-    """Tile side of a tiled MVM on DAC ``levels``: output noise, ADC quantisation and clipping per tile, then the
-    digital sum of the tiles' partial outputs in weight units; ``[n, out]`` float32."""
+    """Tile side of a tiled MVM on DAC ``levels``: IR drop and short-term weight noise, output noise, ADC
+    quantisation and clipping per tile, then the digital sum of the tiles' partial outputs in weight units;
+    ``[n, out]`` float32. ``n_in``: the matrix's real input count (IR drop; default: every tile full)."""
     w = prog.weight  # [out, C, T]
     a, unit = _tile_inputs(levels, w.dtype, cfg)
-    y = torch.bmm(a, w.permute(1, 2, 0))  # [C, n, out], in units of `unit`
-    return _tile_outputs(y.float(), unit, nm, prog.scale.T.contiguous()[:, None, :], cfg, generator)
+    y = torch.bmm(a, w.permute(1, 2, 0)).float()  # [C, n, out], in units of `unit`
+    if _has_nonidealities(cfg):
+
+        def mm(v: torch.Tensor, absolute: bool) -> torch.Tensor:
+            return torch.bmm(v, (w.abs() if absolute else w).permute(1, 2, 0)).float()
+
+        y = _nonidealities(y, a, unit, mm, n_in, cfg, generator)
+    return _tile_outputs(y, unit, nm, prog.scale.T.contiguous()[:, None, :], cfg, generator)
 
 
 def grouped_tile_mvm(
@@ -182,6 +211,7 @@ def grouped_tile_mvm(
     ends: torch.Tensor,
     cfg: Periphery,
     generator: torch.Generator | None = None,
+    n_in: int | None = None,
 ) -> torch.Tensor:
     """:func:`tile_mvm` for rows sorted by expert in one grouped GEMM per input tile (no host synchronisation).
 
@@ -190,9 +220,18 @@ def grouped_tile_mvm(
     the experts' end offsets (see :func:`~hetmoe_compile.grouped_routing.routing_plan`). Rows past ``ends[-1]``
     come back undefined. ``[N, out]`` float32."""
     a, unit = _tile_inputs(levels, weight.dtype, cfg)
-    y = torch.stack(
-        [F.grouped_mm(a[c], weight[:, :, c, :].transpose(1, 2), offs=ends) for c in range(a.shape[0])]
-    ).float()  # [C, N, out]
+
+    def mm(v: torch.Tensor, absolute: bool) -> torch.Tensor:  # |W| one input tile at a time: a bounded temporary
+        return torch.stack(
+            [
+                F.grouped_mm(v[c], (w.abs() if absolute else w).transpose(1, 2), offs=ends)
+                for c, w in enumerate(weight.unbind(2))
+            ]
+        ).float()  # [C, N, out]
+
+    y = mm(a, False)
+    if _has_nonidealities(cfg):
+        y = _nonidealities(y, a, unit, mm, n_in, cfg, generator)
     return _tile_outputs(y, unit, nm, scale[row].permute(2, 0, 1).contiguous(), cfg, generator)
 
 
@@ -203,6 +242,49 @@ def _tile_inputs(levels: torch.Tensor, dtype: torch.dtype, cfg: Periphery) -> tu
         return levels, _in_step(cfg)
     pow2 = _level_scale(cfg)
     return (levels * pow2).to(dtype), _in_step(cfg) / pow2
+
+
+def _has_nonidealities(cfg: Periphery) -> bool:
+    return cfg.ir_drop > 0 or cfg.w_noise > 0
+
+
+def _nonidealities(
+    y: torch.Tensor,
+    a: torch.Tensor,
+    unit: float,
+    mm: Callable[[torch.Tensor, bool], torch.Tensor],
+    n_in: int | None,
+    cfg: Periphery,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """IR drop, then short-term weight noise, on the tiles' partial outputs ``y [C, n, out]`` (float32, in
+    ``unit``) of the tile operands ``a [C, n, T]`` (the DAC-quantised inputs ``x = a * unit``, in [-1, 1]);
+    ``mm(v, absolute)`` is ``W @ v`` (``|W| @ v``) per tile, with each tile's weights in [-1, 1].
+
+    aihwkit's ``ForwardBackwardPassIOManaged::applyNonIdealities``, per token and tile of ``n`` real inputs:
+
+    - IR drop: ``a_i = n / g_ratio * sum_j |w_ij| |x_j|``, ``c_i = a_i (a_i (0.05 a_i - 0.2) + 0.5)``,
+      ``y_i -= ir_drop * c_i * sum_j w_ij x_j (1 - (1 - j / n)^2)`` (input ``j = 0`` farthest from the output);
+    - ``PCM_READ`` weight noise: ``y_i += w_noise * sqrt(sum_j |w_ij| x_j^2) * xi``; ``ADDITIVE_CONSTANT``:
+      ``y_i += w_noise * ||x||_2 * xi``, a fresh standard normal ``xi`` per output and MVM."""
+    c, _, t = a.shape
+    if cfg.ir_drop > 0:
+        n = torch.full((c, 1, 1), float(t), device=a.device)
+        if n_in is not None:
+            n[-1] = n_in - (c - 1) * t
+        p = 1.0 - torch.arange(t, device=a.device, dtype=torch.float32) / n  # [C, 1, T]
+        profile = (1.0 - p * p).to(a.dtype)
+        current = mm(a.abs(), True).mul_(unit * n / cfg.ir_drop_g_ratio)  # a_i
+        coef = current.mul(0.05).sub_(0.2).mul_(current).add_(0.5).mul_(current)  # c_i
+        y = y.sub_(mm(a * profile, False).mul_(coef).mul_(cfg.ir_drop))
+    if cfg.w_noise > 0:
+        if cfg.w_noise_pcm:
+            std = mm(a * a, True).clamp_(min=0).sqrt_()
+        else:
+            std = torch.linalg.vector_norm(a.float(), dim=-1, keepdim=True)
+        noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        y = y.add_(noise.mul_(std).mul_(cfg.w_noise))
+    return y
 
 
 def _tile_outputs(
@@ -240,4 +322,4 @@ def analog_matmul(
     units, and one multiply per output maps ADC levels back to weight units."""
     cfg = Periphery.of(cfg) if isinstance(cfg, AnalogConfig) else cfg
     levels, nm = dac(x, prog.weight.shape[1:], cfg)
-    return tile_mvm(levels, nm, prog, cfg, generator).to(x.dtype)
+    return tile_mvm(levels, nm, prog, cfg, generator, x.shape[-1]).to(x.dtype)

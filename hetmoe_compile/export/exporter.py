@@ -88,6 +88,12 @@ def export_onnx(
     if options.instance_seed is not None and options.monolithic:
         raise HetMoEError("a monolithic export has no analog partitions to program; drop --instance-seed")
     cfg = options.analog or AnalogConfig()
+    if options.instance_seed is not None and (cfg.w_noise > 0 or cfg.ir_drop > 0):
+        effects = " and ".join(n for n in ("w_noise", "ir_drop") if getattr(cfg, n) > 0)
+        raise HetMoEError(
+            f"the ONNX instance partitions do not reproduce {effects} yet; export with {effects} 0 (or the ideal "
+            "partitions, without --instance-seed)"
+        )
     if options.instance_seed is not None and cfg.gaussian_sigma == 0 and cfg.is_ideal:
         raise HetMoEError("--instance-seed with the 'ideal' preset programs nothing; choose pcm, dac-adc or gaussian")
     info = recognize(model)
