@@ -454,10 +454,11 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--t-inference",
-        type=_number(0, True, "86400"),
+        type=_times,
         default=None,
-        metavar="S",
-        help="seconds after programming (3600)",
+        metavar="S[,S...]",
+        help="seconds after programming (3600); eval and sweep take a list, e.g. 1,3600,86400,31536000, and report "
+        "every metric at every time on the same devices",
     )
     p.add_argument(
         "--w-noise",
@@ -481,12 +482,27 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _analog_cfg(args):
-    """The preset of ``--noise`` with the scale and physics flags given."""
+def _times(text: str) -> list[float]:
+    """``--t-inference``: one time or a comma-separated list, each a finite number of seconds > 0, none twice."""
+    parse = _number(0, True, "3600 or 1,3600,86400")
+    times = [parse(t.strip()) for t in text.split(",")]
+    if len(set(times)) != len(times):
+        raise _ArgError(f"'{text}' lists a time twice")
+    return times
+
+
+def _analog_cfg(args, several_times: bool = True):
+    """The preset of ``--noise`` with the scale and physics flags given (at the first ``--t-inference``)."""
     from .analog.config import analog_config
 
+    times = args.t_inference
+    if times is not None and len(times) > 1 and not several_times:
+        raise HetMoEError(
+            f"--t-inference {','.join(f'{t:g}' for t in times)}: {args.command} programs one instance at one time; "
+            "give one value"
+        )
     extra = {k: getattr(args, k) for k in ("w_noise", "w_noise_type", "ir_drop") if getattr(args, k, None) is not None}
-    return analog_config(args.noise, args.noise_scale, args.t_inference, **extra)
+    return analog_config(args.noise, args.noise_scale, times[0] if times else None, **extra)
 
 
 def _add_noise_args(p: argparse.ArgumentParser) -> None:
@@ -515,8 +531,17 @@ def _noise_and_spec(args):
 
     cfg = _analog_cfg(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    times = args.t_inference if args.t_inference and len(args.t_inference) > 1 else None
     spec = EvalSpec(
-        args.ppl, args.ppl_tokens, tasks, args.tasks_dir, args.limit, args.seeds, args.batch_size, args.num_fewshot
+        args.ppl,
+        args.ppl_tokens,
+        tasks,
+        args.tasks_dir,
+        args.limit,
+        args.seeds,
+        args.batch_size,
+        args.num_fewshot,
+        times,
     )
     return cfg, spec, prepare(spec)
 
@@ -791,6 +816,7 @@ def cmd_eval(args) -> int:
         "limit": spec.limit,
         "num_fewshot": spec.num_fewshot,
         "metrics": metrics,
+        "t_inference": spec.times,
         "lm_eval": prepared.lm_eval,
         "digital_quantization": quant,
         "peers": None if applied is None else applied.record,
@@ -803,6 +829,12 @@ def cmd_eval(args) -> int:
         )
     )
     print(f"\nwrote {out}")
+    if spec.times:
+        from .eval.plots import plot_against_time
+
+        plot = out.with_suffix(".time.png")
+        title = f"{placement.model.get('source', '')} under {cfg.preset} x{cfg.noise_scale:g}"
+        print(f"wrote {plot_against_time({'this placement': metrics}, plot, title)}")
     return 0
 
 
@@ -872,7 +904,7 @@ def cmd_export(args) -> int:
     from .placement import Placement
     from .runtime import MANIFEST_NAME
 
-    cfg = _analog_cfg(args)
+    cfg = _analog_cfg(args, several_times=False)
     cost_params = load_cost_params(args.cost_config)
     placement = Placement.load(args.placement)
     check_replaceable_dir(Path(args.out), MANIFEST_NAME)

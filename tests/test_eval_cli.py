@@ -83,6 +83,22 @@ def test_eval_on_the_fly_placement_writes_mean_and_std(tmp_path, capsys, hand):
     assert "ppl" in capsys.readouterr().out
 
 
+def test_eval_at_several_times_since_programming_uses_the_same_devices(tmp_path, hand):
+    """``--t-inference 1,3600,31536000``: every metric at every time, keyed ``t=<time>/<metric>``; at 1 h the
+    values are the single-time evaluation's (the default 3600 s), so each instance is the same devices at every
+    time; the plot against time is written beside results.json."""
+    out = tmp_path / "results.json"
+    argv = ["eval", str(DEMO), "--digital-fraction", "0.25", "--noise-scale", "2.5", "--seeds", "2"]
+    argv += ["--ppl", str(TEXT), "--ppl-tokens", "256", "--t-inference", "1,3600,31536000", "--out", str(out)]
+    assert main(argv) == 0
+    doc = json.loads(out.read_text())
+    assert list(doc["metrics"]) == ["t=1s/ppl", "t=1h/ppl", "t=1y/ppl"] and doc["t_inference"] == [1, 3600, 31536000]
+    assert doc["metrics"]["t=1h/ppl"]["values"] == pytest.approx(hand["max-neuron-norm 0.25"], rel=1e-6)
+    mean = {k: v["mean"] for k, v in doc["metrics"].items()}
+    assert len(set(mean.values())) == 3 and mean["t=1y/ppl"] > mean["t=1s/ppl"]  # drift and read noise grow
+    assert out.with_suffix(".time.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_eval_placement_file_ideal_equals_digital_and_tasks(tmp_path, hand):
     placement = tmp_path / "p.json"
     assert main(["place", str(DEMO), "--digital-fraction", "0.5", "--no-graph", "--out", str(placement)]) == 0
@@ -205,12 +221,29 @@ def test_sweep_writes_table_plots_and_rows(tmp_path, hand):
     assert sorted(p.name for p in out.iterdir()) == ["pareto.png", "ppl.png", "results.json", "results.md"]
 
 
+def test_sweep_at_several_times_writes_the_time_plot(tmp_path, hand):
+    """A sweep over times: each row's metrics at each time (the 1 h values those of the single-time sweep's
+    instances), the table's columns per time, and ``time.png``."""
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(DEMO), "--fractions", "0.25", "--selectors", "max-neuron-norm", "--no-ablation"]
+    argv += ["--noise-scale", "2.5", "--seeds", "2", "--ppl", str(TEXT), "--ppl-tokens", "256"]
+    assert main([*argv, "--t-inference", "3600,86400", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    row = {r["label"]: r["metrics"] for r in doc["rows"]}["max-neuron-norm 0.25"]
+    assert list(row) == ["t=1h/ppl", "t=1d/ppl"] and doc["t_inference"] == [3600, 86400]
+    assert row["t=1h/ppl"]["values"] == pytest.approx(hand["max-neuron-norm 0.25"], rel=1e-6)
+    assert "| t=1h/ppl | t=1d/ppl |" in (out / "results.md").read_text()
+    assert {"time.png", "t=1h_ppl.png", "t=1d_ppl.png"} <= {p.name for p in out.iterdir()}
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
         (["--noise", "magic"], "unknown noise preset 'magic'; choose one of pcm, dac-adc, gaussian, ideal"),
         (["--noise-scale", "-1"], "--noise-scale: -1 is not a finite number >= 0"),
         (["--t-inference", "0"], "--t-inference: 0 is not a finite number > 0"),
+        (["--t-inference", "1,3600,1"], "--t-inference: '1,3600,1' lists a time twice"),
+        (["--t-inference", "1,x"], "--t-inference: 'x' is not a number"),
         (["--seeds", "0"], "--seeds: 0 must be >= 1"),
         (["--tasks", "nope", "--tasks-dir", "{qa}"], "--tasks nope: no local file in"),
         (["--tasks", "piqa", "--tasks-dir", "{missing}"], "no such folder"),

@@ -116,6 +116,10 @@ def test_reexport_replaces_the_directory(demo_export, tmp_path):
             "the ONNX instance partitions do not reproduce ir_drop yet",
         ),
         (
+            ["export", str(DEMO), "--placement", "{placement}", "--t-inference", "1,3600", "--out", "{tmp}/x"],
+            "--t-inference 1,3600: export programs one instance at one time; give one value",
+        ),
+        (
             ["export", str(DEMO), "--placement", "{placement}", "--w-noise", "-1", "--out", "{tmp}/x"],
             "-1 is not a finite number >= 0",
         ),

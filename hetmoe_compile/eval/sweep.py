@@ -21,7 +21,8 @@ from ..peers import PEERS, PeerOptions, check_peer_options, check_peers
 from ..placement.placement import Placement
 from ..placement.policy import PlacementPolicy
 from ..scoring import score
-from .under_noise import EvalSpec, Prepared, evaluate_under_noise, prepare
+from .plots import plot_against_time
+from .under_noise import EvalSpec, Prepared, evaluate_under_noise, prepare, split_time_key
 
 CostFn = Callable[[nn.Module, ModelInfo, Placement, str, dict], dict]
 """``(model, info, placement, dense, peer_record) -> cost dict`` (with ``energy_per_token_j``) for a row."""
@@ -171,8 +172,10 @@ def _energy(r: SweepRow) -> float | None:
 def results_markdown(rows: list[SweepRow], cfg: AnalogConfig, seeds: int) -> str:
     metrics = shown_metrics(rows)
     energy = any(_energy(r) is not None for r in rows)
+    timed = any(split_time_key(m) for m in metrics)
+    when = "t_inference as in each column (t=...)" if timed else f"t_inference {cfg.t_inference:g} s"
     head = (
-        f"Noise preset `{cfg.preset}` (noise scale {cfg.noise_scale:g}, t_inference {cfg.t_inference:g} s), "
+        f"Noise preset `{cfg.preset}` (noise scale {cfg.noise_scale:g}, {when}), "
         f"mean ± std over {seeds} hardware instances"
         + ("; energy per token from the cost model (decode, batch as configured)" if energy else "")
         + ".\n\n"
@@ -366,7 +369,13 @@ def write_sweep(out_dir: Path, rows: list[SweepRow], cfg: AnalogConfig, spec: Ev
     from ..io import atomic_output_dir
 
     with atomic_output_dir(out_dir) as tmp:
-        doc = {**meta, "analog": cfg.to_dict(), "seeds": spec.seeds, "rows": [asdict(r) for r in rows]}
+        doc = {
+            **meta,
+            "analog": cfg.to_dict(),
+            "seeds": spec.seeds,
+            "t_inference": spec.times,
+            "rows": [asdict(r) for r in rows],
+        }
         (tmp / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
         (tmp / "results.md").write_text(results_markdown(rows, cfg, spec.seeds))
         names = ["results.json", "results.md"]
@@ -379,6 +388,13 @@ def write_sweep(out_dir: Path, rows: list[SweepRow], cfg: AnalogConfig, spec: Ev
                 f"{meta.get('model', {}).get('source', '')}: {metric} under {cfg.preset} x{cfg.noise_scale:g}",
             )
             names.append(name)
+        if any(split_time_key(m) for m in shown_metrics(rows)):
+            plot_against_time(
+                {r.label: r.metrics for r in rows},
+                tmp / "time.png",
+                f"{meta.get('model', {}).get('source', '')} under {cfg.preset} x{cfg.noise_scale:g}",
+            )
+            names.append("time.png")
         if any(_energy(r) is not None for r in rows):
             metric = shown_metrics(rows)[0]
             plot_pareto(

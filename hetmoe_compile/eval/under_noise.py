@@ -4,7 +4,7 @@ tasks through lm-evaluation-harness (:mod:`~hetmoe_compile.eval.harness`)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -32,10 +32,16 @@ class EvalSpec:
     seeds: int = 3
     batch_size: int = 8
     num_fewshot: int | None = None
+    times: list[float] | None = None  # several t_inference: every metric at each, on the same devices
 
     def validate(self) -> None:
         if self.seeds < 1:
             raise HetMoEError(f"seeds must be >= 1, got {self.seeds}")
+        if self.times is not None:
+            if not self.times or any(not (math.isfinite(t) and t > 0) for t in self.times):
+                raise HetMoEError(f"t_inference: every time must be a finite number of seconds > 0, got {self.times}")
+            if len(set(self.times)) != len(self.times):
+                raise HetMoEError(f"t_inference: a time is listed twice in {self.times}")
         if not self.ppl_path and not self.tasks:
             raise HetMoEError("nothing to evaluate: pass --ppl TEXTFILE and/or --tasks NAME[,NAME]")
         if self.num_fewshot is not None and not self.tasks:
@@ -104,6 +110,32 @@ def measure(model: nn.Module, tokenizer, spec: EvalSpec, prepared: Prepared) -> 
     return out
 
 
+TIME_UNITS = (("y", 365 * 86400.0), ("d", 86400.0), ("h", 3600.0), ("min", 60.0), ("s", 1.0))
+
+
+def time_label(seconds: float) -> str:
+    """``3600 -> "1h"``, ``31536000 -> "1y"``, ``90 -> "90s"``: the largest unit that divides the time."""
+    for unit, size in TIME_UNITS:
+        value = seconds / size
+        if value >= 1 and value == int(value):
+            return f"{int(value)}{unit}"
+    return f"{seconds:.15g}s"
+
+
+def time_key(seconds: float, metric: str) -> str:
+    """The metric at one time since programming: ``t=1h/ppl``, ``t=1d/piqa/acc`` (the time leads, so a
+    metric's own name stays its last part)."""
+    return f"t={time_label(seconds)}/{metric}"
+
+
+def split_time_key(key: str) -> tuple[str, str] | None:
+    """``("1h", "ppl")`` for ``t=1h/ppl``; ``None`` for a key without a time."""
+    if not key.startswith("t="):
+        return None
+    label, _, metric = key[2:].partition("/")
+    return label, metric
+
+
 def evaluate_under_noise(
     model: nn.Module,
     info: ModelInfo,
@@ -115,14 +147,18 @@ def evaluate_under_noise(
     has_analog: bool = True,
 ) -> dict[str, dict]:
     """Mean and std over ``spec.seeds`` hardware instances of a canonical model; one run when nothing is analog
-    or the preset is ideal (every instance is identical then)."""
+    or the preset is ideal (every instance is identical then). With ``spec.times``, every metric at each time
+    since programming (keys :func:`time_key`): instance ``seed`` is the same devices at every time (the same
+    programming and drift draws, drifted further) and the same per-MVM noise stream."""
     seeds = spec.seeds if (has_analog or dense == "analog") and not cfg.is_ideal else 1
+    times: list[float | None] = list(spec.times) if spec.times else [None]
     values: dict[str, list[float]] = {}
     try:
         for seed in range(seeds):
-            simulate(model, cfg, seed, dense=dense, info=info)
-            for k, v in measure(model, tokenizer, spec, prepared).items():
-                values.setdefault(k, []).append(v)
+            for t in times:
+                simulate(model, cfg if t is None else replace(cfg, t_inference=t), seed, dense=dense, info=info)
+                for k, v in measure(model, tokenizer, spec, prepared).items():
+                    values.setdefault(k if t is None else time_key(t, k), []).append(v)
     finally:
         restore_digital(model, info)
     result = summarize(values)
