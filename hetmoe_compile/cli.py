@@ -86,6 +86,18 @@ def _energy(text: str) -> float:
         raise _ArgError(str(exc)) from None
 
 
+def _presets_epilog() -> str:
+    """The noise presets with what they model and their sources, for ``eval --help`` and ``sweep --help``."""
+    import textwrap
+
+    from .analog.config import PRESET_SUMMARIES, PRESETS
+
+    lines = ["noise presets (--noise):"]
+    for name in PRESETS:
+        lines += textwrap.wrap(PRESET_SUMMARIES[name], 110, initial_indent=f"  {name}: ", subsequent_indent="    ")
+    return "\n".join(lines)
+
+
 def _cost_epilog() -> str:
     from .cost.params import describe_params
 
@@ -253,7 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-graph", action="store_true", help="skip torch.export and node tagging")
     p.add_argument("--verbose", action="store_true", help="list every graph node with its placement and reason")
 
-    e = sub.add_parser("eval", help="perplexity / task accuracy of a placement under simulated AIMC noise")
+    e = sub.add_parser(
+        "eval",
+        help="perplexity / task accuracy of a placement under simulated AIMC noise",
+        epilog=_presets_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_model_args(e)
     how = e.add_mutually_exclusive_group(required=True)
     how.add_argument("--placement", metavar="FILE", help="a placement.json from 'place'")
@@ -270,7 +287,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_noise_args(e)
     e.add_argument("--out", required=True, metavar="FILE", help="results JSON to write")
 
-    w = sub.add_parser("sweep", help="evaluate fractions x selectors; write results.json, results.md and plots")
+    w = sub.add_parser(
+        "sweep",
+        help="evaluate fractions x selectors; write results.json, results.md and plots",
+        epilog=_presets_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _add_model_args(w)
     w.add_argument("--fractions", default="0,0.125,0.25,0.5,1", metavar="LIST", help="digital fractions")
     w.add_argument(
@@ -506,7 +528,12 @@ def _analog_cfg(args, several_times: bool = True):
 
 
 def _add_noise_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--noise", default="pcm", metavar="PRESET", help="pcm (default), dac-adc, gaussian or ideal")
+    p.add_argument(
+        "--noise",
+        default="pcm",
+        metavar="PRESET",
+        help="pcm (default), dac-adc, gaussian, reram-wan2022, reram-cmo, hermes-pcm or ideal (listed below)",
+    )
     _add_scale_args(p)
     p.add_argument(
         "--seeds", type=_positive_int, default=3, metavar="N", help="hardware instances to average (default 3)"

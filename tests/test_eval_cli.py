@@ -239,7 +239,11 @@ def test_sweep_at_several_times_writes_the_time_plot(tmp_path, hand):
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--noise", "magic"], "unknown noise preset 'magic'; choose one of pcm, dac-adc, gaussian, ideal"),
+        (
+            ["--noise", "magic"],
+            "unknown noise preset 'magic'; choose one of pcm, dac-adc, gaussian, reram-wan2022, reram-cmo, "
+            "hermes-pcm, ideal",
+        ),
         (["--noise-scale", "-1"], "--noise-scale: -1 is not a finite number >= 0"),
         (["--t-inference", "0"], "--t-inference: 0 is not a finite number > 0"),
         (["--t-inference", "1,3600,1"], "--t-inference: '1,3600,1' lists a time twice"),

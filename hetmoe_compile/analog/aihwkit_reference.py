@@ -12,9 +12,11 @@ def aihwkit_rpu_config(cfg: AnalogConfig):
     """A ``TorchInferenceRPUConfig`` with the periphery, mapping, noise model and compensation of ``cfg`` (which
     must have no short-term weight noise and no IR drop: aihwkit's PyTorch tile has neither; see
     :func:`native_tile_forward`)."""
-    from aihwkit.inference import GlobalDriftCompensation, PCMLikeNoiseModel
+    from aihwkit.inference import GlobalDriftCompensation
     from aihwkit.simulator.configs import TorchInferenceRPUConfig
     from aihwkit.simulator.parameters.enums import BoundManagementType, NoiseManagementType
+
+    from .device_models import noise_model
 
     if cfg.w_noise > 0 or cfg.ir_drop > 0:
         raise ValueError("aihwkit's PyTorch tile has no w_noise or ir_drop: compare with native_tile_forward")
@@ -32,7 +34,7 @@ def aihwkit_rpu_config(cfg: AnalogConfig):
     rpu.mapping.max_input_size = cfg.tile_size
     rpu.mapping.max_output_size = cfg.tile_size
     rpu.mapping.digital_bias = True
-    rpu.noise_model = PCMLikeNoiseModel(prog_noise_scale=cfg.noise_scale if cfg.programming_noise else 0.0)
+    rpu.noise_model = noise_model(cfg.device, cfg.noise_scale if cfg.programming_noise else 0.0)
     rpu.drift_compensation = GlobalDriftCompensation() if cfg.drift_compensation else None
     return rpu
 

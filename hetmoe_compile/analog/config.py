@@ -27,6 +27,7 @@ class AnalogConfig:
     ratio (aihwkit's default: 0.35 Ohm wires, 5 uS devices)."""
 
     preset: str = "pcm"
+    device: str = "pcm"
     programming_noise: bool = True
     drift: bool = True
     drift_compensation: bool = True
@@ -67,6 +68,11 @@ class AnalogConfig:
                 f"w_noise and ir_drop must be >= 0 and ir_drop_g_ratio > 0, got {self.w_noise}, {self.ir_drop}, "
                 f"{self.ir_drop_g_ratio}"
             )
+        from .device_models import DEVICES, check_device_time
+
+        if self.device not in DEVICES:
+            raise HetMoEError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        check_device_time(self.device, self.drift, self.t_inference)
         if self.w_noise_type not in W_NOISE_TYPES:
             raise HetMoEError(f"w_noise_type must be one of {', '.join(W_NOISE_TYPES)}, got {self.w_noise_type!r}")
         for name in ("dac_bits", "adc_bits"):
@@ -131,6 +137,9 @@ PRESETS: dict[str, AnalogConfig] = {
         adc_bits=0,
         out_noise=0.0,
     ),
+    "reram-wan2022": AnalogConfig(preset="reram-wan2022", device="reram-wan2022", t_inference=86400.0),
+    "reram-cmo": AnalogConfig(preset="reram-cmo", device="reram-cmo"),
+    "hermes-pcm": AnalogConfig(preset="hermes-pcm", device="hermes-pcm"),
     "ideal": AnalogConfig(
         preset="ideal",
         programming_noise=False,
@@ -142,10 +151,16 @@ PRESETS: dict[str, AnalogConfig] = {
     ),
 }
 PRESET_SUMMARIES = {
-    "pcm": "PCM programming noise, drift + read noise to t_inference, global drift compensation, 8-bit DAC/ADC, "
-    "output noise, 512x512 tiles, per-row scaling (default)",
+    "pcm": "PCM (aihwkit PCMLikeNoiseModel, Nandakumar et al. 2019): programming noise, drift + read noise to "
+    "t_inference, global drift compensation, 8-bit DAC/ADC, output noise, 512x512 tiles, per-row scaling (default)",
     "dac-adc": "8-bit DAC/ADC quantisation and output noise only; weights exact",
     "gaussian": "additive weight noise, std = sigma x the row's abs-max (sigma 0.05)",
+    "reram-wan2022": "ReRAM (Wan et al., Nature 2022; aihwkit ReRamWan2022NoiseModel): programming noise and the "
+    "spread at t_inference 1, 86400 (default) or 172800 s; periphery as pcm",
+    "reram-cmo": "CMO/HfOx ReRAM (IBM Research Zurich; aihwkit ReRamCMONoiseModel): one device per weight, "
+    "log-time relaxation and 1/f read noise; periphery as pcm",
+    "hermes-pcm": "PCM of IBM's HERMES chip (Le Gallo et al., Nat. Electron. 2023; aihwkit HermesNoiseModel), two "
+    "devices per weight, drift from t0 = 300 s; periphery as pcm",
     "ideal": "no noise, no quantisation: reproduces the digital model",
 }
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -85,6 +86,7 @@ def program_matrix(weight: torch.Tensor, cfg: AnalogConfig, seed: int) -> Progra
 def program_matrices(weights: torch.Tensor, cfg: AnalogConfig, seeds: list[int]) -> ProgrammedMatrix:
     """Program a stack ``weights [E, out, in]`` in one vectorised pass; matrix ``e``'s devices depend only on
     ``seeds[e]``. Returns ``weight [E, out, C, T]`` and ``scale [E, out, C]``."""
+    from .device_models import device_program
     from .pcm_fused import pcm_program
 
     w = _tiles(weights.detach().to(torch.float32), cfg.tile_size)  # [E, out, C, T]
@@ -97,9 +99,11 @@ def program_matrices(weights: torch.Tensor, cfg: AnalogConfig, seeds: list[int])
     padded = bool((valid == 0).any())
     programmed = target
     if cfg.programming_noise or cfg.drift:
-        programmed, baseline = pcm_program(
-            target, seeds, cfg.noise_scale, cfg.programming_noise, cfg.drift, cfg.t_inference
-        )
+        program = pcm_program if cfg.device == "pcm" else partial(device_program, device=cfg.device)
+        programmed, baseline = program(
+            target, seeds, noise_scale=cfg.noise_scale, programming=cfg.programming_noise, drift=cfg.drift,
+            t_inference=cfg.t_inference,
+        )  # fmt: skip
         del target
         if padded:
             programmed.mul_(valid)
