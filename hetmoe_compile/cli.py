@@ -496,6 +496,13 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
         help="pcm-read: std W sqrt(sum |w| x^2), aihwkit's PCM_READ (default); additive: W ||x||",
     )
     p.add_argument(
+        "--drift-compensation",
+        choices=("global", "per-column", "none"),
+        default=None,
+        help="drift compensation: one factor per tile (global, the presets' default; aihwkit's "
+        "GlobalDriftCompensation), one per tile output (per-column; its PerColumnDriftCompensation), or none",
+    )
+    p.add_argument(
         "--ir-drop",
         type=_number(0, False, "1"),
         default=None,
@@ -524,6 +531,11 @@ def _analog_cfg(args, several_times: bool = True):
             "give one value"
         )
     extra = {k: getattr(args, k) for k in ("w_noise", "w_noise_type", "ir_drop") if getattr(args, k, None) is not None}
+    compensation = getattr(args, "drift_compensation", None)
+    if compensation == "none":
+        extra["drift_compensation"] = False
+    elif compensation is not None:
+        extra["drift_compensation_type"] = compensation
     return analog_config(args.noise, args.noise_scale, times[0] if times else None, **extra)
 
 

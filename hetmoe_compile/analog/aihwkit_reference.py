@@ -12,7 +12,7 @@ def aihwkit_rpu_config(cfg: AnalogConfig):
     """A ``TorchInferenceRPUConfig`` with the periphery, mapping, noise model and compensation of ``cfg`` (which
     must have no short-term weight noise and no IR drop: aihwkit's PyTorch tile has neither; see
     :func:`native_tile_forward`)."""
-    from aihwkit.inference import GlobalDriftCompensation
+    from aihwkit.inference.compensation.drift import GlobalDriftCompensation, PerColumnDriftCompensation
     from aihwkit.simulator.configs import TorchInferenceRPUConfig
     from aihwkit.simulator.parameters.enums import BoundManagementType, NoiseManagementType
 
@@ -35,7 +35,10 @@ def aihwkit_rpu_config(cfg: AnalogConfig):
     rpu.mapping.max_output_size = cfg.tile_size
     rpu.mapping.digital_bias = True
     rpu.noise_model = noise_model(cfg.device, cfg.noise_scale if cfg.programming_noise else 0.0)
-    rpu.drift_compensation = GlobalDriftCompensation() if cfg.drift_compensation else None
+    compensation = (
+        PerColumnDriftCompensation if cfg.drift_compensation_type == "per-column" else GlobalDriftCompensation
+    )
+    rpu.drift_compensation = compensation() if cfg.drift_compensation else None
     return rpu
 
 

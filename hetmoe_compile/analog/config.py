@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from ..errors import HetMoEError
 
 W_NOISE_TYPES = ("pcm-read", "additive")
+DRIFT_COMPENSATIONS = ("global", "per-column")
 
 
 @dataclass(frozen=True)
@@ -24,13 +25,16 @@ class AnalogConfig:
     drawn anew at every MVM (``w_noise_type`` ``pcm-read``: std ``w_noise * sqrt(sum_j |w_ij| x_j^2)``, aihwkit's
     ``PCM_READ``; ``additive``: ``w_noise * ||x||``, its ``ADDITIVE_CONSTANT``); ``ir_drop`` scales aihwkit's
     input-dependent IR drop along each tile's inputs, ``ir_drop_g_ratio`` being its wire-to-device conductance
-    ratio (aihwkit's default: 0.35 Ohm wires, 5 uS devices)."""
+    ratio (aihwkit's default: 0.35 Ohm wires, 5 uS devices). ``drift_compensation_type`` ``global``: one factor
+    per tile (aihwkit's ``GlobalDriftCompensation``); ``per-column``: one per output of each tile (its
+    ``PerColumnDriftCompensation``)."""
 
     preset: str = "pcm"
     device: str = "pcm"
     programming_noise: bool = True
     drift: bool = True
     drift_compensation: bool = True
+    drift_compensation_type: str = "global"
     noise_scale: float = 1.0
     t_inference: float = 3600.0
     gaussian_sigma: float = 0.0
@@ -73,6 +77,11 @@ class AnalogConfig:
         if self.device not in DEVICES:
             raise HetMoEError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         check_device_time(self.device, self.drift, self.t_inference)
+        if self.drift_compensation_type not in DRIFT_COMPENSATIONS:
+            raise HetMoEError(
+                f"drift_compensation_type must be one of {', '.join(DRIFT_COMPENSATIONS)}, got "
+                f"{self.drift_compensation_type!r}"
+            )
         if self.w_noise_type not in W_NOISE_TYPES:
             raise HetMoEError(f"w_noise_type must be one of {', '.join(W_NOISE_TYPES)}, got {self.w_noise_type!r}")
         for name in ("dac_bits", "adc_bits"):

@@ -110,10 +110,16 @@ def program_matrices(weights: torch.Tensor, cfg: AnalogConfig, seeds: list[int])
         if cfg.drift_compensation:
             if padded:
                 baseline = baseline * valid
-            base = _mean_abs_per_tile(baseline, valid, cfg.tile_size)
-            del baseline
-            current = _mean_abs_per_tile(programmed, valid, cfg.tile_size).clamp(min=1e-4)
-            scale = scale * _per_row(base / current, cfg.tile_size, out_rows)
+            if cfg.drift_compensation_type == "per-column":  # aihwkit's PerColumnDriftCompensation: each output
+                n = valid.sum(-1)  # [C] real inputs per tile
+                base = (baseline.abs().sum(-1) / n).clamp_(min=1e-4)  # [E, out, C]
+                del baseline
+                scale = scale * base.div_((programmed.abs().sum(-1) / n).clamp_(min=1e-4))
+            else:
+                base = _mean_abs_per_tile(baseline, valid, cfg.tile_size)
+                del baseline
+                current = _mean_abs_per_tile(programmed, valid, cfg.tile_size).clamp(min=1e-4)
+                scale = scale * _per_row(base / current, cfg.tile_size, out_rows)
     if cfg.gaussian_sigma > 0:
         noise = torch.stack(
             [
