@@ -8,12 +8,14 @@ pinned torch)."""
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 import torch
 
 
 def main() -> int:
+    warnings.filterwarnings("ignore", "Using a non-tuple sequence", UserWarning)  # inside aihwkit's Hermes model
     from hetmoe_compile.analog import ProgrammedMatrix, analog_config, analog_matmul, program_matrix
     from hetmoe_compile.analog.aihwkit_reference import aihwkit_linear
     from hetmoe_compile.tables import format_table
@@ -26,7 +28,7 @@ def main() -> int:
         for dtype in (torch.float32, torch.bfloat16):
             w, x = w32.to(dtype), x32.to(dtype)
             ref = x.double() @ w.double().T
-            for preset in ("dac-adc", "pcm"):
+            for preset in ("dac-adc", "pcm", "reram-wan2022", "reram-cmo", "hermes-pcm"):
                 cfg = analog_config(preset)
                 seeds = range(20 if shape[1] < 2048 else 5)
                 ours = []

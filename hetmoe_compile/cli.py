@@ -496,6 +496,13 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
         help="pcm-read: std W sqrt(sum |w| x^2), aihwkit's PCM_READ (default); additive: W ||x||",
     )
     p.add_argument(
+        "--bound-management",
+        choices=("none", "iterative"),
+        default=None,
+        help="iterative: a tile whose output saturates the ADC is re-run with its input halved until it does not, "
+        "per token (aihwkit's ITERATIVE bound management); default none",
+    )
+    p.add_argument(
         "--drift-compensation",
         choices=("global", "per-column", "none"),
         default=None,
@@ -530,7 +537,8 @@ def _analog_cfg(args, several_times: bool = True):
             f"--t-inference {','.join(f'{t:g}' for t in times)}: {args.command} programs one instance at one time; "
             "give one value"
         )
-    extra = {k: getattr(args, k) for k in ("w_noise", "w_noise_type", "ir_drop") if getattr(args, k, None) is not None}
+    names = ("w_noise", "w_noise_type", "ir_drop", "bound_management")
+    extra = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     compensation = getattr(args, "drift_compensation", None)
     if compensation == "none":
         extra["drift_compensation"] = False

@@ -59,7 +59,7 @@ def aihwkit_linear(weight: torch.Tensor, cfg: AnalogConfig, seed: int) -> nn.Mod
 def native_tile_forward(x, weight, cfg: AnalogConfig, rng=None):
     """aihwkit's C++ analog forward for ``weight [out, in]`` on exact devices (no programming noise), transcribed
     loop for loop from ``src/rpucuda/rpu_forward_backward_pass.cpp`` (v1.1.0: ``forwardVector`` with abs-max noise
-    management and no bound management, ``prepareInput``, ``applyIrDrop``, ``applyOutputWeightNoise``,
+    management and no or iterative bound management, ``prepareInput``, ``applyIrDrop``, ``applyOutputWeightNoise``,
     ``finalizeOutput``), in float64 numpy, one token and one tile at a time. The reference for the effects
     aihwkit's PyTorch tile lacks: its C++ tiles (``InferenceRPUConfig``) do not load under the pinned torch
     (``RuntimeError: weights must be a CPU tensor``). Tiles split the inputs as aihwkit's ``TileModuleArray`` does,
@@ -87,27 +87,42 @@ def native_tile_forward(x, weight, cfg: AnalogConfig, rng=None):
             nm = np.abs(x_t).max()
             if nm <= 0:
                 continue
-            v = x_t / nm
-            if inp_res > 0:
-                v = np.round(v / inp_res) * inp_res
-            v = np.clip(v, -1.0, 1.0)
-            y = w @ v
-            if cfg.ir_drop > 0:
-                a = (np.abs(w) @ np.abs(v)) * n / cfg.ir_drop_g_ratio
-                coef = a * (a * (0.05 * a - 0.2) + 0.5)
-                p = 1.0 - np.arange(n) / n
-                y = y - coef * (cfg.ir_drop * (w @ (v * (1.0 - p * p))))
-            if cfg.w_noise > 0:
-                if cfg.w_noise_type == "pcm-read":
-                    std = cfg.w_noise * np.sqrt(np.abs(w) @ (v * v))
-                else:
-                    std = cfg.w_noise * np.linalg.norm(v)
-                y = y + std * rng.standard_normal(y.shape)
-            if cfg.out_noise > 0:
-                y = y + cfg.out_noise * rng.standard_normal(y.shape)
-            if out_res > 0 and cfg.adc_bits:
-                y = np.round(y / out_res) * out_res
-            if bounded:
-                y = np.clip(y, -cfg.out_bound, cfg.out_bound)
-            out[t] += y * nm * row_scale
+            reduction = 0.5
+            while True:  # forwardVector's bound-management loop (one pass without it)
+                reduction *= 2.0
+                y, passed = _one_pass(w, x_t / (nm * reduction), n, inp_res, out_res, bounded, cfg, rng)
+                if cfg.bound_management == "none":
+                    break
+                if passed or int(reduction) > 1000 or (inp_res > 0 and reduction > 0.25 / inp_res):
+                    break
+            out[t] += y * nm * reduction * row_scale
     return out
+
+
+def _one_pass(w, v, n, inp_res, out_res, bounded, cfg, rng):
+    """``computeAnalogMV`` for one token on one tile: ``(outputs, whether none saturated)``."""
+    import numpy as np
+
+    if inp_res > 0:
+        v = np.round(v / inp_res) * inp_res
+    v = np.clip(v, -1.0, 1.0)
+    y = w @ v
+    if cfg.ir_drop > 0:
+        a = (np.abs(w) @ np.abs(v)) * n / cfg.ir_drop_g_ratio
+        coef = a * (a * (0.05 * a - 0.2) + 0.5)
+        p = 1.0 - np.arange(n) / n
+        y = y - coef * (cfg.ir_drop * (w @ (v * (1.0 - p * p))))
+    if cfg.w_noise > 0:
+        if cfg.w_noise_type == "pcm-read":
+            std = cfg.w_noise * np.sqrt(np.abs(w) @ (v * v))
+        else:
+            std = cfg.w_noise * np.linalg.norm(v)
+        y = y + std * rng.standard_normal(y.shape)
+    if cfg.out_noise > 0:
+        y = y + cfg.out_noise * rng.standard_normal(y.shape)
+    if out_res > 0 and cfg.adc_bits:
+        y = np.round(y / out_res) * out_res
+    passed = not bounded or bool(np.all(np.abs(y) <= cfg.out_bound))
+    if bounded:
+        y = np.clip(y, -cfg.out_bound, cfg.out_bound)
+    return y, passed

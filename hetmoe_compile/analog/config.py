@@ -16,6 +16,7 @@ from ..errors import HetMoEError
 
 W_NOISE_TYPES = ("pcm-read", "additive")
 DRIFT_COMPENSATIONS = ("global", "per-column")
+BOUND_MANAGEMENTS = ("none", "iterative")
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,8 @@ class AnalogConfig:
     input-dependent IR drop along each tile's inputs, ``ir_drop_g_ratio`` being its wire-to-device conductance
     ratio (aihwkit's default: 0.35 Ohm wires, 5 uS devices). ``drift_compensation_type`` ``global``: one factor
     per tile (aihwkit's ``GlobalDriftCompensation``); ``per-column``: one per output of each tile (its
-    ``PerColumnDriftCompensation``)."""
+    ``PerColumnDriftCompensation``). ``bound_management`` ``iterative``: aihwkit's iterative bound management, a
+    tile whose output saturates the ADC re-run with its input halved until it does not."""
 
     preset: str = "pcm"
     device: str = "pcm"
@@ -47,6 +49,7 @@ class AnalogConfig:
     w_noise_type: str = "pcm-read"
     ir_drop: float = 0.0
     ir_drop_g_ratio: float = 1.0 / 0.35 / 5e-6
+    bound_management: str = "none"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -81,6 +84,10 @@ class AnalogConfig:
             raise HetMoEError(
                 f"drift_compensation_type must be one of {', '.join(DRIFT_COMPENSATIONS)}, got "
                 f"{self.drift_compensation_type!r}"
+            )
+        if self.bound_management not in BOUND_MANAGEMENTS:
+            raise HetMoEError(
+                f"bound_management must be one of {', '.join(BOUND_MANAGEMENTS)}, got {self.bound_management!r}"
             )
         if self.w_noise_type not in W_NOISE_TYPES:
             raise HetMoEError(f"w_noise_type must be one of {', '.join(W_NOISE_TYPES)}, got {self.w_noise_type!r}")

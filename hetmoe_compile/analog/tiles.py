@@ -34,6 +34,9 @@ class Periphery(NamedTuple):
     w_noise_pcm: float = 1.0
     ir_drop: float = 0.0
     ir_drop_g_ratio: float = 1.0 / 0.35 / 5e-6
+    bound_management: float = 0.0  # 1: aihwkit's ITERATIVE bound management
+    max_bm_factor: float = 1000.0
+    max_bm_res: float = 0.25
 
     @classmethod
     def of(cls, cfg: AnalogConfig) -> Periphery:
@@ -46,6 +49,7 @@ class Periphery(NamedTuple):
             1.0 if cfg.w_noise_type == "pcm-read" else 0.0,
             cfg.ir_drop,
             cfg.ir_drop_g_ratio,
+            1.0 if cfg.bound_management == "iterative" else 0.0,
         )
 
     @property
@@ -167,7 +171,8 @@ def quantize(x: torch.Tensor, res: float, bound: float) -> torch.Tensor:
 
 def dac(x: torch.Tensor, tiles: tuple[int, ...], cfg: Periphery) -> tuple[torch.Tensor, torch.Tensor]:
     """Input side of a tiled MVM: ``x [n, in]`` -> integer DAC levels ``[C, n, T]`` and the per-token, per-tile
-    abs-max scale ``[C, n, 1]`` (aihwkit's abs-max noise management and input quantisation)."""
+    abs-max scale ``[C, n, 1]`` (aihwkit's abs-max noise management and input quantisation). With bound management
+    the levels stay unrounded: each round of it quantises them at its own input scale."""
     c, t = tiles
     xf = x.to(torch.float32)
     if c * t != xf.shape[-1]:
@@ -175,7 +180,7 @@ def dac(x: torch.Tensor, tiles: tuple[int, ...], cfg: Periphery) -> tuple[torch.
     xt = xf.reshape(-1, c, t).transpose(0, 1)  # [C, n, T]
     nm = torch.linalg.vector_norm(xt, ord=float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
     levels = xt / (nm * _in_step(cfg))
-    if cfg.inp_res > 0:
+    if cfg.inp_res > 0 and not cfg.bound_management:
         levels.round_()  # |level| <= 1 / (2 inp_res) since |x / nm| <= 1
     return levels, nm
 
@@ -201,15 +206,16 @@ def tile_mvm(
     quantisation and clipping per tile, then the digital sum of the tiles' partial outputs in weight units;
     ``[n, out]`` float32. ``n_in``: the matrix's real input count (IR drop; default: every tile full)."""
     w = prog.weight  # [out, C, T]
-    a, unit = _tile_inputs(levels, w.dtype, cfg)
-    y = torch.bmm(a, w.permute(1, 2, 0)).float()  # [C, n, out], in units of `unit`
-    if _has_nonidealities(cfg):
 
-        def mm(v: torch.Tensor, absolute: bool) -> torch.Tensor:
-            return torch.bmm(v, (w.abs() if absolute else w).permute(1, 2, 0)).float()
+    def mm(v: torch.Tensor, absolute: bool) -> torch.Tensor:
+        return torch.bmm(v, (w.abs() if absolute else w).permute(1, 2, 0)).float()  # [C, n, out]
 
-        y = _nonidealities(y, a, unit, mm, n_in, cfg, generator)
-    return _tile_outputs(y, unit, nm, prog.scale.T.contiguous()[:, None, :], cfg, generator)
+    def product(lv: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        a, unit = _tile_inputs(lv, w.dtype, cfg)
+        y = mm(a, False)  # in units of `unit`
+        return (_nonidealities(y, a, unit, mm, n_in, cfg, generator) if _has_nonidealities(cfg) else y), unit
+
+    return _managed(product, levels, nm, prog.scale.T.contiguous()[:, None, :], cfg, generator)
 
 
 def grouped_tile_mvm(
@@ -229,20 +235,25 @@ def grouped_tile_mvm(
     ``scale [E, out, C]`` the group's programmed matrices, ``row [N]`` each row's expert and ``ends [E]`` (int32)
     the experts' end offsets (see :func:`~hetmoe_compile.grouped_routing.routing_plan`). Rows past ``ends[-1]``
     come back undefined. ``[N, out]`` float32."""
-    a, unit = _tile_inputs(levels, weight.dtype, cfg)
 
-    def mm(v: torch.Tensor, absolute: bool) -> torch.Tensor:  # |W| one input tile at a time: a bounded temporary
-        return torch.stack(
-            [
-                F.grouped_mm(v[c], (w.abs() if absolute else w).transpose(1, 2), offs=ends)
-                for c, w in enumerate(weight.unbind(2))
-            ]
-        ).float()  # [C, N, out]
+    def product(lv: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, float]:
+        offs = ends if rows is None else torch.bincount(row[rows], minlength=ends.numel()).cumsum(0).to(ends.dtype)
 
-    y = mm(a, False)
-    if _has_nonidealities(cfg):
-        y = _nonidealities(y, a, unit, mm, n_in, cfg, generator)
-    return _tile_outputs(y, unit, nm, scale[row].permute(2, 0, 1).contiguous(), cfg, generator)
+        def mm(v: torch.Tensor, absolute: bool) -> torch.Tensor:  # |W| one input tile at a time: bounded
+            return torch.stack(
+                [
+                    F.grouped_mm(v[c], (w.abs() if absolute else w).transpose(1, 2), offs=offs)
+                    for c, w in enumerate(weight.unbind(2))
+                ]
+            ).float()  # [C, N, out]
+
+        a, unit = _tile_inputs(lv, weight.dtype, cfg)
+        y = mm(a, False)
+        return (_nonidealities(y, a, unit, mm, n_in, cfg, generator) if _has_nonidealities(cfg) else y), unit
+
+    valid = None if not cfg.bound_management else int(ends[-1].item())  # rows past ends[-1] are padding
+    scales = scale[row].permute(2, 0, 1).contiguous()
+    return _managed(product, levels, nm, scales, cfg, generator, valid)
 
 
 def _tile_inputs(levels: torch.Tensor, dtype: torch.dtype, cfg: Periphery) -> tuple[torch.Tensor, float]:
@@ -297,29 +308,67 @@ def _nonidealities(
     return y
 
 
-def _tile_outputs(
-    y: torch.Tensor,
-    unit: float,
+def _managed(
+    product: Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, float]],
+    levels: torch.Tensor,
     nm: torch.Tensor,
     scale: torch.Tensor,
     cfg: Periphery,
     generator: torch.Generator | None,
+    valid_rows: int | None = None,
 ) -> torch.Tensor:
-    """ADC side of the tiles on partial outputs ``y [C, n, out]`` (float32, in ``unit``), then weight units
-    (``nm [C, n, 1]`` x ``scale``, broadcast to ``[C, n, out]``) summed over tiles."""
-    if cfg.out_res > 0 or cfg.out_noise > 0:
-        out_step = cfg.out_res * 2.0 * cfg.out_bound if cfg.out_res > 0 else 1.0
-        y.mul_(unit / out_step)  # now in ADC levels
-        if cfg.out_noise > 0:
-            noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
-            y.add_(noise, alpha=cfg.out_noise / out_step)
-        if cfg.out_res > 0:
-            y.round_()
-        limit = cfg.out_bound / out_step
-        y.clamp_(-limit, limit)
-        unit = out_step
+    """The ADC side of the tiles and the digital sum over them, with aihwkit's iterative bound management when
+    ``cfg`` has it. ``product(levels, rows)`` gives the tiles' partial outputs (rows: a subset of the tokens, or
+    all) before the ADC.
+
+    Bound management (``ForwardBackwardPassIOManaged::forwardVector``, ``ITERATIVE``): a (tile, token) whose
+    output saturated the ADC (``|y| > out_bound`` after noise and rounding) is run again with its input scaled
+    down by 2, 4, ... (a fresh draw of every noise each round), until no output saturates or the reduction
+    exceeds ``max_bm_factor`` or ``max_bm_res`` over the DAC step; the last round is kept either way. Each round
+    re-runs only the tokens with a saturated tile and replaces only those tiles' outputs."""
+    y, unit = product(levels.round() if cfg.bound_management and cfg.inp_res > 0 else levels, None)
+    y, unit, fail = _adc(y, unit, cfg, generator)
+    if cfg.bound_management and fail is not None:
+        step = _in_step(cfg)
+        limit = min(cfg.max_bm_factor, cfg.max_bm_res / step) if cfg.inp_res > 0 else cfg.max_bm_factor
+        reduction, r = torch.ones_like(nm), 1.0
+        if valid_rows is not None:
+            fail[:, valid_rows:] = False
+        while r <= limit and bool(fail.any()):
+            r *= 2
+            rows = fail.any(0).nonzero().squeeze(1)
+            lv = levels[:, rows] / r
+            again, again_unit = product(lv.round_() if cfg.inp_res > 0 else lv, rows)
+            again, _, fail_again = _adc(again, again_unit, cfg, generator)
+            assert fail_again is not None  # a bounded output, as in the first round
+            was = fail[:, rows]
+            y[:, rows] = torch.where(was[..., None], again, y[:, rows])
+            reduction[:, rows] = torch.where(was[..., None], r, reduction[:, rows])
+            fail[:, rows] = was & fail_again
+        nm = nm * reduction
     y.mul_(nm).mul_(scale * unit)  # a contiguous scale: a strided broadcast is 10x slower
     return y[0] if y.shape[0] == 1 else y.sum(0)
+
+
+def _adc(
+    y: torch.Tensor, unit: float, cfg: Periphery, generator: torch.Generator | None
+) -> tuple[torch.Tensor, float, torch.Tensor | None]:
+    """Output noise, ADC quantisation and clipping on partial outputs ``y [C, n, out]`` (float32, in ``unit``):
+    ``(y in ADC steps, the step, which (tile, token) saturated [C, n])``; without an ADC or output noise, ``y``
+    unchanged and no saturation."""
+    if not (cfg.out_res > 0 or cfg.out_noise > 0):
+        return y, unit, None
+    out_step = cfg.out_res * 2.0 * cfg.out_bound if cfg.out_res > 0 else 1.0
+    y.mul_(unit / out_step)  # now in ADC levels
+    if cfg.out_noise > 0:
+        noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
+        y.add_(noise, alpha=cfg.out_noise / out_step)
+    if cfg.out_res > 0:
+        y.round_()
+    limit = cfg.out_bound / out_step
+    fail = (y.abs() > limit).any(-1) if cfg.bound_management else None
+    y.clamp_(-limit, limit)
+    return y, out_step, fail
 
 
 def analog_matmul(

@@ -88,10 +88,12 @@ def export_onnx(
     if options.instance_seed is not None and options.monolithic:
         raise HetMoEError("a monolithic export has no analog partitions to program; drop --instance-seed")
     cfg = options.analog or AnalogConfig()
-    if options.instance_seed is not None and (cfg.w_noise > 0 or cfg.ir_drop > 0):
-        effects = " and ".join(n for n in ("w_noise", "ir_drop") if getattr(cfg, n) > 0)
+    unsupported = [n for n in ("w_noise", "ir_drop") if getattr(cfg, n) > 0]
+    unsupported += ["bound_management"] if cfg.bound_management != "none" else []
+    if options.instance_seed is not None and unsupported:
+        effects = " and ".join(unsupported)
         raise HetMoEError(
-            f"the ONNX instance partitions do not reproduce {effects} yet; export with {effects} 0 (or the ideal "
+            f"the ONNX instance partitions do not reproduce {effects} yet; export without (or the ideal "
             "partitions, without --instance-seed)"
         )
     if options.instance_seed is not None and cfg.gaussian_sigma == 0 and cfg.is_ideal:
