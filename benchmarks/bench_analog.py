@@ -1,6 +1,8 @@
 """Speed of the AIMC simulation, side by side in one run (reference model; demo model without ../shared):
 
-1. forward of the simulated model (25 % digital, pcm) against the clean canonical model (target <= 1.3x);
+1. forward of the simulated model (25 % digital, pcm) against the clean canonical model (target <= 1.3x), and
+   with every effect on (pcm plus short-term weight noise, IR drop and iterative bound management; issue 17's
+   target <= 1.5x);
 2. programming all analog experts (vectorised, hetmoe-compile) against building and programming one aihwkit
    ``TorchInferenceRPUConfig`` layer per expert weight slice with the same statistics (target >= 20x);
 3. the whole simulated model against aihwkit's ``convert_to_analog`` on an equivalent model holding one
@@ -86,6 +88,9 @@ def main() -> int:
             model(input_ids=ids, use_cache=False)
 
     clean = timed(forward, args.repeat)
+    every = analog_config("pcm", w_noise=0.0175, ir_drop=1.0, bound_management="iterative")
+    simulate(model, every, seed=0)
+    sim_every = timed(forward, args.repeat)
     simulate(model, cfg, seed=0)
     sim = timed(forward, args.repeat)
 
@@ -129,6 +134,11 @@ def main() -> int:
         ["forward: clean canonical model", f"{clean * 1e3:.0f} ms", "1.00x"],
         ["forward: simulated (hetmoe-compile, pcm)", f"{sim * 1e3:.0f} ms", f"{sim / clean:.2f}x"],
         [
+            "forward: simulated, pcm + w_noise 0.0175 + ir_drop 1 + iterative bound management",
+            f"{sim_every * 1e3:.0f} ms",
+            f"{sim_every / clean:.2f}x",
+        ],
+        [
             "forward: aihwkit convert_to_analog (per-expert nn.Linear)",
             f"{aihwkit_fwd * 1e3:.0f} ms",
             f"{aihwkit_fwd / clean:.2f}x",
@@ -144,7 +154,9 @@ def main() -> int:
     ]
     print(format_table(["measurement", "time", "ratio"], rows))
     print(
-        f"simulated / clean forward: {sim / clean:.2f}x; aihwkit / hetmoe-compile simulated forward: "
+        f"simulated / clean forward: {sim / clean:.2f}x ({sim_every / clean:.2f}x with every effect on; aihwkit's "
+        "PyTorch tile has no w_noise or IR drop, its C++ tile does not load under this torch); "
+        f"aihwkit / hetmoe-compile simulated forward: "
         f"{aihwkit_fwd / sim:.2f}x; programming speed-up: {aihwkit_prog / ours_prog:.1f}x"
     )
     return 0

@@ -405,6 +405,47 @@ def test_instance_partition_equals_the_simulated_op_on_the_same_inputs(olmoe_exp
     np.testing.assert_allclose(sess.run(None, feeds)[0], seen["y"].numpy(), rtol=0, atol=1e-6)
 
 
+def test_instance_partition_reproduces_ir_drop_and_draws_weight_noise(tmp_path):
+    """IR drop is deterministic: given the simulation's own inputs, the instance partition reproduces the PyTorch
+    op with it to float rounding (and differs from the partition without it). Short-term weight noise is drawn by
+    ONNX Runtime per run: the outputs' spread around the noise-free partition matches the simulation's."""
+    model = tiny_model("olmoe")
+    feeds_out = {}
+    for name, cfg in [
+        ("ir", analog_config("pcm", out_noise=0.0, ir_drop=3.0)),
+        ("plain", analog_config("pcm", out_noise=0.0)),
+        ("wn", analog_config("pcm", out_noise=0.0, w_noise=0.05)),
+    ]:
+        _, out = _export(model, tmp_path / name, options=ExportOptions(analog=cfg, instance_seed=7, progress=False))
+        simulate(model, cfg, seed=7)
+        seen = {}
+        group = model.get_submodule("model.layers.1.mlp.experts").groups["analog"]
+        handle = group.register_forward_hook(
+            lambda m, a, y, seen=seen: seen.update(args=[t.clone() for t in a], y=y.clone())
+        )
+        try:
+            with torch.no_grad():
+                model(input_ids=_ids(2, 16), use_cache=False)
+                if name == "wn":  # the simulation's own spread: the same inputs, fresh weight noise each call
+                    sims = [group(*seen["args"]).numpy() for _ in range(8)]
+        finally:
+            handle.remove()
+            restore_digital(model)
+        sess = ort.InferenceSession(str(out / "analog_L1.instance.onnx"))
+        feeds = dict(zip(["hidden_states", "top_k_index", "top_k_weights"], (a.numpy() for a in seen["args"])))
+        feeds_out[name] = (sess, feeds, seen["y"].numpy())
+    sess, feeds, y = feeds_out["ir"]
+    np.testing.assert_allclose(sess.run(None, feeds)[0], y, rtol=0, atol=1e-6)
+    plain_sess, _, plain_y = feeds_out["plain"]
+    assert np.abs(y - plain_y).max() > 1e-3
+    sess, feeds, _ = feeds_out["wn"]
+    runs = [sess.run(None, feeds)[0] for _ in range(8)]
+    clean = plain_sess.run(None, feeds)[0]
+    ort_spread = np.std([r - clean for r in runs])
+    sim_spread = np.std([r - clean for r in sims])
+    assert not np.array_equal(runs[0], runs[1]) and ort_spread == pytest.approx(sim_spread, rel=0.15)
+
+
 @pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
 def test_digital_groups_as_onnxruntime_moe(family, tmp_path):
     """--ort-moe: each digital group is one com.microsoft::MoE node; logits still match PyTorch."""

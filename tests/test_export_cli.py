@@ -111,9 +111,9 @@ def test_reexport_replaces_the_directory(demo_export, tmp_path):
             "'ideal' preset programs nothing",
         ),
         (
-            ["export", str(DEMO), "--placement", "{placement}", "--ir-drop", "1", "--instance-seed", "0"]
-            + ["--out", "{tmp}/x"],
-            "the ONNX instance partitions do not reproduce ir_drop yet",
+            ["export", str(DEMO), "--placement", "{placement}", "--bound-management", "iterative"]
+            + ["--instance-seed", "0", "--out", "{tmp}/x"],
+            "the ONNX instance partitions do not reproduce bound_management yet",
         ),
         (
             ["export", str(DEMO), "--placement", "{placement}", "--t-inference", "1,3600", "--out", "{tmp}/x"],

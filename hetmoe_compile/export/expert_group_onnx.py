@@ -84,6 +84,10 @@ class TilePeriphery:
     out_noise: float
     out_bound: float
     noise_seed: int = 0
+    w_noise: float = 0.0
+    w_noise_pcm: bool = True
+    ir_drop: float = 0.0
+    ir_drop_g_ratio: float = 1.0 / 0.35 / 5e-6
 
 
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
@@ -257,6 +261,8 @@ def _tiled(
     )
     y = b.op("MatMul", [levels, w], "tile")  # [C, n, out] in DAC steps
     unit = in_step
+    if io.ir_drop > 0 or io.w_noise > 0:
+        y = _nonidealities(b, y, levels, w, n_in, c, t, unit, io)
     if io.out_res > 0 or io.out_noise > 0:
         out_step = io.out_res * 2.0 * io.out_bound if io.out_res > 0 else 1.0
         y = b.op("Mul", [y, b.scalar(unit / out_step, np.float32)])
@@ -288,6 +294,44 @@ def _tiled(
     y = b.op("Mul", [b.op("Mul", [y, nm]), s], "scaled")
     y = b.op("ReduceSum", [y, b.vector([0])], "sum", keepdims=0)
     return b.op("Cast", [y], to=helper.np_dtype_to_tensor_dtype(dtype)) if dtype != np.float32 else y
+
+
+def _nonidealities(
+    b: GraphBuilder, y: str, levels: str, w: str, n_in: int, c: int, t: int, unit: float, io: TilePeriphery
+) -> str:
+    """IR drop, then short-term weight noise, on the tiles' outputs ``y [C, n, out]`` (in DAC steps) of ``levels``
+    (mirrors ``analog.tiles._nonidealities``; the weight noise is drawn by ONNX Runtime, as the output noise)."""
+    abs_w = b.op("Abs", [w], "abs_w")  # [C, T, out]: folded into a constant when the session loads
+    if io.ir_drop > 0:
+        n = np.full((c, 1, 1), float(t), dtype=np.float32)
+        n[-1] = n_in - (c - 1) * t
+        p = 1.0 - np.arange(t, dtype=np.float32)[None, None, :] / n
+        profile = b.array((1.0 - p * p).astype(np.float32))  # [C, 1, T]
+        current = b.op("MatMul", [b.op("Abs", [levels]), abs_w], "current")
+        current = b.op("Mul", [current, b.array((unit * n / io.ir_drop_g_ratio).astype(np.float32))])
+        coef = b.op("Mul", [current, b.scalar(0.05, np.float32)])
+        coef = b.op("Mul", [b.op("Sub", [coef, b.scalar(0.2, np.float32)]), current])
+        coef = b.op("Mul", [b.op("Add", [coef, b.scalar(0.5, np.float32)]), current], "ir_coef")
+        drop = b.op("MatMul", [b.op("Mul", [levels, profile]), w], "ir_product")
+        drop = b.op("Mul", [b.op("Mul", [drop, coef]), b.scalar(io.ir_drop, np.float32)], "ir_drop")
+        y = b.op("Sub", [y, drop])
+    if io.w_noise > 0:
+        if io.w_noise_pcm:
+            std = b.op("MatMul", [b.op("Mul", [levels, levels]), abs_w], "w_var")
+            std = b.op("Sqrt", [b.op("Max", [std, b.scalar(0.0, np.float32)])], "w_std")
+        else:
+            std = b.op("ReduceL2", [levels, b.vector([-1])], "w_std", keepdims=1)
+        noise = b.op(
+            "RandomNormalLike",
+            [y],
+            "w_noise",
+            dtype=TensorProto.FLOAT,
+            mean=0.0,
+            scale=float(io.w_noise),
+            seed=float((io.noise_seed + 1) % (1 << 24)),
+        )
+        y = b.op("Add", [y, b.op("Mul", [noise, std])])
+    return y
 
 
 def ort_moe_body(

@@ -88,12 +88,9 @@ def export_onnx(
     if options.instance_seed is not None and options.monolithic:
         raise HetMoEError("a monolithic export has no analog partitions to program; drop --instance-seed")
     cfg = options.analog or AnalogConfig()
-    unsupported = [n for n in ("w_noise", "ir_drop") if getattr(cfg, n) > 0]
-    unsupported += ["bound_management"] if cfg.bound_management != "none" else []
-    if options.instance_seed is not None and unsupported:
-        effects = " and ".join(unsupported)
+    if options.instance_seed is not None and cfg.bound_management != "none":
         raise HetMoEError(
-            f"the ONNX instance partitions do not reproduce {effects} yet; export without (or the ideal "
+            "the ONNX instance partitions do not reproduce bound_management yet; export without it (or the ideal "
             "partitions, without --instance-seed)"
         )
     if options.instance_seed is not None and cfg.gaussian_sigma == 0 and cfg.is_ideal:
@@ -310,6 +307,14 @@ def program_instance(
             shapes[f"{name}_weight"], shapes[f"{name}_scale"] = (w.shape[0], count, size), (w.shape[0], count)
         experts.append(ProgrammedExpert(**{k: field(i, k, v) for k, v in shapes.items()}))
     periphery = TilePeriphery(
-        cfg.inp_res, cfg.out_res, cfg.out_noise, cfg.out_bound, output_noise_seed(seed, group.layer)
+        cfg.inp_res,
+        cfg.out_res,
+        cfg.out_noise,
+        cfg.out_bound,
+        output_noise_seed(seed, group.layer),
+        cfg.w_noise,
+        cfg.w_noise_type == "pcm-read",
+        cfg.ir_drop,
+        cfg.ir_drop_g_ratio,
     )
     return experts, periphery

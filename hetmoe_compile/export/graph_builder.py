@@ -54,6 +54,10 @@ class GraphBuilder:
     def vector(self, values: list[int]) -> str:
         return self.const(f"c{self._next()}", np.asarray(values, dtype=np.int64))
 
+    def array(self, values: np.ndarray) -> str:
+        """An anonymous constant of ``values`` (its dtype kept)."""
+        return self.const(f"c{self._next()}", values)
+
     def _next(self) -> int:
         self._count += 1
         return self._count
