@@ -405,14 +405,16 @@ def test_instance_partition_equals_the_simulated_op_on_the_same_inputs(olmoe_exp
     np.testing.assert_allclose(sess.run(None, feeds)[0], seen["y"].numpy(), rtol=0, atol=1e-6)
 
 
-def test_instance_partition_reproduces_ir_drop_and_draws_weight_noise(tmp_path):
-    """IR drop is deterministic: given the simulation's own inputs, the instance partition reproduces the PyTorch
-    op with it to float rounding (and differs from the partition without it). Short-term weight noise is drawn by
+def test_instance_partition_reproduces_ir_drop_bound_management_and_draws_weight_noise(tmp_path):
+    """IR drop and bound management are deterministic: given the simulation's own inputs, the instance partition
+    reproduces the PyTorch op with them to float rounding (a low out_bound makes tiles saturate and re-run). Short-term weight noise is drawn by
     ONNX Runtime per run: the outputs' spread around the noise-free partition matches the simulation's."""
     model = tiny_model("olmoe")
     feeds_out = {}
     for name, cfg in [
         ("ir", analog_config("pcm", out_noise=0.0, ir_drop=3.0)),
+        ("bm", analog_config("pcm", out_noise=0.0, ir_drop=3.0, out_bound=0.5, bound_management="iterative")),
+        ("unmanaged", analog_config("pcm", out_noise=0.0, ir_drop=3.0, out_bound=0.5)),
         ("plain", analog_config("pcm", out_noise=0.0)),
         ("wn", analog_config("pcm", out_noise=0.0, w_noise=0.05)),
     ]:
@@ -434,8 +436,16 @@ def test_instance_partition_reproduces_ir_drop_and_draws_weight_noise(tmp_path):
         sess = ort.InferenceSession(str(out / "analog_L1.instance.onnx"))
         feeds = dict(zip(["hidden_states", "top_k_index", "top_k_weights"], (a.numpy() for a in seen["args"])))
         feeds_out[name] = (sess, feeds, seen["y"].numpy())
+    for name in ("ir", "bm", "unmanaged"):
+        sess, feeds, y = feeds_out[name]
+        got = sess.run(None, feeds)[0]
+        off = np.abs(got - y).max(-1) > 1e-6  # per token
+        # With bound management one token of the 32 sits on a saturation tie: its PyTorch output itself changes
+        # under a 1e-7 relative change of the input (checked), so float32 summation order decides its round.
+        assert off.sum() <= (1 if name == "bm" else 0), (name, int(off.sum()))
+        assert np.linalg.norm(got[off] - y[off]) <= 0.05 * np.linalg.norm(y[off]) + 1e-12
+    assert np.abs(feeds_out["bm"][2] - feeds_out["unmanaged"][2]).max() > 1e-2  # saturated tiles were re-run
     sess, feeds, y = feeds_out["ir"]
-    np.testing.assert_allclose(sess.run(None, feeds)[0], y, rtol=0, atol=1e-6)
     plain_sess, _, plain_y = feeds_out["plain"]
     assert np.abs(y - plain_y).max() > 1e-3
     sess, feeds, _ = feeds_out["wn"]

@@ -111,11 +111,6 @@ def test_reexport_replaces_the_directory(demo_export, tmp_path):
             "'ideal' preset programs nothing",
         ),
         (
-            ["export", str(DEMO), "--placement", "{placement}", "--bound-management", "iterative"]
-            + ["--instance-seed", "0", "--out", "{tmp}/x"],
-            "the ONNX instance partitions do not reproduce bound_management yet",
-        ),
-        (
             ["export", str(DEMO), "--placement", "{placement}", "--t-inference", "1,3600", "--out", "{tmp}/x"],
             "--t-inference 1,3600: export programs one instance at one time; give one value",
         ),

@@ -15,7 +15,7 @@ digital sum scaled back to weight units.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any, Protocol
 
@@ -88,6 +88,9 @@ class TilePeriphery:
     w_noise_pcm: bool = True
     ir_drop: float = 0.0
     ir_drop_g_ratio: float = 1.0 / 0.35 / 5e-6
+    bound_management: bool = False
+    max_bm_factor: float = 1000.0
+    max_bm_res: float = 0.25
 
 
 SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
@@ -248,8 +251,6 @@ def _tiled(
     nm = b.op("Max", [nm, b.scalar(1e-30, np.float32)])
     in_step = io.inp_res * 2.0 if io.inp_res > 0 else 1.0
     levels = b.op("Div", [xt, b.op("Mul", [nm, b.scalar(in_step, np.float32)])], "levels")
-    if io.inp_res > 0:
-        levels = b.op("Round", [levels])
     w = b.const(
         name + ".programmed",
         Deferred(
@@ -259,29 +260,55 @@ def _tiled(
         ),
         public=True,
     )
-    y = b.op("MatMul", [levels, w], "tile")  # [C, n, out] in DAC steps
-    unit = in_step
-    if io.ir_drop > 0 or io.w_noise > 0:
-        y = _nonidealities(b, y, levels, w, n_in, c, t, unit, io)
-    if io.out_res > 0 or io.out_noise > 0:
-        out_step = io.out_res * 2.0 * io.out_bound if io.out_res > 0 else 1.0
-        y = b.op("Mul", [y, b.scalar(unit / out_step, np.float32)])
-        if io.out_noise > 0:
-            noise = b.op(
-                "RandomNormalLike",
-                [y],
-                "noise",
-                dtype=TensorProto.FLOAT,
-                mean=0.0,
-                scale=float(io.out_noise / out_step),
-                seed=float(io.noise_seed % (1 << 24)),
+
+    def one_round(lv: str, seed: int) -> tuple[str, float, str | None]:
+        """The tiles on DAC levels ``lv``: ``(outputs, their unit, which (tile, token) saturated)``."""
+        if io.inp_res > 0:
+            lv = b.op("Round", [lv])
+        y = b.op("MatMul", [lv, w], "tile")  # [C, n, out] in DAC steps
+        unit = in_step
+        if io.ir_drop > 0 or io.w_noise > 0:
+            y = _nonidealities(b, y, lv, w, n_in, c, t, unit, replace(io, noise_seed=seed))
+        fail = None
+        if io.out_res > 0 or io.out_noise > 0:
+            out_step = io.out_res * 2.0 * io.out_bound if io.out_res > 0 else 1.0
+            y = b.op("Mul", [y, b.scalar(unit / out_step, np.float32)])
+            if io.out_noise > 0:
+                noise = b.op(
+                    "RandomNormalLike",
+                    [y],
+                    "noise",
+                    dtype=TensorProto.FLOAT,
+                    mean=0.0,
+                    scale=float(io.out_noise / out_step),
+                    seed=float(seed % (1 << 24)),
+                )
+                y = b.op("Add", [y, noise])
+            if io.out_res > 0:
+                y = b.op("Round", [y])
+            limit = io.out_bound / out_step
+            if io.bound_management:
+                peak = b.op("ReduceMax", [b.op("Abs", [y]), b.vector([-1])], "peak", keepdims=1)  # [C, n, 1]
+                fail = b.op("Greater", [peak, b.scalar(limit, np.float32)], "saturated")
+            y = b.op("Clip", [y, b.scalar(-limit, np.float32), b.scalar(limit, np.float32)])
+            unit = out_step
+        return y, unit, fail
+
+    y, unit, fail = one_round(levels, io.noise_seed)
+    if fail is not None:  # iterative bound management, every round on every token, masked (mirrors _managed)
+        limit_r = min(io.max_bm_factor, io.max_bm_res / in_step) if io.inp_res > 0 else io.max_bm_factor
+        reduction: str | float = 1.0
+        r, k = 1.0, 0
+        while r <= limit_r:
+            r, k = 2 * r, k + 1
+            again, _, fail_again = one_round(b.op("Div", [levels, b.scalar(r, np.float32)]), io.noise_seed + 2 * k)
+            assert fail_again is not None
+            y = b.op("Where", [fail, again, y], "bm_y")
+            reduction = b.op(
+                "Where", [fail, b.scalar(r, np.float32), b.scalar(1.0, np.float32) if k == 1 else reduction]
             )
-            y = b.op("Add", [y, noise])
-        if io.out_res > 0:
-            y = b.op("Round", [y])
-        limit = io.out_bound / out_step
-        y = b.op("Clip", [y, b.scalar(-limit, np.float32), b.scalar(limit, np.float32)])
-        unit = out_step
+            fail = b.op("And", [fail, fail_again], "bm_fail")
+        nm = b.op("Mul", [nm, reduction], "nm_bm")
     s = b.const(
         name + ".scale",
         Deferred(

@@ -88,11 +88,6 @@ def export_onnx(
     if options.instance_seed is not None and options.monolithic:
         raise HetMoEError("a monolithic export has no analog partitions to program; drop --instance-seed")
     cfg = options.analog or AnalogConfig()
-    if options.instance_seed is not None and cfg.bound_management != "none":
-        raise HetMoEError(
-            "the ONNX instance partitions do not reproduce bound_management yet; export without it (or the ideal "
-            "partitions, without --instance-seed)"
-        )
     if options.instance_seed is not None and cfg.gaussian_sigma == 0 and cfg.is_ideal:
         raise HetMoEError("--instance-seed with the 'ideal' preset programs nothing; choose pcm, dac-adc or gaussian")
     info = recognize(model)
@@ -316,5 +311,6 @@ def program_instance(
         cfg.w_noise_type == "pcm-read",
         cfg.ir_drop,
         cfg.ir_drop_g_ratio,
+        cfg.bound_management == "iterative",
     )
     return experts, periphery
