@@ -407,8 +407,9 @@ def test_instance_partition_equals_the_simulated_op_on_the_same_inputs(olmoe_exp
 
 def test_instance_partition_reproduces_ir_drop_bound_management_and_draws_weight_noise(tmp_path):
     """IR drop and bound management are deterministic: given the simulation's own inputs, the instance partition
-    reproduces the PyTorch op with them to float rounding (a low out_bound makes tiles saturate and re-run). Short-term weight noise is drawn by
-    ONNX Runtime per run: the outputs' spread around the noise-free partition matches the simulation's."""
+    reproduces the PyTorch op with them to float rounding (a low out_bound makes tiles saturate and re-run).
+    Short-term weight noise is drawn by ONNX Runtime per run: the outputs' spread around the noise-free partition
+    matches the simulation's."""
     model = tiny_model("olmoe")
     feeds_out = {}
     for name, cfg in [

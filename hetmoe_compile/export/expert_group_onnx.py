@@ -297,16 +297,14 @@ def _tiled(
     y, unit, fail = one_round(levels, io.noise_seed)
     if fail is not None:  # iterative bound management, every round on every token, masked (mirrors _managed)
         limit_r = min(io.max_bm_factor, io.max_bm_res / in_step) if io.inp_res > 0 else io.max_bm_factor
-        reduction: str | float = 1.0
+        reduction = b.scalar(1.0, np.float32)  # broadcast to [C, n, 1] by the first Where
         r, k = 1.0, 0
         while r <= limit_r:
             r, k = 2 * r, k + 1
             again, _, fail_again = one_round(b.op("Div", [levels, b.scalar(r, np.float32)]), io.noise_seed + 2 * k)
             assert fail_again is not None
             y = b.op("Where", [fail, again, y], "bm_y")
-            reduction = b.op(
-                "Where", [fail, b.scalar(r, np.float32), b.scalar(1.0, np.float32) if k == 1 else reduction]
-            )
+            reduction = b.op("Where", [fail, b.scalar(r, np.float32), reduction], "bm_reduction")
             fail = b.op("And", [fail, fail_again], "bm_fail")
         nm = b.op("Mul", [nm, reduction], "nm_bm")
     s = b.const(
