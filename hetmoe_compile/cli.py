@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
 
@@ -579,6 +580,8 @@ def _noise_and_spec(args):
     cfg = _analog_cfg(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     times = args.t_inference if args.t_inference and len(args.t_inference) > 1 else None
+    for t in times or []:  # every time is a valid configuration (a device may have fits at some times only)
+        replace(cfg, t_inference=t)
     spec = EvalSpec(
         args.ppl,
         args.ppl_tokens,
