@@ -91,10 +91,10 @@ def _presets_epilog() -> str:
     """The noise presets with what they model and their sources, for ``eval --help`` and ``sweep --help``."""
     import textwrap
 
-    from .analog.config import PRESET_SUMMARIES, PRESETS
+    from .preset_summaries import PRESET_SUMMARIES
 
     lines = ["noise presets (--noise):"]
-    for name in PRESETS:
+    for name in PRESET_SUMMARIES:
         lines += textwrap.wrap(PRESET_SUMMARIES[name], 110, initial_indent=f"  {name}: ", subsequent_indent="    ")
     return "\n".join(lines)
 

@@ -28,6 +28,9 @@ def test_presets_and_json_round_trip():
         cfg = analog_config(name, noise_scale=1.5, t_inference=86400)
         assert AnalogConfig.from_json(cfg.to_json()) == cfg
     assert analog_config("ideal").is_ideal and not analog_config("pcm").is_ideal
+    from hetmoe_compile.analog import PRESET_SUMMARIES, PRESETS
+
+    assert list(PRESET_SUMMARIES) == list(PRESETS)  # --help lists the summaries: one per preset, same order
     assert analog_config("pcm").dac_bits == 8 and analog_config("pcm").tile_size == 512
 
 

@@ -1,6 +1,7 @@
 """Analog in-memory computing: hardware presets, tiled AIMC physics (aihwkit noise models), simulation."""
 
-from .config import PRESET_SUMMARIES, PRESETS, AnalogConfig, analog_config
+from ..preset_summaries import PRESET_SUMMARIES
+from .config import PRESETS, AnalogConfig, analog_config
 from .programming_noise import program_rows, stream_seed
 from .simulate import AnalogExpertGroup, AnalogLinear, restore_digital, simulate
 from .tiles import ProgrammedMatrix, analog_matmul, program_matrix
