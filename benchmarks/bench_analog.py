@@ -65,7 +65,7 @@ def main() -> int:
 
     from aihwkit.nn.conversion import convert_to_analog
 
-    from hetmoe_compile.analog import analog_config, simulate
+    from hetmoe_compile.analog import analog_config, restore_digital, simulate
     from hetmoe_compile.analog.aihwkit_reference import aihwkit_linear, aihwkit_rpu_config
     from hetmoe_compile.analog.instance import program_group
     from hetmoe_compile.api import compile
@@ -93,15 +93,16 @@ def main() -> int:
     sim_every = timed(forward, args.repeat)
     simulate(model, cfg, seed=0)
     sim = timed(forward, args.repeat)
+    restore_digital(model, info)  # while simulated, an analog group's ideal weights wait off the device (empty here)
 
     # 2. programming: all analog experts (ours) vs aihwkit layers per expert weight slice
-    groups = [model.get_submodule(l.experts).groups["analog"] for l in info.moe_layers]
+    groups = [model.get_submodule(l.experts).groups["analog"] for l in info.moe_layers]  # the ideal groups
     slices = sum(2 * len(g.ids) for g in groups)
     t = time.perf_counter()
     for layer, g in zip(info.moe_layers, groups):
-        program_group(g.source.gate_up, g.source.down, g.source.expert_ids, cfg, 1, layer.index)
+        program_group(g.gate_up, g.down, g.expert_ids, cfg, 1, layer.index)
     ours_prog = time.perf_counter() - t
-    src = groups[0].source
+    src = groups[0]
     n = min(args.aihwkit_slices, 2 * len(src.ids))
     t = time.perf_counter()
     for k in range(n):
@@ -126,7 +127,7 @@ def main() -> int:
     # 3. whole simulated model vs aihwkit convert_to_analog on an equivalent nn.Linear-per-expert model
     for layer, g in zip(info.moe_layers, groups):
         het = model.get_submodule(layer.experts)
-        het.groups["analog"] = convert_to_analog(LinearExperts(g.source), aihwkit_rpu_config(cfg)).eval()
+        het.groups["analog"] = convert_to_analog(LinearExperts(g), aihwkit_rpu_config(cfg)).eval()
         het.groups["analog"].drift_analog_weights(cfg.t_inference)
     aihwkit_fwd = timed(forward, max(1, args.repeat // 2))
 

@@ -212,8 +212,9 @@ def tile_mvm(
 
     def product(lv: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, float]:
         a, unit = _tile_inputs(lv, w.dtype, cfg)
-        y = mm(a, False)  # in units of `unit`
-        return (_nonidealities(y, a, unit, mm, n_in, cfg, generator) if _has_nonidealities(cfg) else y), unit
+        if not _has_nonidealities(cfg):
+            return mm(a, False), unit  # in units of `unit`
+        return _nonidealities(a, unit, mm, n_in, cfg, generator), unit
 
     return _managed(product, levels, nm, prog.scale.T.contiguous()[:, None, :], cfg, generator)
 
@@ -239,17 +240,19 @@ def grouped_tile_mvm(
     def product(lv: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, float]:
         offs = ends if rows is None else torch.bincount(row[rows], minlength=ends.numel()).cumsum(0).to(ends.dtype)
 
-        def mm(v: torch.Tensor, absolute: bool) -> torch.Tensor:  # |W| one input tile at a time: bounded
-            return torch.stack(
-                [
-                    F.grouped_mm(v[c], (w.abs() if absolute else w).transpose(1, 2), offs=offs)
-                    for c, w in enumerate(weight.unbind(2))
-                ]
-            ).float()  # [C, N, out]
+        def mm(v: torch.Tensor, absolute: bool) -> torch.Tensor:
+            """``v [C, k N, T]``: k operands of the N rows stacked (each grouped by ``offs``) -> ``[C, k N, out]``;
+            |W| is taken one input tile at a time (a bounded temporary)."""
+            outs = []
+            for c, w in enumerate(weight.unbind(2)):
+                wc = (w.abs() if absolute else w).transpose(1, 2)
+                outs.append(torch.cat([F.grouped_mm(block, wc, offs=offs) for block in v[c].split(lv.shape[1])]))
+            return torch.stack(outs).float()
 
         a, unit = _tile_inputs(lv, weight.dtype, cfg)
-        y = mm(a, False)
-        return (_nonidealities(y, a, unit, mm, n_in, cfg, generator) if _has_nonidealities(cfg) else y), unit
+        if not _has_nonidealities(cfg):
+            return mm(a, False), unit  # in units of `unit`
+        return _nonidealities(a, unit, mm, n_in, cfg, generator), unit
 
     valid = None if not cfg.bound_management else int(ends[-1].item())  # rows past ends[-1] are padding
     scales = scale[row].permute(2, 0, 1).contiguous()
@@ -270,7 +273,6 @@ def _has_nonidealities(cfg: Periphery) -> bool:
 
 
 def _nonidealities(
-    y: torch.Tensor,
     a: torch.Tensor,
     unit: float,
     mm: Callable[[torch.Tensor, bool], torch.Tensor],
@@ -278,9 +280,10 @@ def _nonidealities(
     cfg: Periphery,
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """IR drop, then short-term weight noise, on the tiles' partial outputs ``y [C, n, out]`` (float32, in
-    ``unit``) of the tile operands ``a [C, n, T]`` (the DAC-quantised inputs ``x = a * unit``, in [-1, 1]);
-    ``mm(v, absolute)`` is ``W @ v`` (``|W| @ v``) per tile, with each tile's weights in [-1, 1].
+    """The tiles' partial outputs ``[C, n, out]`` (float32, in ``unit``) of the tile operands ``a [C, n, T]`` (the
+    DAC-quantised inputs ``x = a * unit``, in [-1, 1]) with IR drop, then short-term weight noise; ``mm(v,
+    absolute)`` is ``W @ v`` (``|W| @ v``) per tile, with each tile's weights in [-1, 1]. The operands of each
+    matrix are stacked along the tokens, so this is one product with ``W`` and at most one with ``|W|``.
 
     aihwkit's ``ForwardBackwardPassIOManaged::applyNonIdealities``, per token and tile of ``n`` real inputs:
 
@@ -288,19 +291,28 @@ def _nonidealities(
       ``y_i -= ir_drop * c_i * sum_j w_ij x_j (1 - (1 - j / n)^2)`` (input ``j = 0`` farthest from the output);
     - ``PCM_READ`` weight noise: ``y_i += w_noise * sqrt(sum_j |w_ij| x_j^2) * xi``; ``ADDITIVE_CONSTANT``:
       ``y_i += w_noise * ||x||_2 * xi``, a fresh standard normal ``xi`` per output and MVM."""
-    c, _, t = a.shape
+    c, rows, t = a.shape
+    plain, absolute = [a], []
     if cfg.ir_drop > 0:
         n = torch.full((c, 1, 1), float(t), device=a.device)
         if n_in is not None:
             n[-1] = n_in - (c - 1) * t
         p = 1.0 - torch.arange(t, device=a.device, dtype=torch.float32) / n  # [C, 1, T]
-        profile = (1.0 - p * p).to(a.dtype)
-        current = mm(a.abs(), True).mul_(unit * n / cfg.ir_drop_g_ratio)  # a_i
+        plain.append(a * (1.0 - p * p).to(a.dtype))
+        absolute.append(a.abs())
+    pcm_read = cfg.w_noise > 0 and cfg.w_noise_pcm
+    if pcm_read:
+        absolute.append(a * a)
+    products = mm(torch.cat(plain, 1) if len(plain) > 1 else a, False).split(rows, 1)
+    y = products[0]
+    sums = mm(torch.cat(absolute, 1), True).split(rows, 1) if absolute else ()
+    if cfg.ir_drop > 0:
+        current = sums[0].mul_(unit * n / cfg.ir_drop_g_ratio)  # a_i
         coef = current.mul(0.05).sub_(0.2).mul_(current).add_(0.5).mul_(current)  # c_i
-        y = y.sub_(mm(a * profile, False).mul_(coef).mul_(cfg.ir_drop))
+        y = y.sub_(products[1].mul_(coef).mul_(cfg.ir_drop))
     if cfg.w_noise > 0:
-        if cfg.w_noise_pcm:
-            std = mm(a * a, True).clamp_(min=0).sqrt_()
+        if pcm_read:
+            std = sums[-1].clamp_(min=0).sqrt_()
         else:
             std = torch.linalg.vector_norm(a.float(), dim=-1, keepdim=True)
         noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=y.dtype)
