@@ -305,7 +305,7 @@ def _nonidealities(
         absolute.append(a * a)
     products = mm(torch.cat(plain, 1) if len(plain) > 1 else a, False).split(rows, 1)
     y = products[0]
-    sums = mm(torch.cat(absolute, 1), True).split(rows, 1) if absolute else ()
+    sums: tuple[torch.Tensor, ...] = mm(torch.cat(absolute, 1), True).split(rows, 1) if absolute else ()
     if cfg.ir_drop > 0:
         current = sums[0].mul_(unit * n / cfg.ir_drop_g_ratio)  # a_i
         coef = current.mul(0.05).sub_(0.2).mul_(current).add_(0.5).mul_(current)  # c_i
