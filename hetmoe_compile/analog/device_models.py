@@ -70,11 +70,10 @@ def device_program(
     per = max(1, CHUNK_ELEMENTS // max(1, target[0].numel()))
     step = {"reram-wan2022": _wan2022, "reram-cmo": _cmo, "hermes-pcm": _hermes}[device]
     model = noise_model(device, noise_scale)
-    outs = [
-        step(model, target[i : i + per], _Normals(tuple(target.shape[1:]), seeds[i : i + per], target.device),
-             programming, drift, t)
-        for i in range(0, target.shape[0], per)
-    ]  # fmt: skip
+    outs = []
+    for i in range(0, target.shape[0], per):
+        normals = _Normals(tuple(target.shape[1:]), seeds[i : i + per], target.device)
+        outs.append(step(model, target[i : i + per], normals, programming, drift, t))
     if len(outs) == 1:
         return outs[0]
     return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])

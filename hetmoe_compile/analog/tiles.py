@@ -105,9 +105,13 @@ def program_matrices(weights: torch.Tensor, cfg: AnalogConfig, seeds: list[int])
     if cfg.programming_noise or cfg.drift:
         program = pcm_program if cfg.device == "pcm" else partial(device_program, device=cfg.device)
         programmed, baseline = program(
-            target, seeds, noise_scale=cfg.noise_scale, programming=cfg.programming_noise, drift=cfg.drift,
+            target,
+            seeds,
+            noise_scale=cfg.noise_scale,
+            programming=cfg.programming_noise,
+            drift=cfg.drift,
             t_inference=cfg.t_inference,
-        )  # fmt: skip
+        )
         del target
         if padded:
             programmed.mul_(valid)
