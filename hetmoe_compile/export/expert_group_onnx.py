@@ -274,15 +274,7 @@ def _tiled(
             out_step = io.out_res * 2.0 * io.out_bound if io.out_res > 0 else 1.0
             y = b.op("Mul", [y, b.scalar(unit / out_step, np.float32)])
             if io.out_noise > 0:
-                noise = b.op(
-                    "RandomNormalLike",
-                    [y],
-                    "noise",
-                    dtype=TensorProto.FLOAT,
-                    mean=0.0,
-                    scale=float(io.out_noise / out_step),
-                    seed=float(seed % (1 << 24)),
-                )
+                noise = _normal_like(b, y, "noise", io.out_noise / out_step, seed)
                 y = b.op("Add", [y, noise])
             if io.out_res > 0:
                 y = b.op("Round", [y])
@@ -321,12 +313,26 @@ def _tiled(
     return b.op("Cast", [y], to=helper.np_dtype_to_tensor_dtype(dtype)) if dtype != np.float32 else y
 
 
+def _normal_like(b: GraphBuilder, like: str, hint: str, scale: float, seed: int) -> str:
+    """Standard normals of ``like``'s shape times ``scale``, drawn by ONNX Runtime at every run from ``seed``."""
+    return b.op(
+        "RandomNormalLike",
+        [like],
+        hint,
+        dtype=TensorProto.FLOAT,
+        mean=0.0,
+        scale=float(scale),
+        seed=float(seed % (1 << 24)),
+    )
+
+
 def _nonidealities(
     b: GraphBuilder, y: str, levels: str, w: str, n_in: int, c: int, t: int, unit: float, io: TilePeriphery
 ) -> str:
     """IR drop, then short-term weight noise, on the tiles' outputs ``y [C, n, out]`` (in DAC steps) of ``levels``
     (mirrors ``analog.tiles._nonidealities``; the weight noise is drawn by ONNX Runtime, as the output noise)."""
-    abs_w = b.op("Abs", [w], "abs_w")  # [C, T, out]: folded into a constant when the session loads
+    needs_abs = io.ir_drop > 0 or (io.w_noise > 0 and io.w_noise_pcm)
+    abs_w = b.op("Abs", [w], "abs_w") if needs_abs else ""  # [C, T, out]: folded into a constant at session load
     if io.ir_drop > 0:
         n = np.full((c, 1, 1), float(t), dtype=np.float32)
         n[-1] = n_in - (c - 1) * t
@@ -346,15 +352,7 @@ def _nonidealities(
             std = b.op("Sqrt", [b.op("Max", [std, b.scalar(0.0, np.float32)])], "w_std")
         else:
             std = b.op("ReduceL2", [levels, b.vector([-1])], "w_std", keepdims=1)
-        noise = b.op(
-            "RandomNormalLike",
-            [y],
-            "w_noise",
-            dtype=TensorProto.FLOAT,
-            mean=0.0,
-            scale=float(io.w_noise),
-            seed=float((io.noise_seed + 1) % (1 << 24)),
-        )
+        noise = _normal_like(b, y, "w_noise", io.w_noise, io.noise_seed + 1)
         y = b.op("Add", [y, b.op("Mul", [noise, std])])
     return y
 
