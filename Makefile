@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= out/demo
 DEMO_MODEL ?= examples/olmoe-demo
 
-.PHONY: install demo test lint bench bench-export bench-scale noise-scan sweep peers clean
+.PHONY: install demo test lint bench bench-export bench-scale noise-scan sweep devices peers clean
 SHARED ?= ../shared
 
 install: $(STAMP)
@@ -66,8 +66,10 @@ LAYERS ?= 2
 bench-scale: $(STAMP)
 	$(PY) benchmarks/bench_scale.py --layers $(LAYERS)
 
+# Every device preset at 1 s, 1 h, 1 day and 1 year (about 20 minutes on 2 CPU cores).
 noise-scan: $(STAMP)
-	$(PY) benchmarks/noise_scan.py --ppl-tokens 8192 --scales 0,1,2.5,4,8 --plot benchmarks/results/noise_scan.png
+	$(PY) benchmarks/noise_scan.py --ppl-tokens 8192 --scales 0,1,2.5,4,8 --presets pcm,reram-wan2022,reram-cmo,hermes-pcm \
+	  --times 1,3600,86400,31536000 --plot benchmarks/results/noise_scan.png
 
 # The reference-model sweeps of benchmarks/RESULTS.md (about 25 minutes on 2 CPU cores).
 sweep: $(STAMP)
@@ -77,6 +79,19 @@ sweep: $(STAMP)
 	  --seeds 3 --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 16384 \
 	  --tasks piqa,arc_easy,lambada_openai --tasks-dir $(SHARED)/data/qa --limit 100 --out benchmarks/results/pcm_x$$c; done
 	$(PY) benchmarks/paired_differences.py benchmarks/results/pcm_x2.5/results.json benchmarks/results/pcm_x8/results.json
+
+# 25 % max-neuron-norm against random under each device preset and standard-hwa (input ranges calibrated on the
+# WikiText-2 validation text) at 1 s, 1 h, 1 day and 1 year (reram-wan2022: 1 s and 1 day, its only fits), nominal
+# programming noise and x8 (benchmarks/results/devices/; about 50 minutes on 2 CPU cores).
+devices: $(STAMP)
+	for d in pcm standard-hwa reram-wan2022 reram-cmo hermes-pcm; do for c in 1 8; do \
+	  t=1,3600,86400,31536000; if [ $$d = reram-wan2022 ]; then t=1,86400; fi; \
+	  calib=; if [ $$d = standard-hwa ]; then calib="--calib $(SHARED)/data/wikitext2-tokenized-valid.txt"; fi; \
+	  $(VENV)/bin/hetmoe-compile sweep $(SHARED)/models/olmoe-ref --fractions 0,0.25,1 --selectors max-neuron-norm,random \
+	  --no-ablation --noise $$d --noise-scale $$c --t-inference $$t --seeds 5 $$calib \
+	  --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 16384 --out benchmarks/results/devices/$${d}_x$$c || exit 1; \
+	done; done
+	$(PY) benchmarks/device_differences.py benchmarks/results/devices/*/results.json
 
 # The peers (ROMER, HPD, INT8/INT4 digital experts) alone and with 25 % max-neuron-norm, at two noise levels, with
 # estimated energy per token and a Pareto plot (benchmarks/results/peers_pcm_x*/; about 30 minutes on 2 CPU cores).

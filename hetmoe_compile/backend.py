@@ -7,17 +7,22 @@ Dynamo hands the backend a GraphModule. The backend replaces each inlined fused-
 expert-group node (:class:`RecognizeExpertsPass`; a model prepared with :func:`prepare` already has them), places
 the experts (:class:`SplitExpertGroupsPass`) and rewrites the analog groups into simulated AIMC ops
 (:class:`RewriteAnalogPass`), the pass the ahead-of-time path uses. It returns the rewritten module's forward.
+Constant noise management (``noise="standard-hwa"``) takes the ``input_ranges`` option (an
+:class:`~hetmoe_compile.analog.input_ranges.InputRanges` or its file), else the ranges attached to the model.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from typing import Any
 
 from torch import fx, nn
 from torch._dynamo.exc import ShortenTraceback
 
 from .analog.config import AnalogConfig, analog_config
+from .analog.input_ranges import InputRanges, attached_input_ranges
 from .errors import HetMoEError, UnsupportedModelError, check_seed
 from .models.recognize import recognize
 from .passes import RecognizeExpertsPass, RewriteAnalogPass, SplitExpertGroupsPass, is_expert_group
@@ -41,6 +46,7 @@ class BackendOptions:
     noise_scale: float | None = None
     t_inference: float | None = None
     seed: int = 0
+    input_ranges: Any = None  # InputRanges or the path of an input-ranges file (constant noise management)
 
     @classmethod
     def parse(cls, options: dict | None) -> BackendOptions:
@@ -81,9 +87,22 @@ class BackendOptions:
         for key in opts.overrides or {}:
             if not isinstance(key, str):
                 raise HetMoEError(f"hetmoe backend override key {key!r} must be a string 'LAYER:EXPERT'")
+        if opts.input_ranges is not None and not isinstance(opts.input_ranges, (str, os.PathLike, InputRanges)):
+            raise HetMoEError(
+                f"hetmoe backend option input_ranges must be an InputRanges or a file path, got "
+                f"{type(opts.input_ranges).__name__}"
+            )
         opts.policy()
         opts.analog()
         return opts
+
+    def ranges(self, model: object) -> InputRanges | None:
+        """The input ranges of constant noise management: the option's, else those attached to ``model``."""
+        if isinstance(self.input_ranges, InputRanges):
+            return self.input_ranges
+        if self.input_ranges is not None:
+            return InputRanges.load(self.input_ranges)
+        return attached_input_ranges(model) if isinstance(model, nn.Module) else None
 
     def policy(self) -> PlacementPolicy:
         policy = PlacementPolicy(
@@ -150,7 +169,8 @@ def _compile_graph(gm: fx.GraphModule, example_inputs: Sequence, options: dict |
         return gm.forward  # a graph without routed experts (e.g. around a graph break) runs as captured
     SplitExpertGroupsPass(policy, example_inputs, _place_frame_model(frame.get("self"), policy))(gm)
     if not cfg.is_ideal:
-        RewriteAnalogPass(cfg, opts.seed, in_place=True)(gm)  # the split pass's copies are ours to program
+        ranges = opts.ranges(frame.get("self")) if cfg.noise_management == "constant" else None
+        RewriteAnalogPass(cfg, opts.seed, in_place=True, input_ranges=ranges)(gm)  # the split pass's copies are ours
         _drop_unused_weights(gm)
     return gm.forward
 

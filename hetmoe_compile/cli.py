@@ -309,6 +309,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_noise_args(w)
     w.add_argument("--out", required=True, metavar="DIR", help="output directory")
 
+    c = sub.add_parser(
+        "calibrate-ranges",
+        help="input ranges of every expert matrix's tiles on calibration text (constant noise management)",
+    )
+    _add_model_args(c)
+    c.add_argument(
+        "--quantile",
+        type=_number(0, True, "0.99995"),
+        default=None,
+        metavar="Q",
+        help="quantile of |x| per tile (default 0.99995, aihwkit's calibrate_input_ranges)",
+    )
+    c.add_argument(
+        "--tile-size", type=_positive_int, default=512, metavar="N", help="tile inputs, as the analog preset's (512)"
+    )
+    c.add_argument("--out", required=True, metavar="FILE", help="input-ranges JSON to write")
+
     x = sub.add_parser("export", help="partitioned ONNX (one file per partition) + manifest.json + tokenizer")
     x.add_argument("model", metavar="MODEL", help="a local Hugging Face model directory or a hub id (owner/name)")
     x.add_argument("--placement", required=True, metavar="FILE", help="a placement.json from 'place'")
@@ -517,6 +534,19 @@ def _add_scale_args(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="scale of aihwkit's input-dependent IR drop along each tile's inputs (0; its standard preset 1)",
     )
+    p.add_argument(
+        "--noise-management",
+        choices=("abs-max", "constant"),
+        default=None,
+        help="abs-max: each input vector scaled by its abs-max per tile (the presets' default); constant: by a fixed "
+        "input range per expert matrix and tile, calibrated on text (standard-hwa's; needs --input-ranges, or "
+        "--calib where the command takes it)",
+    )
+    p.add_argument(
+        "--input-ranges",
+        metavar="FILE",
+        help="input ranges for constant noise management, from 'calibrate-ranges'",
+    )
 
 
 def _times(text: str) -> list[float]:
@@ -538,7 +568,7 @@ def _analog_cfg(args, several_times: bool = True):
             f"--t-inference {','.join(f'{t:g}' for t in times)}: {args.command} programs one instance at one time; "
             "give one value"
         )
-    names = ("w_noise", "w_noise_type", "ir_drop", "bound_management")
+    names = ("w_noise", "w_noise_type", "ir_drop", "bound_management", "noise_management")
     extra = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
     compensation = getattr(args, "drift_compensation", None)
     if compensation == "none":
@@ -553,7 +583,8 @@ def _add_noise_args(p: argparse.ArgumentParser) -> None:
         "--noise",
         default="pcm",
         metavar="PRESET",
-        help="pcm (default), dac-adc, gaussian, reram-wan2022, reram-cmo, hermes-pcm or ideal (listed below)",
+        help="pcm (default), dac-adc, gaussian, standard-hwa, reram-wan2022, reram-cmo, hermes-pcm or ideal (listed "
+        "below)",
     )
     _add_scale_args(p)
     p.add_argument(
@@ -648,6 +679,88 @@ def _load(args):
             load_tokenizer(args.model), text, max_tokens=args.calib_tokens, source=args.calib
         )
     return model, info, calibration
+
+
+def _attach_ranges(args, model, info, cfg, calibration=None) -> dict | None:
+    """Input ranges on ``model`` for constant noise management: ``--input-ranges``, else calibrated on ``--calib``
+    text (the model canonicalised, all digital, first); what results record about them. Flags that do not apply
+    are refused in one line."""
+    from .analog.input_ranges import NO_RANGES, InputRanges, attach_input_ranges, calibrate_input_ranges
+    from .placement.placement import config_hash
+
+    if cfg.noise_management != "constant":
+        if args.input_ranges:
+            raise HetMoEError(
+                "--input-ranges applies to constant noise management: add --noise-management constant or use "
+                "--noise standard-hwa"
+            )
+        return None
+    if args.input_ranges:
+        ranges = InputRanges.load(args.input_ranges)
+        want = ranges.model.get("config_sha256")
+        if want is not None and want != config_hash(model):
+            raise HetMoEError(
+                f"--input-ranges {args.input_ranges}: calibrated on another model ({ranges.model.get('source')}); "
+                "calibrate them on this one with 'calibrate-ranges'"
+            )
+        origin = str(args.input_ranges)
+    elif calibration is not None:
+        from .canonicalize import canonicalize
+
+        canonicalize(model, None, info)
+        ranges = calibrate_input_ranges(model, info, calibration, cfg.tile_size)
+        origin = "calibrated on --calib"
+        print(f"calibrated input ranges on {calibration.num_tokens} tokens of {calibration.source}", file=sys.stderr)
+    else:
+        raise HetMoEError(NO_RANGES)
+    attach_input_ranges(model, ranges, info)
+    if ranges.tile_size != cfg.tile_size:
+        ranges.for_experts(info.moe_layers[0].index, [0], cfg.tile_size)  # one line naming the mismatch
+    return {
+        "origin": origin,
+        "source": ranges.source,
+        "tokens": ranges.tokens,
+        "quantile": ranges.quantile,
+        "sha256": ranges.digest,
+    }
+
+
+def cmd_calibrate_ranges(args) -> int:
+    from .analog.input_ranges import DEFAULT_QUANTILE, calibrate_input_ranges
+    from .canonicalize import canonicalize
+    from .placement.placement import model_identity
+
+    if not args.calib:
+        raise HetMoEError("calibrate-ranges needs calibration text: add --calib TEXTFILE")
+    quantile = DEFAULT_QUANTILE if args.quantile is None else args.quantile
+    if not 0.5 <= quantile <= 1.0:
+        raise HetMoEError(f"--quantile {quantile}: give a quantile in [0.5, 1] (aihwkit's default {DEFAULT_QUANTILE})")
+    model, info, calibration = _load(args)
+    canonicalize(model, None, info)
+    ranges = calibrate_input_ranges(model, info, calibration, args.tile_size, quantile)
+    identity = model_identity(model, info, args.model)
+    ranges = replace(ranges, model={k: identity[k] for k in ("source", "architecture", "config_sha256")})
+    ranges.save(args.out)
+    rows = []
+    for layer, lr in sorted(ranges.layers.items()):
+        rows.append(
+            [
+                layer,
+                f"{float(lr.gate_up.min()):.3g}..{float(lr.gate_up.max()):.3g}",
+                f"{float(lr.down.min()):.3g}..{float(lr.down.max()):.3g}",
+                f"{min(lr.rows)}..{max(lr.rows)}",
+                ",".join(map(str, lr.all_tokens)) or "-",
+            ]
+        )
+    from .tables import format_table
+
+    print(
+        format_table(
+            ["layer", "gate_up ranges", "down ranges", "routed rows per expert", "on all tokens (few routed)"], rows
+        )
+    )
+    print(f"\nwrote {args.out} (quantile {quantile:g} of |x| over {calibration.num_tokens} tokens)")
+    return 0
 
 
 def _scores_from_checkpoint(args, names: list[str]) -> bool:
@@ -831,6 +944,7 @@ def cmd_eval(args) -> int:
     tokenizer = load_tokenizer(args.model)
     ppl_scored = _ppl_scored(tokenizer, spec, prepared)
     model, info, calibration = _load(args)
+    ranges_record = _attach_ranges(args, model, info, cfg, calibration)
     policy = None
     if placement is None:
         policy = PlacementPolicy(args.digital_fraction, args.selector, dense=args.dense or "digital", seed=args.seed)
@@ -858,6 +972,7 @@ def cmd_eval(args) -> int:
         "model": placement.model,
         "policy": {**placement.policy.to_dict(), "dense": dense},
         "analog": cfg.to_dict(),
+        "input_ranges": ranges_record,
         "seeds": spec.seeds,
         "ppl_text": spec.ppl_path,
         "ppl_tokens": ppl_scored,
@@ -909,6 +1024,7 @@ def cmd_sweep(args) -> int:
     tokenizer = load_tokenizer(args.model)
     ppl_scored = _ppl_scored(tokenizer, spec, prepared)
     model, info, calibration = _load(args)
+    ranges_record = _attach_ranges(args, model, info, cfg, calibration)
     rows = run_sweep(
         model,
         info,
@@ -938,6 +1054,7 @@ def cmd_sweep(args) -> int:
         "num_fewshot": spec.num_fewshot,
         "lm_eval": prepared.lm_eval,
         "cost_params": cost_params.to_dict(),
+        "input_ranges": ranges_record,
     }
     written = write_sweep(out, rows, cfg, spec, meta)
     print(results_markdown(rows, cfg, spec.seeds))
@@ -968,6 +1085,9 @@ def cmd_export(args) -> int:
     hf_logging.disable_progress_bar()  # keep stderr for our bars and one-line errors
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     model = load_model(args.model, dtype=dtype, device="cpu")
+    from .models import recognize
+
+    _attach_ranges(args, model, recognize(model), cfg)
     compiled = compile(
         model,
         None,
@@ -1083,6 +1203,7 @@ def main(argv: list[str] | None = None) -> int:
             "sweep": cmd_sweep,
             "export": cmd_export,
             "run": cmd_run,
+            "calibrate-ranges": cmd_calibrate_ranges,
         }
         if getattr(args, "out", None):
             check_output_path(args.out)  # before the model loads: a bad --out costs no work

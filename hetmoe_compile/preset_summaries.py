@@ -7,6 +7,9 @@ PRESET_SUMMARIES = {
     "t_inference, global drift compensation, 8-bit DAC/ADC, output noise, 512x512 tiles, per-row scaling (default)",
     "dac-adc": "8-bit DAC/ADC quantisation and output noise only; weights exact",
     "gaussian": "additive weight noise, std = sigma x the row's abs-max (sigma 0.05)",
+    "standard-hwa": "aihwkit's StandardHWATrainingPreset (Rasch et al., Nat. Commun. 2023): pcm plus read noise "
+    "(w_noise 0.0175, PCM_READ), IR drop 1 and constant noise management with input ranges calibrated on "
+    "--calib text (or --input-ranges)",
     "reram-wan2022": "ReRAM (Wan et al., Nature 2022; aihwkit ReRamWan2022NoiseModel): programming noise and the "
     "spread at t_inference 1, 86400 (default) or 172800 s; periphery as pcm",
     "reram-cmo": "CMO/HfOx ReRAM (IBM Research Zurich; aihwkit ReRamCMONoiseModel): one device per weight, "

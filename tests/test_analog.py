@@ -39,9 +39,10 @@ def test_presets_and_json_round_trip():
     [
         (
             dict(preset="magic"),
-            "unknown noise preset 'magic'; choose one of pcm, dac-adc, gaussian, reram-wan2022, reram-cmo, "
-            "hermes-pcm, ideal",
+            "unknown noise preset 'magic'; choose one of pcm, dac-adc, gaussian, standard-hwa, reram-wan2022, "
+            "reram-cmo, hermes-pcm, ideal",
         ),
+        (dict(preset="pcm", noise_management="none"), "noise_management must be one of abs-max, constant"),
         (dict(preset="pcm", noise_scale=-1), "noise scale must be >= 0"),
         (dict(preset="pcm", t_inference=0), "t_inference must be > 0"),
         (dict(preset="pcm", w_noise=-0.1), "w_noise and ir_drop must be >= 0"),

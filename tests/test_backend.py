@@ -120,6 +120,29 @@ def test_pcm_matches_the_eager_simulation_of_the_same_placement():
     torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
 
 
+def test_standard_hwa_takes_input_ranges_and_equals_the_eager_simulation(tmp_path):
+    """Constant noise management under the backend: the input_ranges option (an InputRanges or its file) gives the
+    devices and ranges of the eager simulation; without ranges, one line naming the fix."""
+    from hetmoe_compile.analog.input_ranges import attach_input_ranges, calibrate_input_ranges
+    from hetmoe_compile.calibration import Calibration
+
+    compiled = hc.compile(tiny_model("olmoe"), hc.PlacementPolicy(0.25), "standard-hwa")
+    cal = Calibration(torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(5)))
+    ranges = calibrate_input_ranges(compiled.model, compiled.info, cal)
+    attach_input_ranges(compiled.model, ranges, compiled.info)
+    with torch.no_grad():
+        eager = compiled.simulate(seed=3)(input_ids=IDS, use_cache=False).logits
+    path = ranges.save(tmp_path / "ranges.json")
+    for given in (ranges, str(path)):
+        fwd = _compiled_forward(tiny_model("olmoe"), {"noise": "standard-hwa", "seed": 3, "input_ranges": given})
+        with torch.no_grad():
+            got = fwd(input_ids=IDS, use_cache=False).logits
+        torch.testing.assert_close(got, eager, rtol=0, atol=1e-5)
+    fwd = _compiled_forward(tiny_model("olmoe"), {"noise": "standard-hwa"})
+    with pytest.raises(HetMoEError, match="needs input ranges calibrated on text"):
+        fwd(input_ids=IDS, use_cache=False)
+
+
 @pytest.mark.parametrize("prepared", [True, False])
 def test_dynamic_sequence_lengths_and_generate_do_not_recompile_every_call(prepared):
     model = tiny_model("olmoe")

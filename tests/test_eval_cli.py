@@ -241,8 +241,8 @@ def test_sweep_at_several_times_writes_the_time_plot(tmp_path, hand):
     [
         (
             ["--noise", "magic"],
-            "unknown noise preset 'magic'; choose one of pcm, dac-adc, gaussian, reram-wan2022, reram-cmo, "
-            "hermes-pcm, ideal",
+            "unknown noise preset 'magic'; choose one of pcm, dac-adc, gaussian, standard-hwa, reram-wan2022, "
+            "reram-cmo, hermes-pcm, ideal",
         ),
         (["--noise-scale", "-1"], "--noise-scale: -1 is not a finite number >= 0"),
         (["--t-inference", "0"], "--t-inference: 0 is not a finite number > 0"),

@@ -26,7 +26,14 @@ def aihwkit_rpu_config(cfg: AnalogConfig):
     rpu.forward.out_noise = cfg.out_noise
     rpu.forward.out_bound = cfg.out_bound if (cfg.adc_bits or cfg.out_noise) else -1
     rpu.forward.inp_bound = 1.0
-    rpu.forward.noise_management = NoiseManagementType.ABS_MAX
+    if cfg.noise_management == "constant":  # the input ranges divide the inputs; the tile does not rescale them
+        rpu.forward.noise_management = NoiseManagementType.CONSTANT
+        rpu.forward.nm_thres = 1.0
+        rpu.pre_post.input_range.enable = True
+        rpu.pre_post.input_range.learn_input_range = False
+        rpu.pre_post.input_range.init_from_data = 0
+    else:
+        rpu.forward.noise_management = NoiseManagementType.ABS_MAX
     rpu.forward.bound_management = BoundManagementType.NONE
     rpu.forward.w_noise = 0.0
     rpu.mapping.weight_scaling_omega = 1.0
@@ -42,29 +49,39 @@ def aihwkit_rpu_config(cfg: AnalogConfig):
     return rpu
 
 
-def aihwkit_linear(weight: torch.Tensor, cfg: AnalogConfig, seed: int) -> nn.Module:
-    """An aihwkit analog layer holding ``weight [out, in]``, programmed (and drifted) for one instance."""
+def aihwkit_linear(weight: torch.Tensor, cfg: AnalogConfig, seed: int, ranges: torch.Tensor | None = None) -> nn.Module:
+    """An aihwkit analog layer holding ``weight [out, in]``, programmed (and drifted) for one instance;
+    ``ranges [C]``: the input range of each input tile (constant noise management), set on every tile that takes
+    that input slice."""
     from aihwkit.nn.conversion import convert_to_analog
 
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
     with torch.no_grad():
         linear.weight.copy_(weight)
     analog = convert_to_analog(linear, aihwkit_rpu_config(cfg)).eval()
+    if cfg.noise_management == "constant":
+        if ranges is None:
+            raise ValueError("constant noise management needs the input ranges")
+        for name, tile in analog.named_analog_tiles():  # "analog_module.array.<input tile>.<output tile>"
+            c = int(name.split(".array.")[1].split(".")[0]) if ".array." in name else 0
+            tile.set_input_range(float(ranges[c]))
     torch.manual_seed(seed)
     if cfg.programming_noise or cfg.drift:
         analog.drift_analog_weights(cfg.t_inference if cfg.drift else 0.0)
     return analog
 
 
-def native_tile_forward(x, weight, cfg: AnalogConfig, rng=None):
+def native_tile_forward(x, weight, cfg: AnalogConfig, rng=None, ranges=None):
     """aihwkit's C++ analog forward for ``weight [out, in]`` on exact devices (no programming noise), transcribed
     loop for loop from ``src/rpucuda/rpu_forward_backward_pass.cpp`` (v1.1.0: ``forwardVector`` with abs-max noise
-    management and no or iterative bound management, ``prepareInput``, ``applyIrDrop``, ``applyOutputWeightNoise``,
+    management (or constant, with input ranges) and no or iterative bound management, ``prepareInput``,
+    ``applyIrDrop``, ``applyOutputWeightNoise``,
     ``finalizeOutput``), in float64 numpy, one token and one tile at a time. The reference for the effects
     aihwkit's PyTorch tile lacks: its C++ tiles (``InferenceRPUConfig``) do not load under the pinned torch
     (``RuntimeError: weights must be a CPU tensor``). Tiles split the inputs as aihwkit's ``TileModuleArray`` does,
     each output row scaled to abs-max 1 per tile (``weight_scaling_columnwise``). ``rng``: a numpy Generator for
-    the per-MVM noise. Returns ``[n, out]``."""
+    the per-MVM noise. ``ranges [C]``: constant noise management, each input tile divided by its input range
+    (aihwkit's ``pre_post.input_range``) instead of the token's abs-max. Returns ``[n, out]``."""
     import numpy as np
 
     from .tiles import split_sizes
@@ -84,7 +101,7 @@ def native_tile_forward(x, weight, cfg: AnalogConfig, rng=None):
         n = w.shape[1]
         for t in range(x.shape[0]):
             x_t = x[t, c * size : (c + 1) * size]
-            nm = np.abs(x_t).max()
+            nm = np.abs(x_t).max() if ranges is None else float(ranges[c])
             if nm <= 0:
                 continue
             reduction = 0.5

@@ -1,9 +1,13 @@
 """Analog (AIMC) hardware configuration and its presets.
 
-Sources: the periphery follows aihwkit's ``StandardHWATrainingPreset`` (8-bit DAC and ADC, ``inp_res = out_res =
-1/254``, output noise 0.04, output bound 10, per-column weight scaling, 512x512 tiles, ``PCMLikeNoiseModel``,
-``GlobalDriftCompensation``) with abs-max noise management and no bound management (iterative bound management
-needs data-dependent control flow); the paper used 8-bit converters, 512x512 tiles and PCM programming noise.
+Sources: the ``pcm`` periphery follows aihwkit's ``StandardHWATrainingPreset`` (8-bit DAC and ADC, ``inp_res =
+out_res = 1/254``, output noise 0.04, output bound 10, per-column weight scaling, 512x512 tiles,
+``PCMLikeNoiseModel``, ``GlobalDriftCompensation``) without its read noise and IR drop, and with abs-max noise
+management instead of calibrated input ranges: the setting the paper used (8-bit converters, 512x512 tiles, PCM
+programming noise). ``standard-hwa`` is aihwkit's preset in full (``w_noise`` 0.0175 ``PCM_READ``, IR drop 1,
+constant noise management with input ranges calibrated on text); its tiles also split the outputs at 512, where
+aihwkit's preset leaves them whole (``max_output_size=0``), which changes only the global drift compensation's
+grouping.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from ..errors import HetMoEError
 W_NOISE_TYPES = ("pcm-read", "additive")
 DRIFT_COMPENSATIONS = ("global", "per-column")
 BOUND_MANAGEMENTS = ("none", "iterative")
+NOISE_MANAGEMENTS = ("abs-max", "constant")
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,10 @@ class AnalogConfig:
     ratio (aihwkit's default: 0.35 Ohm wires, 5 uS devices). ``drift_compensation_type`` ``global``: one factor
     per tile (aihwkit's ``GlobalDriftCompensation``); ``per-column``: one per output of each tile (its
     ``PerColumnDriftCompensation``). ``bound_management`` ``iterative``: aihwkit's iterative bound management, a
-    tile whose output saturates the ADC re-run with its input halved until it does not."""
+    tile whose output saturates the ADC re-run with its input halved until it does not. ``noise_management``
+    ``abs-max``: each input vector scaled by its abs-max per tile (aihwkit's ``ABS_MAX``); ``constant``: by a fixed
+    input range per (matrix, input tile) calibrated on text (its ``CONSTANT`` with ``pre_post.input_range``; the
+    ranges come from :func:`~.input_ranges.calibrate_input_ranges`)."""
 
     preset: str = "pcm"
     device: str = "pcm"
@@ -50,6 +58,7 @@ class AnalogConfig:
     ir_drop: float = 0.0
     ir_drop_g_ratio: float = 1.0 / 0.35 / 5e-6
     bound_management: str = "none"
+    noise_management: str = "abs-max"
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -89,6 +98,10 @@ class AnalogConfig:
             raise HetMoEError(
                 f"bound_management must be one of {', '.join(BOUND_MANAGEMENTS)}, got {self.bound_management!r}"
             )
+        if self.noise_management not in NOISE_MANAGEMENTS:
+            raise HetMoEError(
+                f"noise_management must be one of {', '.join(NOISE_MANAGEMENTS)}, got {self.noise_management!r}"
+            )
         if self.w_noise_type not in W_NOISE_TYPES:
             raise HetMoEError(f"w_noise_type must be one of {', '.join(W_NOISE_TYPES)}, got {self.w_noise_type!r}")
         for name in ("dac_bits", "adc_bits"):
@@ -110,6 +123,7 @@ class AnalogConfig:
             and self.out_noise == 0
             and self.w_noise == 0
             and self.ir_drop == 0
+            and self.noise_management == "abs-max"  # calibrated ranges clip inputs
         )
 
     @property
@@ -152,6 +166,9 @@ PRESETS: dict[str, AnalogConfig] = {
         dac_bits=0,
         adc_bits=0,
         out_noise=0.0,
+    ),
+    "standard-hwa": AnalogConfig(
+        preset="standard-hwa", w_noise=0.0175, w_noise_type="pcm-read", ir_drop=1.0, noise_management="constant"
     ),
     "reram-wan2022": AnalogConfig(preset="reram-wan2022", device="reram-wan2022", t_inference=86400.0),
     "reram-cmo": AnalogConfig(preset="reram-cmo", device="reram-cmo"),

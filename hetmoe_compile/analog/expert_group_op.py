@@ -34,8 +34,12 @@ def analog_expert_group_op(
     alpha: float,
     limit: float,
     periphery: list[float],
+    gate_up_range: torch.Tensor | None = None,
+    down_range: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Routed contribution of the group's experts, every MVM on simulated tiles (biases added digitally)."""
+    """Routed contribution of the group's experts, every MVM on simulated tiles (biases added digitally).
+    ``gate_up_range``/``down_range [E, C]``: calibrated input ranges (constant noise management; abs-max when
+    absent)."""
     io = Periphery(*periphery)
     gen = None
     if io.noisy:
@@ -67,23 +71,32 @@ def analog_expert_group_op(
             limit,
             io,
             gen,
+            gate_up_range,
+            down_range,
         )
     out = torch.zeros_like(hidden)
     token, flat_slot, counts = routed_slots(top_k_index, expert_ids, num_experts)
     weights = top_k_weights.reshape(-1)[flat_slot]
-    # A token routed to several analog experts enters the DACs with the same levels: convert every token once.
-    levels, nm = dac(hidden, gate_up_weight.shape[2:], io)
+    # Under abs-max noise management a token routed to several analog experts enters the DACs with the same levels:
+    # convert every token once. Calibrated ranges differ per expert.
+    shared = dac(hidden, gate_up_weight.shape[2:], io) if gate_up_range is None else None
     start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
         tok = token[start : start + n]
         gate_up = ProgrammedMatrix(gate_up_weight[e], gate_up_scale[e])
-        h = tile_mvm(levels[:, tok], nm[:, tok], gate_up, io, gen, hidden.shape[-1]).to(hidden.dtype)
+        if shared is None:
+            assert gate_up_range is not None
+            levels, nm = dac(hidden[tok], gate_up_weight.shape[2:], io, gate_up_range[e])
+        else:
+            levels, nm = shared[0][:, tok], shared[1][:, tok]
+        h = tile_mvm(levels, nm, gate_up, io, gen, hidden.shape[-1]).to(hidden.dtype)
         if gate_up_bias is not None:
             h = h + gate_up_bias[e]
         h = activate(h, activation, act_name, alpha, limit)
-        y = analog_matmul(h, ProgrammedMatrix(down_weight[e], down_scale[e]), io, gen)
+        ranges = None if down_range is None else down_range[e]
+        y = analog_matmul(h, ProgrammedMatrix(down_weight[e], down_scale[e]), io, gen, ranges)
         if down_bias is not None:
             y = y + down_bias[e]
         out.index_add_(0, tok, (y * weights[start : start + n, None]).to(out.dtype))
@@ -109,19 +122,23 @@ def _grouped_analog(
     limit,
     io: Periphery,
     gen: torch.Generator | None,
+    gate_up_range: torch.Tensor | None,
+    down_range: torch.Tensor | None,
 ) -> torch.Tensor:
     """The grouped path of :func:`analog_expert_group_op` (see :mod:`~hetmoe_compile.grouped_routing`)."""
     plan = routing_plan(top_k_index, expert_ids, num_experts)
-    levels, nm = dac(hidden, gate_up_weight.shape[2:], io)
     tok = plan.token
-    h = grouped_tile_mvm(
-        levels[:, tok], nm[:, tok], gate_up_weight, gate_up_scale, plan.row, plan.ends, io, gen, hidden.shape[-1]
-    )
+    if gate_up_range is None:
+        levels, nm = dac(hidden, gate_up_weight.shape[2:], io)
+        levels, nm = levels[:, tok], nm[:, tok]
+    else:  # each row at its expert's ranges
+        levels, nm = dac(hidden[tok], gate_up_weight.shape[2:], io, gate_up_range[plan.row].T)
+    h = grouped_tile_mvm(levels, nm, gate_up_weight, gate_up_scale, plan.row, plan.ends, io, gen, hidden.shape[-1])
     h = h.to(hidden.dtype)
     if gate_up_bias is not None:
         h = h + gate_up_bias[plan.row]
     h = activate(h, activation, act_name, alpha, limit)
-    levels, nm = dac(h, down_weight.shape[2:], io)
+    levels, nm = dac(h, down_weight.shape[2:], io, None if down_range is None else down_range[plan.row].T)
     y = grouped_tile_mvm(levels, nm, down_weight, down_scale, plan.row, plan.ends, io, gen, h.shape[-1])
     y = y.to(hidden.dtype)
     if down_bias is not None:

@@ -34,6 +34,7 @@ from ..models.recognize import ModelInfo, recognize
 from .config import AnalogConfig
 from .expert_group_op import analog_expert_group_op
 from .ideal_store import IdealStore
+from .input_ranges import NO_RANGES, InputRanges, attached_input_ranges
 from .instance import MATRICES, linear_seed, output_noise_seed, program_expert_stacks
 from .programmed_stack import ProgrammedStack
 from .tiles import Periphery, ProgrammedMatrix, analog_matmul
@@ -64,14 +65,29 @@ class AnalogExpertGroup(_HostCounter):
     programmed, its weight storage holds the programmed tiles and its ideal values wait in an
     :class:`~.ideal_store.IdealStore` (see the module docstring); :meth:`release` puts them back."""
 
-    def __init__(self, source: ExpertGroup, cfg: AnalogConfig, seed: int, layer: int) -> None:
+    gate_up_range: torch.Tensor | None  # [E, C] calibrated input ranges (constant noise management)
+    down_range: torch.Tensor | None
+
+    def __init__(
+        self, source: ExpertGroup, cfg: AnalogConfig, seed: int, layer: int, ranges: InputRanges | None = None
+    ) -> None:
         super().__init__()
         self.source = source
         self.cfg = cfg
         self.layer = layer
         self.device_kind = "analog"
+        self.input_ranges = ranges if cfg.noise_management == "constant" else None
         self.register_buffer("rng_state", torch.zeros(1, dtype=torch.long), persistent=False)  # on the host
         self._stacks: dict[str, ProgrammedStack] = {}
+        gate_up_range = down_range = None
+        if cfg.noise_management == "constant":
+            if ranges is None:
+                raise HetMoEError(NO_RANGES)
+            ranges.check_widths(layer, source.gate_up.shape[-1], source.down.shape[-1])
+            gate_up_range, down_range = ranges.for_experts(layer, source.ids, cfg.tile_size)
+            gate_up_range, down_range = gate_up_range.to(source.gate_up.device), down_range.to(source.gate_up.device)
+        self.register_buffer("gate_up_range", gate_up_range, persistent=False)
+        self.register_buffer("down_range", down_range, persistent=False)
         try:
             if not cfg.is_ideal:
                 store = IdealStore.for_device(source.gate_up.device)
@@ -131,6 +147,8 @@ class AnalogExpertGroup(_HostCounter):
             s.alpha,
             s.limit,
             list(Periphery.of(self.cfg)),
+            self.gate_up_range,
+            self.down_range,
         )
 
     def extra_repr(self) -> str:
@@ -194,19 +212,23 @@ class AnalogLinear(_HostCounter):
 def simulate(
     model: nn.Module, cfg: AnalogConfig, seed: int = 0, dense: str = "digital", info: ModelInfo | None = None
 ) -> nn.Module:
-    """Put hardware instance ``seed`` of ``cfg`` under the analog parts of a canonical model (in place)."""
+    """Put hardware instance ``seed`` of ``cfg`` under the analog parts of a canonical model (in place). Constant
+    noise management takes the input ranges attached to the model (:func:`~.input_ranges.attach_input_ranges`)."""
     check_seed(seed)
     check_choice(dense, "dense", ("digital", "analog"))
     if not isinstance(cfg, AnalogConfig):
         raise HetMoEError(f"cfg must be an AnalogConfig (analog_config('pcm') makes one), got {type(cfg).__name__}")
     info = info or recognize(model)
+    ranges = attached_input_ranges(model) if cfg.noise_management == "constant" else None
+    if cfg.noise_management == "constant" and ranges is None:
+        raise HetMoEError(NO_RANGES)
     try:
         for layer, het, group in device_groups(model, info.moe_layers, "analog", "simulate"):
-            if isinstance(group, AnalogExpertGroup) and group.cfg == cfg:
+            if isinstance(group, AnalogExpertGroup) and group.cfg == cfg and group.input_ranges is ranges:
                 group.program(seed)
             else:
                 source = group.release() if isinstance(group, AnalogExpertGroup) else group
-                het.groups["analog"] = AnalogExpertGroup(source, cfg, seed, layer.index)
+                het.groups["analog"] = AnalogExpertGroup(source, cfg, seed, layer.index, ranges)
         _simulate_dense(model, info, cfg, seed, dense)
     except BaseException:  # e.g. no room for the spill file, or Ctrl-C: the digital model back, not half of one
         restore_digital(model, info)
@@ -244,6 +266,11 @@ def _simulate_dense(model: nn.Module, info: ModelInfo, cfg: AnalogConfig | None,
 
 def _place_linear(model: nn.Module, name: str, cfg: AnalogConfig | None, seed: int, key: int) -> None:
     """The linear at ``name`` on tiles of ``cfg`` (instance ``seed``, stream ``key``), or digital if ``cfg`` is None."""
+    if cfg is not None and cfg.noise_management == "constant":
+        raise HetMoEError(
+            f"{name}: noise management 'constant' has calibrated input ranges for routed experts only; dense layers "
+            "on tiles (dense='analog') and HPD halves need noise_management='abs-max'"
+        )
     module = model.get_submodule(name)
     parent_name, attr = name.rsplit(".", 1) if "." in name else ("", name)
     parent = model.get_submodule(parent_name) if parent_name else model

@@ -4,8 +4,9 @@ A matrix ``W [out, in]`` is cut into ``ceil(n / tile_size)`` equal column blocks
 aihwkit's ``TileModuleArray`` does. Each row of each tile is mapped to conductances on its own scale (its abs-max:
 aihwkit's ``weight_scaling_columnwise``), programmed with the noise model, drifted to ``t_inference`` with read
 noise, and compensated by one global factor per tile (aihwkit's ``GlobalDriftCompensation``, using its expected
-read-out). The MVM applies per-token abs-max noise management and DAC quantisation per tile, output noise, ADC
-quantisation and clipping per tile, and sums the tiles' partial outputs digitally.
+read-out). The MVM applies noise management (per-token abs-max, or constant with calibrated input ranges) and DAC
+quantisation per tile, output noise, ADC quantisation and clipping per tile, and sums the tiles' partial outputs
+digitally.
 """
 
 from __future__ import annotations
@@ -173,20 +174,45 @@ def quantize(x: torch.Tensor, res: float, bound: float) -> torch.Tensor:
     return x.clamp(-bound, bound)
 
 
-def dac(x: torch.Tensor, tiles: tuple[int, ...], cfg: Periphery) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input side of a tiled MVM: ``x [n, in]`` -> integer DAC levels ``[C, n, T]`` and the per-token, per-tile
-    abs-max scale ``[C, n, 1]`` (aihwkit's abs-max noise management and input quantisation). With bound management
-    the levels stay unrounded: each round of it quantises them at its own input scale."""
+def dac(
+    x: torch.Tensor, tiles: tuple[int, ...], cfg: Periphery, ranges: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input side of a tiled MVM: ``x [n, in]`` -> DAC levels ``[C, n, T]`` and the per-token, per-tile input
+    scale ``[C, n, 1]``. Noise management: abs-max per (tile, token) (aihwkit's ``ABS_MAX``), or, with ``ranges``
+    (``[C]`` for every row, or ``[C, n]`` per row), aihwkit's constant noise management with calibrated input
+    ranges: the scale is the tile's range and the DAC clips the levels to its bound (see
+    :mod:`~.input_ranges`). Levels are integers and within the DAC's bound; with bound management they stay
+    unrounded and unclipped: each round of it quantises and clips them at its own input scale."""
     c, t = tiles
     xf = x.to(torch.float32)
     if c * t != xf.shape[-1]:
         xf = F.pad(xf, (0, c * t - xf.shape[-1]))
     xt = xf.reshape(-1, c, t).transpose(0, 1)  # [C, n, T]
-    nm = torch.linalg.vector_norm(xt, ord=float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
+    if ranges is None:
+        nm = torch.linalg.vector_norm(xt, ord=float("inf"), dim=-1, keepdim=True).clamp_(min=1e-30)
+    else:
+        r = ranges.to(device=xt.device, dtype=torch.float32)
+        nm = (r[:, None, None] if r.dim() == 1 else r[..., None]).expand(c, xt.shape[1], 1)
     levels = xt / (nm * _in_step(cfg))
-    if cfg.inp_res > 0 and not cfg.bound_management:
-        levels.round_()  # |level| <= 1 / (2 inp_res) since |x / nm| <= 1
+    if not cfg.bound_management:
+        levels = _quantise_levels(levels, cfg, clip=ranges is not None)
     return levels, nm
+
+
+def _quantise_levels(levels: torch.Tensor, cfg: Periphery, clip: bool = True) -> torch.Tensor:
+    """DAC rounding (with a DAC) and clipping to the DAC's bound (``clip``: needless under abs-max scaling, where
+    ``|x / nm| <= 1``), in place."""
+    if cfg.inp_res > 0:
+        levels.round_()
+    if clip:
+        bound = _level_bound(cfg)
+        levels.clamp_(-bound, bound)
+    return levels
+
+
+def _level_bound(cfg: Periphery) -> float:
+    """The largest DAC level: the input bound 1 in DAC steps (127 for 8 bits; 1 without a DAC)."""
+    return 1.0 / _in_step(cfg)
 
 
 def _in_step(cfg: Periphery) -> float:
@@ -342,7 +368,7 @@ def _managed(
     down by 2, 4, ... (a fresh draw of every noise each round), until no output saturates or the reduction
     exceeds ``max_bm_factor`` or ``max_bm_res`` over the DAC step; the last round is kept either way. Each round
     re-runs only the tokens with a saturated tile and replaces only those tiles' outputs."""
-    y, unit = product(levels.round() if cfg.bound_management and cfg.inp_res > 0 else levels, None)
+    y, unit = product(_quantise_levels(levels.clone(), cfg) if cfg.bound_management else levels, None)
     y, unit, fail = _adc(y, unit, cfg, generator)
     if cfg.bound_management and fail is not None:
         step = _in_step(cfg)
@@ -353,8 +379,7 @@ def _managed(
         while r <= limit and bool(fail.any()):
             r *= 2
             rows = fail.any(0).nonzero().squeeze(1)
-            lv = levels[:, rows] / r
-            again, again_unit = product(lv.round_() if cfg.inp_res > 0 else lv, rows)
+            again, again_unit = product(_quantise_levels(levels[:, rows] / r, cfg), rows)
             again, _, fail_again = _adc(again, again_unit, cfg, generator)
             assert fail_again is not None  # a bounded output, as in the first round
             was = fail[:, rows]
@@ -388,13 +413,18 @@ def _adc(
 
 
 def analog_matmul(
-    x: torch.Tensor, prog: ProgrammedMatrix, cfg: AnalogConfig | Periphery, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    prog: ProgrammedMatrix,
+    cfg: AnalogConfig | Periphery,
+    generator: torch.Generator | None = None,
+    ranges: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``x [n, in] @ W.T`` through the tiles of ``prog``; returns ``[n, out]`` in ``x``'s dtype.
+    """``x [n, in] @ W.T`` through the tiles of ``prog``; returns ``[n, out]`` in ``x``'s dtype. ``ranges [C]``:
+    the matrix's calibrated input ranges (constant noise management; abs-max without).
 
-    Same arithmetic as aihwkit's forward (abs-max noise management, uniform quantisation, output noise, clipping),
+    Same arithmetic as aihwkit's forward (noise management, uniform quantisation, output noise, clipping),
     arranged for few passes over memory: inputs are quantised to integer DAC levels, the tile computes in level
     units, and one multiply per output maps ADC levels back to weight units."""
     cfg = Periphery.of(cfg) if isinstance(cfg, AnalogConfig) else cfg
-    levels, nm = dac(x, prog.weight.shape[1:], cfg)
+    levels, nm = dac(x, prog.weight.shape[1:], cfg, ranges)
     return tile_mvm(levels, nm, prog, cfg, generator, x.shape[-1]).to(x.dtype)

@@ -8,9 +8,9 @@ matrices are separate initializers named ``L<layer>.E<expert>.<matrix>`` in cano
 for a toolchain to program.
 
 With a :class:`ProgrammedExpert` per expert the body instead simulates one AIMC hardware instance exactly as
-``hetmoe::analog_expert_group`` does: abs-max noise management and DAC rounding per token and tile, the MVM on the
-programmed (noisy, drifted) normalised weights, output noise, ADC rounding and clipping per tile, then the tiles'
-digital sum scaled back to weight units.
+``hetmoe::analog_expert_group`` does: noise management (abs-max per token and tile, or constant with calibrated
+input ranges) and DAC rounding and clipping, the MVM on the programmed (noisy, drifted) normalised weights, output
+noise, ADC rounding and clipping per tile, then the tiles' digital sum scaled back to weight units.
 """
 
 from __future__ import annotations
@@ -57,12 +57,15 @@ class ExpertArrays:
 @dataclass(frozen=True)
 class ProgrammedExpert:
     """One expert as programmed on tiles: normalised weights ``[out, C, T]`` and scales ``[out, C]`` per matrix
-    (numpy arrays, or lazy objects with ``shape`` and ``load()``)."""
+    (numpy arrays, or lazy objects with ``shape`` and ``load()``); with constant noise management, each matrix's
+    input range per input tile."""
 
     gate_up_weight: np.ndarray | LazyArray
     gate_up_scale: np.ndarray | LazyArray
     down_weight: np.ndarray | LazyArray
     down_scale: np.ndarray | LazyArray
+    gate_up_range: np.ndarray | None = None  # [C] calibrated input ranges (constant noise management)
+    down_range: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -144,12 +147,22 @@ def expert_group_body(
             assert periphery is not None  # checked on entry: a programmed instance comes with its periphery
             prog = programmed[i]
             h = _tiled(
-                b, x, ex.gate_up.shape[1], prog.gate_up_weight, prog.gate_up_scale, periphery, p + "gate_up", dtype
+                b,
+                x,
+                ex.gate_up.shape[1],
+                prog.gate_up_weight,
+                prog.gate_up_scale,
+                periphery,
+                p + "gate_up",
+                dtype,
+                prog.gate_up_range,
             )
             if ex.gate_up_bias is not None:
                 h = b.op("Add", [h, b.const(p + "gate_up_bias", ex.gate_up_bias, public=True)])
             h = _activate(b, h, act, dtype, ex.gate_up.shape[0] // 2)
-            y = _tiled(b, h, ex.down.shape[1], prog.down_weight, prog.down_scale, periphery, p + "down", dtype)
+            y = _tiled(
+                b, h, ex.down.shape[1], prog.down_weight, prog.down_scale, periphery, p + "down", dtype, prog.down_range
+            )
             if ex.down_bias is not None:
                 y = b.op("Add", [y, b.const(p + "down_bias", ex.down_bias, public=True)])
         ys.append(b.op("Mul", [y, b.op("Unsqueeze", [w, b.vector([1])])], "y"))
@@ -239,17 +252,23 @@ def _tiled(
     io: TilePeriphery,
     name: str,
     dtype: np.dtype,
+    ranges: np.ndarray | None = None,
 ) -> str:
-    """``x [n, in] -> [n, out]`` through the tiles of one programmed matrix (mirrors ``analog.tiles``)."""
+    """``x [n, in] -> [n, out]`` through the tiles of one programmed matrix (mirrors ``analog.tiles``); ``ranges
+    [C]``: constant noise management with these input ranges (abs-max without)."""
     out, c, t = weight.shape
     xf = b.op("Cast", [x], to=TensorProto.FLOAT) if dtype != np.float32 else x
     pad = c * t - n_in
     if pad:
         xf = b.op("Pad", [xf, b.vector([0, 0, 0, pad])])
     xt = b.op("Transpose", [b.op("Reshape", [xf, b.vector([-1, c, t])])], "xt", perm=[1, 0, 2])  # [C, n, T]
-    nm = b.op("ReduceMax", [b.op("Abs", [xt]), b.vector([-1])], "nm", keepdims=1)
-    nm = b.op("Max", [nm, b.scalar(1e-30, np.float32)])
+    if ranges is None:
+        nm = b.op("ReduceMax", [b.op("Abs", [xt]), b.vector([-1])], "nm", keepdims=1)
+        nm = b.op("Max", [nm, b.scalar(1e-30, np.float32)])
+    else:  # one input range per tile, broadcast over the tokens
+        nm = b.const(name + ".input_range", np.asarray(ranges, dtype=np.float32).reshape(c, 1, 1), public=True)
     in_step = io.inp_res * 2.0 if io.inp_res > 0 else 1.0
+    bound = 1.0 / in_step  # the DAC's largest level
     levels = b.op("Div", [xt, b.op("Mul", [nm, b.scalar(in_step, np.float32)])], "levels")
     w = b.const(
         name + ".programmed",
@@ -265,6 +284,8 @@ def _tiled(
         """The tiles on DAC levels ``lv``: ``(outputs, their unit, which (tile, token) saturated)``."""
         if io.inp_res > 0:
             lv = b.op("Round", [lv])
+        if ranges is not None:  # inputs beyond the range saturate the DAC (abs-max levels never exceed it)
+            lv = b.op("Clip", [lv, b.scalar(-bound, np.float32), b.scalar(bound, np.float32)])
         y = b.op("MatMul", [lv, w], "tile")  # [C, n, out] in DAC steps
         unit = in_step
         if io.ir_drop > 0 or io.w_noise > 0:

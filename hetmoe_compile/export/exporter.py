@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from ..analog.config import AnalogConfig
+from ..analog.input_ranges import NO_RANGES, InputRanges, attach_input_ranges, attached_input_ranges
 from ..analog.instance import output_noise_seed, program_group
 from ..analog.simulate import restore_digital
 from ..analog.tiles import split_sizes
@@ -91,6 +92,11 @@ def export_onnx(
     if options.instance_seed is not None and cfg.gaussian_sigma == 0 and cfg.is_ideal:
         raise HetMoEError("--instance-seed with the 'ideal' preset programs nothing; choose pcm, dac-adc or gaussian")
     info = recognize(model)
+    ranges = attached_input_ranges(model) if cfg.noise_management == "constant" else None
+    if cfg.noise_management == "constant":
+        if ranges is None:
+            raise HetMoEError(NO_RANGES)
+        attach_input_ranges(model, ranges, info)  # checked against the model before any work
     lowbit = _lowbit_layers(model, info)
     if lowbit and options.ort_moe:
         raise HetMoEError("low-bit digital experts are exported as MatMulNBits; drop --ort-moe")
@@ -149,7 +155,7 @@ def export_onnx(
                     assert part.layer is not None  # an analog partition is one layer's group
                     steps.set_postfix_str(f"programming and writing {part.name}.instance")
                     group = by_layer[part.layer]
-                    programmed, periphery = program_instance(model, info, group, cfg, options.instance_seed)
+                    programmed, periphery = program_instance(model, info, group, cfg, options.instance_seed, ranges)
                     inst = analog_partition(group, store, dtype, types, programmed, periphery, ROOT_PREFIX)
                     identity = partition_identity(
                         part.name, part.device, part.layer, part.expert_ids, "instance", options.instance_seed
@@ -185,6 +191,8 @@ def export_onnx(
                 _contrib_ops(options.ort_moe, lowbit),
                 cost,
             )
+            if ranges is not None:
+                manifest["analog"]["input_ranges"] = ranges.to_dict()
             if options.kv_cache:
                 manifest["genai_config"] = _write_genai_config(manifest, model, tmp)
             write_manifest(manifest, tmp / MANIFEST_NAME)
@@ -275,13 +283,19 @@ def _doc(part) -> str:
 
 
 def program_instance(
-    model: nn.Module, info, group: GroupNode, cfg: AnalogConfig, seed: int
+    model: nn.Module, info, group: GroupNode, cfg: AnalogConfig, seed: int, ranges: InputRanges | None = None
 ) -> tuple[list[ProgrammedExpert], TilePeriphery]:
     """Hardware instance ``seed`` of one analog group: the same devices as ``simulate(model, cfg, seed)`` (an
-    expert's devices depend only on seed, layer, expert and matrix). Experts are programmed one at a time, when
-    the partition writer asks for their weights."""
+    expert's devices depend only on seed, layer, expert and matrix), with the group's calibrated input ranges
+    under constant noise management. Experts are programmed one at a time, when the partition writer asks for
+    their weights."""
     het = cast(HetExperts, model.get_submodule(info.layer(group.layer).experts))
     source = cast(ExpertGroup, het.groups["analog"])  # the ideal group: export restored the digital model
+    gate_up_range = down_range = None
+    if cfg.noise_management == "constant":
+        assert ranges is not None  # export_onnx checks
+        ranges.check_widths(group.layer, source.gate_up.shape[-1], source.down.shape[-1])
+        gate_up_range, down_range = (r.numpy() for r in ranges.for_experts(group.layer, source.ids, cfg.tile_size))
 
     @lru_cache(maxsize=1)
     def programmed(i: int) -> dict[str, np.ndarray]:
@@ -300,7 +314,13 @@ def program_instance(
         for name, w in (("gate_up", source.gate_up[i]), ("down", source.down[i])):
             count, size = split_sizes(w.shape[1], cfg.tile_size)
             shapes[f"{name}_weight"], shapes[f"{name}_scale"] = (w.shape[0], count, size), (w.shape[0], count)
-        experts.append(ProgrammedExpert(**{k: field(i, k, v) for k, v in shapes.items()}))
+        experts.append(
+            ProgrammedExpert(
+                **{k: field(i, k, v) for k, v in shapes.items()},
+                gate_up_range=None if gate_up_range is None else gate_up_range[i],
+                down_range=None if down_range is None else down_range[i],
+            )
+        )
     periphery = TilePeriphery(
         cfg.inp_res,
         cfg.out_res,

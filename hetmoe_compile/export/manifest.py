@@ -19,7 +19,8 @@ __all__ = ["MANIFEST_NAME", "build_manifest", "tensor_spec", "write_manifest"]
 WEIGHT_NAMING = (
     "L<layer>.E<expert>.gate_up [2I, H] (gate rows then up rows) and L<layer>.E<expert>.down [H, I], "
     "[out, in] layout; biases .gate_up_bias/.down_bias; an instance holds .programmed [C, T, out] "
-    "normalised conductances and .scale [C, 1, out] per matrix"
+    "normalised conductances and .scale [C, 1, out] per matrix (and .input_range [C, 1, 1] under constant noise "
+    "management, whose ranges for every expert are analog.input_ranges)"
 )
 
 

@@ -2,7 +2,8 @@
 
 Runs on a graph whose weights are reachable as attributes (``get_attr``): an exported program's ``.module()``
 or a Dynamo graph. The programmed weights are registered on the graph module under ``hetmoe_analog.L<layer>``,
-in the weights' dtype, programmed a few experts at a time (:class:`~hetmoe_compile.analog.programmed_stack.
+in the weights' dtype (with their calibrated input ranges under constant noise management), programmed a few
+experts at a time (:class:`~hetmoe_compile.analog.programmed_stack.
 ProgrammedStack`); digital nodes are left untouched. Requires :class:`AnnotatePlacementPass` tags.
 
 Memory: by default (``in_place=False``) the ideal weights belong to the caller and stay as they are, so the
@@ -20,6 +21,7 @@ from torch import fx, nn
 
 from ..analog import expert_group_op as _analog_op  # noqa: F401 (registers hetmoe::analog_expert_group)
 from ..analog.config import AnalogConfig
+from ..analog.input_ranges import NO_RANGES, InputRanges
 from ..analog.instance import MATRICES, output_noise_seed, program_expert_stacks
 from ..analog.programmed_stack import ProgrammedStack
 from ..analog.tiles import Periphery
@@ -55,14 +57,18 @@ class RewriteAnalogPass(PassBase):
 
     name = "rewrite_analog"
 
-    def __init__(self, cfg: AnalogConfig, seed: int = 0, in_place: bool = False) -> None:
+    def __init__(
+        self, cfg: AnalogConfig, seed: int = 0, in_place: bool = False, input_ranges: InputRanges | None = None
+    ) -> None:
         super().__init__()
-        self.cfg, self.seed, self.in_place = cfg, seed, in_place
+        self.cfg, self.seed, self.in_place, self.input_ranges = cfg, seed, in_place, input_ranges
 
     def requires(self, graph_module: fx.GraphModule) -> None:
         nodes = [n for n in graph_module.graph.nodes if is_expert_group(n)]
         if any(PLACEMENT_META not in n.meta for n in nodes):
             raise PassError(self.name, "expert-group nodes carry no placement; run annotate_placement first")
+        if self.cfg.noise_management == "constant" and self.input_ranges is None:
+            raise PassError(self.name, NO_RANGES)
 
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         gm = graph_module
@@ -106,13 +112,18 @@ class RewriteAnalogPass(PassBase):
                 holder.register_buffer(f"{key}_scale", stack.scale)
                 if self.in_place:
                     programmed_over.append(str(tensor_node.target))
+            names = ["gate_up_weight", "gate_up_scale", "down_weight", "down_scale", "rng_state"]
+            if self.cfg.noise_management == "constant":
+                assert self.input_ranges is not None  # checked in requires()
+                self.input_ranges.check_widths(layer, gate_up.shape[-1], down.shape[-1])
+                ranges = self.input_ranges.for_experts(layer, ids.tolist(), self.cfg.tile_size)
+                for key, r in zip(("gate_up_range", "down_range"), ranges):
+                    holder.register_buffer(key, r.to(gate_up.device))
+                    names.append(key)
             gm.get_submodule("hetmoe_analog").add_module(f"L{layer}", holder)
             prefix = f"hetmoe_analog.L{layer}"
             with gm.graph.inserting_before(node):
-                get = {
-                    k: gm.graph.get_attr(f"{prefix}.{k}")
-                    for k in ("gate_up_weight", "gate_up_scale", "down_weight", "down_scale", "rng_state")
-                }
+                get = {k: gm.graph.get_attr(f"{prefix}.{k}") for k in names}
                 new = gm.graph.call_function(
                     torch.ops.hetmoe.analog_expert_group.default,
                     (
@@ -133,6 +144,8 @@ class RewriteAnalogPass(PassBase):
                         alpha,
                         limit,
                         list(Periphery.of(self.cfg)),
+                        get.get("gate_up_range"),
+                        get.get("down_range"),
                     ),
                 )
             new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
