@@ -47,7 +47,8 @@ def main(paths: list[str]) -> int:
                 ]
             )
         print(f"\n{path}: {analog['preset']} x{analog['noise_scale']:g}, {doc['seeds']} hardware instances")
-        head = ["t", "experts all analog", "all digital", "25% max-neuron-norm", "25% random", "difference", "seeds won"]
+        head = ["t", "experts all analog", "all digital", "25% max-neuron-norm", "25% random", "difference"]
+        head.append("seeds won")
         print(format_table(head, table))
     return 0
 
