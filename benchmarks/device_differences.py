@@ -33,9 +33,7 @@ def main(paths: list[str]) -> int:
             mnn = np.array(by[("max-neuron-norm", 0.25)][key]["values"])
             rnd = np.array(by[("random", 0.25)][key]["values"])
             d = mnn - rnd
-            baselines = [
-                f"{by[b][key]['mean']:.2f}" if key in by.get(b, {}) else "-" for b in (("-", 0.0), ("-", 1.0))
-            ]
+            baselines = [f"{by[b][key]['mean']:.2f}" if key in by.get(b, {}) else "-" for b in (("-", 0.0), ("-", 1.0))]
             table.append(
                 [
                     label,
