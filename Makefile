@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= out/demo
 DEMO_MODEL ?= examples/olmoe-demo
 
-.PHONY: install demo test lint bench bench-export bench-scale noise-scan sweep devices peers clean
+.PHONY: install demo test lint bench bench-export bench-scale noise-scan sweep devices placement-evidence peers clean
 SHARED ?= ../shared
 
 install: $(STAMP)
@@ -82,16 +82,34 @@ sweep: $(STAMP)
 
 # 25 % max-neuron-norm against random under each device preset and standard-hwa (input ranges calibrated on the
 # WikiText-2 validation text) at 1 s, 1 h, 1 day and 1 year (reram-wan2022: 1 s and 1 day, its only fits), nominal
-# programming noise and x8 (benchmarks/results/devices/; about 50 minutes on 2 CPU cores).
+# programming noise and x8 (benchmarks/results/devices/; about 25 minutes on 2 CPU cores).
 devices: $(STAMP)
 	for d in pcm standard-hwa reram-wan2022 reram-cmo hermes-pcm; do for c in 1 8; do \
 	  t=1,3600,86400,31536000; if [ $$d = reram-wan2022 ]; then t=1,86400; fi; \
 	  calib=; if [ $$d = standard-hwa ]; then calib="--calib $(SHARED)/data/wikitext2-tokenized-valid.txt"; fi; \
-	  $(VENV)/bin/hetmoe-compile sweep $(SHARED)/models/olmoe-ref --fractions 0,0.25,1 --selectors max-neuron-norm,random \
-	  --no-ablation --noise $$d --noise-scale $$c --t-inference $$t --seeds 5 $$calib \
-	  --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 16384 --out benchmarks/results/devices/$${d}_x$$c || exit 1; \
+	  $(VENV)/bin/hetmoe-compile sweep $(SHARED)/models/olmoe-ref --fractions 0.25 --selectors max-neuron-norm,random \
+	  --no-ablation --noise $$d --noise-scale $$c --t-inference $$t --seeds 5 $$calib --routing-tokens 0 \
+	  --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 8192 --out benchmarks/results/devices/$${d}_x$$c || exit 1; \
 	done; done
 	$(PY) benchmarks/device_differences.py benchmarks/results/devices/*/results.json
+
+# Issue 18's placement evidence: expected-damage and its two variants beside max-neuron-norm, activation frequency
+# and weight, the measured oracle and random, at 12.5 % and 25 % digital, noise x2.5 and x8, 5 hardware instances,
+# on both shared models, and the same fractions spent over all layers together (--scope global) at x8
+# (benchmarks/results/placement/; about an hour on 2 CPU cores).
+placement-evidence: $(STAMP)
+	for m in olmoe-ref olmoe-demo; do for c in 2.5 8; do \
+	  $(PY) benchmarks/selector_variants.py -- $(SHARED)/models/$$m --fractions 0.125,0.25 --no-ablation \
+	  --calib $(SHARED)/data/wikitext2-tokenized-valid.txt --calib-tokens 8192 --noise pcm --noise-scale $$c --seeds 5 \
+	  --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 16384 --out benchmarks/results/placement/$${m}_x$$c \
+	  || exit 1; done; done
+	for m in olmoe-ref olmoe-demo; do \
+	  $(PY) benchmarks/selector_variants.py -- $(SHARED)/models/$$m --fractions 0.125,0.25 --no-ablation --scope global \
+	  --selectors max-neuron-norm,activation-frequency,expected-damage,measured,random \
+	  --calib $(SHARED)/data/wikitext2-tokenized-valid.txt --calib-tokens 8192 --noise pcm --noise-scale 8 --seeds 5 \
+	  --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 16384 --out benchmarks/results/placement/$${m}_x8_global \
+	  || exit 1; done
+	$(PY) benchmarks/paired_differences.py benchmarks/results/placement/*/results.json
 
 # The peers (ROMER, HPD, INT8/INT4 digital experts) alone and with 25 % max-neuron-norm, at two noise levels, with
 # estimated energy per token and a Pareto plot (benchmarks/results/peers_pcm_x*/; about 30 minutes on 2 CPU cores).

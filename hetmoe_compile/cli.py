@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import NoReturn
@@ -303,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated selectors (data-driven ones need --calib)",
     )
     w.add_argument("--no-ablation", action="store_true", help="skip the dense-modules-on-analog ablation rows")
+    w.add_argument(
+        "--scope",
+        choices=SCOPES,
+        default="per-layer",
+        help="per-layer: each fraction of every layer's experts (default); global: of all experts, by score",
+    )
     _add_peer_args(w, "add rows for each peer alone and with the first selector's fractions")
     _add_lowbit_args(w, "", "inputs per quantisation group for the int8/int4 peers (default 128)")
     w.add_argument("--cost-config", metavar="FILE", help="cost-model parameters (JSON or TOML) for the energy column")
@@ -603,6 +610,24 @@ def _add_noise_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="first N documents per task")
     p.add_argument("--num-fewshot", type=_seed, default=None, metavar="K", help="few-shot examples (task default)")
     p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N")
+    p.add_argument(
+        "--routing-tokens",
+        type=_seed,
+        default=2048,
+        metavar="N",
+        help="routing diagnostics against the clean model on the first N tokens of --ppl (top-k and top-1 "
+        "agreement, load KL and entropy, MoE output error per layer; default 2048, 0 turns them off)",
+    )
+
+
+def _routing_reference(args, model, info, tokenizer, spec, prepared) -> None:
+    """The clean model's routing for the diagnostics, captured before any placement, peer or quantisation."""
+    if args.routing_tokens and prepared.text is not None:
+        from .eval.routing_diagnostics import routing_reference
+
+        prepared.routing = routing_reference(
+            model, info, tokenizer, prepared.text, args.routing_tokens, spec.batch_size, str(spec.ppl_path)
+        )
 
 
 def _noise_and_spec(args):
@@ -725,6 +750,14 @@ def _attach_ranges(args, model, info, cfg, calibration=None) -> dict | None:
     }
 
 
+def _routing_record(prepared) -> dict | None:
+    """What results say about the routing diagnostics' reference: its tokens and the clean load's entropy."""
+    ref = prepared.routing
+    if ref is None:
+        return None
+    return {"tokens": ref.tokens, "clean_load_entropy": {str(k): v for k, v in ref.clean_entropy().items()}}
+
+
 def cmd_calibrate_ranges(args) -> int:
     from .analog.input_ranges import DEFAULT_QUANTILE, calibrate_input_ranges
     from .canonicalize import canonicalize
@@ -808,21 +841,30 @@ def cmd_analyze(args) -> int:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise HetMoEError(f"--out {out_dir}: exists and is not a directory; choose a directory path")
+    forward_seconds = None
     if _scores_from_checkpoint(args, names):
         model, analysis = _load_meta(args, names)
         info, calibration = analysis.info, None
     else:
         model, info, calibration = _load(args)
+        if calibration is not None and any(selectors()[n].needs_calibration for n in names):
+            start = time.perf_counter()
+            calibration.routing(model, info)  # the forward the data-driven selectors share, timed on its own
+            forward_seconds = time.perf_counter() - start
         analysis = analyze_model(model, names, calibration, args.seed, info)
     rho = analysis.spearman()
+    needs = {n: calibration.num_tokens if calibration and selectors()[n].needs_calibration else 0 for n in names}
     doc = {
         "schema_version": SCHEMA_VERSION,
         "producer": PRODUCER,
         "model": model_identity(model, info, args.model),
-        "selectors": {n: {"seconds": s.seconds, "summary": selectors()[n].summary} for n, s in analysis.scores.items()},
+        "selectors": {
+            n: {"seconds": s.seconds, "calibration_tokens": needs[n], "summary": selectors()[n].summary}
+            for n, s in analysis.scores.items()
+        },
         "calibration": None
         if calibration is None
-        else {"source": calibration.source, "tokens": calibration.num_tokens},
+        else {"source": calibration.source, "tokens": calibration.num_tokens, "forward_seconds": forward_seconds},
         "seed": args.seed,
         "reference": analysis.reference,
         "layers": [
@@ -851,7 +893,10 @@ def cmd_analyze(args) -> int:
         f"experts, top-{info.moe_layers[0].top_k}"
     )
     print()
-    print(format_table(["selector", "seconds"], [[n, f"{s.seconds:.3f}"] for n, s in analysis.scores.items()]))
+    timing = [[n, f"{s.seconds:.3f}", needs[n] or "-"] for n, s in analysis.scores.items()]
+    if forward_seconds is not None and calibration is not None:
+        timing.append(["(calibration forward, shared)", f"{forward_seconds:.3f}", calibration.num_tokens])
+    print(format_table(["selector", "seconds", "calibration tokens"], timing))
     print()
     print(analysis.table(args.digital_fraction))
     print(f"\nwrote {out_dir / 'scores.json'} and {out_dir / 'scores.png'}")
@@ -944,6 +989,7 @@ def cmd_eval(args) -> int:
     tokenizer = load_tokenizer(args.model)
     ppl_scored = _ppl_scored(tokenizer, spec, prepared)
     model, info, calibration = _load(args)
+    _routing_reference(args, model, info, tokenizer, spec, prepared)
     ranges_record = _attach_ranges(args, model, info, cfg, calibration)
     policy = None
     if placement is None:
@@ -981,19 +1027,27 @@ def cmd_eval(args) -> int:
         "limit": spec.limit,
         "num_fewshot": spec.num_fewshot,
         "metrics": metrics,
+        "routing_reference": _routing_record(prepared),
         "t_inference": spec.times,
         "lm_eval": prepared.lm_eval,
         "digital_quantization": quant,
         "peers": None if applied is None else applied.record,
     }
     atomic_write_text(out, json.dumps(doc, indent=2) + "\n")
+    shown = {k: v for k, v in metrics.items() if "routing/L" not in k}  # per layer: results.json, the plot
     print(
         format_table(
             ["metric", "mean", "std", "seeds"],
-            [[k, f"{v['mean']:.4f}", f"{v['std']:.4f}", len(v["values"])] for k, v in metrics.items()],
+            [[k, f"{v['mean']:.4f}", f"{v['std']:.4f}", len(v["values"])] for k, v in shown.items()],
         )
     )
     print(f"\nwrote {out}")
+    if prepared.routing is not None:
+        from .eval.plots import plot_routing
+
+        plot = out.with_suffix(".routing.png")
+        title = f"{placement.model.get('source', '')}: routing under {cfg.preset} x{cfg.noise_scale:g}"
+        print(f"wrote {plot_routing({'this placement': metrics}, plot, title)}")
     if spec.times:
         from .eval.plots import plot_against_time
 
@@ -1024,6 +1078,7 @@ def cmd_sweep(args) -> int:
     tokenizer = load_tokenizer(args.model)
     ppl_scored = _ppl_scored(tokenizer, spec, prepared)
     model, info, calibration = _load(args)
+    _routing_reference(args, model, info, tokenizer, spec, prepared)
     ranges_record = _attach_ranges(args, model, info, cfg, calibration)
     rows = run_sweep(
         model,
@@ -1039,11 +1094,13 @@ def cmd_sweep(args) -> int:
         peers,
         _peer_options(args),
         sweep_cost_fn(cost_params, cfg, routing_frequencies(model, info, calibration)),
+        args.scope,
     )
     meta = {
         "producer": PRODUCER,
         "model": model_identity(model, info, args.model),
         "fractions": fractions,
+        "scope": args.scope,
         "selectors": selectors_,
         "peers": peers,
         "ppl_text": spec.ppl_path,
@@ -1055,6 +1112,7 @@ def cmd_sweep(args) -> int:
         "lm_eval": prepared.lm_eval,
         "cost_params": cost_params.to_dict(),
         "input_ranges": ranges_record,
+        "routing_reference": _routing_record(prepared),
     }
     written = write_sweep(out, rows, cfg, spec, meta)
     print(results_markdown(rows, cfg, spec.seeds))

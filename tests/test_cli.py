@@ -43,9 +43,13 @@ def test_analyze_writes_scores_plot_and_table(tmp_path, calib, capsys):
         "random",
         "activation-frequency",
         "activation-weight",
+        "expected-damage",
         "measured",
     }
     assert doc["reference"] == "measured"
+    need = {n: s["calibration_tokens"] for n, s in doc["selectors"].items()}
+    assert need["max-neuron-norm"] == 0 and need["expected-damage"] == need["measured"] == 512
+    assert doc["calibration"]["tokens"] == 512 and doc["calibration"]["forward_seconds"] > 0
     assert len(doc["layers"]) == 4 and len(doc["layers"][0]["experts"]) == 16
     assert set(doc["layers"][0]["spearman_vs_reference"]) == set(doc["selectors"]) - {"measured"}
     for layer in doc["layers"]:  # scipy's Spearman (average ranks for ties) on the written scores; measured: 1e-16
@@ -56,6 +60,7 @@ def test_analyze_writes_scores_plot_and_table(tmp_path, calib, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     printed = capsys.readouterr().out
     assert "top 4 by max-neuron-norm" in printed and "rho(router-norm)" in printed
+    assert "(calibration forward, shared)" in printed and "calibration tokens" in printed
     assert str(out / "scores.json") in printed
 
 

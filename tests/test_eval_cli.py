@@ -92,9 +92,11 @@ def test_eval_at_several_times_since_programming_uses_the_same_devices(tmp_path,
     argv += ["--ppl", str(TEXT), "--ppl-tokens", "256", "--t-inference", "1,3600,31536000", "--out", str(out)]
     assert main(argv) == 0
     doc = json.loads(out.read_text())
-    assert list(doc["metrics"]) == ["t=1s/ppl", "t=1h/ppl", "t=1y/ppl"] and doc["t_inference"] == [1, 3600, 31536000]
+    ppl = [k for k in doc["metrics"] if "routing/" not in k]
+    assert ppl == ["t=1s/ppl", "t=1h/ppl", "t=1y/ppl"] and doc["t_inference"] == [1, 3600, 31536000]
+    assert {f"t={t}/routing/L0/topk_match" for t in ("1s", "1h", "1y")} <= set(doc["metrics"])  # diagnostics too
     assert doc["metrics"]["t=1h/ppl"]["values"] == pytest.approx(hand["max-neuron-norm 0.25"], rel=1e-6)
-    mean = {k: v["mean"] for k, v in doc["metrics"].items()}
+    mean = {k: v["mean"] for k, v in doc["metrics"].items() if k in ppl}
     assert len(set(mean.values())) == 3 and mean["t=1y/ppl"] > mean["t=1s/ppl"]  # drift and read noise grow
     assert out.with_suffix(".time.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -216,9 +218,25 @@ def test_sweep_writes_table_plots_and_rows(tmp_path, hand):
     assert mean["all-analog"] > 1.1 * mean["all-digital"] and mean["dense-digital"] > 1.01 * mean["all-digital"]
     table = (out / "results.md").read_text()
     assert "| max-neuron-norm 0.25 | max-neuron-norm | 0.25 | digital |" in table
+    assert "| ppl | routing/topk_match | routing/moe_rel_error |" in table
     png = (out / "ppl.png").read_bytes()
     assert png[:4] == b"\x89PNG"
-    assert sorted(p.name for p in out.iterdir()) == ["pareto.png", "ppl.png", "results.json", "results.md"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "pareto.png",
+        "ppl.png",
+        "results.json",
+        "results.md",
+        "routing.png",
+    ]
+    # Routing against the clean model: all digital is the clean model (canonical vs original experts: float
+    # rounding); with every expert analog, the first MoE layer's router still sees clean inputs, later ones do not
+    routing = {r["label"]: r["metrics"] for r in doc["rows"]}
+    assert routing["all-digital"]["routing/topk_match"]["mean"] == 1.0
+    assert routing["all-digital"]["routing/moe_rel_error"]["mean"] < 1e-5
+    assert routing["dense-digital"]["routing/L0/topk_match"]["values"] == [1.0, 1.0]
+    assert routing["dense-digital"]["routing/L0/moe_rel_error"]["mean"] > 1e-3
+    assert routing["dense-digital"]["routing/L3/topk_match"]["mean"] < 1.0
+    assert doc["routing_reference"]["tokens"] > 0
 
 
 def test_sweep_at_several_times_writes_the_time_plot(tmp_path, hand):
@@ -230,7 +248,7 @@ def test_sweep_at_several_times_writes_the_time_plot(tmp_path, hand):
     assert main([*argv, "--t-inference", "3600,86400", "--out", str(out)]) == 0
     doc = json.loads((out / "results.json").read_text())
     row = {r["label"]: r["metrics"] for r in doc["rows"]}["max-neuron-norm 0.25"]
-    assert list(row) == ["t=1h/ppl", "t=1d/ppl"] and doc["t_inference"] == [3600, 86400]
+    assert [k for k in row if "routing/" not in k] == ["t=1h/ppl", "t=1d/ppl"] and doc["t_inference"] == [3600, 86400]
     assert row["t=1h/ppl"]["values"] == pytest.approx(hand["max-neuron-norm 0.25"], rel=1e-6)
     assert "| t=1h/ppl | t=1d/ppl |" in (out / "results.md").read_text()
     assert {"time.png", "t=1h_ppl.png", "t=1d_ppl.png"} <= {p.name for p in out.iterdir()}

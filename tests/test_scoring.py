@@ -22,7 +22,7 @@ from hetmoe_compile.scoring import check_selectors, get_selector, score, score_a
 from hetmoe_compile.scoring.max_neuron_norm import max_neuron_norms
 
 DATA_FREE = ("max-neuron-norm", "router-norm", "random")
-DATA_DRIVEN = ("activation-frequency", "activation-weight", "measured")
+DATA_DRIVEN = ("activation-frequency", "activation-weight", "expected-damage", "measured")
 
 
 def _calib_ids(seed: int = 0, windows: int = 3, length: int = 16) -> torch.Tensor:
@@ -167,6 +167,25 @@ def test_random_scores_reproducible_per_seed():
 
 
 # ------------------------------------------------------------------------------------ routing statistics
+
+
+@pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
+def test_expected_damage_is_max_neuron_norm_times_the_routed_weight_energy(family):
+    """max-neuron-norm x sqrt(sum of squared routing weights) over the tokens routed to the expert, from hooks on
+    the experts module; an expert no token reaches scores 0; more traffic at the same norm scores higher."""
+    model = tiny_model(family)
+    info = recognize(model)
+    ids = _calib_ids(windows=4, length=12)
+    calib = Calibration(input_ids=ids)
+    got = score(model, info, "expected-damage", calib).layers
+    mnn = score(model, info, "max-neuron-norm").layers
+    ref = _hook_routing(model, info, ids)
+    for layer in info.moe_layers:
+        index, weights = ref[layer.index]
+        energy = np.array([(weights[index == e].double() ** 2).sum().item() for e in range(layer.num_experts)])
+        np.testing.assert_allclose(got[layer.index], mnn[layer.index] * np.sqrt(energy), rtol=1e-6, atol=1e-12)
+        idle = [e for e in range(layer.num_experts) if not (index == e).any()]
+        assert all(got[layer.index][e] == 0 for e in idle)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

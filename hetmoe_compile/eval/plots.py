@@ -112,3 +112,41 @@ def plot_against_time(series: dict[str, dict[str, dict]], path: Path, title: str
     out = _save(fig, path)
     plt.close(fig)
     return out
+
+
+def plot_routing(series: dict[str, dict[str, dict]], path: Path, title: str = "") -> Path:
+    """The routing diagnostics per MoE layer (:mod:`~.routing_diagnostics`), one line per placement: top-k and
+    top-1 agreement with the clean routing, the load's KL divergence from clean, and the relative error of the
+    layer's routed-expert output; ``series`` maps a line's label to its results ``metrics`` (the first time since
+    programming where there are several)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from .routing_diagnostics import layer_series
+
+    panels = [
+        ("topk_match", "top-k set as clean"),
+        ("top1_match", "top-1 expert as clean"),
+        ("load_kl", "load KL from clean (nats)"),
+        ("moe_rel_error", "MoE output rel. error"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 3.3), squeeze=False)
+    for ax, (name, label) in zip(axes[0], panels):
+        for line, metrics in series.items():
+            first = next((k for k in metrics if "routing/L" in k), "")
+            prefix = first[: first.index("routing/")] if first else ""
+            layers, values = layer_series(metrics, name, prefix)
+            if layers:
+                ax.plot(layers, values, marker="o", label=line)
+        ax.set_xlabel("MoE layer")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(label, fontsize=9)
+    axes[0][0].legend(fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    out = _save(fig, path)
+    plt.close(fig)
+    return out

@@ -21,7 +21,8 @@ from ..peers import PEERS, PeerOptions, check_peer_options, check_peers
 from ..placement.placement import Placement
 from ..placement.policy import PlacementPolicy
 from ..scoring import score
-from .plots import plot_against_time
+from .plots import plot_against_time, plot_routing
+from .routing_diagnostics import PREFIX, is_routing_key
 from .under_noise import EvalSpec, Prepared, evaluate_under_noise, prepare, split_time_key
 
 CostFn = Callable[[nn.Module, ModelInfo, Placement, str, dict], dict]
@@ -99,8 +100,10 @@ def run_sweep(
     peers: Sequence[str] = (),
     peer_options: PeerOptions | None = None,
     cost_fn: CostFn | None = None,
+    scope: str = "per-layer",
 ) -> list[SweepRow]:
-    """Evaluate every job of :func:`sweep_jobs` under ``cfg``.
+    """Evaluate every job of :func:`sweep_jobs` under ``cfg`` (each fraction spent per layer, or over all layers
+    together with ``scope="global"``).
 
     Fractions 0 and 1 do not depend on the selector and are evaluated once. All placements share hardware
     instances (seed s programs the same devices for an expert in every placement). A peer is applied after
@@ -118,7 +121,7 @@ def run_sweep(
         sel_scores = scores.get(job.selector, scores[selectors[0]])  # fractions 0 and 1 do not depend on scores
         compiled = compile(
             model,
-            PlacementPolicy(job.fraction, sel_scores.selector, dense=job.dense),
+            PlacementPolicy(job.fraction, sel_scores.selector, scope, dense=job.dense),
             cfg,
             calibration,
             scores=sel_scores,
@@ -180,6 +183,14 @@ def results_markdown(rows: list[SweepRow], cfg: AnalogConfig, seeds: int) -> str
         + ("; energy per token from the cost model (decode, batch as configured)" if energy else "")
         + ".\n\n"
     )
+    routing = routing_columns(rows)
+    if routing:
+        head += (
+            "Routing against the clean model, averaged over MoE layers: `routing/topk_match` is the share of tokens "
+            "whose top-k experts are the clean ones, `routing/moe_rel_error` the relative error of the layers' "
+            "routed-expert output (per layer in results.json and routing.png).\n\n"
+        )
+    metrics = metrics + routing
     cols = ["placement", "selector", "digital fraction", "dense", *metrics] + (["energy/token (µJ)"] if energy else [])
     lines = ["| " + " | ".join(cols) + " |", "|---|---|---|---|" + "---|" * (len(cols) - 4)]
     for r in rows:
@@ -272,8 +283,15 @@ def lower_is_better(metric: str) -> bool:
 
 
 def shown_metrics(rows: list[SweepRow]) -> list[str]:
-    """The metrics of the table and plots: all but lm-eval's standard errors (kept in results.json)."""
-    return [m for m in rows[0].metrics if not m.endswith("_stderr")]
+    """The metrics of the table and plots: all but lm-eval's standard errors and the routing diagnostics (kept in
+    results.json; the diagnostics have their own columns and plot)."""
+    return [m for m in rows[0].metrics if not m.endswith("_stderr") and not is_routing_key(m)]
+
+
+def routing_columns(rows: list[SweepRow]) -> list[str]:
+    """The routing diagnostics in the table: top-k agreement and MoE output error, averaged over layers."""
+    keep = (PREFIX + "topk_match", PREFIX + "moe_rel_error")
+    return [m for m in rows[0].metrics if m.endswith(keep) and (m in keep or m.split("/", 1)[1] in keep)]
 
 
 def plot_pareto(rows: list[SweepRow], metric: str, path: Path, title: str) -> Path:
@@ -388,6 +406,13 @@ def write_sweep(out_dir: Path, rows: list[SweepRow], cfg: AnalogConfig, spec: Ev
                 f"{meta.get('model', {}).get('source', '')}: {metric} under {cfg.preset} x{cfg.noise_scale:g}",
             )
             names.append(name)
+        if routing_columns(rows):
+            plot_routing(
+                {r.label: r.metrics for r in rows},
+                tmp / "routing.png",
+                f"{meta.get('model', {}).get('source', '')}: routing under {cfg.preset} x{cfg.noise_scale:g}",
+            )
+            names.append("routing.png")
         if any(split_time_key(m) for m in shown_metrics(rows)):
             plot_against_time(
                 {r.label: r.metrics for r in rows},

@@ -56,6 +56,7 @@ class Prepared:
     text: str | None
     harness: Any = None  # a HarnessTasks when there are tasks
     lm_eval: dict | None = None
+    routing: Any = None  # a RoutingReference: routing diagnostics against the clean model (routing_diagnostics)
 
 
 def prepare(spec: EvalSpec) -> Prepared:
@@ -149,7 +150,9 @@ def evaluate_under_noise(
     """Mean and std over ``spec.seeds`` hardware instances of a canonical model; one run when nothing is analog
     or the preset is ideal (every instance is identical then). With ``spec.times``, every metric at each time
     since programming (keys :func:`time_key`): instance ``seed`` is the same devices at every time (the same
-    programming and drift draws, drifted further) and the same per-MVM noise stream."""
+    programming and drift draws, drifted further) and the same per-MVM noise stream. With
+    ``prepared.routing`` (a :class:`~.routing_diagnostics.RoutingReference`), the routing diagnostics too (keys
+    ``routing/...``)."""
     seeds = spec.seeds if (has_analog or dense == "analog") and not cfg.is_ideal else 1
     times: list[float | None] = list(spec.times) if spec.times else [None]
     values: dict[str, list[float]] = {}
@@ -157,7 +160,12 @@ def evaluate_under_noise(
         for seed in range(seeds):
             for t in times:
                 simulate(model, cfg if t is None else replace(cfg, t_inference=t), seed, dense=dense, info=info)
-                for k, v in measure(model, tokenizer, spec, prepared).items():
+                measured = measure(model, tokenizer, spec, prepared)
+                if prepared.routing is not None:
+                    from .routing_diagnostics import routing_diagnostics
+
+                    measured.update(routing_diagnostics(model, info, prepared.routing, spec.batch_size))
+                for k, v in measured.items():
                     values.setdefault(k if t is None else time_key(t, k), []).append(v)
     finally:
         restore_digital(model, info)
