@@ -109,7 +109,8 @@ placement-evidence: $(STAMP)
 	  --calib $(SHARED)/data/wikitext2-tokenized-valid.txt --calib-tokens 8192 --noise pcm --noise-scale 8 --seeds 5 \
 	  --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 16384 --out benchmarks/results/placement/$${m}_x8_global \
 	  || exit 1; done
-	$(PY) benchmarks/paired_differences.py benchmarks/results/placement/*/results.json
+	$(PY) benchmarks/paired_differences.py benchmarks/results/placement/*/results.json \
+	  --against max-neuron-norm,activation-frequency,random
 
 # The peers (ROMER, HPD, INT8/INT4 digital experts) alone and with 25 % max-neuron-norm, at two noise levels, with
 # estimated energy per token and a Pareto plot (benchmarks/results/peers_pcm_x*/; about 30 minutes on 2 CPU cores).
