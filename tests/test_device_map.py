@@ -107,8 +107,9 @@ def test_cli_eval_with_disk_offload_equals_the_unsharded_run(tmp_path):
         == 0
     )
     a, b = (json.loads((tmp_path / f).read_text())["metrics"] for f in ("a.json", "b.json"))
-    assert set(a) == set(b) == {"ppl"}
+    assert set(a) == set(b) and "ppl" in a and all(k == "ppl" or k.startswith("routing/") for k in a)
     assert b["ppl"] == a["ppl"] and len(a["ppl"]["values"]) == 2  # measured: equal, instance for instance
+    assert b["routing/topk_match"] == a["routing/topk_match"]  # the diagnostics too
 
 
 @pytest.mark.parametrize(

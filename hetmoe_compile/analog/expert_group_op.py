@@ -122,8 +122,8 @@ def _grouped_analog(
     limit,
     io: Periphery,
     gen: torch.Generator | None,
-    gate_up_range: torch.Tensor | None,
-    down_range: torch.Tensor | None,
+    gate_up_range: torch.Tensor | None = None,
+    down_range: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The grouped path of :func:`analog_expert_group_op` (see :mod:`~hetmoe_compile.grouped_routing`)."""
     plan = routing_plan(top_k_index, expert_ids, num_experts)
