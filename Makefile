@@ -82,9 +82,11 @@ sweep: $(STAMP)
 
 # 25 % max-neuron-norm against random under each device preset and standard-hwa (input ranges calibrated on the
 # WikiText-2 validation text) at 1 s, 1 h, 1 day and 1 year (reram-wan2022: 1 s and 1 day, its only fits), nominal
-# programming noise and x8 (benchmarks/results/devices/; about 25 minutes on 2 CPU cores).
+# programming noise (DEVICE_SCALES="1 8" adds x8; benchmarks/results/devices/; about 30 minutes per scale on 2 CPU
+# cores).
+DEVICE_SCALES ?= 1
 devices: $(STAMP)
-	for d in pcm standard-hwa reram-wan2022 reram-cmo hermes-pcm; do for c in 1 8; do \
+	for d in pcm standard-hwa reram-wan2022 reram-cmo hermes-pcm; do for c in $(DEVICE_SCALES); do \
 	  t=1,3600,86400,31536000; if [ $$d = reram-wan2022 ]; then t=1,86400; fi; \
 	  calib=; if [ $$d = standard-hwa ]; then calib="--calib $(SHARED)/data/wikitext2-tokenized-valid.txt"; fi; \
 	  $(VENV)/bin/hetmoe-compile sweep $(SHARED)/models/olmoe-ref --fractions 0.25 --selectors max-neuron-norm,random \

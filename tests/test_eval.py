@@ -123,3 +123,26 @@ def test_perplexity_under_noise_equals_a_hand_computation_on_every_family(family
     restore_digital(model, info)
     assert got["ppl"]["values"] == pytest.approx(hand, rel=1e-6)
     assert abs(hand[0] - hand[1]) > 1e-5 * hand[0]  # two instances, two perplexities (granitemoe: 9e-5 apart)
+
+
+def test_sweep_with_a_global_scope_evaluates_the_global_placement():
+    """``run_sweep(scope="global")``: the selector's row is the placement that ranks every expert of every layer
+    together (not the same experts per layer as the fixed fraction), evaluated on the same instances."""
+    from hetmoe_compile.api import compile
+    from hetmoe_compile.eval.sweep import run_sweep
+    from hetmoe_compile.placement import PlacementPolicy
+
+    model, tok = load_model(str(DEMO)), load_tokenizer(str(DEMO))
+    info = compile(model, PlacementPolicy(0.25)).info
+    cfg = analog_config("pcm", noise_scale=8.0)
+    spec = EvalSpec(str(REPO / "examples" / "calibration.txt"), 128, seeds=1)
+    rows = {
+        r.label: r
+        for r in run_sweep(model, info, tok, [0.25], ["max-neuron-norm"], cfg, spec, None, False, scope="global")
+    }
+    per_layer = compile(model, PlacementPolicy(0.25, "max-neuron-norm"), cfg).placement
+    glob = compile(model, PlacementPolicy(0.25, "max-neuron-norm", "global"), cfg)
+    assert [l.ids("digital") for l in glob.placement.layers] != [l.ids("digital") for l in per_layer.layers]
+    prepared = Prepared(open(spec.ppl_path).read())
+    want = evaluate_under_noise(model, glob.info, tok, cfg, spec, prepared)["ppl"]["values"]
+    assert rows["max-neuron-norm 0.25"].metrics["ppl"]["values"] == pytest.approx(want, rel=1e-9)
