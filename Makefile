@@ -98,19 +98,17 @@ devices: $(STAMP)
 # Issue 18's placement evidence: expected-damage and its two variants beside max-neuron-norm, activation frequency
 # and weight, the measured oracle and random, at 12.5 % and 25 % digital, noise x2.5 and x8, 5 hardware instances,
 # on both shared models, and the same fractions spent over all layers together (--scope global) at x8
-# (benchmarks/results/placement/; about an hour on 2 CPU cores).
+# (benchmarks/results/placement/; about 40 minutes on 2 CPU cores). One thread per sweep: on this 2-core VM, next to
+# another job, a sweep took 60-190 s per placement at torch's default two threads and about 22 s at one.
 placement-evidence: $(STAMP)
-	for m in olmoe-ref olmoe-demo; do for c in 2.5 8; do \
-	  $(PY) benchmarks/selector_variants.py -- $(SHARED)/models/$$m --fractions 0.125,0.25 --no-ablation \
-	  --calib $(SHARED)/data/wikitext2-tokenized-valid.txt --calib-tokens 8192 --noise pcm --noise-scale $$c --seeds 5 \
-	  --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 16384 --out benchmarks/results/placement/$${m}_x$$c \
-	  || exit 1; done; done
-	for m in olmoe-ref olmoe-demo; do \
-	  $(PY) benchmarks/selector_variants.py -- $(SHARED)/models/$$m --fractions 0.125,0.25 --no-ablation --scope global \
-	  --selectors max-neuron-norm,activation-frequency,expected-damage,measured,random \
-	  --calib $(SHARED)/data/wikitext2-tokenized-valid.txt --calib-tokens 8192 --noise pcm --noise-scale 8 --seeds 5 \
-	  --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 16384 --out benchmarks/results/placement/$${m}_x8_global \
-	  || exit 1; done
+	for m in olmoe-ref olmoe-demo; do for c in 8 2.5; do for scope in per-layer global; do \
+	  if [ $$scope = global ] && [ $$c = 2.5 ]; then continue; fi; \
+	  sel=; suffix=; if [ $$scope = global ]; then suffix=_global; \
+	    sel="--selectors max-neuron-norm,activation-frequency,expected-damage,measured,random"; fi; \
+	  OMP_NUM_THREADS=1 $(PY) benchmarks/selector_variants.py -- $(SHARED)/models/$$m --fractions 0.125,0.25 \
+	  --no-ablation --scope $$scope $$sel --calib $(SHARED)/data/wikitext2-tokenized-valid.txt --calib-tokens 8192 \
+	  --noise pcm --noise-scale $$c --seeds 5 --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 16384 \
+	  --out benchmarks/results/placement/$${m}_x$$c$$suffix || exit 1; done; done; done
 	$(PY) benchmarks/paired_differences.py benchmarks/results/placement/*/results.json \
 	  --against max-neuron-norm,activation-frequency,random
 

@@ -1,6 +1,7 @@
 """Sweeps for the placement evidence of issue 18: the expected-damage selector beside max-neuron-norm, activation
 frequency, activation weight and the measured oracle, plus the two expected-damage variants that stay out of the
-product (registered here only): ``S * frequency`` and ``S * sum_t w_t`` (S: max neuron norm). Runs
+product (registered here only): ``S * frequency`` and ``S * sqrt(sum_t w_t^2)`` (S: max neuron norm; the product's
+form is ``S * sum_t w_t``). Runs
 ``hetmoe-compile sweep`` with these selectors (unless ``--selectors`` is given), the arguments after ``--`` passed
 through; paired
 differences then come from ``benchmarks/paired_differences.py``.
@@ -15,7 +16,7 @@ import sys
 import numpy as np
 import torch
 
-VARIANTS = ("damage-frequency", "damage-mass")
+VARIANTS = ("damage-frequency", "damage-energy")
 SELECTORS = (
     "max-neuron-norm",
     "activation-frequency",
@@ -37,9 +38,9 @@ def register_variants() -> None:
             e = info.layer(index).num_experts
             flat = cap.top_k_index.reshape(-1)
             w = cap.top_k_weights.reshape(-1).double()
-            if kind == "tokens":
-                w = torch.ones_like(w)
-            out[index] = torch.zeros(e, dtype=torch.float64).index_add_(0, flat, w).numpy()
+            w = torch.ones_like(w) if kind == "tokens" else w * w
+            total = torch.zeros(e, dtype=torch.float64).index_add_(0, flat, w).numpy()
+            out[index] = total if kind == "tokens" else np.sqrt(total)
         return out
 
     def variant(kind: str):
@@ -51,7 +52,9 @@ def register_variants() -> None:
         return fn
 
     register_selector("damage-frequency", True, "max-neuron-norm x routed tokens (variant)")(variant("tokens"))
-    register_selector("damage-mass", True, "max-neuron-norm x routing-weight mass (variant)")(variant("mass"))
+    register_selector("damage-energy", True, "max-neuron-norm x sqrt(sum of squared routing weights) (variant)")(
+        variant("energy")
+    )
 
 
 def main(argv: list[str]) -> int:

@@ -278,3 +278,17 @@ def test_cli_calibrates_ranges_and_evaluates_standard_hwa(tmp_path, capsys):
     assert main([*bad, "--out", str(tmp_path / "x.json")]) == 2
     assert "calibrated on another model" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_sweep_under_constant_noise_management_leaves_out_the_dense_on_tiles_rows(tmp_path, capsys):
+    """standard-hwa in a sweep: ranges calibrated on --calib, every row with dense modules on tiles (all-analog,
+    the ablation) left out with a line saying why, the rest evaluated."""
+    calib = str(REPO / "examples" / "calibration.txt")
+    out = tmp_path / "sweep"
+    argv = ["sweep", str(DEMO), "--fractions", "0.25", "--selectors", "max-neuron-norm", "--noise", "standard-hwa"]
+    argv += ["--calib", calib, "--calib-tokens", "512", "--seeds", "1", "--ppl", calib, "--ppl-tokens", "256"]
+    assert main([*argv, "--routing-tokens", "0", "--out", str(out)]) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert [r["label"] for r in doc["rows"]] == ["all-digital", "dense-digital", "max-neuron-norm 0.25"]
+    assert doc["input_ranges"]["origin"] == "calibrated on --calib"
+    assert "constant noise management has input ranges for routed experts only" in capsys.readouterr().err

@@ -170,9 +170,9 @@ def test_random_scores_reproducible_per_seed():
 
 
 @pytest.mark.parametrize("family", ["olmoe", "gpt_oss", "deepseek_v3"])
-def test_expected_damage_is_max_neuron_norm_times_the_routed_weight_energy(family):
-    """max-neuron-norm x sqrt(sum of squared routing weights) over the tokens routed to the expert, from hooks on
-    the experts module; an expert no token reaches scores 0; more traffic at the same norm scores higher."""
+def test_expected_damage_is_max_neuron_norm_times_the_routed_weight_mass(family):
+    """max-neuron-norm x the sum of routing weights over the tokens routed to the expert, from hooks on the
+    experts module; an expert no token reaches scores 0."""
     model = tiny_model(family)
     info = recognize(model)
     ids = _calib_ids(windows=4, length=12)
@@ -182,8 +182,8 @@ def test_expected_damage_is_max_neuron_norm_times_the_routed_weight_energy(famil
     ref = _hook_routing(model, info, ids)
     for layer in info.moe_layers:
         index, weights = ref[layer.index]
-        energy = np.array([(weights[index == e].double() ** 2).sum().item() for e in range(layer.num_experts)])
-        np.testing.assert_allclose(got[layer.index], mnn[layer.index] * np.sqrt(energy), rtol=1e-6, atol=1e-12)
+        mass = np.array([weights[index == e].double().sum().item() for e in range(layer.num_experts)])
+        np.testing.assert_allclose(got[layer.index], mnn[layer.index] * mass, rtol=1e-6, atol=1e-12)
         idle = [e for e in range(layer.num_experts) if not (index == e).any()]
         assert all(got[layer.index][e] == 0 for e in idle)
 

@@ -5,6 +5,7 @@ selector; each placement's estimated energy per token; results as JSON, a Markdo
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -65,19 +66,24 @@ def sweep_cost_fn(params, cfg: AnalogConfig, frequencies: dict[int, list[float]]
 
 
 def sweep_jobs(
-    fractions: list[float], selectors: list[str], ablation: bool = True, peers: Sequence[str] = ()
+    fractions: list[float],
+    selectors: list[str],
+    ablation: bool = True,
+    peers: Sequence[str] = (),
+    dense_analog: bool = True,
 ) -> list[_Job]:
     """References, every (selector, inner fraction) with dense modules digital, the ablation for the first
     selector, then each peer alone (dense digital, at its own fraction) and with the first selector's inner
-    fractions."""
+    fractions. Without ``dense_analog`` (constant noise management has input ranges for routed experts only) the
+    rows with dense modules on tiles are left out."""
     jobs = [
         _Job("all-digital", "-", 1.0, "digital"),
-        _Job("all-analog", "-", 0.0, "analog"),
+        *([_Job("all-analog", "-", 0.0, "analog")] if dense_analog else []),
         _Job("dense-digital", "-", 0.0, "digital"),
     ]
     inner = [f for f in fractions if 0.0 < f < 1.0]
     jobs += [_Job(f"{s} {f:g}", s, f, "digital") for s in selectors for f in inner]
-    if ablation and selectors:
+    if ablation and selectors and dense_analog:
         jobs += [_Job(f"{selectors[0]} {f:g} (dense analog)", selectors[0], f, "analog") for f in inner]
     for peer in peers:
         alone = PEERS[peer].alone_fraction
@@ -117,7 +123,15 @@ def run_sweep(
     prepared = prepared or prepare(spec)
     scores = {s: score(model, info, s, calibration) for s in selectors}
     rows = []
-    for job in tqdm(sweep_jobs(fractions, selectors, ablation, peers), desc="sweep", unit="placement"):
+    dense_analog = cfg.noise_management != "constant"
+    if not dense_analog:
+        print(
+            "sweep: no rows with dense modules on tiles (all-analog, dense analog): constant noise management has "
+            "input ranges for routed experts only",
+            file=sys.stderr,
+        )
+    jobs = sweep_jobs(fractions, selectors, ablation, peers, dense_analog)
+    for job in tqdm(jobs, desc="sweep", unit="placement"):
         sel_scores = scores.get(job.selector, scores[selectors[0]])  # fractions 0 and 1 do not depend on scores
         compiled = compile(
             model,
@@ -260,7 +274,7 @@ def plot_sweep(rows: list[SweepRow], metric: str, path: Path, title: str) -> Pat
                 color=f"C{len(selectors) + j}",
             )
         ax.axhline(by["all-digital"].metrics[metric]["mean"], color="k", ls=":", label="all-digital")
-        if not zoom:
+        if not zoom and "all-analog" in by:
             ax.axhline(by["all-analog"].metrics[metric]["mean"], color="grey", ls="-.", label="all-analog")
         ax.set_xlabel("digital fraction of routed experts (per layer)")
         ax.set_ylabel(metric)
