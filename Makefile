@@ -111,6 +111,8 @@ placement-evidence: $(STAMP)
 	  --out benchmarks/results/placement/$${m}_x$$c$$suffix || exit 1; done; done; done
 	$(PY) benchmarks/paired_differences.py benchmarks/results/placement/*/results.json \
 	  --against max-neuron-norm,activation-frequency,random
+	for m in olmoe-ref olmoe-demo; do $(PY) benchmarks/scope_differences.py \
+	  benchmarks/results/placement/$${m}_x8/results.json benchmarks/results/placement/$${m}_x8_global/results.json; done
 
 # The peers (ROMER, HPD, INT8/INT4 digital experts) alone and with 25 % max-neuron-norm, at two noise levels, with
 # estimated energy per token and a Pareto plot (benchmarks/results/peers_pcm_x*/; about 30 minutes on 2 CPU cores).
