@@ -292,3 +292,18 @@ def test_sweep_under_constant_noise_management_leaves_out_the_dense_on_tiles_row
     assert [r["label"] for r in doc["rows"]] == ["all-digital", "dense-digital", "max-neuron-norm 0.25"]
     assert doc["input_ranges"]["origin"] == "calibrated on --calib"
     assert "constant noise management has input ranges for routed experts only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ([], "calibrate-ranges needs calibration text: add --calib TEXTFILE"),
+        (["--calib", str(REPO / "examples" / "calibration.txt"), "--quantile", "0.3"], "give a quantile in [0.5, 1]"),
+    ],
+)
+def test_calibrate_ranges_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys, extra, message):
+    out = tmp_path / "ranges.json"
+    assert main(["calibrate-ranges", str(DEMO), *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not out.exists()
