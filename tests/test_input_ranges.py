@@ -307,3 +307,11 @@ def test_calibrate_ranges_bad_input_is_one_line_and_writes_nothing(tmp_path, cap
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not out.exists()
+
+
+def test_export_refuses_ranges_of_another_tile_width_before_writing(tmp_path):
+    model, info, placement, _, _ = _calibrated(tile_size=16)
+    cfg = analog_config("standard-hwa", tile_size=32)
+    with pytest.raises(HetMoEError, match="calibrated for 16-wide tiles"):
+        export_onnx(model, placement, tmp_path / "x", ExportOptions(analog=cfg, instance_seed=0, progress=False))
+    assert not (tmp_path / "x").exists()
