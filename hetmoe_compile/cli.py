@@ -739,8 +739,7 @@ def _attach_ranges(args, model, info, cfg, calibration=None) -> dict | None:
     else:
         raise HetMoEError(NO_RANGES)
     attach_input_ranges(model, ranges, info)
-    if ranges.tile_size != cfg.tile_size:
-        ranges.for_experts(info.moe_layers[0].index, [0], cfg.tile_size)  # one line naming the mismatch
+    ranges.check_tile_size(cfg.tile_size)
     return {
         "origin": origin,
         "source": ranges.source,

@@ -71,14 +71,18 @@ class InputRanges:
     layers: dict[int, LayerRanges]
     model: dict[str, Any] = field(default_factory=dict)  # the model's identity, as the writer recorded it
 
-    def for_experts(self, layer: int, expert_ids: list[int], tile_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(gate_up [n, C], down [n, C])`` ranges of ``expert_ids`` in ``layer``; one line if the file has none or
-        was calibrated for another tile size."""
+    def check_tile_size(self, tile_size: int) -> None:
+        """One line if the ranges were calibrated for tiles of another width than ``tile_size``."""
         if tile_size != self.tile_size:
             raise HetMoEError(
                 f"input ranges were calibrated for {self.tile_size}-wide tiles, the analog config has {tile_size}; "
                 f"calibrate again with --tile-size {tile_size}"
             )
+
+    def for_experts(self, layer: int, expert_ids: list[int], tile_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(gate_up [n, C], down [n, C])`` ranges of ``expert_ids`` in ``layer``; one line if the file has none or
+        was calibrated for another tile size."""
+        self.check_tile_size(tile_size)
         if layer not in self.layers:
             raise HetMoEError(
                 f"input ranges have no MoE layer {layer} (they hold {sorted(self.layers)}); calibrate them on this "

@@ -97,7 +97,7 @@ def export_onnx(
         if ranges is None:
             raise HetMoEError(NO_RANGES)
         attach_input_ranges(model, ranges, info)  # checked against the model before any work
-        ranges.for_experts(info.moe_layers[0].index, [0], cfg.tile_size)  # and against the tile width
+        ranges.check_tile_size(cfg.tile_size)
     lowbit = _lowbit_layers(model, info)
     if lowbit and options.ort_moe:
         raise HetMoEError("low-bit digital experts are exported as MatMulNBits; drop --ort-moe")

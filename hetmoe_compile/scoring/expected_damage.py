@@ -20,24 +20,13 @@ the product. The choice was made on those runs.
 
 from __future__ import annotations
 
-import numpy as np
-import torch
 from torch import nn
 
 from ..calibration import Calibration
 from ..models.recognize import ModelInfo
 from .base import register_selector
 from .max_neuron_norm import score_max_neuron_norm
-
-
-def routed_weight_mass(model: nn.Module, info: ModelInfo, calibration: Calibration) -> dict[int, np.ndarray]:
-    """Per layer, ``sum_t w_t`` over the calibration tokens routed to each expert (``w_t``: its routing weight)."""
-    out = {}
-    for index, cap in calibration.routing(model, info).items():
-        e = info.layer(index).num_experts
-        w = cap.top_k_weights.reshape(-1).double()
-        out[index] = torch.zeros(e, dtype=torch.float64).index_add_(0, cap.top_k_index.reshape(-1), w).numpy()
-    return out
+from .routing_stats import routing_stats
 
 
 @register_selector(
@@ -48,5 +37,5 @@ def routed_weight_mass(model: nn.Module, info: ModelInfo, calibration: Calibrati
 )
 def score_expected_damage(model: nn.Module, info: ModelInfo, calibration: Calibration, seed: int = 0):
     sensitivity = score_max_neuron_norm(model, info)
-    mass = routed_weight_mass(model, info, calibration)
-    return {i: sensitivity[i] * mass[i] for i in sensitivity}
+    stats = routing_stats(model, info, calibration)
+    return {i: sensitivity[i] * stats[i]["mass"] for i in sensitivity}

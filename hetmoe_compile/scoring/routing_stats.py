@@ -12,8 +12,8 @@ from .base import register_selector
 
 
 def routing_stats(model: nn.Module, info: ModelInfo, calibration: Calibration) -> dict[int, dict[str, np.ndarray]]:
-    """Per layer: ``frequency`` (share of tokens routed to each expert) and ``weight`` (mean routing weight over the
-    tokens routed to it; 0 for an expert that received none)."""
+    """Per layer: ``frequency`` (share of tokens routed to each expert), ``weight`` (mean routing weight over the
+    tokens routed to it; 0 for an expert that received none) and ``mass`` (the sum of those routing weights)."""
     out = {}
     for index, cap in calibration.routing(model, info).items():
         e = info.layer(index).num_experts
@@ -24,6 +24,7 @@ def routing_stats(model: nn.Module, info: ModelInfo, calibration: Calibration) -
         out[index] = {
             "frequency": (counts / tokens).numpy(),
             "weight": torch.where(counts > 0, weight_sum / counts.clamp(min=1), 0.0).numpy(),
+            "mass": weight_sum.numpy(),
         }
     return out
 
