@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 OUT    ?= out/demo
 DEMO_MODEL ?= examples/olmoe-demo
 
-.PHONY: install demo test lint bench bench-export bench-scale noise-scan sweep devices placement-evidence peers clean
+.PHONY: install demo test lint bench bench-export bench-scale bench-sweep noise-scan sweep devices placement-evidence peers clean
 SHARED ?= ../shared
 
 install: $(STAMP)
@@ -71,13 +71,20 @@ noise-scan: $(STAMP)
 	$(PY) benchmarks/noise_scan.py --ppl-tokens 8192 --scales 0,1,2.5,4,8 --presets pcm,reram-wan2022,reram-cmo,hermes-pcm \
 	  --times 1,3600,86400,31536000 --plot benchmarks/results/noise_scan.png
 
-# The reference-model sweeps of benchmarks/RESULTS.md (about 25 minutes on 2 CPU cores).
+# One sweep serial, on 2 local worker processes and on 2 local Ray actors, 3 rounds (about 12 minutes on 2 CPU cores).
+bench-sweep: $(STAMP)
+	$(PY) benchmarks/bench_sweep_workers.py --repeat 3
+
+# The reference-model sweeps of benchmarks/RESULTS.md (about 25 minutes on 2 CPU cores; SWEEP_FLAGS="--workers 8"
+# on an 8-GPU node, "--ray auto" on a Ray cluster). Rerunning resumes where an interrupted run stopped.
+SWEEP_FLAGS ?=
 sweep: $(STAMP)
 	for c in 2.5 8; do $(VENV)/bin/hetmoe-compile sweep $(SHARED)/models/olmoe-ref --fractions 0,0.125,0.25,0.5,1 \
 	  --selectors max-neuron-norm,router-norm,activation-frequency,activation-weight,measured,random \
 	  --calib $(SHARED)/data/wikitext2-tokenized-valid.txt --calib-tokens 8192 --noise pcm --noise-scale $$c \
 	  --seeds 3 --ppl $(SHARED)/data/wikitext2-raw-test.txt --ppl-tokens 16384 \
-	  --tasks piqa,arc_easy,lambada_openai --tasks-dir $(SHARED)/data/qa --limit 100 --out benchmarks/results/pcm_x$$c; done
+	  --tasks piqa,arc_easy,lambada_openai --tasks-dir $(SHARED)/data/qa --limit 100 $(SWEEP_FLAGS) \
+	  --out benchmarks/results/pcm_x$$c; done
 	$(PY) benchmarks/paired_differences.py benchmarks/results/pcm_x2.5/results.json benchmarks/results/pcm_x8/results.json
 
 # 25 % max-neuron-norm against random under each device preset and standard-hwa (input ranges calibrated on the

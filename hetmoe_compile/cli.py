@@ -314,7 +314,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_lowbit_args(w, "", "inputs per quantisation group for the int8/int4 peers (default 128)")
     w.add_argument("--cost-config", metavar="FILE", help="cost-model parameters (JSON or TOML) for the energy column")
     _add_noise_args(w)
-    w.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    w.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="run the jobs on N worker processes, each with its own model copy (on a CUDA machine, worker i on GPU "
+        "i mod the GPU count; on a CPU, the cores shared out); default 1: in this process",
+    )
+    w.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help="run the workers as Ray actors on the cluster at ADDRESS (host:port, ray://..., auto), or on a local "
+        "Ray instance when no address is given; --workers sets the number of actors (default: one per GPU of the "
+        "cluster, else one per 2 CPUs)",
+    )
+    w.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output directory; each finished job is kept there, so rerunning the same command resumes",
+    )
 
     c = sub.add_parser(
         "calibrate-ranges",
@@ -1056,13 +1079,112 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def cmd_sweep(args) -> int:
+SWEEP_SELECTION = ("fractions", "selectors", "seeds", "peers", "no_ablation")
+"""``sweep`` flags that choose which jobs run, not what a job computes: a resumed sweep may change them."""
+SWEEP_RUNNING = ("command", "out", "workers", "ray")
+"""``sweep`` flags that say where and how the jobs run."""
+SWEEP_FILES = ("calib", "ppl", "input_ranges", "cost_config", "tasks_dir")
+
+
+def _sweep_settings(args) -> dict:
+    """What a sweep job's numbers depend on, for :class:`~.eval.sweep_store.SweepStore`: every flag but those
+    that choose jobs or run them, files by their contents (sha256), a local model by its full path, and this
+    version."""
+    from .eval.sweep_store import file_digest
+
+    skip = set(SWEEP_SELECTION) | set(SWEEP_RUNNING)
+    settings = {"--" + k.replace("_", "-"): v for k, v in sorted(vars(args).items()) if k not in skip}
+    for name in SWEEP_FILES:  # by contents, wherever the file is
+        path = getattr(args, name, None)
+        if path:
+            settings[f"--{name.replace('_', '-')}"] = "sha256:" + file_digest(Path(path))
+    if Path(args.model).is_dir():
+        settings["--model"] = str(Path(args.model).resolve())
+    settings["version"] = __version__
+    return settings
+
+
+def sweep_context(args, device: str | None = None, noise_and_spec: tuple | None = None):
+    """A sweep worker's :class:`~.eval.sweep_jobs.SweepContext` from the parsed ``sweep`` flags: the model (on
+    ``device`` when given), its calibration, routing reference, input ranges and cost model. The worker processes
+    and Ray actors call it (pickled with the flags), and so does a serial sweep (with the ``noise_and_spec`` it
+    has read already)."""
     from .cost import load_cost_params
-    from .eval.sweep import results_markdown, run_sweep, sweep_cost_fn, write_sweep
+    from .eval.sweep import sweep_cost_fn
+    from .eval.sweep_jobs import SweepContext
     from .models import load_tokenizer
-    from .peers import check_peers
+    from .peers import check_peer_options, check_peers
     from .pipeline import routing_frequencies
     from .placement.placement import model_identity
+
+    if device is not None:
+        args = argparse.Namespace(**{**vars(args), "device": device})
+    cfg, spec, prepared = noise_and_spec or _noise_and_spec(args)
+    peers = check_peers(_list(args.peers, "peers"), bool(args.calib), combined=False) if args.peers.strip() else []
+    options = _peer_options(args)
+    tokenizer = load_tokenizer(args.model)
+    model, info, calibration = _load(args)
+    check_peer_options(peers, info, options)
+    _routing_reference(args, model, info, tokenizer, spec, prepared)
+    ranges_record = _attach_ranges(args, model, info, cfg, calibration)
+    cost_fn = sweep_cost_fn(load_cost_params(args.cost_config), cfg, routing_frequencies(model, info, calibration))
+    identity = {
+        "model": model_identity(model, info, args.model),
+        "input_ranges": ranges_record,
+        "routing_reference": _routing_record(prepared),
+    }
+    return SweepContext(
+        model,
+        info,
+        tokenizer,
+        cfg,
+        spec,
+        prepared,
+        _list(args.selectors, "selectors"),
+        calibration,
+        options,
+        cost_fn,
+        args.scope,
+        identity,
+    )
+
+
+def _sweep_pool(args):
+    """The workers of ``--workers N`` / ``--ray``, or None to run in this process."""
+    import functools
+    import os
+
+    if args.ray is None and (args.workers or 1) == 1:
+        return None
+    if args.device_map is not None:
+        raise HetMoEError(
+            "--device-map shards one model over the devices; --workers and --ray load one model per worker: "
+            "use --device-map alone, or one device per worker"
+        )
+    factory = functools.partial(sweep_context, args)
+    if args.ray is not None:  # the cluster's devices, not this machine's: auto takes a GPU per actor if it has any
+        from .eval.sweep_ray import RayPool
+
+        gpus = None if args.device == "auto" else (1 if args.device.startswith("cuda") else 0)
+        return RayPool(factory, args.workers, args.ray or None, threads=1, gpus=gpus)
+    from .eval.sweep_workers import LocalPool
+
+    cuda = _device(args.device).startswith("cuda")
+    devices = None
+    if cuda and args.device in ("auto", "cuda"):
+        import torch
+
+        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+    threads = 0 if os.environ.get("OMP_NUM_THREADS") else max(1, (os.cpu_count() or 1) // args.workers)
+    return LocalPool(factory, args.workers, threads=threads, devices=devices)
+
+
+def cmd_sweep(args) -> int:
+    from .cost import load_cost_params
+    from .eval.sweep import results_markdown, run_sweep_jobs, sweep_plan, write_sweep
+    from .eval.sweep_store import SweepStore
+    from .models import load_tokenizer
+    from .peers import check_peers
     from .scoring import check_selectors
 
     fractions = sorted({_fraction(f) for f in _list(args.fractions, "fractions")})
@@ -1076,28 +1198,31 @@ def cmd_sweep(args) -> int:
         raise HetMoEError(f"--out {out}: exists and is not a directory; choose a directory path")
     tokenizer = load_tokenizer(args.model)
     ppl_scored = _ppl_scored(tokenizer, spec, prepared)
-    model, info, calibration = _load(args)
-    _routing_reference(args, model, info, tokenizer, spec, prepared)
-    ranges_record = _attach_ranges(args, model, info, cfg, calibration)
-    rows = run_sweep(
-        model,
-        info,
-        tokenizer,
-        fractions,
-        selectors_,
-        cfg,
-        spec,
-        calibration,
-        not args.no_ablation,
-        prepared,
-        peers,
-        _peer_options(args),
-        sweep_cost_fn(cost_params, cfg, routing_frequencies(model, info, calibration)),
-        args.scope,
-    )
+    store = SweepStore(out, _sweep_settings(args))
+    jobs = sweep_plan(fractions, selectors_, cfg, not args.no_ablation, peers)
+    pool = _sweep_pool(args)
+    try:
+        outcome = run_sweep_jobs(
+            jobs,
+            cfg,
+            spec,
+            store,
+            context=None if pool else lambda: sweep_context(args, None, (cfg, spec, prepared)),
+            pool=pool,
+        )
+    except KeyboardInterrupt:
+        print(
+            f"hetmoe-compile sweep: interrupted; the finished jobs are kept in {store.units_dir}: rerun the same "
+            "command to resume",
+            file=sys.stderr,
+        )
+        return EXIT_INTERRUPTED
+    if outcome.resumed:
+        print(f"sweep: {outcome.resumed} of {outcome.resumed + outcome.ran} jobs were finished by an earlier run")
+    identity = outcome.identity or {}
     meta = {
         "producer": PRODUCER,
-        "model": model_identity(model, info, args.model),
+        "model": identity.get("model"),
         "fractions": fractions,
         "scope": args.scope,
         "selectors": selectors_,
@@ -1108,15 +1233,25 @@ def cmd_sweep(args) -> int:
         "tasks": spec.tasks,
         "limit": spec.limit,
         "num_fewshot": spec.num_fewshot,
-        "lm_eval": prepared.lm_eval,
+        "lm_eval": outcome.lm_eval,
         "cost_params": cost_params.to_dict(),
-        "input_ranges": ranges_record,
-        "routing_reference": _routing_record(prepared),
+        "input_ranges": identity.get("input_ranges"),
+        "routing_reference": identity.get("routing_reference"),
+        "workers": _workers_record(args, pool, outcome.workers),
     }
-    written = write_sweep(out, rows, cfg, spec, meta)
-    print(results_markdown(rows, cfg, spec.seeds))
+    written = write_sweep(out, outcome.rows, cfg, spec, meta)
+    print(results_markdown(outcome.rows, cfg, spec.seeds))
     print("wrote " + ", ".join(str(p) for p in written))
     return 0
+
+
+def _workers_record(args, pool, started: list[dict]) -> dict:
+    """Where this run's jobs ran: in this process, or on N local or Ray workers (each one started, with its
+    seconds from start to ready; a killed worker's replacement is listed too)."""
+    if pool is None:
+        return {"kind": "serial", "count": 1}
+    kind = "ray" if args.ray is not None else "local"
+    return {"kind": kind, "count": pool.size, "address": args.ray or None, "started": started}
 
 
 def cmd_export(args) -> int:

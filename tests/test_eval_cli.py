@@ -227,7 +227,10 @@ def test_sweep_writes_table_plots_and_rows(tmp_path, hand):
         "results.json",
         "results.md",
         "routing.png",
+        "sweep.json",
+        "units",
     ]
+    assert len(list((out / "units").glob("*.json"))) == 11  # one per (placement, instance); all-digital once
     # Routing against the clean model: all digital is the clean model (canonical vs original experts: float
     # rounding); with every expert analog, the first MoE layer's router still sees clean inputs, later ones do not
     routing = {r["label"]: r["metrics"] for r in doc["rows"]}

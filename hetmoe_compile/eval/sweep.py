@@ -7,48 +7,32 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..analog.config import AnalogConfig
-from ..api import compile
 from ..calibration import Calibration
-from ..canonicalize import canonicalize
 from ..models.recognize import ModelInfo
-from ..peers import PEERS, PeerOptions, check_peer_options, check_peers
+from ..peers import PeerOptions, check_peer_options, check_peers
 from ..placement.placement import Placement
-from ..placement.policy import PlacementPolicy
-from ..scoring import score
 from .plots import plot_against_time, plot_routing
 from .routing_diagnostics import PREFIX, is_routing_key
-from .under_noise import EvalSpec, Prepared, evaluate_under_noise, prepare, split_time_key
-
-CostFn = Callable[[nn.Module, ModelInfo, Placement, str, dict], dict]
-"""``(model, info, placement, dense, peer_record) -> cost dict`` (with ``energy_per_token_j``) for a row."""
-
-
-@dataclass
-class SweepRow:
-    label: str
-    selector: str
-    digital_fraction: float
-    dense: str
-    metrics: dict
-    peer: str = "-"
-    peer_summary: dict = field(default_factory=dict)
-    cost: dict | None = None
-
-
-@dataclass(frozen=True)
-class _Job:
-    label: str
-    selector: str
-    fraction: float
-    dense: str
-    peer: str = "-"
+from .sweep_jobs import (
+    CostFn,
+    JobRunner,
+    SweepContext,
+    SweepJob,
+    SweepRow,
+    assemble_rows,
+    sweep_jobs,
+    sweep_units,
+    worker_name,
+)
+from .sweep_store import SweepStore
+from .sweep_workers import Observer, Pool, run_units
+from .under_noise import EvalSpec, Prepared, prepare, split_time_key
 
 
 def sweep_cost_fn(params, cfg: AnalogConfig, frequencies: dict[int, list[float]] | None = None) -> CostFn:
@@ -65,31 +49,76 @@ def sweep_cost_fn(params, cfg: AnalogConfig, frequencies: dict[int, list[float]]
     return cost
 
 
-def sweep_jobs(
+def sweep_plan(
     fractions: list[float],
     selectors: list[str],
+    cfg: AnalogConfig,
     ablation: bool = True,
     peers: Sequence[str] = (),
-    dense_analog: bool = True,
-) -> list[_Job]:
-    """References, every (selector, inner fraction) with dense modules digital, the ablation for the first
-    selector, then each peer alone (dense digital, at its own fraction) and with the first selector's inner
-    fractions. Without ``dense_analog`` (constant noise management has input ranges for routed experts only) the
-    rows with dense modules on tiles are left out."""
-    jobs = [
-        _Job("all-digital", "-", 1.0, "digital"),
-        *([_Job("all-analog", "-", 0.0, "analog")] if dense_analog else []),
-        _Job("dense-digital", "-", 0.0, "digital"),
-    ]
-    inner = [f for f in fractions if 0.0 < f < 1.0]
-    jobs += [_Job(f"{s} {f:g}", s, f, "digital") for s in selectors for f in inner]
-    if ablation and selectors and dense_analog:
-        jobs += [_Job(f"{selectors[0]} {f:g} (dense analog)", selectors[0], f, "analog") for f in inner]
-    for peer in peers:
-        alone = PEERS[peer].alone_fraction
-        jobs.append(_Job(peer, "-", alone, "digital", peer))
-        jobs += [_Job(f"{peer} + {selectors[0]} {f:g}", selectors[0], f, "digital", peer) for f in inner]
-    return jobs
+) -> list[SweepJob]:
+    """The jobs of a sweep under ``cfg`` (:func:`~.sweep_jobs.sweep_jobs`); under constant noise management,
+    without the rows that put dense modules on tiles (said on stderr)."""
+    if not selectors:
+        raise ValueError("a sweep needs at least one selector")
+    dense_analog = cfg.noise_management != "constant"
+    if not dense_analog:
+        print(
+            "sweep: no rows with dense modules on tiles (all-analog, dense analog): constant noise management has "
+            "input ranges for routed experts only",
+            file=sys.stderr,
+        )
+    return sweep_jobs(fractions, selectors, ablation, peers, dense_analog)
+
+
+@dataclass
+class SweepOutcome:
+    """A finished sweep: its rows, what the units ran on (:attr:`SweepContext.identity`; None when every unit
+    came from an earlier run of a store without a record of it), lm-eval's record of its tasks, and how many
+    units ran now and how many an earlier run had finished; the workers that ran them (name, seconds to ready;
+    empty for a run in this process)."""
+
+    rows: list[SweepRow]
+    identity: dict | None
+    lm_eval: dict | None
+    ran: int
+    resumed: int
+    workers: list[dict]
+
+
+def run_sweep_jobs(
+    jobs: list[SweepJob],
+    cfg: AnalogConfig,
+    spec: EvalSpec,
+    store: SweepStore | None = None,
+    *,
+    context: Callable[[], SweepContext] | None = None,
+    pool: Pool | None = None,
+    observer: Observer | None = None,
+) -> SweepOutcome:
+    """Measure every (job, instance) of ``jobs`` and gather the rows: in this process on the context that
+    ``context()`` builds (called only if a unit is left to run), or on ``pool``'s workers. With a ``store``, units
+    that an earlier run finished are read back instead of run, and each new one is saved as it finishes."""
+    if (context is None) == (pool is None):
+        raise ValueError("run_sweep_jobs needs exactly one of context and pool")
+    units = sweep_units(jobs, cfg, spec)
+    finished = store.open() if store is not None else {}
+    identity: dict | None = store.model if store is not None else None
+
+    def serial() -> JobRunner:
+        nonlocal identity
+        assert context is not None
+        ctx = context()
+        identity = ctx.identity
+        if store is not None:
+            store.bind_model(ctx.identity)
+        return JobRunner(ctx, worker_name("main"))
+
+    results, ran = run_units(units, store, finished, serial if pool is None else None, pool, observer)
+    if pool is not None and ran.identity is not None:
+        identity = ran.identity
+    rows = assemble_rows(jobs, units, results)
+    lm_eval = next((results[u.key]["lm_eval"] for u in units if results[u.key].get("lm_eval")), None)
+    return SweepOutcome(rows, identity, lm_eval, ran.count, len(units) - ran.count, ran.workers)
 
 
 def run_sweep(
@@ -107,75 +136,46 @@ def run_sweep(
     peer_options: PeerOptions | None = None,
     cost_fn: CostFn | None = None,
     scope: str = "per-layer",
+    store: SweepStore | None = None,
 ) -> list[SweepRow]:
-    """Evaluate every job of :func:`sweep_jobs` under ``cfg`` (each fraction spent per layer, or over all layers
-    together with ``scope="global"``).
+    """Evaluate every job of :func:`sweep_plan` under ``cfg`` on ``model``, in this process (each fraction spent
+    per layer, or over all layers together with ``scope="global"``); with a ``store``, resumable.
 
     Fractions 0 and 1 do not depend on the selector and are evaluated once. All placements share hardware
     instances (seed s programs the same devices for an expert in every placement). A peer is applied after
-    placement and taken back after its row, so rows do not leak into each other.
+    placement and taken back after its row, so rows do not leak into each other. The model is left canonical
+    and all digital. For worker processes or Ray, see :func:`run_sweep_jobs`.
     """
-    if not selectors:
-        raise ValueError("run_sweep needs at least one selector")
     peers = check_peers(list(peers), calibration is not None, combined=False) if peers else []
     peer_options = peer_options or PeerOptions()
     check_peer_options(peers, info, peer_options)
     prepared = prepared or prepare(spec)
-    scores = {s: score(model, info, s, calibration) for s in selectors}
-    rows = []
-    dense_analog = cfg.noise_management != "constant"
-    if not dense_analog:
-        print(
-            "sweep: no rows with dense modules on tiles (all-analog, dense analog): constant noise management has "
-            "input ranges for routed experts only",
-            file=sys.stderr,
-        )
-    jobs = sweep_jobs(fractions, selectors, ablation, peers, dense_analog)
-    for job in tqdm(jobs, desc="sweep", unit="placement"):
-        sel_scores = scores.get(job.selector, scores[selectors[0]])  # fractions 0 and 1 do not depend on scores
-        compiled = compile(
-            model,
-            PlacementPolicy(job.fraction, sel_scores.selector, scope, dense=job.dense),
-            cfg,
-            calibration,
-            scores=sel_scores,
-            peers=[] if job.peer == "-" else [job.peer],
-            peer_options=peer_options,
-        )
-        placement = compiled.placement
-        record = {} if compiled.peers is None else compiled.peers.record
-        try:
-            has_analog = any(l.ids("analog") for l in placement.layers) or job.peer == "hpd"
-            metrics = evaluate_under_noise(model, info, tokenizer, cfg, spec, prepared, job.dense, has_analog)
-            cost = cost_fn(model, info, placement, job.dense, record) if cost_fn else None
-        finally:
-            compiled.undo_peers()
-        rows.append(
-            SweepRow(job.label, job.selector, job.fraction, job.dense, metrics, job.peer, peer_summary(record), cost)
-        )
-    canonicalize(model, None, info)  # leave the model all-digital
-    return rows
+    jobs = sweep_plan(fractions, selectors, cfg, ablation, peers)
+    from ..analog.input_ranges import attached_input_ranges
+    from ..placement.placement import model_identity
 
-
-def peer_summary(record: dict) -> dict:
-    """A few numbers that say what a peer did (the full record can hold one entry per expert)."""
-    out: dict = {}
-    for rec in record.values():
-        if "replacements" in rec:
-            out["experts_replaced"] = len(rec["replacements"])
-        if "router_calibration" in rec:
-            out["router_calibration"] = {
-                k: v for k, v in rec["router_calibration"].items() if not isinstance(v, (list, dict))
-            }
-        if "projections" in rec:
-            out["projections"] = [
-                {k: p[k] for k in ("module", "rank", "rel_error") if k in p} for p in rec["projections"]
-            ]
-        if "bits" in rec:
-            errs = [e["output_error"] for e in rec["experts"]]
-            out["bits"] = rec["bits"]
-            out["mean_output_error"] = sum(errs) / len(errs) if errs else 0.0
-    return out
+    ranges = attached_input_ranges(model)
+    identity = {
+        "model": model_identity(model, info, str(getattr(model, "name_or_path", ""))),
+        "input_ranges": None if ranges is None else {"sha256": ranges.digest},
+    }
+    ctx = SweepContext(
+        model,
+        info,
+        tokenizer,
+        cfg,
+        spec,
+        prepared,
+        list(selectors),
+        calibration,
+        peer_options,
+        cost_fn,
+        scope,
+        identity,
+    )
+    outcome = run_sweep_jobs(jobs, cfg, spec, store, context=lambda: ctx)
+    prepared.lm_eval = prepared.lm_eval or outcome.lm_eval
+    return outcome.rows
 
 
 def _fmt(m: dict) -> str:

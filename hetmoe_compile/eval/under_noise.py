@@ -137,6 +137,47 @@ def split_time_key(key: str) -> tuple[str, str] | None:
     return label, metric
 
 
+def instance_count(cfg: AnalogConfig, spec: EvalSpec, has_analog: bool, dense: str = "digital") -> int:
+    """Hardware instances worth measuring: ``spec.seeds``, or one when nothing is analog or the preset is ideal
+    (every instance is identical then)."""
+    return spec.seeds if (has_analog or dense == "analog") and not cfg.is_ideal else 1
+
+
+def evaluate_instance(
+    model: nn.Module,
+    info: ModelInfo,
+    tokenizer,
+    cfg: AnalogConfig,
+    spec: EvalSpec,
+    prepared: Prepared,
+    seed: int,
+    dense: str = "digital",
+) -> dict[str, float]:
+    """Every metric of hardware instance ``seed`` of a canonical model (at each of ``spec.times``, keys
+    :func:`time_key`; the routing diagnostics with ``prepared.routing``). The instance is programmed afresh before
+    each time's measurement, so the result does not depend on what ran before; the model is left simulated (call
+    :func:`~hetmoe_compile.analog.simulate.restore_digital` when done)."""
+    times: list[float | None] = list(spec.times) if spec.times else [None]
+    out: dict[str, float] = {}
+    for t in times:
+        simulate(model, cfg if t is None else replace(cfg, t_inference=t), seed, dense=dense, info=info)
+        measured = measure(model, tokenizer, spec, prepared)
+        if prepared.routing is not None:
+            from .routing_diagnostics import routing_diagnostics
+
+            measured.update(routing_diagnostics(model, info, prepared.routing, spec.batch_size))
+        for k, v in measured.items():
+            out[k if t is None else time_key(t, k)] = v
+    return out
+
+
+def check_finite(values: dict[str, float], cfg: AnalogConfig) -> None:
+    """One line naming the first metric that is not finite (a configuration whose noise overflows)."""
+    for k, v in values.items():
+        if not math.isfinite(v):
+            raise HetMoEError(f"metric {k} is not finite under {cfg.preset}; check the analog configuration")
+
+
 def evaluate_under_noise(
     model: nn.Module,
     info: ModelInfo,
@@ -147,30 +188,16 @@ def evaluate_under_noise(
     dense: str = "digital",
     has_analog: bool = True,
 ) -> dict[str, dict]:
-    """Mean and std over ``spec.seeds`` hardware instances of a canonical model; one run when nothing is analog
-    or the preset is ideal (every instance is identical then). With ``spec.times``, every metric at each time
-    since programming (keys :func:`time_key`): instance ``seed`` is the same devices at every time (the same
-    programming and drift draws, drifted further) and the same per-MVM noise stream. With
-    ``prepared.routing`` (a :class:`~.routing_diagnostics.RoutingReference`), the routing diagnostics too (keys
-    ``routing/...``)."""
-    seeds = spec.seeds if (has_analog or dense == "analog") and not cfg.is_ideal else 1
-    times: list[float | None] = list(spec.times) if spec.times else [None]
+    """Mean and std over the hardware instances (:func:`instance_count`) of a canonical model, each measured by
+    :func:`evaluate_instance`. With ``spec.times``, instance ``seed`` is the same devices at every time (the same
+    programming and drift draws, drifted further) and the same per-MVM noise stream."""
     values: dict[str, list[float]] = {}
     try:
-        for seed in range(seeds):
-            for t in times:
-                simulate(model, cfg if t is None else replace(cfg, t_inference=t), seed, dense=dense, info=info)
-                measured = measure(model, tokenizer, spec, prepared)
-                if prepared.routing is not None:
-                    from .routing_diagnostics import routing_diagnostics
-
-                    measured.update(routing_diagnostics(model, info, prepared.routing, spec.batch_size))
-                for k, v in measured.items():
-                    values.setdefault(k if t is None else time_key(t, k), []).append(v)
+        for seed in range(instance_count(cfg, spec, has_analog, dense)):
+            measured = evaluate_instance(model, info, tokenizer, cfg, spec, prepared, seed, dense)
+            check_finite(measured, cfg)
+            for k, v in measured.items():
+                values.setdefault(k, []).append(v)
     finally:
         restore_digital(model, info)
-    result = summarize(values)
-    for k, stats in result.items():
-        if not all(math.isfinite(x) for x in stats["values"]):
-            raise HetMoEError(f"metric {k} is not finite under {cfg.preset}; check the analog configuration")
-    return result
+    return summarize(values)
