@@ -165,7 +165,7 @@ class JobRunner:
     def run(self, unit: Unit) -> dict:
         """The unit's result: ``{"label", "seed", "metrics": {name: value}, "skipped", "cost", "peer_summary",
         "lm_eval", "seconds", "worker"}`` (``skipped``: the placement holds no analog device, so this instance
-        equals instance 0 and is not measured)."""
+        equals instance 0 and is not measured; ``lm_eval``: what lm-eval reported about its tasks, on instance 0)."""
         ctx, job = self.ctx, unit.job
         start = time.perf_counter()
         try:
@@ -189,7 +189,7 @@ class JobRunner:
             "skipped": skipped,
             "cost": fixed["cost"],
             "peer_summary": fixed["peer_summary"],
-            "lm_eval": ctx.prepared.lm_eval,
+            "lm_eval": ctx.prepared.lm_eval if unit.seed == 0 else None,  # the same for every unit: kept once a job
             "seconds": time.perf_counter() - start,
             "worker": self.worker,
         }
