@@ -146,6 +146,9 @@ def run_sweep(
     placement and taken back after its row, so rows do not leak into each other. The model is left canonical
     and all digital. For worker processes or Ray, see :func:`run_sweep_jobs`.
     """
+    from ..scoring import check_selectors
+
+    check_selectors(list(selectors), calibration is not None)  # before any job: a data-driven one needs text
     peers = check_peers(list(peers), calibration is not None, combined=False) if peers else []
     peer_options = peer_options or PeerOptions()
     check_peer_options(peers, info, peer_options)
