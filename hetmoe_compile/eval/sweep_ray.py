@@ -97,10 +97,6 @@ class RayPool:
     def submit(self, index: int, unit: Unit) -> None:
         self._refs[self._actors[index].run.remote(unit)] = (index, "run", unit.key)
 
-    def kill(self, index: int) -> None:
-        """Kill worker ``index`` (as a lost node would)."""
-        self._ray.kill(self._actors[index], no_restart=True)
-
     def events(self, timeout: float) -> list[Event]:
         ray = self._ray
         if not self._refs:

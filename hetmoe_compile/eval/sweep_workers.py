@@ -310,10 +310,6 @@ class LocalPool:
     def submit(self, index: int, unit: Unit) -> None:
         self._conns[index].send(unit)
 
-    def pid(self, index: int) -> int | None:
-        proc = self._procs.get(index)
-        return None if proc is None else proc.pid
-
     def events(self, timeout: float) -> list[Event]:
         index_of = {id(c): i for i, c in self._conns.items()}
         sentinels = {p.sentinel: i for i, p in self._procs.items()}
