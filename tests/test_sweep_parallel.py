@@ -207,6 +207,20 @@ def test_a_job_error_in_a_worker_is_the_sweep_error():
         run_units(UNITS_AB, None, {}, pool=_FakePool(2, fail_on=[UNITS_AB[4].key]))
 
 
+def test_a_ray_address_where_nothing_answers_is_refused_at_once(tmp_path, capsys):
+    pytest.importorskip("ray", reason="Ray is not installed (pip install 'hetmoe-compile[ray]')")
+    assert main([*ARGS, "--ray", "127.0.0.1:1", "--out", str(tmp_path / "s")]) == 2
+    assert (
+        capsys.readouterr()
+        .err.strip()
+        .endswith(
+            "hetmoe-compile sweep: error: --ray 127.0.0.1:1: nothing answers there (Connection refused); start the "
+            "cluster with 'ray start --head' and give its address, or leave ADDRESS out for a local Ray instance"
+        )
+    )
+    assert not (tmp_path / "s").exists()
+
+
 def test_workers_and_device_map_are_refused_together(tmp_path, capsys):
     assert main([*ARGS, "--workers", "2", "--device-map", "auto", "--out", str(tmp_path / "s")]) == 2
     assert capsys.readouterr().err.strip() == (

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from typing import Any
 
 from ..errors import HetMoEError
@@ -65,6 +66,7 @@ class RayPool:
             ) from None
         self._ray = ray
         if not ray.is_initialized():
+            check_reachable(self.address)
             try:
                 ray.init(
                     address=self.address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR
@@ -144,3 +146,21 @@ def cluster_workers(resources: dict, gpu: bool) -> int:
             raise HetMoEError("--ray: the cluster has no GPU for a CUDA sweep; use --device cpu or add GPU nodes")
         return gpus
     return max(1, int(resources.get("CPU", 1)) // 2)
+
+
+def check_reachable(address: str | None, timeout: float = 5.0) -> None:
+    """Refuse in one line, within ``timeout`` seconds, a ``host:port`` (or ``ray://host:port``) where nothing
+    answers: Ray itself retries such an address for minutes. ``None`` and ``auto`` are left to Ray."""
+    if not address or address == "auto":
+        return
+    host, sep, port = address.removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise HetMoEError(
+            f"--ray {address}: nothing answers there ({reason}); start the cluster with 'ray start --head' and give "
+            "its address, or leave ADDRESS out for a local Ray instance"
+        ) from None

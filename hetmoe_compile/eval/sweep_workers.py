@@ -86,6 +86,8 @@ def run_units(
     ran = Ran(len(todo))
     if not todo:
         return results, ran
+    if pool is not None:
+        pool.open()  # a cluster that cannot be reached fails here, before the bar
     bar = tqdm(total=len(units), initial=len(results), desc="sweep", unit="job", dynamic_ncols=True)
     try:
         if pool is None:
@@ -116,8 +118,8 @@ def _record(store: SweepStore | None, unit: Unit, result: dict, results: dict, b
 
 
 def _schedule(pool: Pool, todo: list[Unit], store, results: dict, bar, observer: Observer, ran: Ran) -> None:
-    """Run ``todo`` on ``pool``; ``ran`` gets the identity the workers reported (all of them the same) and their
-    start-up times."""
+    """Run ``todo`` on ``pool`` (opened); ``ran`` gets the identity the workers reported (all of them the same)
+    and their start-up times."""
     identity: dict | None = None
     started: dict[int, float] = {}
     pending = deque(todo)
@@ -129,7 +131,6 @@ def _schedule(pool: Pool, todo: list[Unit], store, results: dict, bar, observer:
     attempts: dict[str, int] = {}
     restarts = 0
     try:
-        pool.open()
         for i in range(pool.size):
             started[i] = time.perf_counter()
             pool.start(i)
