@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from .errors import HetMoEError, NoTokenizerError
+from .interrupts import interrupted, watching_interrupts
 from .io import check_output_path
 from .placement.policy import SCOPES, PlacementPolicy, parse_override
 from .version import PRODUCER, __version__
@@ -1210,7 +1211,9 @@ def cmd_sweep(args) -> int:
             context=None if pool else lambda: sweep_context(args, None, (cfg, spec, prepared)),
             pool=pool,
         )
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Exception) as exc:
+        if not interrupted(exc):
+            raise
         print(
             f"hetmoe-compile sweep: interrupted; the finished jobs are kept in {store.units_dir}: rerun the same "
             "command to resume",
@@ -1387,6 +1390,11 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # usage errors (one line, printed), --help, --version: an exit code, not an exception
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
+    with watching_interrupts():
+        return _dispatch(args)
+
+
+def _dispatch(args) -> int:
     try:
         commands = {
             "analyze": cmd_analyze,
@@ -1400,12 +1408,14 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, "out", None):
             check_output_path(args.out)  # before the model loads: a bad --out costs no work
         return commands[args.command](args)
-    except HetMoEError as exc:
+    except (KeyboardInterrupt, Exception) as exc:
+        if interrupted(exc):  # outputs are written atomically: an interrupted run leaves nothing behind
+            print(f"hetmoe-compile {args.command}: interrupted; nothing was written", file=sys.stderr)
+            return EXIT_INTERRUPTED
+        if not isinstance(exc, HetMoEError):
+            raise
         print(f"hetmoe-compile {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:  # outputs are written atomically: an interrupted run leaves nothing behind
-        print(f"hetmoe-compile {args.command}: interrupted; nothing was written", file=sys.stderr)
-        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -280,6 +280,56 @@ def test_ctrl_c_prints_one_line_exits_130_and_leaves_nothing(demo_export, tmp_pa
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def _interrupted_then(error: str, chained: bool):
+    """A torch.export that is Ctrl-C'd and whose cleanup raises another error over it (as torch's mode stack
+    does: "Trying to pop empty mode stack"), or that swallows the KeyboardInterrupt and fails later."""
+
+    def export(*args, **kwargs):
+        if chained:
+            try:
+                signal.raise_signal(signal.SIGINT)
+            finally:
+                raise RuntimeError(error)
+        try:
+            signal.raise_signal(signal.SIGINT)
+        except KeyboardInterrupt:
+            pass
+        raise RuntimeError(error)  # no trace of the interrupt left in the exception
+
+    return export
+
+
+@pytest.mark.parametrize("chained", [True, False], ids=["chained", "swallowed"])
+def test_ctrl_c_that_a_library_turns_into_another_error_is_still_an_interruption(
+    demo_export, tmp_path, capsys, monkeypatch, chained
+):
+    monkeypatch.setattr(torch.export, "export", _interrupted_then("Trying to pop empty mode stack", chained))
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal
+    try:
+        out = tmp_path / "out" / "onnx"
+        assert main(["export", str(DEMO), "--placement", str(demo_export[0]), "--out", str(out)]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == "hetmoe-compile export: interrupted; nothing was written" and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert signal.getsignal(signal.SIGINT) is previous
+
+
+def test_an_error_without_ctrl_c_is_still_reported_as_that_error(demo_export, tmp_path, capsys, monkeypatch):
+    def failing(*args, **kwargs):
+        raise RuntimeError("Trying to pop empty mode stack")
+
+    monkeypatch.setattr(torch.export, "export", failing)
+    out = tmp_path / "onnx"
+    assert main(["export", str(DEMO), "--placement", str(demo_export[0]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (
+        "hetmoe-compile export: error: torch.export failed for OlmoeForCausalLM: Trying to pop empty mode stack"
+    )
+    assert not out.exists()
+
+
 def test_a_killed_export_leaves_only_what_the_next_run_removes(demo_export, tmp_path):
     """kill -9 cannot be cleaned up after; what it leaves is one pid-named sibling of --out (torch.onnx's scratch
     inside it, not in the temp dir), which the next write to that --out removes."""
