@@ -9,7 +9,8 @@ the machine's drift hits them alike; medians, and the ratio columns are medians 
 runners (paired). The onnxruntime-genai row runs the partitioned KV-cached files
 through their ``genai_config.json`` (prefill column: one generated token after the 512-token prompt); its stages
 take GenAI's default intra-op threads, half the cores (1 here), whatever ``--threads`` says. The other runners use
-``--threads`` intra-op threads each.
+``--threads`` intra-op threads each; the row "analog partitions 1 thread" is the partitioned KV-cached runner
+with ``analog_threads=1`` (its digital partitions at ``--threads``; left out when ``--threads`` is 1).
 Targets (issue 15): partitioned with cache <= 1.15x monolithic with cache and <= 1.0x eager with its cache;
 per-token time after 1024 tokens <= 1.5x the time after 128 (the reference model has 1024 positions: the longest
 prompt is 1007).
@@ -86,6 +87,15 @@ def main() -> None:
         part_kv, mono_kv = cached("pk"), cached("mk", monolithic=True)
         onnx_runners = {
             "partitioned ONNX, KV cache": part_kv,
+            **(
+                {
+                    "partitioned ONNX, KV cache, analog partitions 1 thread": runtime.load(
+                        Path(tmp) / "pk", threads=args.threads, analog_threads=1
+                    )
+                }
+                if args.threads != 1
+                else {}
+            ),
             "monolithic ONNX, KV cache": mono_kv,
             "partitioned ONNX (recompute)": part,
             "partitioned ONNX (recompute), digital experts as com.microsoft::MoE": fused,

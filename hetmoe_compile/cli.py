@@ -430,6 +430,16 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="analog partitions: the programmed instance if exported (auto), or ideal weights",
     )
+    r.add_argument(
+        "--threads", type=_positive_int, default=None, metavar="N", help="intra-op threads per session (default: cores)"
+    )
+    r.add_argument(
+        "--analog-threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="intra-op threads of the analog partitions (default: --threads); 1 decodes faster, prefills slower",
+    )
     return parser
 
 
@@ -1334,7 +1344,7 @@ def cmd_run(args) -> int:
     from .runtime.tokenizer import load_export_tokenizer
 
     sampling = _sampling(args)
-    runner = load(args.export_dir, analog=args.analog)
+    runner = load(args.export_dir, analog=args.analog, threads=args.threads or 0, analog_threads=args.analog_threads)
     tokenizer = None
     rows: list[list[int]] = []
     if args.prompt is not None:

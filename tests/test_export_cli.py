@@ -9,6 +9,7 @@ import pytest
 from helpers import DEMO
 
 from hetmoe_compile.cli import main
+from hetmoe_compile.errors import HetMoEError
 
 
 def test_export_writes_partitions_manifest_and_tokenizer(demo_export, capsys):
@@ -76,6 +77,27 @@ def test_run_decodes_a_left_padded_batch_and_samples_with_a_seed(demo_export, ca
     assert sampled(4) != sampled(3)
 
 
+def test_analog_partitions_take_their_own_thread_count_and_compute_the_same(demo_export, capsys):
+    import numpy as np
+
+    from hetmoe_compile import runtime
+
+    _, out = demo_export
+    base = runtime.load(out, analog="ideal", threads=2)
+    split = runtime.load(out, analog="ideal", threads=2, analog_threads=1)
+    counts = {n: s.get_session_options().intra_op_num_threads for n, s in split.sessions.items()}
+    assert counts == {n: 1 if n.startswith("analog") else 2 for n in base.sessions}
+    assert {s.get_session_options().intra_op_num_threads for s in base.sessions.values()} == {2}
+    ids = np.array([[5, 6, 7, 8]])
+    assert np.array_equal(split(ids), base(ids))
+    capsys.readouterr()
+    argv = ["run", str(out), "--ids", "5,6,7", "--max-new-tokens", "4", "--analog", "ideal"]
+    assert main([*argv, "--threads", "2", "--analog-threads", "1"]) == 0
+    assert capsys.readouterr().out.split() == [str(t) for t in base.generate([[5, 6, 7]], 4)[0]]
+    with pytest.raises(HetMoEError, match="analog_threads must be an integer >= 0"):
+        runtime.load(out, analog_threads=-1)
+
+
 def test_reexport_replaces_the_directory(demo_export, tmp_path):
     placement, out = demo_export
     target = tmp_path / "again"
@@ -129,6 +151,7 @@ def test_reexport_replaces_the_directory(demo_export, tmp_path):
         (["run", "{export}", "--ids", "5", "--temperature", "0.5"], "--temperature only apply with --sample"),
         (["run", "{export}", "--ids", "5", "--sample", "--top-p", "1.5"], "top_p must lie in (0, 1]"),
         (["run", "{export}", "--ids", "5", "--sample", "--temperature", "0"], "0 is not a finite number > 0"),
+        (["run", "{export}", "--ids", "5", "--analog-threads", "0"], "0 must be >= 1"),
     ],
 )
 def test_bad_input_one_line_exit_2(demo_export, tmp_path, argv, message, capsys):

@@ -326,10 +326,13 @@ def load(
     providers: list[str] | None = None,
     verify_hashes: bool = True,
     threads: int = 0,
+    analog_threads: int | None = None,
 ) -> Runner:
     """Load the export in ``directory``: check its manifest (schema, version, schedule), every file it lists (sha256,
     and that each holds the partition its entry claims), the vocabulary size, and open one ONNX Runtime session per
-    partition (``threads``: intra-op threads per session, 0 = one per core). ``analog``:
+    partition (``threads``: intra-op threads per session, 0 = one per core; ``analog_threads``: the analog
+    partitions' own count, ``threads`` when ``None``: one thread decodes faster, see ``benchmarks/RESULTS.md``,
+    and prefills a long prompt slower). ``analog``:
     ``ideal`` weights, the programmed ``instance`` (needs an export with ``--instance-seed``), or ``auto`` (the
     instance when there is one). Partitions of a device in ``executors`` run through that callable instead of ONNX
     Runtime. ``providers`` default to CUDA when ONNX Runtime has it, else CPU."""
@@ -346,8 +349,14 @@ def load(
             "or run the ideal partitions (--analog ideal; runtime.load(..., analog='ideal'))"
         )
     variant = "instance" if (analog == "instance" or (analog == "auto" and has_instance)) else "ideal"
+    for name, value in (("threads", threads), ("analog_threads", analog_threads)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise HetMoEError(f"{name} must be an integer >= 0 (0: one per core), got {value!r}")
     executors = dict(executors or {})
-    options = _session_options(threads)
+    options = {
+        "digital": _session_options(threads),
+        "analog": _session_options(threads if analog_threads is None else analog_threads),
+    }
     providers = providers or [
         p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()
     ]
@@ -376,7 +385,9 @@ def load(
             continue
         path = paths[part["name"]]
         try:
-            sessions[part["name"]] = ort.InferenceSession(str(path), options, providers=providers)
+            sessions[part["name"]] = ort.InferenceSession(
+                str(path), options["analog" if part["device"] == "analog" else "digital"], providers=providers
+            )
         except Exception as exc:
             raise HetMoEError(
                 f"partition '{part['name']}': ONNX Runtime cannot load {path.name}: "
