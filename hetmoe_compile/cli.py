@@ -438,7 +438,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=None,
         metavar="N",
-        help="intra-op threads of the analog partitions (default: --threads); 1 decodes faster, prefills slower",
+        help="intra-op threads of the analog partitions (default: --threads); 1 decodes small experts faster",
     )
     return parser
 

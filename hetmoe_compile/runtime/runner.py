@@ -331,8 +331,8 @@ def load(
     """Load the export in ``directory``: check its manifest (schema, version, schedule), every file it lists (sha256,
     and that each holds the partition its entry claims), the vocabulary size, and open one ONNX Runtime session per
     partition (``threads``: intra-op threads per session, 0 = one per core; ``analog_threads``: the analog
-    partitions' own count, ``threads`` when ``None``: one thread decodes faster, see ``benchmarks/RESULTS.md``,
-    and prefills a long prompt slower). ``analog``:
+    partitions' own count, ``None``: ``threads``; with small experts one thread decodes faster and may prefill
+    slower, see ``benchmarks/RESULTS.md``). ``analog``:
     ``ideal`` weights, the programmed ``instance`` (needs an export with ``--instance-seed``), or ``auto`` (the
     instance when there is one). Partitions of a device in ``executors`` run through that callable instead of ONNX
     Runtime. ``providers`` default to CUDA when ONNX Runtime has it, else CPU."""
