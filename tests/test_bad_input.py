@@ -316,6 +316,24 @@ def test_ctrl_c_that_a_library_turns_into_another_error_is_still_an_interruption
     assert signal.getsignal(signal.SIGINT) is previous
 
 
+def test_an_interruption_is_found_in_the_exception_chain_without_a_signal():
+    from hetmoe_compile.interrupts import interrupted, watching_interrupts
+
+    def raised_over(inner: BaseException) -> BaseException:
+        try:
+            try:
+                raise inner
+            finally:
+                raise RuntimeError("cleanup failed")
+        except RuntimeError as exc:
+            return exc
+
+    with watching_interrupts():  # resets what an earlier SIGINT in this process left noted
+        assert interrupted(raised_over(KeyboardInterrupt()))
+        assert not interrupted(raised_over(ValueError("not an interruption")))
+        assert not interrupted(RuntimeError("plain"))
+
+
 def test_an_error_without_ctrl_c_is_still_reported_as_that_error(demo_export, tmp_path, capsys, monkeypatch):
     def failing(*args, **kwargs):
         raise RuntimeError("Trying to pop empty mode stack")
