@@ -16,3 +16,22 @@ def timed(fn: Callable[[], object], repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
+
+
+def rounds(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[float]]:
+    """Wall times of each of ``fns`` in each of ``repeat`` rounds, every function once per round in turn (after one
+    warm-up each), so that the machine's drift between rounds falls on all of them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return times
+
+
+def paired_ratio(times: dict[str, list[float]], name: str, base: str) -> float:
+    """Median over rounds of ``name``'s time over ``base``'s in the same round (see :func:`rounds`)."""
+    return statistics.median(a / b for a, b in zip(times[name], times[base]))

@@ -4,8 +4,9 @@ An expert group computes ``sum_k weight[t, k] * expert[top_k_index[t, k]](hidden
 ways, same routing:
 
 - **per expert** (:func:`routed_slots`): the pairs routed to the group, sorted by expert, and their counts on the
-  host; a Python loop runs one matmul per expert with tokens. The counts cost one host synchronisation per group
-  and call. This is the reference path, and the default on the CPU.
+  host; a Python loop runs one matmul per expert with tokens (the analog group takes its other steps over runs of
+  experts at once). The counts cost one host synchronisation per group and call. This is the reference path, and
+  the default on the CPU.
 - **grouped** (:func:`routing_plan`): every ``T*K`` pair sorted by local expert, the other groups' pairs last, and
   the experts' end offsets *on the device*; ``torch.nn.functional.grouped_mm`` multiplies each expert's rows by its
   matrix in one kernel. Nothing leaves the device (no ``nonzero``, ``bincount`` or ``tolist``), so a CUDA forward

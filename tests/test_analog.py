@@ -216,6 +216,28 @@ def test_short_term_weight_noise_agrees_with_aihwkits_native_forward(kind):
     assert abs(np.mean(ours) / np.mean(theirs) - 1) < 0.05, (np.mean(ours), np.mean(theirs))
 
 
+@pytest.mark.parametrize("out_noise", [0.0, 0.04], ids=["weight-noise-only", "with-output-noise"])
+@pytest.mark.parametrize("kind", ["pcm-read", "additive"])
+def test_weight_and_output_noise_are_one_gaussian_of_their_summed_variance(kind, out_noise):
+    """The short-term weight noise and the output noise are drawn as one normal per output: on exact devices
+    without converters, the residuals ``y - x W^T`` over the predicted standard deviation of each output
+    (``nm s_i sqrt(w_noise^2 sum_j |w_ij / s_i| a_j^2 + out_noise^2)``, ``a = x / nm``; ``a_j^2`` for additive
+    noise) have mean 0 and standard deviation 1 (92,160 residuals)."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(192, 300, generator=gen) * 0.05
+    x = torch.randn(48, 300, generator=gen)
+    cfg = analog_config("ideal", w_noise=0.05, w_noise_type=kind, out_noise=out_noise)
+    prog = program_matrix(w, cfg, 0)  # one tile, the weights exact
+    s = w.abs().amax(1)  # [out]: each row's scale
+    nm = x.abs().amax(1, keepdim=True)  # [n, 1]: abs-max noise management
+    a = x / nm
+    wn = (w.abs() / s[:, None]) if kind == "pcm-read" else torch.ones_like(w)
+    std = nm * s * (0.05**2 * (a * a) @ wn.T + out_noise**2).sqrt()
+    mvm = torch.Generator().manual_seed(1)
+    z = torch.cat([(analog_matmul(x, prog, cfg, mvm) - x @ w.T) / std for _ in range(10)])
+    assert abs(float(z.mean())) < 0.01 and abs(float(z.std()) - 1) < 0.01, (float(z.mean()), float(z.std()))
+
+
 @pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")  # inside aihwkit's Hermes model
 @pytest.mark.parametrize("preset", ["reram-wan2022", "reram-cmo", "hermes-pcm"])
 def test_device_presets_agree_with_aihwkit(preset):

@@ -1,11 +1,14 @@
 """The grouped (device-side, one GEMM per matrix) expert-group path against the per-expert reference loop."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from hetmoe_compile.analog import analog_config
-from hetmoe_compile.analog.expert_group_op import _grouped_analog, analog_expert_group_op
+from hetmoe_compile.analog import expert_group_op as analog_op
+from hetmoe_compile.analog.expert_group_op import _chunks, _grouped_analog, analog_expert_group_op
 from hetmoe_compile.analog.instance import program_group
 from hetmoe_compile.analog.simulate import AnalogExpertGroup
 from hetmoe_compile.analog.tiles import Periphery
@@ -96,6 +99,34 @@ def test_analog_grouped_equals_loop_without_output_noise(monkeypatch):
     assert torch.equal(grouped, loop)  # DAC, tiles, ADC rounding: the same arithmetic, row by row
 
 
+def test_per_expert_runs_are_whole_experts_within_the_bound():
+    """The per-expert path takes consecutive experts' rows together up to the bound; an expert with more rows is
+    taken alone and experts without rows are skipped."""
+    runs = _chunks([3, 0, 5, 2, 9, 1, 0], 7)
+    assert runs == [
+        (0, 3, [3, 0, 0, 0, 0, 0, 0]),
+        (3, 10, [0, 0, 5, 2, 0, 0, 0]),
+        (10, 19, [0, 0, 0, 0, 9, 0, 0]),
+        (19, 20, [0, 0, 0, 0, 0, 1, 0]),
+    ]
+    assert _chunks([0, 0], 4) == [] and _chunks([2, 2], 100) == [(0, 4, [2, 2])]
+
+
+def test_analog_per_expert_runs_give_the_rows_of_one_step(monkeypatch):
+    """IR drop, bound management and the converters (no noise, so deterministic; a low out_bound so that rows are
+    re-run): one expert per run or every expert in one run, the same outputs bit for bit."""
+    cfg = analog_config("pcm", out_noise=0.0, tile_size=32, ir_drop=2.0, out_bound=0.5, bound_management="iterative")
+    monkeypatch.setenv(GROUPED_MM_ENV, "0")
+    out = {}
+    for bound in (1, 1 << 30):
+        monkeypatch.setattr(analog_op, "ROWS_ELEMENTS", {"cpu": bound})
+        out[bound] = _analog(cfg)()
+    assert torch.equal(out[1], out[1 << 30])
+    monkeypatch.setattr(analog_op, "ROWS_ELEMENTS", {"cpu": 1 << 30})
+    clean = _analog(replace(cfg, ir_drop=0.0, bound_management="none", out_bound=10.0))()
+    assert not torch.allclose(out[1], clean, atol=1e-3)  # the effects are on
+
+
 def test_analog_grouped_output_noise_same_law_and_seeded(monkeypatch):
     cfg = analog_config("pcm", tile_size=32)
     clean = _both(monkeypatch, _analog(analog_config("pcm", out_noise=0.0, tile_size=32)))[0]
@@ -125,17 +156,16 @@ def test_grouped_path_reads_nothing_back_from_the_device():
         out = _grouped_expert_group(*args, *(f(m) for m in mats), E, "glu", "silu", 0.0, 0.0)
         analog = _grouped_analog(
             *args,
-            f(prog["gate_up_weight"]),
-            f(prog["gate_up_scale"]),
-            f(prog["down_weight"]),
-            f(prog["down_scale"]),
-            f(mats[2]),
-            f(mats[3]),
             E,
-            "glu",
-            "silu",
-            0.0,
-            0.0,
+            (
+                f(prog["gate_up_weight"]),
+                f(prog["gate_up_scale"]),
+                f(prog["down_weight"]),
+                f(prog["down_scale"]),
+                f(mats[2]),
+                f(mats[3]),
+            ),
+            ("glu", "silu", 0.0, 0.0),
             Periphery.of(cfg),
             None,
         )
