@@ -33,10 +33,11 @@ demo: $(STAMP)
 	@echo "Demo outputs are in $(OUT)/: scores.json, scores.png, placement.json, results.json, onnx/ (partitions, manifest.json, genai_config.json)"
 
 # One pytest-xdist worker per core (TEST_WORKERS=0 runs in one process); each test file stays on one worker, so its
-# module fixtures are built once.
+# module fixtures are built once. Files go out in collection order (tests/conftest.py puts the longest first), not
+# xdist's default of most tests first, which left the README test running alone at the end.
 TEST_WORKERS ?= auto
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 # Lint and format rules, and the type check of the package (configured in pyproject.toml).
 lint: $(STAMP)
