@@ -80,6 +80,14 @@ def _grouped_analog(
     return plan.combine(hidden, top_k_weights, y)
 
 
+ROWS_ELEMENTS = {"cpu": 1 << 18}
+"""The per-expert path's bound on rows x outputs of each step, per device type (default ``1 << 24``): consecutive
+experts' rows are taken together up to it (an expert with more rows alone). On the CPU the bound keeps each
+step's temporaries (1 MiB in float32) in the core's cache: on the reference model a forward with every effect on
+took 2.07-2.31x the clean one in runs of 128 to 1,024 rows, against 2.54-2.59x with all of a layer's rows in one
+step (benchmarks/RESULTS.md). Elsewhere it only bounds the temporaries of a large batch."""
+
+
 def _per_expert_analog(
     hidden: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -113,14 +121,6 @@ def _per_expert_analog(
         y = _routed_rows(hidden, tok, row[lo:hi], chunk, mats, act, io, gen, gate_up_range, down_range, shared)
         out.index_add_(0, tok, (y * weights[lo:hi, None]).to(out.dtype))
     return out
-
-
-ROWS_ELEMENTS = {"cpu": 1 << 18}
-"""The per-expert path's bound on rows x outputs of each step, per device type (default ``1 << 24``): consecutive
-experts' rows are taken together up to it (an expert with more rows alone). On the CPU the bound keeps each
-step's temporaries (1 MiB in float32) in the core's cache: on the reference model a forward with every effect on
-took about 2.15x the clean one in runs of 256 to 1,024 rows, against 2.55x with all rows in one step. Elsewhere it
-only bounds the temporaries of a large batch."""
 
 
 def _chunks(counts: list[int], max_rows: int) -> list[tuple[int, int, list[int]]]:
