@@ -33,7 +33,7 @@ import onnxruntime_genai as og
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from timing import timed  # noqa: E402
+from timing import paired_ratio, timed  # noqa: E402
 
 from hetmoe_compile import runtime  # noqa: E402
 from hetmoe_compile.export import ExportOptions, export_onnx  # noqa: E402
@@ -188,9 +188,8 @@ def _decode_per_token(
 
 
 def _paired_ratio(samples: dict[str, list[list[float]]], name: str, base: str) -> list[float]:
-    """Median over rounds of ``name``'s time over ``base``'s in the same round, per prompt (the two ran moments
-    apart, so the machine's drift between rounds cancels)."""
-    return [statistics.median(a / b for a, b in zip(x, y)) for x, y in zip(samples[name], samples[base])]
+    """:func:`timing.paired_ratio` of ``name`` over ``base``, per prompt."""
+    return [paired_ratio(x, y) for x, y in zip(samples[name], samples[base])]
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ def rounds(fns: dict[str, Callable[[], object]], repeat: int) -> dict[str, list[
     return times
 
 
-def paired_ratio(times: dict[str, list[float]], name: str, base: str) -> float:
-    """Median over rounds of ``name``'s time over ``base``'s in the same round (see :func:`rounds`)."""
-    return statistics.median(a / b for a, b in zip(times[name], times[base]))
+def paired_ratio(times: list[float], base: list[float]) -> float:
+    """Median over rounds of a time over the base's in the same round (see :func:`rounds`): the two ran moments
+    apart, so the machine's drift between rounds cancels."""
+    return statistics.median(a / b for a, b in zip(times, base))
