@@ -53,11 +53,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/cost_table.py
 	$(MAKE) bench-export
 
-# Export parity per family, runtime speed (partitioned vs monolithic vs eager), export at OLMoE-1B-7B width
-# (needs about 6 GB of RAM and 5 GB of temporary disk).
+# Export parity per family, runtime speed (partitioned vs monolithic vs eager), decode and export at OLMoE-1B-7B
+# width (bench_runtime_scale.py peaks at about 13 GB of RAM and 8 GB of temporary disk; the rest need less).
 bench-export: $(STAMP)
 	$(PY) benchmarks/export_parity.py
-	$(PY) benchmarks/bench_runtime.py --repeat 9
+	$(PY) benchmarks/bench_runtime.py --repeat 9 --decode-repeat 15
+	$(PY) benchmarks/bench_runtime_scale.py
 	$(PY) benchmarks/bench_export_scale.py
 	$(PY) benchmarks/lowbit_ppl.py
 
