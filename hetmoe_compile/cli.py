@@ -1274,12 +1274,12 @@ def cmd_export(args) -> int:
     from .io import check_replaceable_dir
     from .models import load_model, load_tokenizer
     from .placement import Placement
-    from .runtime import MANIFEST_NAME
+    from .runtime.manifest import MANIFEST_KEYS, MANIFEST_NAME
 
     cfg = _analog_cfg(args, several_times=False)
     cost_params = load_cost_params(args.cost_config)
     placement = Placement.load(args.placement)
-    check_replaceable_dir(Path(args.out), MANIFEST_NAME)
+    check_replaceable_dir(Path(args.out), MANIFEST_NAME, MANIFEST_KEYS)
     try:
         tokenizer = load_tokenizer(args.model)  # a corrupt tokenizer file is an error; none at all is not
     except NoTokenizerError:
@@ -1404,6 +1404,26 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
 
 
+INPUT_OPTIONS = ("model", "calib", "placement", "ppl", "input_ranges", "cost_config", "tasks_dir", "device_map")
+"""The flags that name files or directories a command reads."""
+
+
+def _check_inputs_survive(args) -> None:
+    """No output of the command may replace one of its inputs (:func:`~.io.check_inputs_survive`)."""
+    from .io import check_inputs_survive
+
+    inputs = {("MODEL" if k == "model" else "--" + k.replace("_", "-")): getattr(args, k, None) for k in INPUT_OPTIONS}
+    out = Path(args.out)
+    if args.command in ("export", "sweep"):  # the directory is replaced as a whole, or is the sweep's store
+        check_inputs_survive(inputs, directories={"--out": out})
+        return
+    written = {
+        "analyze": [out / "scores.json", out / "scores.png"],
+        "eval": [out, out.with_suffix(".routing.png"), out.with_suffix(".time.png")],
+    }
+    check_inputs_survive(inputs, files={"--out": written.get(args.command, [out])})
+
+
 def _dispatch(args) -> int:
     try:
         commands = {
@@ -1417,6 +1437,7 @@ def _dispatch(args) -> int:
         }
         if getattr(args, "out", None):
             check_output_path(args.out)  # before the model loads: a bad --out costs no work
+            _check_inputs_survive(args)
         return commands[args.command](args)
     except (KeyboardInterrupt, Exception) as exc:
         if interrupted(exc):  # outputs are written atomically: an interrupted run leaves nothing behind

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .errors import HetMoEError
+from .version import PRODUCER
 
 
 def read_text_file(path: str | Path, what: str = "text", option: str = "") -> str:
@@ -127,26 +128,51 @@ def atomic_output_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_replaceable_dir(path: Path, marker: str) -> None:
-    """Refuse an output directory that :func:`atomic_replace_dir` must not replace (call it before long work)."""
+def check_replaceable_dir(
+    path: Path, marker: str, keys: tuple[str, ...] = ("producer",), option: str = "--out"
+) -> None:
+    """Refuse an output directory that :func:`atomic_replace_dir` must not replace (call it before long work).
+
+    Only an absent or empty directory, or one an earlier run of this package wrote, is replaced: its ``marker``
+    file must be a JSON object whose ``producer`` names hetmoe-compile and which holds ``keys``. A user's folder
+    that merely has a file of that name (a web project's ``manifest.json``) is refused, never deleted."""
     path = Path(path)
-    if path.exists():
-        if not path.is_dir():
-            raise HetMoEError(f"{path}: exists and is not a directory; choose a directory path")
-        if any(path.iterdir()) and not (path / marker).is_file():
-            raise HetMoEError(
-                f"{path}: directory is not empty and holds no {marker}; choose a new or empty "
-                "directory (it would be replaced)"
-            )
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise HetMoEError(f"{option} {path}: exists and is not a directory; choose a directory path")
+    if not any(path.iterdir()):
+        return
+    fix = "choose a new or empty directory (it would be replaced)"
+    if not (path / marker).is_file():
+        raise HetMoEError(f"{option} {path}: directory is not empty and holds no {marker}; {fix}")
+    if not written_by_us(path / marker, keys):
+        raise HetMoEError(
+            f"{option} {path}: its {marker} was not written by hetmoe-compile, so the directory is not an earlier "
+            f"output of this command; {fix}"
+        )
+
+
+def written_by_us(path: Path, keys: tuple[str, ...] = ("producer",)) -> bool:
+    """Whether ``path`` is a JSON object that this package wrote: ``producer`` names hetmoe-compile and every one
+    of ``keys`` is there."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    if not isinstance(doc, dict) or not all(k in doc for k in keys):
+        return False
+    producer = doc.get("producer")
+    return isinstance(producer, str) and producer.split(" ")[0] == PRODUCER.split(" ")[0]
 
 
 @contextmanager
-def atomic_replace_dir(path: Path, marker: str) -> Iterator[Path]:
+def atomic_replace_dir(path: Path, marker: str, keys: tuple[str, ...] = ("producer",)) -> Iterator[Path]:
     """Like :func:`atomic_output_dir`, but the finished directory *replaces* ``path`` as a whole, so no file of an
     earlier run survives beside the new ones. ``path`` must be absent, empty, or hold ``marker`` (an earlier run's
-    output); anything else is refused rather than deleted."""
+    output, see :func:`check_replaceable_dir`); anything else is refused rather than deleted."""
     path = Path(path)
-    check_replaceable_dir(path, marker)
+    check_replaceable_dir(path, marker, keys)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), dir=path.parent))
@@ -167,3 +193,54 @@ def atomic_replace_dir(path: Path, marker: str) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_inputs_survive(
+    inputs: dict[str, str | Path | None],
+    files: dict[str, list[Path]] | None = None,
+    directories: dict[str, Path] | None = None,
+) -> None:
+    """Refuse outputs that would replace an input, before any work: no output file may be an input file (or a
+    hard link to one) or an existing file inside an input directory, and no directory that is written as a whole
+    (an export, a sweep's store) may be or hold an input.
+
+    ``inputs``: option -> path (absent paths and hub ids are skipped); ``files``: option -> the files that option
+    writes; ``directories``: option -> a directory that option replaces or owns."""
+    given = {option: Path(p).expanduser() for option, p in inputs.items() if p}
+    given = {option: p for option, p in given.items() if p.exists()}
+    for out_option, targets in (files or {}).items():
+        for target in targets:
+            target = Path(target).expanduser()
+            for option, source in given.items():
+                if _same(target, source):
+                    raise HetMoEError(
+                        f"{out_option} {target}: is the {option} file, and an output may not replace an input; "
+                        f"choose another {out_option}"
+                    )
+                if source.is_dir() and target.exists() and _inside(target, source):
+                    raise HetMoEError(
+                        f"{out_option} {target}: would replace a file of {option} {source}; write the output "
+                        "outside that directory"
+                    )
+    for out_option, directory in (directories or {}).items():
+        directory = Path(directory).expanduser()
+        for option, source in given.items():
+            if _same(directory, source) or _inside(source, directory):
+                raise HetMoEError(
+                    f"{out_option} {directory}: holds {option} {source}, which writing this directory would "
+                    f"replace; choose an {out_option} that holds none of the inputs"
+                )
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _inside(path: Path, directory: Path) -> bool:
+    """Whether ``path`` lies at any depth below ``directory`` (symbolic links resolved)."""
+    return path.resolve().is_relative_to(directory.resolve()) and path.resolve() != directory.resolve()

@@ -20,6 +20,16 @@ def _one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Options are checked before the model loads: loading one fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr("hetmoe_compile.models.load_model", refuse)
+
+
 @pytest.fixture(scope="module")
 def olmoe():
     """A tiny random OLMoE and what the front end recognised in it (shared by a test module)."""

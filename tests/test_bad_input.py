@@ -33,16 +33,6 @@ def _one_line(capsys, *needles: str) -> str:
     return err
 
 
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Options are checked before the model loads: loading one fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the options were checked")
-
-    monkeypatch.setattr("hetmoe_compile.models.load_model", refuse)
-
-
 # ---- placements must place every expert of every MoE layer exactly once ---------------------------------------
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..errors import HetMoEError
 from ..io import atomic_replace_dir
+from ..version import PRODUCER
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,7 @@ def write_local_tasks(data_dir: str | Path, out_dir: str | Path) -> list[str]:
         raise HetMoEError(f"--tasks-dir {data_dir}: no such folder; give a folder of <task>.jsonl files")
     base = lm_eval_tasks_dir()
     names: list[str] = []
-    with atomic_replace_dir(Path(out_dir), MARKER) as tmp:
+    with atomic_replace_dir(Path(out_dir), MARKER, ("producer", "tasks")) as tmp:
         for name, task in LOCAL_TASKS.items():
             path = data / f"{task.file}.jsonl"
             if not path.is_file():
@@ -108,7 +109,9 @@ def write_local_tasks(data_dir: str | Path, out_dir: str | Path) -> list[str]:
                 f"--tasks-dir {data_dir}: holds none of {', '.join(t.file + '.jsonl' for t in LOCAL_TASKS.values())}"
                 " or mmlu/{dev,validation,test}.jsonl; give a folder in the layout of ../shared/data/qa"
             )
-        (tmp / MARKER).write_text(json.dumps({"data_dir": str(data), "tasks": names}, indent=1) + "\n")
+        (tmp / MARKER).write_text(
+            json.dumps({"producer": PRODUCER, "data_dir": str(data), "tasks": names}, indent=1) + "\n"
+        )
     return names
 
 

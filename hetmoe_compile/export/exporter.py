@@ -34,11 +34,11 @@ from ..capture import ROOT_PREFIX, tag_graph
 from ..cost import CostParams
 from ..errors import HetMoEError, check_seed
 from ..expert_group import ExpertGroup, HetExperts
-from ..io import atomic_replace_dir, check_replaceable_dir
+from ..io import atomic_replace_dir, check_inputs_survive, check_replaceable_dir
 from ..models.device_map import require_resident
 from ..models.recognize import recognize
 from ..placement.placement import Placement
-from ..runtime.manifest import partition_identity
+from ..runtime.manifest import MANIFEST_KEYS, partition_identity
 from ..version import PRODUCER
 from .expert_group_onnx import MOE_DOMAIN, ProgrammedExpert, TilePeriphery
 from .genai_config import GENAI_CONFIG, GenAIUnsupported, genai_config
@@ -103,7 +103,9 @@ def export_onnx(
         raise HetMoEError("low-bit digital experts are exported as MatMulNBits; drop --ort-moe")
     cost = export_cost(model, info, placement, options, cfg)
     out_dir = Path(out_dir)
-    check_replaceable_dir(out_dir, MANIFEST_NAME)
+    check_replaceable_dir(out_dir, MANIFEST_NAME, MANIFEST_KEYS, option="out_dir")
+    source = str(getattr(model, "name_or_path", "") or "")
+    check_inputs_survive({"the model's directory": source}, directories={"out_dir": out_dir})
     dtype = np.dtype(str(next(model.parameters()).dtype).removeprefix("torch."))
     steps = tqdm(total=3, desc="export", unit="step", disable=not options.progress)
     try:
@@ -116,7 +118,7 @@ def export_onnx(
             for d in ("digital", "analog")
         }
         _remove_old_scratch()
-        with atomic_replace_dir(out_dir, MANIFEST_NAME) as tmp, _scratch_in(tmp) as scratch:
+        with atomic_replace_dir(out_dir, MANIFEST_NAME, MANIFEST_KEYS) as tmp, _scratch_in(tmp) as scratch:
             steps.set_postfix_str("ONNX translation")
             captured = to_onnx(ep, Path(scratch), info.num_layers if options.kv_cache else 0)
             del ep

@@ -17,6 +17,9 @@ from ..io import read_json_file
 from .onnx_meta import read_model_props
 
 MANIFEST_NAME = "manifest.json"
+MANIFEST_KEYS = ("producer", "schema_version", "partitions", "schedule")
+"""What marks a directory's ``manifest.json`` as an export's, beside its hetmoe-compile producer: only such a
+directory is replaced by a new export."""
 MANIFEST_SCHEMA_VERSION = "1.1"
 """1.1: partition identity in each ONNX file's ``metadata_props``, ``model.context_length``, ``tokenizer_files``."""
 
