@@ -20,7 +20,7 @@ def main() -> int:
     from hetmoe_compile.analog import ProgrammedMatrix, analog_config, analog_matmul, program_matrix
     from hetmoe_compile.analog.aihwkit_reference import aihwkit_linear
     from hetmoe_compile.analog.input_ranges import DEFAULT_QUANTILE, tile_quantiles
-    from hetmoe_compile.tables import format_table
+    from hetmoe_compile.base.tables import format_table
 
     gen = torch.Generator().manual_seed(0)
     rows = []
@@ -76,7 +76,7 @@ def _native_rows() -> str:
     from hetmoe_compile.analog import analog_config, analog_matmul, program_matrix
     from hetmoe_compile.analog.aihwkit_reference import native_tile_forward
     from hetmoe_compile.analog.input_ranges import DEFAULT_QUANTILE, tile_quantiles
-    from hetmoe_compile.tables import format_table
+    from hetmoe_compile.base.tables import format_table
 
     gen = torch.Generator().manual_seed(1)
     settings = [

@@ -70,10 +70,10 @@ def main() -> int:
     from hetmoe_compile.analog import analog_config, simulate
     from hetmoe_compile.analog.aihwkit_reference import aihwkit_linear, aihwkit_rpu_config
     from hetmoe_compile.analog.instance import program_group
-    from hetmoe_compile.api import compile
+    from hetmoe_compile.base.tables import format_table
+    from hetmoe_compile.compose.api import compile
     from hetmoe_compile.models import load_model
     from hetmoe_compile.placement import PlacementPolicy
-    from hetmoe_compile.tables import format_table
 
     torch.manual_seed(0)
     cfg = analog_config("pcm")

@@ -25,8 +25,8 @@ def child(layers: int, out: str, instance_seed: int | None) -> dict:
     from transformers import OlmoeForCausalLM
 
     from hetmoe_compile.analog.config import analog_config
+    from hetmoe_compile.compose.pipeline import place_model
     from hetmoe_compile.export import ExportOptions, export_onnx
-    from hetmoe_compile.pipeline import place_model
     from hetmoe_compile.placement.policy import PlacementPolicy
 
     torch.manual_seed(0)

@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).parent))
 from timing import decode_per_token, paired_ratios, timed  # noqa: E402
 
 from hetmoe_compile import runtime  # noqa: E402
+from hetmoe_compile.compose.pipeline import place_model  # noqa: E402
 from hetmoe_compile.export import ExportOptions, export_onnx  # noqa: E402
 from hetmoe_compile.models import load_model  # noqa: E402
-from hetmoe_compile.pipeline import place_model  # noqa: E402
 from hetmoe_compile.placement import PlacementPolicy  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

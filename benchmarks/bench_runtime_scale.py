@@ -30,8 +30,8 @@ from shapes import olmoe_1b_7b_config  # noqa: E402
 from timing import decode_per_token, paired_ratio, paired_ratios, rounds  # noqa: E402
 
 from hetmoe_compile import runtime  # noqa: E402
+from hetmoe_compile.compose.pipeline import place_model  # noqa: E402
 from hetmoe_compile.export import ExportOptions, export_onnx  # noqa: E402
-from hetmoe_compile.pipeline import place_model  # noqa: E402
 from hetmoe_compile.placement import PlacementPolicy  # noqa: E402
 
 

@@ -39,7 +39,7 @@ RESULTS = Path(__file__).parent / "results" / "scale.json"
 _PLACE_AND_REPORT_PEAK = """
 import sys
 from pathlib import Path
-from hetmoe_compile.cli import main
+from hetmoe_compile.cli.app import main
 rc = main(["place", sys.argv[1], "--load", "meta", "--no-graph", "--out", sys.argv[2]])
 hwm = [l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("VmHWM:")][0]
 print(int(hwm.split()[1]) * 1024)
@@ -67,7 +67,7 @@ class Phase:
     def __enter__(self):
         import torch
 
-        from hetmoe_compile import host_memory
+        from hetmoe_compile.base import host_memory
 
         if self.device.type == "cuda":
             torch.cuda.synchronize()
@@ -232,7 +232,7 @@ def child(layers: int, dtype_name: str, tokens: int, device_name: str, repeat: i
 
 @contextlib.contextmanager
 def _grouped_mm(mode: str):
-    from hetmoe_compile.grouped_routing import GROUPED_MM_ENV
+    from hetmoe_compile.ir.grouped_routing import GROUPED_MM_ENV
 
     before = os.environ.get(GROUPED_MM_ENV)
     os.environ[GROUPED_MM_ENV] = mode
@@ -249,7 +249,7 @@ def use_grouped_now(ids, model) -> bool:
     """Whether the default (``auto``) path of this run's analog groups is the grouped one."""
     import torch
 
-    from hetmoe_compile.grouped_routing import use_grouped
+    from hetmoe_compile.ir.grouped_routing import use_grouped
 
     g = next(_groups(model, "analog"))
     w = g.gate_up_weight
@@ -257,7 +257,7 @@ def use_grouped_now(ids, model) -> bool:
 
 
 def _groups(model, device: str):
-    from hetmoe_compile.expert_group import HetExperts
+    from hetmoe_compile.ir.expert_group import HetExperts
 
     for m in model.modules():
         if isinstance(m, HetExperts) and device in m.groups:

@@ -42,11 +42,11 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=20)
     args = ap.parse_args()
 
-    from hetmoe_compile.calibration import calibration_from_file
+    from hetmoe_compile.base.tables import format_table
+    from hetmoe_compile.compose.pipeline import analyze_model
     from hetmoe_compile.models import load_model, load_tokenizer, recognize
-    from hetmoe_compile.pipeline import analyze_model
+    from hetmoe_compile.models.calibration import calibration_from_file
     from hetmoe_compile.scoring import score, selectors
-    from hetmoe_compile.tables import format_table
 
     torch.manual_seed(0)
     model = load_model(args.model)

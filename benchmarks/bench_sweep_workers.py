@@ -38,7 +38,7 @@ def run(argv: list[str], out: Path) -> tuple[float, dict]:
 
 
 def main() -> int:
-    from hetmoe_compile.tables import format_table
+    from hetmoe_compile.base.tables import format_table
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=str(SHARED / "models" / "olmoe-ref"))

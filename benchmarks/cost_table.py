@@ -16,12 +16,12 @@ from pathlib import Path
 
 import torch
 
+from hetmoe_compile.base.tables import format_table
 from hetmoe_compile.cost import CostParams, estimate_cost, format_bytes, format_si
 from hetmoe_compile.models import load_model, recognize
 from hetmoe_compile.placement.placement import place
 from hetmoe_compile.placement.policy import PlacementPolicy
 from hetmoe_compile.scoring import score
-from hetmoe_compile.tables import format_table
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 PLACEMENTS = [

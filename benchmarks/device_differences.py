@@ -18,8 +18,8 @@ import numpy as np
 
 
 def main(paths: list[str]) -> int:
+    from hetmoe_compile.base.tables import format_table
     from hetmoe_compile.eval.under_noise import split_time_key
-    from hetmoe_compile.tables import format_table
 
     for path in paths:
         doc = json.loads(Path(path).read_text())

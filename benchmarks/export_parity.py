@@ -21,10 +21,10 @@ import torch
 from hetmoe_compile import runtime
 from hetmoe_compile.analog.config import analog_config
 from hetmoe_compile.analog.simulate import restore_digital, simulate
+from hetmoe_compile.compose.pipeline import place_model
 from hetmoe_compile.export import ExportOptions, export_onnx
 from hetmoe_compile.models import load_model
 from hetmoe_compile.models.tiny import TINY_CONFIGS, tiny_model
-from hetmoe_compile.pipeline import place_model
 from hetmoe_compile.placement import PlacementPolicy
 
 REF = Path(__file__).resolve().parents[2] / "shared" / "models" / "olmoe-ref"

@@ -10,13 +10,13 @@ import torch
 
 
 def main() -> int:
-    from hetmoe_compile.canonicalize import canonicalize
-    from hetmoe_compile.capture import tag_graph
+    from hetmoe_compile.base.tables import format_table
+    from hetmoe_compile.graph.capture import tag_graph
     from hetmoe_compile.models import recognize
     from hetmoe_compile.models.tiny import TINY_CONFIGS, tiny_model
     from hetmoe_compile.placement import PlacementPolicy, place
     from hetmoe_compile.scoring import score
-    from hetmoe_compile.tables import format_table
+    from hetmoe_compile.transforms.canonicalize import canonicalize
 
     rows = []
     for family in sorted(TINY_CONFIGS):

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from hetmoe_compile.analog import AnalogLinear, analog_config
+from hetmoe_compile.base.tables import format_table
 from hetmoe_compile.models import load_model, load_tokenizer
-from hetmoe_compile.tables import format_table
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 KEY = 7  # the noise-stream key: the same devices for every variant

@@ -14,7 +14,7 @@ import numpy as np
 
 import hetmoe_compile as hc
 from hetmoe_compile.eval.perplexity import perplexity
-from hetmoe_compile.lowbit import quantize_digital_experts
+from hetmoe_compile.transforms.lowbit import quantize_digital_experts
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

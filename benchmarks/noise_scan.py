@@ -35,10 +35,10 @@ def main() -> int:
 
     from hetmoe_compile.analog import analog_config
     from hetmoe_compile.analog.device_models import WAN2022_TIMES
-    from hetmoe_compile.canonicalize import canonicalize
+    from hetmoe_compile.base.tables import format_table
     from hetmoe_compile.eval.under_noise import EvalSpec, evaluate_under_noise, prepare, time_key, time_label
     from hetmoe_compile.models import load_model, load_tokenizer, recognize
-    from hetmoe_compile.tables import format_table
+    from hetmoe_compile.transforms.canonicalize import canonicalize
 
     model = load_model(args.model)
     info = recognize(model)

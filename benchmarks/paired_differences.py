@@ -18,7 +18,7 @@ import numpy as np
 def main(argv: list[str]) -> int:
     import argparse
 
-    from hetmoe_compile.tables import format_table
+    from hetmoe_compile.base.tables import format_table
 
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("paths", nargs="+", help="sweep results.json files")

@@ -25,7 +25,7 @@ def _baseline(row: dict) -> str:
 
 
 def main(paths: list[str]) -> int:
-    from hetmoe_compile.tables import format_table
+    from hetmoe_compile.base.tables import format_table
 
     for path in paths:
         doc = json.loads(Path(path).read_text())

@@ -13,7 +13,7 @@ import numpy as np
 
 
 def main(argv: list[str]) -> int:
-    from hetmoe_compile.tables import format_table
+    from hetmoe_compile.base.tables import format_table
 
     if len(argv) != 2:
         print("usage: scope_differences.py PER_LAYER/results.json GLOBAL/results.json")

@@ -58,7 +58,7 @@ def register_variants() -> None:
 
 
 def main(argv: list[str]) -> int:
-    from hetmoe_compile.cli import main as cli
+    from hetmoe_compile.cli.app import main as cli
 
     if "--" not in argv:
         print(__doc__)

@@ -12,8 +12,8 @@ import argparse
 from pathlib import Path
 
 import hetmoe_compile as hc
+from hetmoe_compile.base.tables import format_table
 from hetmoe_compile.eval.perplexity import perplexity
-from hetmoe_compile.tables import format_table
 
 HERE = Path(__file__).resolve().parent
 REFERENCE = HERE.parent.parent / "shared" / "models" / "olmoe-ref"

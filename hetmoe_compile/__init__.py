@@ -14,27 +14,47 @@ from __future__ import annotations
 from importlib import import_module
 from typing import TYPE_CHECKING
 
-from .version import __version__
+from .base.version import __version__
+
+STAGES = (
+    "base",
+    "runtime",
+    "ir",
+    "models",
+    "transforms",
+    "analog",
+    "scoring",
+    "placement",
+    "cost",
+    "graph",
+    "export",
+    "peers",
+    "compose",
+    "eval",
+    "cli",
+)
+"""The pipeline's stages, one package each, in import order: a module imports its own stage and earlier ones only
+(``docs/ARCHITECTURE.md`` lists what each holds; ``tests/test_architecture.py`` checks tree, table and imports)."""
 
 _PUBLIC = {
-    "compile": "api",
-    "analyze": "api",
-    "CompiledMoE": "api",
-    "prepare": "backend",
-    "BackendOptions": "backend",
+    "compile": "compose.api",
+    "analyze": "compose.api",
+    "CompiledMoE": "compose.api",
+    "prepare": "compose.backend",
+    "BackendOptions": "compose.backend",
     "PlacementPolicy": "placement.policy",
     "Placement": "placement.placement",
     "AnalogConfig": "analog.config",
     "analog_config": "analog.config",
     "PRESETS": "analog.config",
-    "Calibration": "calibration",
-    "calibration_from_text": "calibration",
+    "Calibration": "models.calibration",
+    "calibration_from_text": "models.calibration",
     "load_model": "models",
     "load_tokenizer": "models",
     "recognize": "models",
     "ExportOptions": "export",
     "export_onnx": "export",
-    "HetMoEError": "errors",
+    "HetMoEError": "base.errors",
 }
 __all__ = [
     "PRESETS",
@@ -61,12 +81,12 @@ assert set(__all__) == {"__version__", *_PUBLIC}
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from .analog.config import PRESETS, AnalogConfig, analog_config
-    from .api import CompiledMoE, analyze, compile
-    from .backend import BackendOptions, prepare
-    from .calibration import Calibration, calibration_from_text
-    from .errors import HetMoEError
+    from .base.errors import HetMoEError
+    from .compose.api import CompiledMoE, analyze, compile
+    from .compose.backend import BackendOptions, prepare
     from .export import ExportOptions, export_onnx
     from .models import load_model, load_tokenizer, recognize
+    from .models.calibration import Calibration, calibration_from_text
     from .placement.placement import Placement
     from .placement.policy import PlacementPolicy
 

@@ -47,7 +47,7 @@ def ref_model():
 def demo_export(tmp_path_factory):
     """``(placement.json, export dir)``: the demo model placed at 25 % and exported by the CLI with hardware instance
     5, once for the whole run (one copy shared by pytest-xdist's workers). Read-only: copy it to change it."""
-    from hetmoe_compile.cli import main
+    from hetmoe_compile.cli.app import main
 
     base = tmp_path_factory.getbasetemp()
     # under pytest-xdist the parent of a worker's temp dir is this run's, shared by its workers; without it, the

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from hetmoe_compile.canonicalize import canonicalize
+from hetmoe_compile.compose.pipeline import place_model
 from hetmoe_compile.models import load_model, recognize
 from hetmoe_compile.models.recognize import ModelInfo
 from hetmoe_compile.models.tiny import TINY_CONFIGS, tiny_model
-from hetmoe_compile.pipeline import place_model
 from hetmoe_compile.placement import Placement, PlacementPolicy
+from hetmoe_compile.transforms.canonicalize import canonicalize
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"

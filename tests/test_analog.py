@@ -12,12 +12,12 @@ from hetmoe_compile.analog import AnalogConfig, analog_config, analog_matmul, pr
 from hetmoe_compile.analog.aihwkit_reference import aihwkit_linear
 from hetmoe_compile.analog.instance import program_group
 from hetmoe_compile.analog.tiles import split_sizes
-from hetmoe_compile.capture import tag_graph
-from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.compose.pipeline import place_model
+from hetmoe_compile.graph.capture import tag_graph
+from hetmoe_compile.graph.passes import PLACEMENT_META, RewriteAnalogPass, is_expert_group
 from hetmoe_compile.models import recognize
 from hetmoe_compile.models.tiny import tiny_model
-from hetmoe_compile.passes import PLACEMENT_META, RewriteAnalogPass, is_expert_group
-from hetmoe_compile.pipeline import place_model
 from hetmoe_compile.placement import PlacementPolicy
 
 # ---- configuration -------------------------------------------------------------------------------------------

@@ -74,8 +74,8 @@ def test_compile_rejects_bad_input():
 
 def test_compile_places_under_a_budget_with_the_measured_routing():
     """The composer reaches what only the CLI could: an energy budget costed with the calibration's routing."""
+    from hetmoe_compile.compose.pipeline import place_scores, routing_frequencies
     from hetmoe_compile.cost import estimate_cost, load_cost_params
-    from hetmoe_compile.pipeline import place_scores, routing_frequencies
     from hetmoe_compile.scoring import score
 
     calib = hc.Calibration(torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(3)))

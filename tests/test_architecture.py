@@ -1,24 +1,27 @@
-"""The layout in docs/ARCHITECTURE.md holds: every module has a stage, imports run one way, no cycles."""
+"""Folders are the stages: every stage of ``hetmoe_compile.STAGES`` is one package, at the top only ``__init__`` and
+``__main__``, docs/ARCHITECTURE.md's stage table lists the same packages in the same order, imports run one way
+along that order and form no cycle."""
 
 import ast
 import re
 from pathlib import Path
 
-import pytest
+import hetmoe_compile
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "hetmoe_compile"
 DOC = ROOT / "docs" / "ARCHITECTURE.md"
+STAGES = hetmoe_compile.STAGES
 
 
-def _stages() -> list[tuple[str, list[str]]]:
-    """The stage table of docs/ARCHITECTURE.md, first stage first: ``[(stage, [top-level module names])]``."""
+def _table() -> list[tuple[str, list[str]]]:
+    """The stage table of docs/ARCHITECTURE.md, first stage first: ``[(stage, [package folders named])]``."""
     rows = []
     section = DOC.read_text().split("\n## Stages\n", 1)[1].split("\n## ", 1)[0]
     for line in section.splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if len(cells) == 3 and "`" in cells[1] and cells[0] not in ("stage", "---"):
-            rows.append((cells[0], re.findall(r"`([\w]+)`", cells[1])))
+        if len(cells) == 3 and cells[0] not in ("stage", "---"):
+            rows.append((cells[0], re.findall(r"`(\w+)/`", cells[1])))
     return rows
 
 
@@ -53,28 +56,44 @@ def _imports(name: str, path: Path) -> set[str]:
 GRAPH = {name: _imports(name, path) for name, path in MODULES.items()}
 
 
-def _stage_of() -> dict[str, int]:
-    index = {m: i for i, (_, mods) in enumerate(_stages()) for m in mods}
-    out = {}
-    for name in MODULES:
-        top = name.split(".")[1] if "." in name else "__init__"
-        if top not in index:
-            pytest.fail(f"{name} has no stage in docs/ARCHITECTURE.md's stage table")
-        out[name] = index[top]
-    return out
+def _stage(name: str) -> int:
+    """Index of a module's stage (its first package below the top); the top's own modules come after every stage."""
+    parts = name.split(".")
+    return STAGES.index(parts[1]) if len(parts) > 1 and parts[1] in STAGES else len(STAGES)
 
 
-def test_the_stage_table_is_read():
-    names = [s for s, _ in _stages()]
-    assert names[0] == "base" and names[-1] == "cli" and len(names) >= 10
+def test_the_tree_is_the_stages():
+    packages = sorted(p.parent.name for p in PACKAGE.glob("*/__init__.py"))
+    assert packages == sorted(STAGES)
+    assert sorted(p.name for p in PACKAGE.glob("*.py")) == ["__init__.py", "__main__.py"]
+    assert not [p for p in PACKAGE.glob("*") if p.is_dir() and p.name != "__pycache__" and p.name not in STAGES]
 
 
-def test_every_module_has_a_stage_and_imports_run_one_way():
-    stage = _stage_of()
+def test_the_table_is_the_tree():
+    rows = _table()
+    assert [s for s, _ in rows] == list(STAGES), "the stage table's rows are the stages, in order"
+    assert [pkgs for _, pkgs in rows] == [[s] for s in STAGES], "each row names its one package folder"
+
+
+def test_imports_run_one_way():
     backward = sorted(
-        f"{m} -> {t}" for m, targets in GRAPH.items() for t in targets if t != "hetmoe_compile" and stage[t] > stage[m]
+        f"{m} -> {t}"
+        for m, targets in GRAPH.items()
+        for t in targets
+        if t != "hetmoe_compile" and _stage(t) > _stage(m)
     )
-    assert backward == [], "imports against the stage order of docs/ARCHITECTURE.md"
+    assert backward == [], "imports against the stage order of hetmoe_compile.STAGES"
+
+
+def test_runtime_imports_only_base():
+    outside = sorted(
+        f"{m} -> {t}"
+        for m, targets in GRAPH.items()
+        if m.startswith("hetmoe_compile.runtime")
+        for t in targets
+        if _stage(t) > STAGES.index("runtime") or t == "hetmoe_compile"
+    )
+    assert outside == [] and STAGES.index("runtime") == 1  # torch-free: nothing but base comes before it
 
 
 def test_no_module_imports_the_package_top():
@@ -101,7 +120,9 @@ def test_no_import_cycles():
     assert cycles == []
 
 
-def test_the_checks_catch_what_they_claim(tmp_path):
-    """The import reader sees function-level imports (the kind the cycles hid in)."""
-    assert "hetmoe_compile.cost.budget" in GRAPH["hetmoe_compile.pipeline"]  # imported inside place_scores
-    assert "hetmoe_compile.analog.simulate" not in GRAPH["hetmoe_compile.hpd.projection_split"]
+def test_the_checks_catch_what_they_claim():
+    """The import reader sees function-level imports (the kind the cycles hid in), and the stage of a module is
+    its package's."""
+    assert "hetmoe_compile.cost.budget" in GRAPH["hetmoe_compile.compose.pipeline"]  # imported inside place_scores
+    assert "hetmoe_compile.analog.simulate" not in GRAPH["hetmoe_compile.transforms.hpd.projection_split"]
+    assert _stage("hetmoe_compile.eval.sweep.jobs") == STAGES.index("eval") > _stage("hetmoe_compile.compose.api")

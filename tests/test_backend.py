@@ -7,11 +7,11 @@ from helpers import FAMILIES, left_padded_mask, logits
 from torch._dynamo.utils import counters
 
 import hetmoe_compile as hc
-from hetmoe_compile.backend import BackendOptions, hetmoe_backend
-from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.compose.backend import BackendOptions, hetmoe_backend
+from hetmoe_compile.graph.passes import PLACEMENT_META, is_expert_group
 from hetmoe_compile.models.recognize import recognize
 from hetmoe_compile.models.tiny import tiny_model
-from hetmoe_compile.passes import PLACEMENT_META, is_expert_group
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
 
@@ -124,7 +124,7 @@ def test_standard_hwa_takes_input_ranges_and_equals_the_eager_simulation(tmp_pat
     """Constant noise management under the backend: the input_ranges option (an InputRanges or its file) gives the
     devices and ranges of the eager simulation; without ranges, one line naming the fix."""
     from hetmoe_compile.analog.input_ranges import attach_input_ranges, calibrate_input_ranges
-    from hetmoe_compile.calibration import Calibration
+    from hetmoe_compile.models.calibration import Calibration
 
     compiled = hc.compile(tiny_model("olmoe"), hc.PlacementPolicy(0.25), "standard-hwa")
     cal = Calibration(torch.randint(0, 128, (3, 32), generator=torch.Generator().manual_seed(5)))
@@ -231,7 +231,7 @@ def test_overrides_naming_missing_experts_fail_through_dynamo(override, message)
 
 def test_split_pass_checks_overrides_against_its_graph():
     """Without the whole model (a frame inside one), the graph's own layers and experts are the check."""
-    from hetmoe_compile.passes import PassError, SplitExpertGroupsPass
+    from hetmoe_compile.graph.passes import PassError, SplitExpertGroupsPass
     from hetmoe_compile.placement.policy import PlacementPolicy
 
     model = tiny_model("olmoe")
@@ -258,7 +258,7 @@ def test_dead_code_removal_keeps_in_place_calls_and_drops_unused_weights():
     mask) stays, where FX's plain eliminate_dead_code deletes it."""
     import torch.fx as fx
 
-    from hetmoe_compile.passes.pass_base import drop_unused_attrs
+    from hetmoe_compile.graph.passes.pass_base import drop_unused_attrs
 
     class Masked(torch.nn.Module):
         def __init__(self):

@@ -17,8 +17,8 @@ from helpers import DEMO, REPO
 
 import hetmoe_compile as hc
 from hetmoe_compile.analog import analog_config, simulate
-from hetmoe_compile.cli import main
-from hetmoe_compile.io import atomic_write_text, remove_stale_temps
+from hetmoe_compile.base.io import atomic_write_text, remove_stale_temps
+from hetmoe_compile.cli.app import main
 from hetmoe_compile.models.tiny import tiny_model
 from hetmoe_compile.placement import Placement, PlacementPolicy
 
@@ -307,7 +307,7 @@ def test_ctrl_c_that_a_library_turns_into_another_error_is_still_an_interruption
 
 
 def test_an_interruption_is_found_in_the_exception_chain_without_a_signal():
-    from hetmoe_compile.interrupts import interrupted, watching_interrupts
+    from hetmoe_compile.cli.interrupts import interrupted, watching_interrupts
 
     def raised_over(inner: BaseException) -> BaseException:
         try:

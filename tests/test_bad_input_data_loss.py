@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from helpers import DEMO, REPO, placed
 
-from hetmoe_compile.cli import main
-from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.base.io import check_inputs_survive
+from hetmoe_compile.cli.app import main
 from hetmoe_compile.eval.harness_tasks import write_local_tasks
-from hetmoe_compile.io import check_inputs_survive
 
 TEXT = REPO / "examples" / "calibration.txt"
 

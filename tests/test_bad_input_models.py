@@ -16,8 +16,8 @@ import pytest
 from helpers import DEMO
 from safetensors.torch import load_file, save_file
 
-from hetmoe_compile.cli import main
-from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.cli.app import main
 from hetmoe_compile.models import load_meta_model, load_model, load_tokenizer, loader
 from hetmoe_compile.models.tiny import tiny_config, tiny_model
 

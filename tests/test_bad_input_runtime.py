@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from hetmoe_compile import runtime
-from hetmoe_compile.cli import main
-from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.cli.app import main
 from hetmoe_compile.runtime.manifest import MANIFEST_SCHEMA_VERSION, file_sha256
 
 

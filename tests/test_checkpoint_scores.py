@@ -8,12 +8,12 @@ import pytest
 import torch
 from helpers import FAMILIES, REF_MODEL
 
-from hetmoe_compile.cli import main
-from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.cli.app import main
+from hetmoe_compile.compose.pipeline import analyze_checkpoint, analyze_model
 from hetmoe_compile.models import load_meta_model, load_model, recognize
 from hetmoe_compile.models.checkpoint import Checkpoint
 from hetmoe_compile.models.tiny import tiny_model
-from hetmoe_compile.pipeline import analyze_checkpoint, analyze_model
 from hetmoe_compile.placement import PlacementPolicy, place
 
 SELECTORS = ["max-neuron-norm", "router-norm", "random"]

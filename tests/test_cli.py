@@ -11,7 +11,7 @@ import pytest
 from helpers import DEMO
 from scipy.stats import spearmanr
 
-from hetmoe_compile.cli import main
+from hetmoe_compile.cli.app import main
 from hetmoe_compile.models import load_model
 from hetmoe_compile.placement import Placement, validate_placement
 

@@ -9,7 +9,9 @@ import pytest
 import torch
 from helpers import FAMILIES, placed
 
-from hetmoe_compile.cli import main
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.cli.app import main
+from hetmoe_compile.compose.pipeline import place_scores
 from hetmoe_compile.cost import (
     CostParams,
     Estimator,
@@ -22,15 +24,13 @@ from hetmoe_compile.cost import (
     profile_model,
 )
 from hetmoe_compile.cost.params import SOURCES, describe_params
-from hetmoe_compile.errors import HetMoEError
-from hetmoe_compile.hpd import split_linear
 from hetmoe_compile.models import recognize
 from hetmoe_compile.models.tiny import tiny_model
-from hetmoe_compile.pipeline import place_scores
 from hetmoe_compile.placement import Placement, PlacementPolicy, place, validate_placement
 from hetmoe_compile.runtime.manifest import validate_manifest
 from hetmoe_compile.scoring.base import Scores
 from hetmoe_compile.scoring.random_scores import score_random
+from hetmoe_compile.transforms.hpd import split_linear
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "examples" / "olmoe-demo"

@@ -9,9 +9,9 @@ from helpers import DEMO, logits
 
 import hetmoe_compile as hc
 from hetmoe_compile.analog import simulate
-from hetmoe_compile.cli import main
-from hetmoe_compile.errors import HetMoEError
-from hetmoe_compile.expert_group import HetExperts
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.cli.app import main
+from hetmoe_compile.ir.expert_group import HetExperts
 from hetmoe_compile.models import load_model, recognize
 from hetmoe_compile.models.device_map import check_dtype_on_device, input_device, offloaded_modules, parse_device_map
 from hetmoe_compile.models.tiny import tiny_model

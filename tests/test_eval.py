@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from helpers import DEMO, FAMILIES, REPO, placed
 
 from hetmoe_compile.analog import analog_config, restore_digital, simulate
-from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.base.errors import HetMoEError
 from hetmoe_compile.eval import perplexity, perplexity_of_file, window_plan
 from hetmoe_compile.eval.under_noise import EvalSpec, Prepared, evaluate_under_noise
 from hetmoe_compile.models.loader import load_model, load_tokenizer
@@ -128,8 +128,8 @@ def test_perplexity_under_noise_equals_a_hand_computation_on_every_family(family
 def test_sweep_with_a_global_scope_evaluates_the_global_placement():
     """``run_sweep(scope="global")``: the selector's row is the placement that ranks every expert of every layer
     together (not the same experts per layer as the fixed fraction), evaluated on the same instances."""
-    from hetmoe_compile.api import compile
-    from hetmoe_compile.eval.sweep import run_sweep
+    from hetmoe_compile.compose.api import compile
+    from hetmoe_compile.eval.sweep.plan import run_sweep
     from hetmoe_compile.placement import PlacementPolicy
 
     model, tok = load_model(str(DEMO)), load_tokenizer(str(DEMO))

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from helpers import DEMO, REPO, SHARED
 
 from hetmoe_compile.analog import analog_config
-from hetmoe_compile.api import compile
-from hetmoe_compile.cli import main
+from hetmoe_compile.cli.app import main
+from hetmoe_compile.compose.api import compile
 from hetmoe_compile.eval.harness import HarnessTasks, harness_metrics
 from hetmoe_compile.models import load_model, load_tokenizer
 from hetmoe_compile.placement import Placement, PlacementPolicy

@@ -17,12 +17,12 @@ from helpers import FAMILIES, REF_MODEL, logits, max_rel_err
 from hetmoe_compile import runtime
 from hetmoe_compile.analog.config import analog_config
 from hetmoe_compile.analog.simulate import restore_digital, simulate
-from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.compose.pipeline import place_model
 from hetmoe_compile.export import ExportOptions, export_onnx
 from hetmoe_compile.export import exporter as exporter_module
 from hetmoe_compile.models import load_model, recognize
 from hetmoe_compile.models.tiny import tiny_model
-from hetmoe_compile.pipeline import place_model
 from hetmoe_compile.placement import PlacementPolicy
 from hetmoe_compile.runtime.manifest import validate_manifest
 
@@ -363,7 +363,7 @@ from hetmoe_compile.runtime import load
 runner = load({str(out)!r})
 got = runner(np.load({str(tmp_path / "ids.npy")!r}))
 assert np.array_equal(got, np.load({str(tmp_path / "expected.npy")!r}))
-from hetmoe_compile.cli import main  # the run command needs no torch either
+from hetmoe_compile.cli.app import main  # the run command needs no torch either
 assert main(["run", {str(out)!r}, "--ids", "1,2,3", "--max-new-tokens", "2"]) == 0
 assert not any(m == "torch" or m.startswith("torch.") for m in sys.modules if sys.modules[m] is not None)
 print("ok")

@@ -8,8 +8,8 @@ import sys
 import pytest
 from helpers import DEMO
 
-from hetmoe_compile.cli import main
-from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.cli.app import main
 
 
 def test_export_writes_partitions_manifest_and_tokenizer(demo_export, capsys):

@@ -9,11 +9,10 @@ import pytest
 import torch
 from helpers import FAMILIES, logits, reference_model
 
-import hetmoe_compile.expert_group as expert_group_mod
-from hetmoe_compile.canonicalize import canonicalize
-from hetmoe_compile.errors import HetMoEError, UnsupportedModelError
-from hetmoe_compile.expert_group import DEVICES, ExpertGroup, HetExperts
-from hetmoe_compile.grouped_routing import routed_slots
+import hetmoe_compile.ir.expert_group as expert_group_mod
+from hetmoe_compile.base.errors import HetMoEError, UnsupportedModelError
+from hetmoe_compile.ir.expert_group import DEVICES, ExpertGroup, HetExperts
+from hetmoe_compile.ir.grouped_routing import routed_slots
 from hetmoe_compile.models import (
     DENSE_KINDS,
     ROUTED_EXPERTS,
@@ -24,6 +23,7 @@ from hetmoe_compile.models import (
 )
 from hetmoe_compile.models.expert_weights import canonical_expert_weights
 from hetmoe_compile.models.tiny import TINY_CONFIGS, tiny_config, tiny_model
+from hetmoe_compile.transforms.canonicalize import canonicalize
 
 # What each tiny family must look like: MoE layer indices, dense-MLP layer indices, block/router attribute names
 # and the shared-expert attributes of each MoE block.

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hetmoe_compile.export.genai_config import GenAIUnsupported, genai_config
-from hetmoe_compile.kv_cache import LayerCache, _pack, _unpack
+from hetmoe_compile.graph.kv_cache import LayerCache, _pack, _unpack
 
 CONFIG = SimpleNamespace(hidden_size=32, num_attention_heads=4, bos_token_id=None, pad_token_id=None)
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from helpers import FAMILIES, placed
 
-from hetmoe_compile.capture import export_model, tag_graph
-from hetmoe_compile.errors import HetMoEError
-from hetmoe_compile.passes import PLACEMENT_META, AnnotatePlacementPass, PassError, is_expert_group
-from hetmoe_compile.report import node_counts, placement_report
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.compose.report import node_counts, placement_report
+from hetmoe_compile.graph.capture import export_model, tag_graph
+from hetmoe_compile.graph.passes import PLACEMENT_META, AnnotatePlacementPass, PassError, is_expert_group
 
 
 @pytest.mark.parametrize("family", FAMILIES)

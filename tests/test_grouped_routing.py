@@ -12,9 +12,9 @@ from hetmoe_compile.analog.expert_group_op import _chunks, _grouped_analog, anal
 from hetmoe_compile.analog.instance import program_group
 from hetmoe_compile.analog.simulate import AnalogExpertGroup
 from hetmoe_compile.analog.tiles import Periphery
-from hetmoe_compile.errors import HetMoEError
-from hetmoe_compile.expert_group import ExpertGroup, _grouped_expert_group, expert_group_op
-from hetmoe_compile.grouped_routing import GROUPED_MM_ENV, routed_slots, routing_plan, use_grouped
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.ir.expert_group import ExpertGroup, _grouped_expert_group, expert_group_op
+from hetmoe_compile.ir.grouped_routing import GROUPED_MM_ENV, routed_slots, routing_plan, use_grouped
 from hetmoe_compile.models.expert_weights import canonical_expert_weights
 from hetmoe_compile.models.recognize import recognize
 from hetmoe_compile.models.tiny import tiny_model

@@ -9,7 +9,7 @@ import pytest
 from helpers import DEMO, SHARED, reference_loglikelihood
 from lm_eval.tasks import TaskManager
 
-from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.base.errors import HetMoEError
 from hetmoe_compile.eval.harness import HarnessTasks, HetMoELM, harness_metrics
 from hetmoe_compile.eval.harness_tasks import LOCAL_TASKS, MARKER, write_local_tasks
 from hetmoe_compile.models import load_model, load_tokenizer
@@ -73,9 +73,9 @@ def test_the_registered_model_is_the_placed_model_under_its_instance(tasks_dir, 
     same placement and simulated with the same seed, and not what the clean model gives."""
     from lm_eval.api.registry import get_model
 
-    from hetmoe_compile import api
     from hetmoe_compile.analog.config import analog_config
-    from hetmoe_compile.cli import main
+    from hetmoe_compile.cli.app import main
+    from hetmoe_compile.compose import api
     from hetmoe_compile.placement import Placement
 
     assert get_model("hetmoe") is HetMoELM
@@ -116,7 +116,7 @@ def test_lm_eval_command_line_runs_the_hetmoe_model(tasks_dir, tmp_path):
     import subprocess
     import sys
 
-    from hetmoe_compile.cli import main
+    from hetmoe_compile.cli.app import main
 
     placement = tmp_path / "p.json"
     assert main(["place", str(DEMO), "--out", str(placement), "--no-graph"]) == 0
@@ -158,7 +158,7 @@ def test_the_installed_package_advertises_the_model_in_lm_evals_plugin_group():
 
 
 def test_sweep_reports_lm_eval_metrics_and_keeps_standard_errors_out_of_the_table(tmp_path):
-    from hetmoe_compile.cli import main
+    from hetmoe_compile.cli.app import main
 
     out = tmp_path / "sweep"
     argv = ["sweep", str(DEMO), "--fractions", "0.25", "--selectors", "max-neuron-norm", "--noise", "pcm"]

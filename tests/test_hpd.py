@@ -13,11 +13,18 @@ from hetmoe_compile.analog import AnalogLinear, analog_config, restore_digital, 
 from hetmoe_compile.analog.instance import linear_seed, output_noise_seed
 from hetmoe_compile.analog.simulate import HPD_KEY_BASE, hpd_stream_key
 from hetmoe_compile.analog.tiles import analog_matmul, program_matrix
-from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.base.errors import HetMoEError
 from hetmoe_compile.export import export_onnx
-from hetmoe_compile.hpd import TARGETS, HPDLinear, hpd_modules, hpd_output_error, split_projections, unsplit_projections
 from hetmoe_compile.models import recognize
 from hetmoe_compile.models.tiny import tiny_config, tiny_model
+from hetmoe_compile.transforms.hpd import (
+    TARGETS,
+    HPDLinear,
+    hpd_modules,
+    hpd_output_error,
+    split_projections,
+    unsplit_projections,
+)
 
 IDS = torch.randint(0, 128, (2, 10), generator=torch.Generator().manual_seed(5))
 
@@ -242,7 +249,7 @@ def test_export_and_backend_refuse_hpd(tmp_path):
     with pytest.raises(
         HetMoEError,
         match=r"ONNX export does not support HPD-split projections yet .* "
-        r"call hetmoe_compile.hpd.unsplit_projections\(model\) first",
+        r"call hetmoe_compile.transforms.hpd.unsplit_projections\(model\) first",
     ):
         export_onnx(model, placement, tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()

@@ -21,12 +21,12 @@ from hetmoe_compile.analog.input_ranges import (
     calibrate_input_ranges,
     tile_quantiles,
 )
-from hetmoe_compile.calibration import Calibration
-from hetmoe_compile.canonicalize import canonicalize
-from hetmoe_compile.cli import main
-from hetmoe_compile.errors import HetMoEError
-from hetmoe_compile.expert_group import activate
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.cli.app import main
 from hetmoe_compile.export import ExportOptions, export_onnx
+from hetmoe_compile.ir.expert_group import activate
+from hetmoe_compile.models.calibration import Calibration
+from hetmoe_compile.transforms.canonicalize import canonicalize
 
 IDS = token_ids(2, 9)
 NOISE_FREE = dict(programming_noise=False, drift=False, drift_compensation=False, out_noise=0.0, w_noise=0.0)
@@ -163,8 +163,8 @@ def test_constant_noise_management_agrees_with_aihwkit_in_relative_mvm_error(eff
 def test_both_expert_group_paths_agree_and_the_graph_pass_matches_eager(family, monkeypatch):
     """Constant noise management with bound management (noise-free, so deterministic): the per-expert loop and the
     grouped GEMM path give the same logits; the rewrite_analog pass with the same ranges equals eager simulation."""
-    from hetmoe_compile.capture import tag_graph
-    from hetmoe_compile.passes import RewriteAnalogPass
+    from hetmoe_compile.graph.capture import tag_graph
+    from hetmoe_compile.graph.passes import RewriteAnalogPass
 
     model, info, placement, _, ranges = _calibrated(family)
     cfg = analog_config("standard-hwa", tile_size=16, **NOISE_FREE, out_bound=2.0, bound_management="iterative")

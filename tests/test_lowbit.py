@@ -9,9 +9,9 @@ from helpers import DEMO, FAMILIES, max_rel_err
 
 import hetmoe_compile as hc
 from hetmoe_compile import runtime
-from hetmoe_compile.cli import main
-from hetmoe_compile.lowbit import QUANT_ATTR, error_bound, quantize_digital_experts, quantize_groupwise
+from hetmoe_compile.cli.app import main
 from hetmoe_compile.models.tiny import tiny_model
+from hetmoe_compile.transforms.lowbit import QUANT_ATTR, error_bound, quantize_digital_experts, quantize_groupwise
 
 IDS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(4))
 

@@ -12,12 +12,12 @@ from hetmoe_compile.analog.ideal_store import SPILL_DIR_ENV, STORE_ENV, IdealSto
 from hetmoe_compile.analog.instance import program_group
 from hetmoe_compile.analog.programmed_stack import ProgrammedStack
 from hetmoe_compile.analog.programming_noise import stream_seed
-from hetmoe_compile.canonicalize import canonicalize
-from hetmoe_compile.capture import tag_graph
-from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.graph.capture import tag_graph
+from hetmoe_compile.graph.passes import RewriteAnalogPass
 from hetmoe_compile.models import recognize
 from hetmoe_compile.models.tiny import tiny_model
-from hetmoe_compile.passes import RewriteAnalogPass
+from hetmoe_compile.transforms.canonicalize import canonicalize
 
 IDS = torch.tensor([[3, 7, 11, 2, 9, 4, 40, 41]])
 PCM = analog_config("pcm", noise_scale=2.0)
@@ -186,7 +186,7 @@ def test_canonicalize_partitions_the_fused_tensors_in_place(family):
 def test_bounded_allocator_sets_and_restores_the_mmap_threshold(monkeypatch):
     """Within the block glibc maps every allocation of 1 MiB or more on its own (returned when freed); after it the
     threshold is glibc's adaptive ceiling and free heap pages are trimmed; HETMOE_BOUNDED_ALLOCATOR=0 skips it."""
-    from hetmoe_compile import host_memory
+    from hetmoe_compile.base import host_memory
 
     calls = []
 

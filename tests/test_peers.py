@@ -10,13 +10,13 @@ import torch
 from helpers import DEMO, REPO, logits, norm_rel_err, placed, token_ids
 
 from hetmoe_compile.analog.config import analog_config
-from hetmoe_compile.calibration import Calibration
-from hetmoe_compile.cli import main
-from hetmoe_compile.errors import HetMoEError
-from hetmoe_compile.eval.sweep import pareto_front, sweep_jobs
-from hetmoe_compile.hpd.projection_split import HPDLinear
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.cli.app import main
+from hetmoe_compile.eval.sweep.plan import pareto_front, sweep_jobs
 from hetmoe_compile.models import load_model
-from hetmoe_compile.peers import PEERS, PeerContext, PeerOptions, apply_peers, check_peers
+from hetmoe_compile.models.calibration import Calibration
+from hetmoe_compile.peers.registry import PEERS, PeerContext, PeerOptions, apply_peers, check_peers
+from hetmoe_compile.transforms.hpd.projection_split import HPDLinear
 
 TEXT = REPO / "examples" / "calibration.txt"
 

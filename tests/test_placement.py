@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.base.errors import HetMoEError
 from hetmoe_compile.models.tiny import tiny_model
 from hetmoe_compile.placement import Placement, PlacementPolicy, parse_override, place, validate_placement
 from hetmoe_compile.scoring import score
@@ -109,7 +109,7 @@ def test_json_round_trip_and_schema(olmoe, tmp_path):
 
 
 def test_canonicalize_rejects_device_maps_it_would_ignore():
-    from hetmoe_compile.canonicalize import canonicalize
+    from hetmoe_compile.transforms.canonicalize import canonicalize
 
     model = tiny_model("olmoe")
     with pytest.raises(ValueError, match="names layer '0'"):
@@ -126,8 +126,8 @@ def test_a_placement_follows_the_model_not_the_path_it_was_loaded_from(tmp_path,
 
     from helpers import DEMO, REPO
 
+    from hetmoe_compile.compose.pipeline import place_model
     from hetmoe_compile.models import load_model, recognize
-    from hetmoe_compile.pipeline import place_model
     from hetmoe_compile.placement.placement import check_placement_matches, config_hash
 
     monkeypatch.chdir(REPO)

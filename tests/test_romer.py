@@ -7,12 +7,12 @@ from helpers import FAMILIES, logits, norm_rel_err, placed, token_ids
 
 from hetmoe_compile.analog.config import analog_config
 from hetmoe_compile.analog.simulate import AnalogExpertGroup, restore_digital, simulate
-from hetmoe_compile.calibration import Calibration
-from hetmoe_compile.capture import export_model
-from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.graph.capture import export_model
+from hetmoe_compile.models.calibration import Calibration
 from hetmoe_compile.models.recognize import recognize
 from hetmoe_compile.models.tiny import tiny_model
-from hetmoe_compile.romer import (
+from hetmoe_compile.peers.romer import (
     RecalibratedRouter,
     RouterCalibration,
     activation_frequencies,

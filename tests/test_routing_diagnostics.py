@@ -10,8 +10,8 @@ from helpers import placed, token_ids
 
 from hetmoe_compile.analog import analog_config, restore_digital, simulate
 from hetmoe_compile.eval.routing_diagnostics import NAMES, SMOOTHING, reference_from_ids, routing_diagnostics
-from hetmoe_compile.lowbit import quantize_digital_experts
 from hetmoe_compile.models.tiny import tiny_model
+from hetmoe_compile.transforms.lowbit import quantize_digital_experts
 
 IDS = token_ids(3, 24, seed=4)
 

@@ -11,7 +11,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.base.errors import HetMoEError
 from hetmoe_compile.runtime import Sampling
 from hetmoe_compile.runtime.sampling import TokenChooser, probabilities
 

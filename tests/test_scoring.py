@@ -12,14 +12,14 @@ from helpers import FAMILIES
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from hetmoe_compile.analog.programming_noise import program_rows, stream_seed
-from hetmoe_compile.calibration import Calibration, calibration_from_text
-from hetmoe_compile.canonicalize import canonicalize
-from hetmoe_compile.errors import HetMoEError
+from hetmoe_compile.base.errors import HetMoEError
 from hetmoe_compile.models import recognize
+from hetmoe_compile.models.calibration import Calibration, calibration_from_text
 from hetmoe_compile.models.tiny import tiny_model
 from hetmoe_compile.scoring import base as scoring_base
 from hetmoe_compile.scoring import check_selectors, get_selector, score, score_all, selectors
 from hetmoe_compile.scoring.max_neuron_norm import max_neuron_norms
+from hetmoe_compile.transforms.canonicalize import canonicalize
 
 DATA_FREE = ("max-neuron-norm", "router-norm", "random")
 DATA_DRIVEN = ("activation-frequency", "activation-weight", "expected-damage", "measured")

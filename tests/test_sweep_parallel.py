@@ -12,13 +12,13 @@ import signal
 import pytest
 from helpers import DEMO, REPO
 
-from hetmoe_compile import cli
-from hetmoe_compile.cli import build_parser, main, sweep_context
-from hetmoe_compile.errors import HetMoEError
-from hetmoe_compile.eval.sweep import run_sweep_jobs, sweep_plan
-from hetmoe_compile.eval.sweep_jobs import SweepJob, Unit
-from hetmoe_compile.eval.sweep_store import SweepStore
-from hetmoe_compile.eval.sweep_workers import MAX_ATTEMPTS, LocalPool, Observer, run_units
+from hetmoe_compile.base.errors import HetMoEError
+from hetmoe_compile.cli import app as cli
+from hetmoe_compile.cli.app import build_parser, main, sweep_context
+from hetmoe_compile.eval.sweep.jobs import SweepJob, Unit
+from hetmoe_compile.eval.sweep.plan import run_sweep_jobs, sweep_plan
+from hetmoe_compile.eval.sweep.store import SweepStore
+from hetmoe_compile.eval.sweep.workers import MAX_ATTEMPTS, LocalPool, Observer, run_units
 
 TEXT = REPO / "examples" / "calibration.txt"
 ARGS = ["sweep", str(DEMO), "--fractions", "0,0.25,1", "--selectors", "max-neuron-norm,random"]
@@ -89,7 +89,7 @@ def test_two_local_workers_one_killed_mid_job_give_the_serial_numbers(tmp_path, 
 
 def test_ray_actors_one_killed_mid_job_give_the_serial_numbers(tmp_path, serial):
     pytest.importorskip("ray", reason="Ray is not installed (pip install 'hetmoe-compile[ray]')")
-    from hetmoe_compile.eval.sweep_ray import RayPool
+    from hetmoe_compile.eval.sweep.ray_actors import RayPool
 
     killed: list = []
     hook = _kill_first_analog(killed, lambda i, info: os.kill(info["pid"], signal.SIGKILL))

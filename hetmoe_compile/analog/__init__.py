@@ -1,6 +1,6 @@
 """Analog in-memory computing: hardware presets, tiled AIMC physics (aihwkit noise models), simulation."""
 
-from ..preset_summaries import PRESET_SUMMARIES
+from ..base.preset_summaries import PRESET_SUMMARIES
 from .config import PRESETS, AnalogConfig, analog_config
 from .programming_noise import program_rows, stream_seed
 from .simulate import AnalogExpertGroup, AnalogLinear, restore_digital, simulate

@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 
 W_NOISE_TYPES = ("pcm-read", "additive")
 DRIFT_COMPENSATIONS = ("global", "per-column")

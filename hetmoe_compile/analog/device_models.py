@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 from .pcm_fused import CHUNK_ELEMENTS, _Normals
 
 DEVICES = ("pcm", "reram-wan2022", "reram-cmo", "hermes-pcm")

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from ..expert_group import activate
-from ..grouped_routing import routed_slots, routing_plan, use_grouped
+from ..ir.expert_group import activate
+from ..ir.grouped_routing import routed_slots, routing_plan, use_grouped
 from .tiles import Periphery, dac, grouped_tile_mvm
 
 
@@ -73,7 +73,7 @@ def _grouped_analog(
     gate_up_range: torch.Tensor | None = None,
     down_range: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The grouped path (see :mod:`~hetmoe_compile.grouped_routing`): every ``T*K`` pair, experts' offsets on the
+    """The grouped path (see :mod:`~hetmoe_compile.ir.grouped_routing`): every ``T*K`` pair, experts' offsets on the
     device, no host synchronisation."""
     plan = routing_plan(top_k_index, expert_ids, num_experts)
     y = _routed_rows(hidden, plan.token, plan.row, plan.ends, mats, act, io, gen, gate_up_range, down_range)

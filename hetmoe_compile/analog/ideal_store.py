@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, cast
 
 import torch
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer

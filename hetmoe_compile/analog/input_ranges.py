@@ -27,10 +27,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import Calibration
-from ..errors import HetMoEError
-from ..expert_group import ExpertGroup, HetExperts, activate
-from ..io import atomic_write_text
+from ..base.errors import HetMoEError
+from ..base.io import atomic_write_text
+from ..ir.expert_group import ExpertGroup, HetExperts, activate
+from ..models.calibration import Calibration
 from ..models.recognize import ModelInfo
 from .tiles import split_sizes
 

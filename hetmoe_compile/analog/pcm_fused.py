@@ -19,7 +19,7 @@ def _noise_model(noise_scale: float):
     try:
         from aihwkit.inference import PCMLikeNoiseModel
     except ImportError as exc:  # pragma: no cover - aihwkit is installed by `make install`
-        from ..errors import HetMoEError
+        from ..base.errors import HetMoEError
 
         raise HetMoEError("PCM noise needs aihwkit: pip install --no-deps aihwkit==1.1.0 (see the README)") from exc
 

@@ -27,7 +27,7 @@ import contextlib
 
 import torch
 
-from ..host_memory import bounded_allocator
+from ..base.host_memory import bounded_allocator
 from .config import AnalogConfig
 from .ideal_store import IdealStore
 from .pcm_fused import CHUNK_ELEMENTS

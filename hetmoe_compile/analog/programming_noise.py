@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 
 OUT_NOISE_STREAM = 1 << 20
 """Stream key of an analog layer's output noise (kept apart from its weight-programming streams)."""

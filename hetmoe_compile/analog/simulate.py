@@ -13,7 +13,7 @@ puts them back bit-exactly. While simulated, the ideal group's weight parameters
 restore before saving a state dict or reading the ideal weights. With
 ``dense="analog"`` (the paper's ablation) the ``nn.Linear`` layers of dense modules (attention, shared experts,
 dense MLPs, LM head) run on tiles too; embeddings, norms and routers stay digital. The analog half (``u_sigma``) of
-every HPD-split projection (:mod:`hetmoe_compile.hpd`) runs on tiles whatever ``dense`` is; its digital half
+every HPD-split projection (:mod:`hetmoe_compile.transforms.hpd`) runs on tiles whatever ``dense`` is; its digital half
 (``v_t``) never does.
 """
 
@@ -25,12 +25,12 @@ from typing import cast
 import torch
 from torch import nn
 
-from ..errors import HetMoEError, check_choice, check_seed
-from ..expert_group import ExpertGroup, HetExperts, device_groups
-from ..host_memory import trim
-from ..hpd.projection_split import HPDLinear
+from ..base.errors import HetMoEError, check_choice, check_seed
+from ..base.host_memory import trim
+from ..ir.expert_group import ExpertGroup, HetExperts, device_groups
 from ..models.device_map import require_resident
 from ..models.recognize import ModelInfo, recognize
+from ..transforms.hpd.projection_split import HPDLinear
 from .config import AnalogConfig
 from .expert_group_op import analog_expert_group_op
 from .ideal_store import IdealStore

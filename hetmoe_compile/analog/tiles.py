@@ -261,7 +261,7 @@ def grouped_tile_mvm(
 
     ``levels [C, N, T]`` and ``nm [C, N, 1]`` are the rows' DAC levels, ``weight [E, out, C, T]`` and
     ``scale [E, out, C]`` the group's programmed matrices, ``row [N]`` each row's expert. ``segments`` says where
-    each expert's rows are, in one of two forms (see :mod:`~hetmoe_compile.grouped_routing`):
+    each expert's rows are, in one of two forms (see :mod:`~hetmoe_compile.ir.grouped_routing`):
 
     - the experts' row counts, on the host: one matmul per expert and input tile, rows ``N`` all real;
     - the experts' end offsets ``[E]`` (int32) on the device: one ``grouped_mm`` per input tile and no host

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from torch import nn
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 from ..models.recognize import ModelInfo
 from ..placement.placement import (
     ExpertPlacement,

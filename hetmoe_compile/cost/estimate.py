@@ -23,9 +23,9 @@ from dataclasses import dataclass, field, fields
 
 from torch import nn
 
-from ..errors import HetMoEError
-from ..lowbit.groupwise import check_quant_args
+from ..base.errors import HetMoEError
 from ..models.recognize import ModelInfo, recognize
+from ..transforms.lowbit.groupwise import check_quant_args
 from .params import CostParams
 from .profile import ModelProfile, MoEShape, profile_model
 from .units import format_bytes, format_si
@@ -91,7 +91,7 @@ class CostReport:
 
 def format_cost(cost: dict) -> str:
     """A short table of a cost dict (:meth:`CostReport.to_dict`)."""
-    from ..tables import format_table
+    from ..base.tables import format_table
 
     a = cost["assumptions"]
     total = cost["energy_per_token_j"]

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import tomllib
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 
 _LE_GALLO = (
     "Le Gallo et al., 'A 64-core mixed-signal in-memory compute chip based on phase-change memory for deep "

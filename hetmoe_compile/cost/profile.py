@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from ..analog.simulate import DENSE_ANALOG_KINDS
-from ..hpd import hpd_modules
 from ..models.recognize import ROUTED_EXPERTS, ModelInfo
+from ..transforms.hpd import hpd_modules
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def _attention(model: nn.Module, info: ModelInfo) -> tuple[AttentionShape, ...]:
 
 
 def _moe(model: nn.Module, info: ModelInfo) -> tuple[MoEShape, ...]:
-    from ..lowbit import QUANT_ATTR
+    from ..transforms.lowbit import QUANT_ATTR
 
     out = []
     for layer in info.moe_layers:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 
 _BYTE_UNITS = {
     "": 1,

@@ -23,7 +23,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from torch import nn
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 
 
 @register_model("hetmoe")
@@ -44,8 +44,8 @@ class HetMoELM(HFLM):
         **kwargs: Any,
     ) -> None:
         from ..analog.config import analog_config
-        from ..api import compile
-        from ..errors import check_seed
+        from ..base.errors import check_seed
+        from ..compose.api import compile
         from ..models import load_model, load_tokenizer
         from ..placement import Placement
 

@@ -17,9 +17,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import HetMoEError
-from ..io import atomic_replace_dir
-from ..version import PRODUCER
+from ..base.errors import HetMoEError
+from ..base.io import atomic_replace_dir
+from ..base.version import PRODUCER
 
 
 @dataclass(frozen=True)

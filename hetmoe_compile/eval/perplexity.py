@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import HetMoEError
-from ..io import read_text_file
+from ..base.errors import HetMoEError
+from ..base.io import read_text_file
 from .common import encode, max_positions, model_device
 
 MAX_DEFAULT_CONTEXT = 1024

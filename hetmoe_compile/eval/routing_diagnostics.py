@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calibration import calibration_from_text
+from ..models.calibration import calibration_from_text
 from ..models.device_map import input_device
 from ..models.recognize import ModelInfo
 

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..analog.config import AnalogConfig
 from ..analog.simulate import restore_digital, simulate
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 from ..models.recognize import ModelInfo
 
 CHARS_PER_TOKEN_BOUND = 16  # a generous bound, used to avoid tokenising a whole corpus for its first N tokens

@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 from onnx import TensorProto, helper
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 from .graph_builder import Deferred, GraphBuilder, materialize
 from .matmul_nbits import check_block, pack_matmul_nbits
 
@@ -70,7 +70,7 @@ class ProgrammedExpert:
 
 @dataclass(frozen=True)
 class Activation:
-    """The experts' gated activation (see ``hetmoe_compile.expert_group.activate``)."""
+    """The experts' gated activation (see ``hetmoe_compile.ir.expert_group.activate``)."""
 
     kind: str = "glu"  # "glu" or "gpt_oss_glu"
     act_name: str = "silu"

@@ -1,8 +1,8 @@
 """Ahead-of-time export: a placed model -> one ONNX file per partition + ``manifest.json`` (+ its tokenizer).
 
-Steps: canonicalise and ``torch.export`` with placement tags (:func:`~hetmoe_compile.capture.tag_graph`), translate
-to an ONNX graph with expert-group placeholders (:mod:`.onnx_capture`), partition (:mod:`.partition`), write and
-check each partition (:mod:`.writer`), then the manifest (:mod:`.manifest`). Everything is written into a
+Steps: canonicalise and ``torch.export`` with placement tags (:func:`~hetmoe_compile.graph.capture.tag_graph`),
+translate to an ONNX graph with expert-group placeholders (:mod:`.onnx_capture`), partition (:mod:`.partition`),
+write and check each partition (:mod:`.writer`), then the manifest (:mod:`.manifest`). Everything is written into a
 temporary sibling of the output directory and moved into place only when all of it succeeded.
 """
 
@@ -30,16 +30,16 @@ from ..analog.input_ranges import NO_RANGES, InputRanges, attach_input_ranges, a
 from ..analog.instance import output_noise_seed, program_group
 from ..analog.simulate import restore_digital
 from ..analog.tiles import split_sizes
-from ..capture import ROOT_PREFIX, tag_graph
+from ..base.errors import HetMoEError, check_seed
+from ..base.io import atomic_replace_dir, check_inputs_survive, check_replaceable_dir
+from ..base.version import PRODUCER
 from ..cost import CostParams
-from ..errors import HetMoEError, check_seed
-from ..expert_group import ExpertGroup, HetExperts
-from ..io import atomic_replace_dir, check_inputs_survive, check_replaceable_dir
+from ..graph.capture import ROOT_PREFIX, tag_graph
+from ..ir.expert_group import ExpertGroup, HetExperts
 from ..models.device_map import require_resident
 from ..models.recognize import recognize
 from ..placement.placement import Placement
 from ..runtime.manifest import MANIFEST_KEYS, partition_identity
-from ..version import PRODUCER
 from .expert_group_onnx import MOE_DOMAIN, ProgrammedExpert, TilePeriphery
 from .genai_config import GENAI_CONFIG, GenAIUnsupported, genai_config
 from .graph_builder import Deferred
@@ -73,8 +73,8 @@ def export_onnx(
 ) -> Path:
     """Export ``model`` placed by ``placement`` to ``out_dir``; returns the manifest's path.
 
-    ``model`` is canonicalised in place (see :func:`~hetmoe_compile.canonicalize.canonicalize`)."""
-    from ..hpd import require_unsplit
+    ``model`` is canonicalised in place (see :func:`~hetmoe_compile.transforms.canonicalize.canonicalize`)."""
+    from ..transforms.hpd import require_unsplit
 
     require_unsplit(model, "ONNX export")
     require_resident(model, "ONNX export")
@@ -228,7 +228,7 @@ def export_cost(model: nn.Module, info, placement: Placement, options: ExportOpt
 
 def _lowbit_layers(model: nn.Module, info) -> dict[int, tuple[int, int]]:
     """Layer -> ``(bits, group_size)`` of digital expert groups quantised by ``quantize_digital_experts``."""
-    from ..lowbit import QUANT_ATTR
+    from ..transforms.lowbit import QUANT_ATTR
 
     out = {}
     for layer in info.moe_layers:

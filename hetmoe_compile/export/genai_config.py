@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 
 GENAI_CONFIG = "genai_config.json"
 STAGE_SESSION_OPTIONS: dict[str, Any] = {

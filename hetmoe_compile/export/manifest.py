@@ -9,7 +9,7 @@ from pathlib import Path
 from onnx import ModelProto, ValueInfoProto, helper
 
 from ..analog.config import AnalogConfig
-from ..io import atomic_write_text
+from ..base.io import atomic_write_text
 from ..placement.placement import Placement
 from ..runtime.manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, file_sha256, validate_manifest
 from .partition import Partition

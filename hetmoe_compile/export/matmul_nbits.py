@@ -2,8 +2,8 @@
 
 Layout: ``B [N, K / block, block * bits / 8]`` unsigned integers with the default zero point ``2^(bits-1)`` (INT4:
 two per byte, low nibble first) and ``scales [N * K / block]``; the op computes ``A @ dequant(B).T``. The integers
-are re-derived from the (already dequantised) weights by :func:`hetmoe_compile.lowbit.quantize_groupwise`, so they
-are exactly the ones PyTorch used.
+are re-derived from the (already dequantised) weights by
+:func:`hetmoe_compile.transforms.lowbit.quantize_groupwise`, so they are exactly the ones PyTorch used.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import HetMoEError
-from ..lowbit.groupwise import quantize_groupwise
+from ..base.errors import HetMoEError
+from ..transforms.lowbit.groupwise import quantize_groupwise
 
 
 def check_block(k: int, block: int) -> None:

@@ -22,7 +22,7 @@ import torch
 from onnx.defs import OpSchema
 from torch.export import ExportedProgram
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 
 DOMAIN = "hetmoe"
 PLACEHOLDER = "ExpertGroup"
@@ -134,7 +134,7 @@ def _quiet_exporter() -> Iterator[None]:
 def to_onnx(ep: ExportedProgram, directory: Path, cache_layers: int = 0) -> CapturedGraph:
     """Translate ``ep`` to ONNX with expert-group placeholders; write it (external data) under ``directory``.
     ``cache_layers``: the graph of a KV-cached capture with that many layers (its cache inputs and outputs get
-    ONNX Runtime GenAI's names, see :mod:`hetmoe_compile.kv_cache`)."""
+    ONNX Runtime GenAI's names, see :mod:`hetmoe_compile.graph.kv_cache`)."""
     register_placeholder_schema()
     table: dict[Callable[..., Any], Callable[..., Any]] = {torch.ops.hetmoe.expert_group.default: _translate}
     path = directory / "graph.onnx"
@@ -169,7 +169,7 @@ def _rename(model: onnx.ModelProto, names: dict[str, str]) -> None:
 def _name_cache(model: onnx.ModelProto, layers: int) -> None:
     """``past_key_values_<k>`` -> ``past_key_values.<i>.key|value``, outputs after the logits -> ``present.<i>...``,
     and the symbols of the past and total lengths -> ``past``, ``total``."""
-    from ..kv_cache import past_names, present_names
+    from ..graph.kv_cache import past_names, present_names
 
     inputs = [i.name for i in model.graph.input]
     past = [n for n in inputs if n.startswith("past_key_values")]

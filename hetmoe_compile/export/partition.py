@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, ValueInfoProto, helper
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 from .expert_group_onnx import (
     Activation,
     ExpertArrays,

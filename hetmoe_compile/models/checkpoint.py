@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, cast
 import torch
 from torch import nn
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
 

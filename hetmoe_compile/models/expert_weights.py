@@ -7,7 +7,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from ..expert_group import ExpertWeights
+from ..ir.expert_group import ExpertWeights
 from .adapter import ExpertLayout
 
 __all__ = ["ExpertWeights", "activation_params", "canonical_expert_weights"]

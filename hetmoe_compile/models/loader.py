@@ -1,6 +1,6 @@
 """Load a causal LM from a local directory or a Hugging Face hub id.
 
-Bad checkpoints are one-line errors (:class:`~hetmoe_compile.errors.HetMoEError`), never a model with weights made
+Bad checkpoints are one-line errors (:class:`~hetmoe_compile.base.errors.HetMoEError`), never a model with weights made
 up: a missing or misshapen tensor, a truncated safetensors file, a corrupt tokenizer file. transformers' loading
 report is the source (``output_loading_info``) but is not printed; tensors the model does not use are one warning
 line. A hub id is probed once with a short timeout: without a reachable hub it loads from the local Hugging Face
@@ -20,7 +20,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from ..errors import HetMoEError, NoTokenizerError
+from ..base.errors import HetMoEError, NoTokenizerError
 
 _log = logging.getLogger(__name__)
 

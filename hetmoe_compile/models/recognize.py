@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import UnsupportedModelError
-from ..expert_group import HetExperts
+from ..base.errors import UnsupportedModelError
+from ..ir.expert_group import HetExperts
 from .adapter import FamilyAdapter, registered
 
 # Module kinds. Everything but ROUTED_EXPERTS is a densely activated module.

@@ -12,11 +12,11 @@ from typing import Any, cast
 import numpy as np
 from torch import nn
 
-from ..errors import HetMoEError
-from ..io import atomic_write_text, read_json_file
+from ..base.errors import HetMoEError
+from ..base.io import atomic_write_text, read_json_file
+from ..base.version import PRODUCER
 from ..models.recognize import ROUTED_EXPERTS, ModelInfo
 from ..scoring.base import Scores
-from ..version import PRODUCER
 from .policy import PlacementPolicy, parse_override_key
 from .schema import SCHEMA_VERSION, check_coverage, validate_placement
 
@@ -192,11 +192,11 @@ def policy_overrides(policy: PlacementPolicy, info: ModelInfo) -> dict[tuple[int
 
 def place(model: nn.Module, info: ModelInfo, scores: Scores, policy: PlacementPolicy, source: str = "") -> Placement:
     """Rank experts by ``scores`` and put the top ``digital_fraction`` (per layer or globally) on digital. A policy
-    with a budget is placed by the cost model (:func:`hetmoe_compile.pipeline.place_scores` dispatches)."""
+    with a budget is placed by the cost model (:func:`hetmoe_compile.compose.pipeline.place_scores` dispatches)."""
     policy.validate()
     if policy.budget is not None:
         raise HetMoEError(
-            "a budget policy is placed by the cost model: use hetmoe_compile.pipeline.place_scores "
+            "a budget policy is placed by the cost model: use hetmoe_compile.compose.pipeline.place_scores "
             "(or hetmoe_compile.compile), which costs it with the cost parameters and routing"
         )
     check_scores(info, scores)

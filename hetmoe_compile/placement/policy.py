@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-from ..devices import DEVICES
-from ..errors import HetMoEError, check_seed
+from ..base.devices import DEVICES
+from ..base.errors import HetMoEError, check_seed
 
 SCOPES = ("per-layer", "global")
 

@@ -6,14 +6,14 @@ import json
 from functools import cache
 from importlib import resources
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 
 SCHEMA_VERSION = "1.0"
 
 
 @cache
 def placement_schema() -> dict:
-    return json.loads(resources.files("hetmoe_compile.schemas").joinpath("placement.schema.json").read_text())
+    return json.loads(resources.files("hetmoe_compile.base.schemas").joinpath("placement.schema.json").read_text())
 
 
 def validate_placement(doc: dict, source: str = "<placement>") -> None:

@@ -12,8 +12,8 @@ from importlib import resources
 from pathlib import Path
 from typing import cast
 
-from ..errors import HetMoEError
-from ..io import read_json_file
+from ..base.errors import HetMoEError
+from ..base.io import read_json_file
 from .onnx_meta import read_model_props
 
 MANIFEST_NAME = "manifest.json"
@@ -31,7 +31,7 @@ checked against its manifest entry at load."""
 
 @cache
 def manifest_schema() -> dict:
-    return json.loads(resources.files("hetmoe_compile.schemas").joinpath("manifest.schema.json").read_text())
+    return json.loads(resources.files("hetmoe_compile.base.schemas").joinpath("manifest.schema.json").read_text())
 
 
 def validate_manifest(doc: dict, source: str = "<manifest>") -> None:

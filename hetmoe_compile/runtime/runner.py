@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 from .manifest import check_files, partition_variants, read_manifest
 from .sampling import Sampling, TokenChooser
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import HetMoEError, check_seed
+from ..base.errors import HetMoEError, check_seed
 
 
 @dataclass(frozen=True)

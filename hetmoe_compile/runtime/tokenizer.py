@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 from .manifest import check_file
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from torch import nn
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 from ..models.recognize import ModelInfo
 
 

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..errors import HetMoEError
+from ..base.errors import HetMoEError
 from ..models.checkpoint import ParameterSource
 from ..models.recognize import ModelInfo
 from .base import Scores, get_selector

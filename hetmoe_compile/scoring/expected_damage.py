@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..calibration import Calibration
+from ..models.calibration import Calibration
 from ..models.recognize import ModelInfo
 from .base import register_selector
 from .max_neuron_norm import score_max_neuron_norm

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..host_memory import bounded_allocator
+from ..base.host_memory import bounded_allocator
 from ..models.adapter import ExpertLayout
 from ..models.device_map import onloaded
 from ..models.recognize import ModelInfo
@@ -36,7 +36,7 @@ def max_neuron_norms(experts: nn.Module | SimpleNamespace, layout: ExpertLayout)
     """``{"gate"|"up"|"down": [E]}`` largest neuron (row) L2 norm per expert, read from the fused tensors without
     copying them. Works on a family's experts module (or a namespace holding its ``gate_up_proj`` and
     ``down_proj``) and on a canonical :class:`HetExperts`."""
-    from ..expert_group import ExpertGroup, HetExperts
+    from ..ir.expert_group import ExpertGroup, HetExperts
 
     with torch.no_grad():
         if isinstance(experts, HetExperts):

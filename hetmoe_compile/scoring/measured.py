@@ -11,8 +11,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..analog.programming_noise import program_rows, stream_seed
-from ..calibration import Calibration
-from ..expert_group import ExpertGroup, HetExperts, expert_mlp
+from ..ir.expert_group import ExpertGroup, HetExperts, expert_mlp
+from ..models.calibration import Calibration
 from ..models.expert_weights import activation_params, canonical_expert_weights
 from ..models.recognize import ModelInfo
 from .base import register_selector

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..calibration import Calibration
+from ..models.calibration import Calibration
 from ..models.recognize import ModelInfo
 from .base import register_selector
 

@@ -6,7 +6,7 @@ import time
 
 from torch import nn
 
-from ..calibration import Calibration
+from ..models.calibration import Calibration
 from ..models.recognize import ModelInfo
 from .base import Scores, check_selectors, get_selector
 

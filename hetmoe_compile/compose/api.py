@@ -1,0 +1,204 @@
+"""The Python API: ``analyze`` a model's experts, ``compile`` it to a placement, then simulate, report or export."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from ..analog.config import AnalogConfig, analog_config
+from ..analog.simulate import restore_digital
+from ..base.errors import HetMoEError, check_seed
+from ..cost.params import CostParams
+from ..models.calibration import Calibration
+from ..models.recognize import ModelInfo, recognize
+from ..peers.registry import Applied, PeerOptions
+from ..placement.placement import Placement, check_placement_matches
+from ..placement.policy import PlacementPolicy
+from ..scoring import Scores, check_selectors, score
+from ..scoring import selectors as _registry
+from ..transforms.canonicalize import canonicalize
+from ..transforms.lowbit import quantize_digital_experts
+from .pipeline import Analysis, analyze_model, place_scores, routing_frequencies
+
+_HANDLE_ATTR = "_hetmoe_compiled"
+
+
+@dataclass
+class CompiledMoE:
+    """A model placed on digital and analog hardware. ``model`` is canonical: each MoE layer holds a digital and
+    an analog expert group; without :meth:`simulate` it computes exactly what the original model computes."""
+
+    model: nn.Module
+    info: ModelInfo
+    placement: Placement
+    analog: AnalogConfig
+    quantization: dict | None = None
+    """What ``digital_bits`` did: ``{"bits", "group_size", "experts": [per-expert error bounds and errors]}``."""
+    peers: Applied | None = None
+    """The peers applied (``peers.record``); :meth:`undo_peers` takes them back."""
+    _handle: object = field(default_factory=object, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self.model, _HANDLE_ATTR, self._handle)  # the latest compile of the model owns it
+
+    def _current(self) -> None:
+        """Refuse to act through a handle a later :func:`compile` of the same model superseded."""
+        if getattr(self.model, _HANDLE_ATTR, None) is not self._handle:
+            raise HetMoEError(
+                "this CompiledMoE is out of date: its model was compiled again with another placement; use the "
+                "handle the latest hetmoe_compile.compile(model, ...) returned"
+            )
+
+    def report(self, graph: bool = False, verbose: bool = False) -> str:
+        """Parameter share per device and digital experts per layer; with ``graph``, also ``torch.export`` the
+        model and count graph nodes per device (``verbose``: every node with its device and reason)."""
+        from ..graph.capture import tag_graph
+        from .report import placement_report
+
+        self._current()
+        gm = None
+        if graph:
+            self.restore()
+            gm = tag_graph(self.model, self.placement, self.info).graph_module
+        return placement_report(self.placement, gm, verbose)
+
+    def simulate(self, seed: int = 0, dense: str | None = None) -> nn.Module:
+        """Put hardware instance ``seed`` of :attr:`analog` under the analog experts (in place; ``dense="analog"``
+        also puts dense layers on tiles, the paper's ablation). Returns the model; :meth:`restore` undoes it."""
+        from ..analog.simulate import simulate
+
+        self._current()
+        return simulate(self.model, self.analog, seed, dense or self.placement.policy.dense, self.info)
+
+    def restore(self) -> nn.Module:
+        """The ideal (digital-equivalent) model back after :meth:`simulate`."""
+        from ..analog.simulate import restore_digital
+
+        self._current()
+        return restore_digital(self.model, self.info)
+
+    def undo_peers(self) -> None:
+        """Take back the peers :func:`compile` applied (ROMER, HPD, low-bit), leaving the placed model."""
+        self._current()
+        if self.peers is not None:
+            self.peers.undo()
+            self.peers = None
+
+    def quantize_digital(self, bits: int, group_size: int = 128) -> list:
+        """Quantise the digital experts' weights to INT8 or INT4, group-wise (in place; see
+        :func:`hetmoe_compile.transforms.lowbit.quantize_digital_experts`); returns each expert's error bound and
+        error."""
+        from ..transforms.lowbit import quantize_digital_experts
+
+        self._current()
+        return quantize_digital_experts(self.model, bits, group_size, self.info)
+
+    def export(
+        self,
+        directory: str | Path,
+        instance_seed: int | None = None,
+        monolithic: bool = False,
+        tokenizer=None,
+        kv_cache: bool = False,
+    ) -> Path:
+        """Partitioned ONNX + ``manifest.json`` in ``directory`` (see :func:`hetmoe_compile.export.export_onnx`;
+        ``kv_cache``: past in, present out, and ``genai_config.json``); returns the manifest's path."""
+        from ..export import ExportOptions, export_onnx
+
+        if instance_seed is not None:
+            check_seed(instance_seed, "instance_seed")
+        if not isinstance(kv_cache, bool):
+            raise HetMoEError(f"kv_cache must be True or False, got {kv_cache!r}")
+        options = ExportOptions(self.analog, instance_seed, monolithic, kv_cache=kv_cache)
+        self.restore()
+        return export_onnx(self.model, self.placement, directory, options, tokenizer)
+
+
+def compile(
+    model: nn.Module,
+    policy: PlacementPolicy | None = None,
+    analog: AnalogConfig | str | None = None,
+    calibration: Calibration | None = None,
+    source: str = "",
+    *,
+    placement: Placement | None = None,
+    scores: Scores | None = None,
+    cost_params: CostParams | None = None,
+    digital_bits: int | None = None,
+    group_size: int = 128,
+    peers: Sequence[str] = (),
+    peer_options: PeerOptions | None = None,
+    quantization_seed: int = 0,
+) -> CompiledMoE:
+    """The one composer: place ``model``'s experts, canonicalise it in place, then optionally quantise its digital
+    experts and apply peers. The CLI commands, sweeps and benchmarks build on it.
+
+    - Placement: a given ``placement`` (checked against the model; ``source`` names where it came from in
+      messages), else ``policy`` (default 25 % by
+      max-neuron-norm) ranked by ``scores`` (computed with ``policy.selector`` when not given), or placed under
+      the policy's budget with the cost model (``cost_params``) and the calibration text's measured routing.
+    - ``analog``: an :class:`AnalogConfig` or a preset name (default ``"pcm"``); data-driven selectors and the
+      ROMER peers need ``calibration`` (:func:`hetmoe_compile.models.calibration.calibration_from_text`).
+    - ``digital_bits`` (8 or 4): group-wise integer digital experts (``group_size``); the record is
+      :attr:`CompiledMoE.quantization`.
+    - ``peers`` (names from :data:`hetmoe_compile.peers.registry.PEERS`, with ``peer_options``): applied after
+      placement; :meth:`CompiledMoE.undo_peers` takes them back.
+    """
+    from ..peers.registry import PeerContext, apply_peers, check_peers
+
+    _check_arg("model", model, nn.Module, "a loaded model (hetmoe_compile.load_model(path) loads one)")
+    _check_arg("policy", policy, PlacementPolicy, "e.g. PlacementPolicy(digital_fraction=0.25)", optional=True)
+    _check_arg("analog", analog, (AnalogConfig, str), "a preset name such as 'pcm' or an AnalogConfig", optional=True)
+    _check_arg("placement", placement, Placement, "Placement.load(path) reads a placement.json", optional=True)
+    _check_arg("calibration", calibration, Calibration, "see calibration_from_text", optional=True)
+    cfg = analog if isinstance(analog, AnalogConfig) else analog_config(analog or "pcm")
+    names = check_peers(list(peers), calibration is not None) if peers else []
+    if digital_bits is not None and {"int8", "int4"} & set(names):
+        raise HetMoEError("digital_bits and the int8/int4 peers both quantise the digital experts: use one")
+    info = recognize(model)
+    restore_digital(model, info)  # compiling a simulated model again places the ideal one (a fresh handle)
+    if placement is None:
+        policy = policy or PlacementPolicy()
+        if scores is None:
+            check_selectors([policy.selector], calibration is not None)
+            scores = score(model, info, policy.selector, calibration, policy.seed)
+        frequencies = routing_frequencies(model, info, calibration) if policy.budget is not None else None
+        placement = place_scores(model, info, scores, policy, source, cost_params, frequencies)
+    else:
+        check_placement_matches(placement, model, info, source or "placement")
+    canonicalize(model, placement.devices(), info)
+    compiled = CompiledMoE(model, recognize(model), placement, cfg)
+    if digital_bits is not None:
+        rows = quantize_digital_experts(model, digital_bits, group_size, compiled.info, seed=quantization_seed)
+        compiled.quantization = {"bits": digital_bits, "group_size": group_size, "experts": [r.to_dict() for r in rows]}
+    if names:
+        compiled.peers = apply_peers(
+            names, PeerContext(model, compiled.info, cfg, calibration, peer_options or PeerOptions())
+        )
+    return compiled
+
+
+def analyze(
+    model: nn.Module, selectors: list[str] | None = None, calibration: Calibration | None = None, seed: int = 0
+) -> Analysis:
+    """Every selector's score for every routed expert (``Analysis.scores``, ``.spearman()``, ``.table()``).
+
+    By default all selectors the inputs allow run (data-driven ones only with ``calibration``)."""
+    _check_arg("model", model, nn.Module, "a loaded model (hetmoe_compile.load_model(path) loads one)")
+    _check_arg("calibration", calibration, Calibration, "see calibration_from_text", optional=True)
+    names = selectors or [n for n, s in _registry().items() if calibration is not None or not s.needs_calibration]
+    check_selectors(names, calibration is not None)
+    return analyze_model(model, names, calibration, seed)
+
+
+def _check_arg(name: str, value, kinds, hint: str, optional: bool = False) -> None:
+    """A wrong type for a public argument is one line naming it and what to pass, not a traceback further in."""
+    if (optional and value is None) or isinstance(value, kinds):
+        return
+    kinds = kinds if isinstance(kinds, tuple) else (kinds,)
+    want = " or ".join("torch.nn.Module" if k is nn.Module else k.__name__ for k in kinds)
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    raise HetMoEError(f"{name} must be {want}, got {type(value).__name__} {shown}; {hint}")
