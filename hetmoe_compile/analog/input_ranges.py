@@ -31,6 +31,7 @@ from ..base.errors import HetMoEError
 from ..base.io import atomic_write_text
 from ..ir.expert_group import ExpertGroup, HetExperts, activate
 from ..models.calibration import Calibration
+from ..models.identity import config_hash
 from ..models.recognize import ModelInfo
 from .tiles import split_sizes
 
@@ -234,9 +235,11 @@ def calibrate_input_ranges(
     calibration: Calibration,
     tile_size: int = 512,
     quantile: float = DEFAULT_QUANTILE,
+    source: str | None = None,
 ) -> InputRanges:
     """Input ranges of every routed expert of a canonical, digital model on ``calibration``'s tokens (see the module
-    docstring)."""
+    docstring), stamped with the model's identity (``source``: where it was loaded from, default its
+    ``name_or_path``), which :func:`attach_input_ranges` checks."""
     if not 0.5 <= quantile <= 1.0:
         raise HetMoEError(f"input-range quantile must be in [0.5, 1], got {quantile}; aihwkit's default is 0.99995")
     if tile_size < 1:
@@ -279,12 +282,20 @@ def calibrate_input_ranges(
         layers[layer.index] = LayerRanges(
             gu, dn, [experts[e][2] for e in range(n)], [e for e in range(n) if experts[e][3]]
         )
-    return InputRanges(tile_size, float(quantile), calibration.num_tokens, calibration.source, layers)
+    identity = {
+        "source": str(getattr(model, "name_or_path", "")) if source is None else source,
+        "architecture": info.architecture,
+        "config_sha256": config_hash(model),
+    }
+    return InputRanges(tile_size, float(quantile), calibration.num_tokens, calibration.source, layers, identity)
 
 
 def attach_input_ranges(model: nn.Module, ranges: InputRanges | None, info: ModelInfo | None = None) -> nn.Module:
     """Give ``model`` the input ranges that simulation, ``torch.compile`` and export use under constant noise
-    management (``None`` removes them); with ``info``, checked against the model's layers and expert widths first."""
+    management (``None`` removes them). They must have been calibrated on this model (the config hash they carry),
+    and with ``info`` they are also checked against the model's layers and expert counts first."""
+    if ranges is not None:
+        check_ranges_model(ranges, model)
     if ranges is not None and info is not None:
         for layer in info.moe_layers:
             if layer.index not in ranges.layers:
@@ -300,6 +311,26 @@ def attach_input_ranges(model: nn.Module, ranges: InputRanges | None, info: Mode
                 )
     object.__setattr__(model, ATTRIBUTE, ranges)  # a plain attribute, not a submodule or buffer
     return model
+
+
+def check_ranges_model(ranges: InputRanges, model: nn.Module, what: str = "input ranges") -> None:
+    """One line unless ``ranges`` carry the config hash of ``model`` (the hash of the config alone, or the one
+    files written before 2026-12-02 carry, with the load path in it); ranges without a hash are refused too."""
+    if not isinstance(ranges, InputRanges):
+        raise HetMoEError(
+            f"{what} must be an InputRanges (InputRanges.load(path) reads a file), got {type(ranges).__name__}"
+        )
+    if getattr(model, "config", None) is None:
+        return  # not a whole Hugging Face model (a frame inside one): the layer and width checks still apply
+    want = ranges.model.get("config_sha256")
+    fix = "calibrate them on this one ('hetmoe-compile calibrate-ranges', or calibrate_input_ranges in Python)"
+    if want is None:
+        raise HetMoEError(f"{what} ({ranges.source}) carry no model hash, so nothing says which model they fit; {fix}")
+    if want not in (config_hash(model), config_hash(model, legacy=True)):
+        raise HetMoEError(
+            f"{what} were calibrated on another model ({ranges.model.get('source') or ranges.model.get('architecture')}"
+            f"); {fix}"
+        )
 
 
 def attached_input_ranges(model: nn.Module) -> InputRanges | None:

@@ -744,8 +744,13 @@ def _attach_ranges(args, model, info, cfg, calibration=None) -> dict | None:
     """Input ranges on ``model`` for constant noise management: ``--input-ranges``, else calibrated on ``--calib``
     text (the model canonicalised, all digital, first); what results record about them. Flags that do not apply
     are refused in one line."""
-    from ..analog.input_ranges import NO_RANGES, InputRanges, attach_input_ranges, calibrate_input_ranges
-    from ..placement.placement import config_hash
+    from ..analog.input_ranges import (
+        NO_RANGES,
+        InputRanges,
+        attach_input_ranges,
+        calibrate_input_ranges,
+        check_ranges_model,
+    )
 
     if cfg.noise_management != "constant":
         if args.input_ranges:
@@ -756,12 +761,7 @@ def _attach_ranges(args, model, info, cfg, calibration=None) -> dict | None:
         return None
     if args.input_ranges:
         ranges = InputRanges.load(args.input_ranges)
-        want = ranges.model.get("config_sha256")
-        if want is not None and want != config_hash(model):
-            raise HetMoEError(
-                f"--input-ranges {args.input_ranges}: calibrated on another model ({ranges.model.get('source')}); "
-                "calibrate them on this one with 'calibrate-ranges'"
-            )
+        check_ranges_model(ranges, model, f"--input-ranges {args.input_ranges}")
         origin = str(args.input_ranges)
     elif calibration is not None:
         from ..transforms.canonicalize import canonicalize
@@ -793,7 +793,6 @@ def _routing_record(prepared) -> dict | None:
 
 def cmd_calibrate_ranges(args) -> int:
     from ..analog.input_ranges import DEFAULT_QUANTILE, calibrate_input_ranges
-    from ..placement.placement import model_identity
     from ..transforms.canonicalize import canonicalize
 
     if not args.calib:
@@ -803,9 +802,7 @@ def cmd_calibrate_ranges(args) -> int:
         raise HetMoEError(f"--quantile {quantile}: give a quantile in [0.5, 1] (aihwkit's default {DEFAULT_QUANTILE})")
     model, info, calibration = _load(args)
     canonicalize(model, None, info)
-    ranges = calibrate_input_ranges(model, info, calibration, args.tile_size, quantile)
-    identity = model_identity(model, info, args.model)
-    ranges = replace(ranges, model={k: identity[k] for k in ("source", "architecture", "config_sha256")})
+    ranges = calibrate_input_ranges(model, info, calibration, args.tile_size, quantile, source=args.model)
     ranges.save(args.out)
     rows = []
     for layer, lr in sorted(ranges.layers.items()):

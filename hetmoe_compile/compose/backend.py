@@ -22,7 +22,7 @@ from torch import fx, nn
 from torch._dynamo.exc import ShortenTraceback
 
 from ..analog.config import AnalogConfig, analog_config
-from ..analog.input_ranges import InputRanges, attached_input_ranges
+from ..analog.input_ranges import InputRanges, attached_input_ranges, check_ranges_model
 from ..base.errors import HetMoEError, UnsupportedModelError, check_seed
 from ..graph.passes import RecognizeExpertsPass, RewriteAnalogPass, SplitExpertGroupsPass, is_expert_group
 from ..graph.passes.recognize_experts_pass import frame_resolver
@@ -97,12 +97,16 @@ class BackendOptions:
         return opts
 
     def ranges(self, model: object) -> InputRanges | None:
-        """The input ranges of constant noise management: the option's, else those attached to ``model``."""
-        if isinstance(self.input_ranges, InputRanges):
-            return self.input_ranges
-        if self.input_ranges is not None:
-            return InputRanges.load(self.input_ranges)
-        return attached_input_ranges(model) if isinstance(model, nn.Module) else None
+        """The input ranges of constant noise management: the option's (checked against ``model``, the compiled
+        module: they must have been calibrated on it), else those attached to ``model``."""
+        if self.input_ranges is None:
+            return attached_input_ranges(model) if isinstance(model, nn.Module) else None
+        ranges = self.input_ranges
+        if not isinstance(ranges, InputRanges):
+            ranges = InputRanges.load(ranges)
+        if isinstance(model, nn.Module):
+            check_ranges_model(ranges, model, "hetmoe backend option input_ranges")
+        return ranges
 
     def policy(self) -> PlacementPolicy:
         policy = PlacementPolicy(
