@@ -39,6 +39,14 @@ STAGES = (
 _PUBLIC = {
     "compile": "compose.api",
     "analyze": "compose.api",
+    "place": "compose.api",
+    "calibrate_input_ranges": "compose.api",
+    "Analysis": "compose.pipeline",
+    "evaluate": "eval.evaluate",
+    "Evaluation": "eval.evaluate",
+    "InputRanges": "analog.input_ranges",
+    "attach_input_ranges": "analog.input_ranges",
+    "LoadOptions": "models.loader",
     "CompiledMoE": "compose.api",
     "prepare": "compose.backend",
     "BackendOptions": "compose.backend",
@@ -58,26 +66,35 @@ _PUBLIC = {
 }
 __all__ = [
     "PRESETS",
+    "STAGES",
+    "Analysis",
     "AnalogConfig",
     "BackendOptions",
     "Calibration",
     "CompiledMoE",
+    "Evaluation",
     "ExportOptions",
     "HetMoEError",
+    "InputRanges",
+    "LoadOptions",
     "Placement",
     "PlacementPolicy",
     "__version__",
     "analog_config",
     "analyze",
+    "attach_input_ranges",
+    "calibrate_input_ranges",
     "calibration_from_text",
     "compile",
+    "evaluate",
     "export_onnx",
     "load_model",
     "load_tokenizer",
+    "place",
     "prepare",
     "recognize",
 ]
-assert set(__all__) == {"__version__", *_PUBLIC}
+assert set(__all__) == {"__version__", "STAGES", *_PUBLIC}
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from .analog.config import PRESETS, AnalogConfig, analog_config
@@ -87,6 +104,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from .export import ExportOptions, export_onnx
     from .models import load_model, load_tokenizer, recognize
     from .models.calibration import Calibration, calibration_from_text
+    from .models.loader import LoadOptions
     from .placement.placement import Placement
     from .placement.policy import PlacementPolicy
 

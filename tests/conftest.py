@@ -28,6 +28,7 @@ def no_model_load(monkeypatch):
         raise AssertionError("the model was loaded before the options were checked")
 
     monkeypatch.setattr("hetmoe_compile.models.load_model", refuse)
+    monkeypatch.setattr("hetmoe_compile.models.loader.load_model", refuse)
 
 
 @pytest.fixture(scope="module")

@@ -271,7 +271,7 @@ def test_cli_calibrates_ranges_and_evaluates_standard_hwa(tmp_path, capsys):
     assert main([*common, "--noise", "standard-hwa", "--out", str(tmp_path / "x.json")]) == 2
     assert "needs input ranges calibrated on text" in capsys.readouterr().err
     assert main([*common, "--input-ranges", str(ranges), "--out", str(tmp_path / "x.json")]) == 2
-    assert "--input-ranges applies to constant noise management" in capsys.readouterr().err
+    assert "--input-ranges apply to constant noise management" in capsys.readouterr().err
     doc["model"]["config_sha256"] = "0" * 64
     (tmp_path / "other.json").write_text(json.dumps(doc))
     bad = [*common, "--noise", "standard-hwa", "--input-ranges", str(tmp_path / "other.json")]

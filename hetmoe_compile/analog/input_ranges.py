@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -33,6 +34,7 @@ from ..ir.expert_group import ExpertGroup, HetExperts, activate
 from ..models.calibration import Calibration
 from ..models.identity import config_hash
 from ..models.recognize import ModelInfo
+from .config import AnalogConfig
 from .tiles import split_sizes
 
 FORMAT = "hetmoe-input-ranges"
@@ -331,6 +333,59 @@ def check_ranges_model(ranges: InputRanges, model: nn.Module, what: str = "input
             f"{what} were calibrated on another model ({ranges.model.get('source') or ranges.model.get('architecture')}"
             f"); {fix}"
         )
+
+
+def check_input_ranges_args(
+    cfg: AnalogConfig, ranges: InputRanges | str | Path | None, calibration: Calibration | None
+) -> InputRanges | None:
+    """Before any model work: ``ranges`` (read from their file) if ``cfg`` takes them; one line if they are given
+    under other noise management, or if constant noise management has neither ranges nor calibration text."""
+    if cfg.noise_management != "constant":
+        if ranges is not None:
+            raise HetMoEError(
+                "input_ranges apply to constant noise management: set noise_management='constant' or use the "
+                "standard-hwa preset"
+            )
+        return None
+    if ranges is None:
+        if calibration is None:
+            raise HetMoEError(NO_RANGES)
+        return None
+    return ranges if isinstance(ranges, InputRanges) else InputRanges.load(ranges)
+
+
+def prepare_input_ranges(
+    model: nn.Module,
+    info: ModelInfo,
+    cfg: AnalogConfig,
+    ranges: InputRanges | str | Path | None = None,
+    calibration: Calibration | None = None,
+) -> dict | None:
+    """Input ranges on ``model`` for ``cfg``'s constant noise management: ``ranges`` (or their file), else
+    calibrated on ``calibration`` (the model canonicalised, all digital, first); returns what results record
+    about them (None under other noise management, where giving ``ranges`` is an error)."""
+    given = check_input_ranges_args(cfg, ranges, calibration)
+    if cfg.noise_management != "constant":
+        return None
+    if given is not None:
+        origin = "given" if isinstance(ranges, InputRanges) else str(ranges)
+    else:
+        from ..transforms.canonicalize import canonicalize
+
+        assert calibration is not None
+        canonicalize(model, None, info)
+        given = calibrate_input_ranges(model, info, calibration, cfg.tile_size)
+        origin = "calibrated on --calib"
+        print(f"calibrated input ranges on {calibration.num_tokens} tokens of {calibration.source}", file=sys.stderr)
+    attach_input_ranges(model, given, info)
+    given.check_tile_size(cfg.tile_size)
+    return {
+        "origin": origin,
+        "source": given.source,
+        "tokens": given.tokens,
+        "quantile": given.quantile,
+        "sha256": given.digest,
+    }
 
 
 def attached_input_ranges(model: nn.Module) -> InputRanges | None:

@@ -4,6 +4,7 @@ killed run left behind are removed by the next run that writes the same path."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -244,3 +245,19 @@ def _same(a: Path, b: Path) -> bool:
 def _inside(path: Path, directory: Path) -> bool:
     """Whether ``path`` lies at any depth below ``directory`` (symbolic links resolved)."""
     return path.resolve().is_relative_to(directory.resolve()) and path.resolve() != directory.resolve()
+
+
+def strict_json(doc: object, indent: int | None = 2) -> str:
+    """``doc`` as JSON that strict parsers read: a NaN or infinite number (an undefined correlation, say) becomes
+    ``null``, never the bare ``NaN`` Python's encoder writes by default."""
+    return json.dumps(_finite(doc), indent=indent, allow_nan=False)
+
+
+def _finite(value: object) -> object:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value

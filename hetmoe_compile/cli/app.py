@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from dataclasses import replace
@@ -741,46 +742,11 @@ def _load(args):
 
 
 def _attach_ranges(args, model, info, cfg, calibration=None) -> dict | None:
-    """Input ranges on ``model`` for constant noise management: ``--input-ranges``, else calibrated on ``--calib``
-    text (the model canonicalised, all digital, first); what results record about them. Flags that do not apply
-    are refused in one line."""
-    from ..analog.input_ranges import (
-        NO_RANGES,
-        InputRanges,
-        attach_input_ranges,
-        calibrate_input_ranges,
-        check_ranges_model,
-    )
+    """``--input-ranges`` (else ranges calibrated on ``--calib``) on ``model``, as
+    :func:`~..analog.input_ranges.prepare_input_ranges` does; what results record about them."""
+    from ..analog.input_ranges import prepare_input_ranges
 
-    if cfg.noise_management != "constant":
-        if args.input_ranges:
-            raise HetMoEError(
-                "--input-ranges applies to constant noise management: add --noise-management constant or use "
-                "--noise standard-hwa"
-            )
-        return None
-    if args.input_ranges:
-        ranges = InputRanges.load(args.input_ranges)
-        check_ranges_model(ranges, model, f"--input-ranges {args.input_ranges}")
-        origin = str(args.input_ranges)
-    elif calibration is not None:
-        from ..transforms.canonicalize import canonicalize
-
-        canonicalize(model, None, info)
-        ranges = calibrate_input_ranges(model, info, calibration, cfg.tile_size)
-        origin = "calibrated on --calib"
-        print(f"calibrated input ranges on {calibration.num_tokens} tokens of {calibration.source}", file=sys.stderr)
-    else:
-        raise HetMoEError(NO_RANGES)
-    attach_input_ranges(model, ranges, info)
-    ranges.check_tile_size(cfg.tile_size)
-    return {
-        "origin": origin,
-        "source": ranges.source,
-        "tokens": ranges.tokens,
-        "quantile": ranges.quantile,
-        "sha256": ranges.digest,
-    }
+    return prepare_input_ranges(model, info, cfg, args.input_ranges or None, calibration)
 
 
 def _routing_record(prepared) -> dict | None:
@@ -860,10 +826,7 @@ def _load_meta(args, names: list[str]):
 def cmd_analyze(args) -> int:
     from ..base.io import atomic_output_dir
     from ..base.tables import format_table
-    from ..compose.pipeline import analyze_model
-    from ..eval.plots import plot_scores
-    from ..placement.placement import model_identity
-    from ..placement.schema import SCHEMA_VERSION
+    from ..compose.api import analyze
     from ..scoring import check_selectors, selectors
 
     names = args.selector or [n for n, s in selectors().items() if args.calib or not s.needs_calibration]
@@ -871,61 +834,27 @@ def cmd_analyze(args) -> int:
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
         raise HetMoEError(f"--out {out_dir}: exists and is not a directory; choose a directory path")
-    forward_seconds = None
     if _scores_from_checkpoint(args, names):
-        model, analysis = _load_meta(args, names)
-        info, calibration = analysis.info, None
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # keep stderr for our bars and one-line errors
+        model, calibration = args.model, None
     else:
-        model, info, calibration = _load(args)
-        if calibration is not None and any(selectors()[n].needs_calibration for n in names):
-            start = time.perf_counter()
-            calibration.routing(model, info)  # the forward the data-driven selectors share, timed on its own
-            forward_seconds = time.perf_counter() - start
-        analysis = analyze_model(model, names, calibration, args.seed, info)
-    rho = analysis.spearman()
-    needs = {n: calibration.num_tokens if calibration and selectors()[n].needs_calibration else 0 for n in names}
-    doc = {
-        "schema_version": SCHEMA_VERSION,
-        "producer": PRODUCER,
-        "model": model_identity(model, info, args.model),
-        "selectors": {
-            n: {"seconds": s.seconds, "calibration_tokens": needs[n], "summary": selectors()[n].summary}
-            for n, s in analysis.scores.items()
-        },
-        "calibration": None
-        if calibration is None
-        else {"source": calibration.source, "tokens": calibration.num_tokens, "forward_seconds": forward_seconds},
-        "seed": args.seed,
-        "reference": analysis.reference,
-        "layers": [
-            {
-                "index": l.index,
-                "module": l.experts,
-                "spearman_vs_reference": {n: r[l.index] for n, r in rho.items()},
-                "experts": [
-                    {"id": e, "scores": {n: s.of(l.index, e) for n, s in analysis.scores.items()}}
-                    for e in range(l.num_experts)
-                ],
-            }
-            for l in info.moe_layers
-        ],
-    }
+        model, _, calibration = _load(args)
+    analysis = analyze(model, names, calibration, args.seed, source=args.model, load=args.load, dtype=_dtype(args))
     with atomic_output_dir(out_dir) as tmp:
-        (tmp / "scores.json").write_text(json.dumps(doc, indent=2, allow_nan=True) + "\n")
-        plot_scores(
-            analysis.scores,
-            tmp / "scores.png",
-            f"{info.architecture}: expert sensitivity ({args.model})",
-            args.digital_fraction,
-        )
+        analysis.save(tmp / "scores.json")
+        analysis.plot(tmp / "scores.png", args.digital_fraction)
+    info, cal = analysis.info, analysis.calibration
     print(
         f"{info.architecture} ({info.family}): {len(info.moe_layers)} MoE layers x {info.moe_layers[0].num_experts} "
         f"experts, top-{info.moe_layers[0].top_k}"
     )
     print()
-    timing = [[n, f"{s.seconds:.3f}", needs[n] or "-"] for n, s in analysis.scores.items()]
-    if forward_seconds is not None and calibration is not None:
-        timing.append(["(calibration forward, shared)", f"{forward_seconds:.3f}", calibration.num_tokens])
+    doc = analysis.to_dict()["selectors"]
+    timing = [[n, f"{s['seconds']:.3f}", s["calibration_tokens"] or "-"] for n, s in doc.items()]
+    if cal is not None and cal["forward_seconds"] is not None:
+        timing.append(["(calibration forward, shared)", f"{cal['forward_seconds']:.3f}", cal["tokens"]])
     print(format_table(["selector", "seconds", "calibration tokens"], timing))
     print()
     print(analysis.table(args.digital_fraction))
@@ -934,11 +863,11 @@ def cmd_analyze(args) -> int:
 
 
 def cmd_place(args) -> int:
-    from ..compose.pipeline import place_scores, routing_frequencies
+    from ..compose.api import place
     from ..compose.report import placement_report
-    from ..cost import estimate_cost, format_cost, load_cost_params
+    from ..cost import format_cost, load_cost_params
     from ..graph.capture import tag_graph
-    from ..scoring import check_selectors, score
+    from ..scoring import check_selectors
 
     check_selectors([args.selector], bool(args.calib))
     overrides = dict(parse_override(o) for o in args.override)
@@ -965,25 +894,28 @@ def cmd_place(args) -> int:
     out = Path(args.out)
     if out.is_dir():
         raise HetMoEError(f"--out {out}: is a directory; give a file path such as {out / 'placement.json'}")
-    if _scores_from_checkpoint(args, [policy.selector]):
+    scores = None
+    if _scores_from_checkpoint(args, [policy.selector]):  # a meta model: scored from the files, never loaded
         model, analysis = _load_meta(args, [policy.selector])
-        info, calibration, scores = analysis.info, None, analysis.scores[policy.selector]
+        calibration, scores = None, analysis.scores[policy.selector]
     else:
-        model, info, calibration = _load(args)
-        scores = score(model, info, policy.selector, calibration, policy.seed)
-    frequencies = routing_frequencies(model, info, calibration)
-    placement = place_scores(model, info, scores, policy, args.model, params, frequencies)
-    if placement.cost is None:
-        placement.cost = estimate_cost(model, placement, params, info=info, frequencies=frequencies).to_dict()
+        model, _, calibration = _load(args)
+    placement = place(model, policy, calibration, scores=scores, cost_params=params, source=args.model)
     graph = None
     if not args.no_graph:
-        graph = tag_graph(model, placement, info).graph_module
+        graph = tag_graph(model, placement).graph_module
     placement.save(out)
     print(placement_report(placement, graph, verbose=args.verbose))
     print()
     print(format_cost(placement.cost))
     print(f"\nwrote {out}")
     return 0
+
+
+def _dtype(args):
+    import torch
+
+    return args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
 
 
 def _ppl_scored(tokenizer, spec, prepared) -> int | None:
@@ -996,75 +928,46 @@ def _ppl_scored(tokenizer, spec, prepared) -> int | None:
 
 
 def cmd_eval(args) -> int:
-    from ..base.io import atomic_write_text
     from ..base.tables import format_table
-    from ..compose.api import compile
-    from ..eval.under_noise import evaluate_under_noise
-    from ..models import load_tokenizer
-    from ..peers.registry import check_peers
+    from ..eval.evaluate import evaluate
     from ..placement import Placement
-    from ..scoring import check_selectors
 
-    cfg, spec, prepared = _noise_and_spec(args)
-    peers = check_peers(_list(args.peers, "peers"), bool(args.calib)) if args.peers.strip() else []
-    if args.digital_bits is not None and {"int8", "int4"} & set(peers):
-        raise HetMoEError("--digital-bits and the int8/int4 peers both quantise the digital experts: use one")
-    options = _peer_options(args)
     placement = Placement.load(args.placement) if args.placement else None
-    if placement is None:
-        check_selectors([args.selector], bool(args.calib))
-    out = Path(args.out)
-    if out.is_dir():
-        raise HetMoEError(f"--out {out}: is a directory; give a file path such as {out / 'results.json'}")
-    tokenizer = load_tokenizer(args.model)
-    ppl_scored = _ppl_scored(tokenizer, spec, prepared)
-    model, info, calibration = _load(args)
-    _routing_reference(args, model, info, tokenizer, spec, prepared)
-    ranges_record = _attach_ranges(args, model, info, cfg, calibration)
     policy = None
     if placement is None:
         policy = PlacementPolicy(args.digital_fraction, args.selector, dense=args.dense or "digital", seed=args.seed)
-    compiled = compile(
-        model,
+    out = Path(args.out)
+    if out.is_dir():
+        raise HetMoEError(f"--out {out}: is a directory; give a file path such as {out / 'results.json'}")
+    result = evaluate(
+        args.model,
+        placement,
         policy,
-        cfg,
-        calibration,
-        args.placement or args.model,
-        placement=placement,
+        _analog_cfg(args),
+        calibration=_calibration(args),
+        ppl_text=args.ppl,
+        ppl_tokens=args.ppl_tokens,
+        tasks=[t.strip() for t in args.tasks.split(",") if t.strip()],
+        tasks_dir=args.tasks_dir,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+        times=args.t_inference,
+        routing_tokens=args.routing_tokens,
+        input_ranges=args.input_ranges or None,
+        dense=args.dense,
         digital_bits=args.digital_bits,
         group_size=args.group_size,
-        peers=peers,
-        peer_options=options,
-        quantization_seed=args.seed,
+        peers=_list(args.peers, "peers") if args.peers.strip() else [],
+        peer_options=_peer_options(args),
+        seed=args.seed,
+        source=args.placement or args.model,
+        load=_load_options(args),
     )
-    _print_quantization(compiled.quantization)
-    placement, info = compiled.placement, compiled.info
-    dense = args.dense or placement.policy.dense
-    has_analog = any(l.ids("analog") for l in placement.layers) or "hpd" in peers
-    metrics = evaluate_under_noise(model, info, tokenizer, cfg, spec, prepared, dense, has_analog)
-    quant, applied = compiled.quantization, compiled.peers
-    doc = {
-        "producer": PRODUCER,
-        "model": placement.model,
-        "policy": {**placement.policy.to_dict(), "dense": dense},
-        "analog": cfg.to_dict(),
-        "input_ranges": ranges_record,
-        "seeds": spec.seeds,
-        "ppl_text": spec.ppl_path,
-        "ppl_tokens": ppl_scored,
-        "ppl_max_tokens": spec.ppl_tokens,
-        "tasks": spec.tasks,
-        "limit": spec.limit,
-        "num_fewshot": spec.num_fewshot,
-        "metrics": metrics,
-        "routing_reference": _routing_record(prepared),
-        "t_inference": spec.times,
-        "lm_eval": prepared.lm_eval,
-        "digital_quantization": quant,
-        "peers": None if applied is None else applied.record,
-    }
-    atomic_write_text(out, json.dumps(doc, indent=2) + "\n")
-    shown = {k: v for k, v in metrics.items() if "routing/L" not in k}  # per layer: results.json, the plot
+    _print_quantization(result.record["digital_quantization"])
+    result.save(out)
+    shown = {k: v for k, v in result.metrics.items() if "routing/L" not in k}  # per layer: results.json, the plot
     print(
         format_table(
             ["metric", "mean", "std", "seeds"],
@@ -1072,19 +975,38 @@ def cmd_eval(args) -> int:
         )
     )
     print(f"\nwrote {out}")
-    if prepared.routing is not None:
-        from ..eval.plots import plot_routing
-
-        plot = out.with_suffix(".routing.png")
-        title = f"{placement.model.get('source', '')}: routing under {cfg.preset} x{cfg.noise_scale:g}"
-        print(f"wrote {plot_routing({'this placement': metrics}, plot, title)}")
-    if spec.times:
-        from ..eval.plots import plot_against_time
-
-        plot = out.with_suffix(".time.png")
-        title = f"{placement.model.get('source', '')} under {cfg.preset} x{cfg.noise_scale:g}"
-        print(f"wrote {plot_against_time({'this placement': metrics}, plot, title)}")
+    for plot in result.plots(out):
+        print(f"wrote {plot}")
     return 0
+
+
+def _calibration(args):
+    """The ``--calib`` text as a :class:`~..models.calibration.Calibration` (tokenised; no model loaded)."""
+    if not args.calib:
+        return None
+    from ..models import load_tokenizer
+    from ..models.calibration import calibration_from_text, read_calibration_text
+
+    text = read_calibration_text(args.calib)
+    return calibration_from_text(load_tokenizer(args.model), text, max_tokens=args.calib_tokens, source=args.calib)
+
+
+def _load_options(args):
+    """The model flags as the API's :class:`~..models.loader.LoadOptions`, checked as flags first."""
+    from transformers.utils import logging as hf_logging
+
+    from ..models.device_map import parse_device_map
+    from ..models.loader import LoadOptions
+
+    hf_logging.disable_progress_bar()  # keep stderr for our bars and one-line errors
+    device = _device(args.device)
+    if args.device_map is None:
+        if args.max_memory or args.offload_folder:
+            raise HetMoEError("--max-memory and --offload-folder go with --device-map; add --device-map auto")
+        return LoadOptions(_dtype(args), device)
+    return LoadOptions(
+        _dtype(args), device, parse_device_map(args.device_map), _max_memory(args.max_memory), args.offload_folder
+    )
 
 
 SWEEP_SELECTION = ("fractions", "selectors", "seeds", "peers", "no_ablation")
@@ -1333,7 +1255,6 @@ def _size(directory: Path, entry: dict) -> str:
 
 
 def cmd_run(args) -> int:
-    import time
 
     import numpy as np
 
@@ -1401,6 +1322,38 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
 
 
+API_FLAGS = {
+    "input_ranges": "--input-ranges",
+    "noise_management": "--noise-management",
+    "routing_tokens": "--routing-tokens",
+    "digital_bits": "--digital-bits",
+    "group_size": "--group-size",
+    "ppl_tokens": "--ppl-tokens",
+    "num_fewshot": "--num-fewshot",
+    "tasks_dir": "--tasks-dir",
+    "instance_seed": "--instance-seed",
+    "device_map": "--device-map",
+    "max_memory": "--max-memory",
+    "offload_folder": "--offload-folder",
+    "digital_fraction": "--digital-fraction",
+    "ppl_text": "--ppl",
+}
+"""The Python API's argument names, as the command line spells them: library errors name the argument, and the
+CLI shows them as its flags."""
+_API_NAME = re.compile(r"(?<![\w.'\"-])(" + "|".join(API_FLAGS) + r")(=(?:'([^']*)'|(\S+)))?(?![\w(])")
+
+
+def as_flags(message: str) -> str:
+    """``message`` with the API's argument names turned into flags (``input_ranges`` -> ``--input-ranges``,
+    ``noise_management='constant'`` -> ``--noise-management constant``)."""
+
+    def flag(m: re.Match) -> str:
+        value = m.group(3) if m.group(3) is not None else m.group(4)
+        return API_FLAGS[m.group(1)] + ("" if value is None else f" {value}")
+
+    return _API_NAME.sub(flag, message)
+
+
 INPUT_OPTIONS = ("model", "calib", "placement", "ppl", "input_ranges", "cost_config", "tasks_dir", "device_map")
 """The flags that name files or directories a command reads."""
 
@@ -1442,7 +1395,7 @@ def _dispatch(args) -> int:
             return EXIT_INTERRUPTED
         if not isinstance(exc, HetMoEError):
             raise
-        print(f"hetmoe-compile {args.command}: error: {exc}", file=sys.stderr)
+        print(f"hetmoe-compile {args.command}: error: {as_flags(str(exc))}", file=sys.stderr)
         return EXIT_USAGE
 
 

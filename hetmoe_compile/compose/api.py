@@ -6,11 +6,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..analog.config import AnalogConfig, analog_config
+from ..analog.input_ranges import InputRanges
 from ..analog.simulate import restore_digital
-from ..base.errors import HetMoEError, check_seed
+from ..base.errors import HetMoEError, check_choice, check_seed
 from ..cost.params import CostParams
 from ..models.calibration import Calibration
 from ..models.recognize import ModelInfo, recognize
@@ -21,7 +23,7 @@ from ..scoring import Scores, check_selectors, score
 from ..scoring import selectors as _registry
 from ..transforms.canonicalize import canonicalize
 from ..transforms.lowbit import quantize_digital_experts
-from .pipeline import Analysis, analyze_model, place_scores, routing_frequencies
+from .pipeline import Analysis, analyze_checkpoint, analyze_model, place_scores, routing_frequencies
 
 _HANDLE_ATTR = "_hetmoe_compiled"
 
@@ -182,16 +184,160 @@ def compile(
 
 
 def analyze(
-    model: nn.Module, selectors: list[str] | None = None, calibration: Calibration | None = None, seed: int = 0
+    model: nn.Module | str,
+    selectors: Sequence[str] | None = None,
+    calibration: Calibration | None = None,
+    seed: int = 0,
+    *,
+    source: str | None = None,
+    load: str = "auto",
+    dtype: str | torch.dtype = "auto",
 ) -> Analysis:
-    """Every selector's score for every routed expert (``Analysis.scores``, ``.spearman()``, ``.table()``).
+    """Every selector's score for every routed expert (``Analysis.scores``, ``.spearman()``, ``.table()``;
+    ``.save(path)`` writes ``scores.json``, ``.plot(path)`` the heatmap).
 
-    By default all selectors the inputs allow run (data-driven ones only with ``calibration``)."""
-    _check_arg("model", model, nn.Module, "a loaded model (hetmoe_compile.load_model(path) loads one)")
+    ``model``: a loaded model, or a local checkpoint directory: with data-free selectors and no calibration its
+    scores are read from the safetensors files one expert at a time (``load="meta"``, the model never loaded;
+    ``"auto"`` does so when it can, ``"full"`` loads it with ``dtype``). By default all selectors the inputs allow
+    run (data-driven ones only with ``calibration``). ``source`` names the model in the record (default: its path)."""
+    import time
+
+    _check_arg("model", model, (nn.Module, str, Path), "a loaded model or a checkpoint directory")
     _check_arg("calibration", calibration, Calibration, "see calibration_from_text", optional=True)
-    names = selectors or [n for n, s in _registry().items() if calibration is not None or not s.needs_calibration]
+    check_seed(seed)
+    names = _names(selectors, "selectors") or [
+        n for n, s in _registry().items() if calibration is not None or not s.needs_calibration
+    ]
     check_selectors(names, calibration is not None)
-    return analyze_model(model, names, calibration, seed)
+    if not isinstance(model, nn.Module):
+        path = str(model)
+        if _meta_load(path, names, calibration, load):
+            model, analysis = analyze_checkpoint(path, names, seed, dtype)
+            return _stamped(analysis, model, source or path, None, seed)
+        model = _load_full(path, dtype)
+        source = source or path
+    info = recognize(model)
+    forward = None
+    if calibration is not None and any(_registry()[n].needs_calibration for n in names):
+        start = time.perf_counter()
+        calibration.routing(model, info)  # the forward the data-driven selectors share, timed on its own
+        forward = time.perf_counter() - start
+    analysis = analyze_model(model, names, calibration, seed, info)
+    record = None
+    if calibration is not None:
+        record = {"source": calibration.source, "tokens": calibration.num_tokens, "forward_seconds": forward}
+    return _stamped(analysis, model, source, record, seed)
+
+
+def place(
+    model: nn.Module | str,
+    policy: PlacementPolicy | None = None,
+    calibration: Calibration | None = None,
+    *,
+    scores: Scores | None = None,
+    cost_params: CostParams | None = None,
+    source: str | None = None,
+    load: str = "auto",
+    dtype: str | torch.dtype = "auto",
+) -> Placement:
+    """Place ``model``'s experts by ``policy`` (default 25 % by max-neuron-norm; a budget policy is costed with
+    ``cost_params``) and attach the placement's cost per token (``placement.cost``, measured routing when
+    ``calibration`` is given). Changes nothing in the model. ``model`` and ``load`` as in :func:`analyze`:
+    a checkpoint directory is scored from its files when the selector is data-free. ``.save(path)`` writes
+    ``placement.json``, as ``hetmoe-compile place`` does."""
+    from ..cost import estimate_cost
+
+    _check_arg("model", model, (nn.Module, str, Path), "a loaded model or a checkpoint directory")
+    _check_arg("policy", policy, PlacementPolicy, "e.g. PlacementPolicy(digital_fraction=0.25)", optional=True)
+    _check_arg("calibration", calibration, Calibration, "see calibration_from_text", optional=True)
+    _check_arg("cost_params", cost_params, CostParams, "load_cost_params(path) reads a file", optional=True)
+    policy = policy or PlacementPolicy()
+    check_selectors([policy.selector], calibration is not None)
+    if not isinstance(model, nn.Module):
+        path = str(model)
+        source = source or path
+        if _meta_load(path, [policy.selector], calibration, load) and scores is None:
+            model, analysis = analyze_checkpoint(path, [policy.selector], policy.seed, dtype)
+            scores = analysis.scores[policy.selector]
+        else:
+            model = _load_full(path, dtype)
+    source = source if source is not None else str(getattr(model, "name_or_path", ""))
+    info = recognize(model)
+    if scores is None:
+        scores = score(model, info, policy.selector, calibration, policy.seed)
+    frequencies = routing_frequencies(model, info, calibration)
+    placement = place_scores(model, info, scores, policy, source, cost_params, frequencies)
+    if placement.cost is None:
+        placement.cost = estimate_cost(model, placement, cost_params, info=info, frequencies=frequencies).to_dict()
+    return placement
+
+
+def calibrate_input_ranges(
+    model: nn.Module,
+    calibration: Calibration,
+    *,
+    tile_size: int = 512,
+    quantile: float | None = None,
+    source: str | None = None,
+) -> InputRanges:
+    """Input ranges of every routed expert's matrices on ``calibration``'s tokens, for constant noise management
+    (``noise_management="constant"``, the ``standard-hwa`` preset), stamped with the model's hash; ``.save(path)``
+    writes the file ``hetmoe-compile calibrate-ranges`` writes. A model that is not canonical yet is canonicalised
+    (all digital, numerics unchanged); a compiled one is calibrated as placed (restore it first if simulated)."""
+    from ..analog.input_ranges import DEFAULT_QUANTILE
+    from ..analog.input_ranges import calibrate_input_ranges as calibrate
+    from ..ir.expert_group import HetExperts
+
+    _check_arg("model", model, nn.Module, "a loaded model (hetmoe_compile.load_model(path) loads one)")
+    _check_arg("calibration", calibration, Calibration, "see calibration_from_text")
+    info = recognize(model)
+    if not all(isinstance(model.get_submodule(l.experts), HetExperts) for l in info.moe_layers):
+        canonicalize(model, None, info)
+        info = recognize(model)
+    quantile = DEFAULT_QUANTILE if quantile is None else quantile
+    return calibrate(model, info, calibration, tile_size, quantile, source=source)
+
+
+def _names(value: Sequence[str] | None, name: str) -> list[str] | None:
+    """A list of names; one string is refused (it would be read as its letters)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        raise HetMoEError(f"{name} must be a list of names, got the string {value!r}; write [{value!r}]")
+    return list(value)
+
+
+def _meta_load(path: str, names: list[str], calibration: Calibration | None, load: str) -> bool:
+    """Whether to score from the checkpoint's files without loading the model (``load``: auto, meta or full)."""
+    from ..scoring.checkpoint_scores import CHECKPOINT_SELECTORS
+
+    check_choice(load, "load", ("auto", "full", "meta"))
+    possible = calibration is None and all(n in CHECKPOINT_SELECTORS for n in names)
+    if load == "meta" and not possible:
+        raise HetMoEError(
+            f"load='meta' scores {', '.join(CHECKPOINT_SELECTORS)} without calibration text; drop the calibration "
+            "and data-driven selectors, or load the model (load='full')"
+        )
+    if load == "auto":
+        p = Path(path).expanduser()
+        return possible and ((p / "model.safetensors").is_file() or (p / "model.safetensors.index.json").is_file())
+    return load == "meta"
+
+
+def _load_full(path: str, dtype) -> nn.Module:
+    from ..models import load_model
+
+    return load_model(path, dtype=dtype)
+
+
+def _stamped(analysis: Analysis, model: nn.Module, source: str | None, calibration: dict | None, seed: int):
+    from ..models.identity import model_identity
+
+    source = source if source is not None else str(getattr(model, "name_or_path", ""))
+    analysis.model = model_identity(model, analysis.info, source)
+    analysis.calibration = calibration
+    analysis.seed = seed
+    return analysis
 
 
 def _check_arg(name: str, value, kinds, hint: str, optional: bool = False) -> None:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from scipy.stats import spearmanr
@@ -18,11 +19,69 @@ from ..scoring import Scores, score, score_all
 
 @dataclass
 class Analysis:
-    """Scores of every selector run, with per-layer Spearman correlations against a reference selector."""
+    """Scores of every selector run, with per-layer Spearman correlations against a reference selector;
+    :meth:`to_dict` is ``scores.json`` (what ``hetmoe-compile analyze`` writes), :meth:`save` writes it and
+    :meth:`plot` the heatmap ``scores.png``."""
 
     info: ModelInfo
     scores: dict[str, Scores]
     reference: str | None
+    model: dict = field(default_factory=dict)
+    """The model's identity (:func:`~hetmoe_compile.models.identity.model_identity`)."""
+    calibration: dict | None = None
+    """``{"source", "tokens", "forward_seconds"}`` of the calibration text the data-driven selectors read."""
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        """The ``scores.json`` document: each selector's time, calibration tokens and summary, and per layer each
+        expert's scores and each selector's Spearman correlation with the reference (``null`` where undefined)."""
+        from ..base.version import PRODUCER
+        from ..placement.schema import SCHEMA_VERSION
+        from ..scoring import selectors
+
+        rho = self.spearman()
+        tokens = self.calibration["tokens"] if self.calibration else 0
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "producer": PRODUCER,
+            "model": self.model,
+            "selectors": {
+                n: {
+                    "seconds": s.seconds,
+                    "calibration_tokens": tokens if selectors()[n].needs_calibration else 0,
+                    "summary": selectors()[n].summary,
+                }
+                for n, s in self.scores.items()
+            },
+            "calibration": self.calibration,
+            "seed": self.seed,
+            "reference": self.reference,
+            "layers": [
+                {
+                    "index": l.index,
+                    "module": l.experts,
+                    "spearman_vs_reference": {n: r[l.index] for n, r in rho.items()},
+                    "experts": [
+                        {"id": e, "scores": {n: s.of(l.index, e) for n, s in self.scores.items()}}
+                        for e in range(l.num_experts)
+                    ],
+                }
+                for l in self.info.moe_layers
+            ],
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_dict` to ``path`` (``scores.json``) atomically; returns the path."""
+        from ..base.io import atomic_write_text, strict_json
+
+        return atomic_write_text(Path(path), strict_json(self.to_dict()) + "\n")
+
+    def plot(self, path: str | Path, digital_fraction: float = 0.25, title: str = "") -> Path:
+        """The heatmap of every selector's ranks (``scores.png``), the top ``digital_fraction`` outlined."""
+        from ..scoring.heatmap import plot_scores
+
+        title = title or f"{self.info.architecture}: expert sensitivity ({self.model.get('source', '')})"
+        return plot_scores(self.scores, Path(path), title, digital_fraction)
 
     def spearman(self) -> dict[str, dict[int, float]]:
         """``{selector: {layer: rho}}`` against the reference selector (``measured`` when it was run)."""

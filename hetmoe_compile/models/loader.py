@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -142,6 +143,50 @@ def _quiet_load_report() -> Iterator[None]:
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How the API's functions load a model given by path or hub id (see :func:`load_model`): ``device`` is cpu,
+    cuda, cuda:N or auto (CUDA when available); ``device_map`` shards over devices instead, with ``max_memory`` and
+    ``offload_folder``."""
+
+    dtype: str | torch.dtype = "auto"
+    device: str = "auto"
+    device_map: str | dict | None = None
+    max_memory: dict | None = None
+    offload_folder: str | None = None
+
+    def resolved_device(self) -> str:
+        """``device`` with ``auto`` resolved; one line for CUDA on a machine without it, or an unknown name."""
+        name = self.device
+        if not isinstance(name, str):
+            raise HetMoEError(f"device must be a string such as 'cpu' or 'cuda', got {type(name).__name__}")
+        if name == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        if name.startswith("cuda") and not torch.cuda.is_available():
+            raise HetMoEError(f"device={name!r}: CUDA is not available here; use device='cpu'")
+        if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+            raise HetMoEError(f"device={name!r}: unknown device; use cpu, cuda, cuda:N or auto")
+        return name
+
+    def check(self) -> None:
+        """Refuse combinations that would be ignored: memory limits or an offload folder without a device map."""
+        self.resolved_device()
+        if self.device_map is None and (self.max_memory or self.offload_folder):
+            raise HetMoEError("max_memory and offload_folder go with device_map; add device_map='auto'")
+
+    def load(self, source: str) -> nn.Module:
+        self.check()
+        if self.device_map is None:
+            return load_model(source, dtype=self.dtype, device=self.resolved_device())
+        return load_model(
+            source,
+            dtype=self.dtype,
+            device_map=self.device_map,
+            max_memory=self.max_memory,
+            offload_folder=self.offload_folder,
+        )
 
 
 def load_model(
