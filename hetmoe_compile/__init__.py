@@ -43,6 +43,9 @@ _PUBLIC = {
     "calibrate_input_ranges": "compose.api",
     "Analysis": "compose.pipeline",
     "evaluate": "eval.evaluate",
+    "sweep": "eval.sweep.run",
+    "SweepConfig": "eval.sweep.config",
+    "SweepResult": "eval.sweep.run",
     "Evaluation": "eval.evaluate",
     "InputRanges": "analog.input_ranges",
     "attach_input_ranges": "analog.input_ranges",
@@ -68,6 +71,8 @@ __all__ = [
     "PRESETS",
     "STAGES",
     "Analysis",
+    "SweepConfig",
+    "SweepResult",
     "AnalogConfig",
     "BackendOptions",
     "Calibration",
@@ -93,6 +98,7 @@ __all__ = [
     "place",
     "prepare",
     "recognize",
+    "sweep",
 ]
 assert set(__all__) == {"__version__", "STAGES", *_PUBLIC}
 

@@ -132,3 +132,19 @@ def test_load_options_refuse_what_they_would_ignore():
     if not __import__("torch").cuda.is_available():
         with pytest.raises(hc.HetMoEError, match="device='cuda': CUDA is not available here"):
             hc.LoadOptions(device="cuda").check()
+
+
+def test_export_takes_every_export_option(tmp_path):
+    """``compile(...).export(dir, ExportOptions(...))``: the KV cache and the cost parameters reach the files."""
+    from hetmoe_compile.cost import CostParams
+    from hetmoe_compile.models.tiny import tiny_model
+
+    compiled = hc.compile(tiny_model("olmoe"), hc.PlacementPolicy(0.25), "pcm")
+    params = CostParams(analog_mac_energy_j=0.41e-12)
+    options = hc.ExportOptions(kv_cache=True, cost=params, progress=False)
+    manifest = json.loads(compiled.export(tmp_path / "onnx", options).read_text())
+    assert any(t["name"].startswith("past_key_values.") for t in manifest["inputs"])
+    assert (tmp_path / "onnx" / "genai_config.json").is_file()
+    assert manifest["cost"]["assumptions"]["params"]["analog_mac_energy_j"] == 0.41e-12
+    with pytest.raises(hc.HetMoEError, match="give kv_cache in the ExportOptions, not beside them"):
+        compiled.export(tmp_path / "x", options, kv_cache=True)

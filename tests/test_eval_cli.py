@@ -271,7 +271,7 @@ def test_sweep_at_several_times_writes_the_time_plot(tmp_path, hand):
         (["--t-inference", "1,x"], "--t-inference: 'x' is not a number"),
         (
             ["--noise", "reram-wan2022", "--t-inference", "1,3600"],
-            "t_inference 3600 s: the reram-wan2022 device is characterised at 1, 86400 and 172800 s only",
+            "--t-inference 3600 s: the reram-wan2022 device is characterised at 1, 86400 and 172800 s only",
         ),
         (["--seeds", "0"], "--seeds: 0 must be >= 1"),
         (["--tasks", "nope", "--tasks-dir", "{qa}"], "--tasks nope: no local file in"),

@@ -12,9 +12,10 @@ import signal
 import pytest
 from helpers import DEMO, REPO
 
+import hetmoe_compile as hc
 from hetmoe_compile.base.errors import HetMoEError
-from hetmoe_compile.cli import app as cli
-from hetmoe_compile.cli.app import build_parser, main, sweep_context
+from hetmoe_compile.cli.app import main
+from hetmoe_compile.eval.sweep.config import SweepConfig, sweep_context
 from hetmoe_compile.eval.sweep.jobs import SweepJob, Unit
 from hetmoe_compile.eval.sweep.plan import run_sweep_jobs, sweep_plan
 from hetmoe_compile.eval.sweep.store import SweepStore
@@ -38,14 +39,25 @@ def serial(tmp_path_factory):
     return json.loads((out / "results.json").read_text()), out
 
 
+CONFIG = SweepConfig(
+    str(DEMO),
+    (0, 0.25, 1),
+    ("max-neuron-norm", "random"),
+    hc.analog_config("pcm", noise_scale=2.5),
+    seeds=2,
+    ppl_text=str(TEXT),
+    ppl_tokens=256,
+)
+"""``ARGS`` as the Python API's sweep configuration."""
+
+
 def _parallel(out, pool_for, observer):
-    """The sweep of ``ARGS`` on the pool ``pool_for(factory)`` makes, as the CLI runs it."""
-    args = build_parser().parse_args([*ARGS, "--out", str(out)])
-    cfg, spec, _ = cli._noise_and_spec(args)
-    jobs = sweep_plan([0.0, 0.25, 1.0], ["max-neuron-norm", "random"], cfg)
-    store = SweepStore(out, cli._sweep_settings(args))
+    """The sweep of ``CONFIG`` on the pool ``pool_for(factory)`` makes, with the module-level worker factory."""
+    cfg, spec = CONFIG.analog_config(), CONFIG.spec()
+    jobs = sweep_plan(list(CONFIG.fractions), list(CONFIG.selectors), cfg)
+    store = SweepStore(out, CONFIG.settings())
     return run_sweep_jobs(
-        jobs, cfg, spec, store, pool=pool_for(functools.partial(sweep_context, args)), observer=observer
+        jobs, cfg, spec, store, pool=pool_for(functools.partial(sweep_context, CONFIG)), observer=observer
     )
 
 
@@ -224,7 +236,38 @@ def test_a_ray_address_where_nothing_answers_is_refused_at_once(tmp_path, capsys
 def test_workers_and_device_map_are_refused_together(tmp_path, capsys):
     assert main([*ARGS, "--workers", "2", "--device-map", "auto", "--out", str(tmp_path / "s")]) == 2
     assert capsys.readouterr().err.strip() == (
-        "hetmoe-compile sweep: error: --device-map shards one model over the devices; --workers and --ray load one "
+        "hetmoe-compile sweep: error: --device-map shards one model over the devices, and workers or ray load one "
         "model per worker: use --device-map alone, or one device per worker"
     )
     assert not (tmp_path / "s").exists()
+
+
+def test_the_python_sweep_is_the_cli_sweep(tmp_path, serial):
+    """``hc.sweep(SweepConfig(...), out)`` binds the same settings as the CLI's flags: it resumes the CLI's
+    directory with every unit finished, and its results are the CLI's."""
+    out = tmp_path / "sweep"
+    shutil.copytree(serial[1], out)
+    result = hc.sweep(CONFIG, out)
+    assert (result.ran, result.resumed) == (0, UNITS)
+    doc = json.loads((out / "results.json").read_text())
+    assert result.to_dict() == doc and _metrics(doc) == _metrics(serial[0])
+    assert {k: v for k, v in doc.items() if k != "workers"} == {k: v for k, v in serial[0].items() if k != "workers"}
+    assert [p.name for p in result.files][:2] == ["results.json", "results.md"]
+
+
+def test_a_sweep_config_is_one_picklable_checked_value():
+    import pickle
+
+    assert pickle.loads(pickle.dumps(CONFIG)) == CONFIG
+    assert CONFIG.fractions == (0.0, 0.25, 1.0) and CONFIG.settings() == pickle.loads(pickle.dumps(CONFIG)).settings()
+    for kwargs, message in [
+        (dict(selectors="max-neuron-norm"), "selectors must be a list, got the string"),
+        (dict(fractions=(0.5, 2)), "fractions: 2 is not a fraction in"),
+        (dict(scope="everywhere"), "scope='everywhere' must be one of"),
+        (dict(routing_tokens=-1), "routing_tokens=-1 must be an integer >= 0"),
+        (dict(load=hc.LoadOptions(device="tpu")), "unknown device"),
+    ]:
+        with pytest.raises(HetMoEError, match=message):
+            SweepConfig(str(DEMO), **kwargs)
+    with pytest.raises(HetMoEError, match="workers=0 must be an integer >= 1"):
+        hc.sweep(CONFIG, workers=0)

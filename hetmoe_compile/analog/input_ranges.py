@@ -336,7 +336,7 @@ def check_ranges_model(ranges: InputRanges, model: nn.Module, what: str = "input
 
 
 def check_input_ranges_args(
-    cfg: AnalogConfig, ranges: InputRanges | str | Path | None, calibration: Calibration | None
+    cfg: AnalogConfig, ranges: InputRanges | str | Path | None, have_calibration: bool
 ) -> InputRanges | None:
     """Before any model work: ``ranges`` (read from their file) if ``cfg`` takes them; one line if they are given
     under other noise management, or if constant noise management has neither ranges nor calibration text."""
@@ -348,7 +348,7 @@ def check_input_ranges_args(
             )
         return None
     if ranges is None:
-        if calibration is None:
+        if not have_calibration:
             raise HetMoEError(NO_RANGES)
         return None
     return ranges if isinstance(ranges, InputRanges) else InputRanges.load(ranges)
@@ -364,7 +364,7 @@ def prepare_input_ranges(
     """Input ranges on ``model`` for ``cfg``'s constant noise management: ``ranges`` (or their file), else
     calibrated on ``calibration`` (the model canonicalised, all digital, first); returns what results record
     about them (None under other noise management, where giving ``ranges`` is an error)."""
-    given = check_input_ranges_args(cfg, ranges, calibration)
+    given = check_input_ranges_args(cfg, ranges, calibration is not None)
     if cfg.noise_management != "constant":
         return None
     if given is not None:

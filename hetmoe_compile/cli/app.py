@@ -14,7 +14,7 @@ from typing import NoReturn
 
 from ..base.errors import HetMoEError, NoTokenizerError
 from ..base.io import check_output_path
-from ..base.version import PRODUCER, __version__
+from ..base.version import __version__
 from ..placement.policy import SCOPES, PlacementPolicy, parse_override
 from .interrupts import interrupted, watching_interrupts
 
@@ -1009,188 +1009,66 @@ def _load_options(args):
     )
 
 
-SWEEP_SELECTION = ("fractions", "selectors", "seeds", "peers", "no_ablation")
-"""``sweep`` flags that choose which jobs run, not what a job computes: a resumed sweep may change them."""
-SWEEP_RUNNING = ("command", "out", "workers", "ray")
-"""``sweep`` flags that say where and how the jobs run."""
-SWEEP_FILES = ("calib", "ppl", "input_ranges", "cost_config", "tasks_dir")
-
-
-def _sweep_settings(args) -> dict:
-    """What a sweep job's numbers depend on, for :class:`~..eval.sweep.store.SweepStore`: every flag but those
-    that choose jobs or run them, files by their contents (sha256), a local model by its full path, and this
-    version."""
-    from ..eval.sweep.store import file_digest
-
-    skip = set(SWEEP_SELECTION) | set(SWEEP_RUNNING)
-    settings = {"--" + k.replace("_", "-"): v for k, v in sorted(vars(args).items()) if k not in skip}
-    for name in SWEEP_FILES:  # by contents, wherever the file is
-        path = getattr(args, name, None)
-        if path:
-            settings[f"--{name.replace('_', '-')}"] = "sha256:" + file_digest(Path(path))
-    if Path(args.model).is_dir():
-        settings["--model"] = str(Path(args.model).resolve())
-    settings["version"] = __version__
-    return settings
-
-
-def sweep_context(args, device: str | None = None, noise_and_spec: tuple | None = None):
-    """A sweep worker's :class:`~..eval.sweep.jobs.SweepContext` from the parsed ``sweep`` flags: the model (on
-    ``device`` when given), its calibration, routing reference, input ranges and cost model. The worker processes
-    and Ray actors call it (pickled with the flags), and so does a serial sweep (with the ``noise_and_spec`` it
-    has read already)."""
-    from ..compose.pipeline import routing_frequencies
+def sweep_config(args):
+    """The ``sweep`` flags as the API's :class:`~..eval.sweep.config.SweepConfig`."""
     from ..cost import load_cost_params
-    from ..eval.sweep.jobs import SweepContext
-    from ..eval.sweep.plan import sweep_cost_fn
-    from ..models import load_tokenizer
-    from ..peers.registry import check_peer_options, check_peers
-    from ..placement.placement import model_identity
+    from ..eval.sweep.config import SweepConfig
 
-    if device is not None:
-        args = argparse.Namespace(**{**vars(args), "device": device})
-    cfg, spec, prepared = noise_and_spec or _noise_and_spec(args)
-    peers = check_peers(_list(args.peers, "peers"), bool(args.calib), combined=False) if args.peers.strip() else []
-    options = _peer_options(args)
-    tokenizer = load_tokenizer(args.model)
-    model, info, calibration = _load(args)
-    check_peer_options(peers, info, options)
-    _routing_reference(args, model, info, tokenizer, spec, prepared)
-    ranges_record = _attach_ranges(args, model, info, cfg, calibration)
-    cost_fn = sweep_cost_fn(load_cost_params(args.cost_config), cfg, routing_frequencies(model, info, calibration))
-    identity = {
-        "model": model_identity(model, info, args.model),
-        "input_ranges": ranges_record,
-        "routing_reference": _routing_record(prepared),
-    }
-    return SweepContext(
-        model,
-        info,
-        tokenizer,
-        cfg,
-        spec,
-        prepared,
-        _list(args.selectors, "selectors"),
-        calibration,
-        options,
-        cost_fn,
-        args.scope,
-        identity,
+    return SweepConfig(
+        args.model,
+        tuple(_fraction(f) for f in _list(args.fractions, "fractions")),
+        tuple(_list(args.selectors, "selectors")),
+        _analog_cfg(args),
+        ablation=not args.no_ablation,
+        scope=args.scope,
+        peers=tuple(_list(args.peers, "peers")) if args.peers.strip() else (),
+        peer_options=_peer_options(args),
+        calibration_text=args.calib,
+        calibration_tokens=args.calib_tokens,
+        ppl_text=args.ppl,
+        ppl_tokens=args.ppl_tokens,
+        tasks=tuple(t.strip() for t in args.tasks.split(",") if t.strip()),
+        tasks_dir=args.tasks_dir,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        seeds=args.seeds,
+        batch_size=args.batch_size,
+        times=tuple(args.t_inference) if args.t_inference else None,
+        routing_tokens=args.routing_tokens,
+        input_ranges=args.input_ranges,
+        cost_params=load_cost_params(args.cost_config),
+        seed=args.seed,
+        load=_load_options(args),
     )
 
 
-def _sweep_pool(args):
-    """The workers of ``--workers N`` / ``--ray``, or None to run in this process."""
-    import functools
-    import os
-
-    if args.ray is None and (args.workers or 1) == 1:
-        return None
-    if args.device_map is not None:
-        raise HetMoEError(
-            "--device-map shards one model over the devices; --workers and --ray load one model per worker: "
-            "use --device-map alone, or one device per worker"
-        )
-    factory = functools.partial(sweep_context, args)
-    if args.ray is not None:  # the cluster's devices, not this machine's: auto takes a GPU per actor if it has any
-        from ..eval.sweep.ray_actors import RayPool
-
-        gpus = None if args.device == "auto" else (1 if args.device.startswith("cuda") else 0)
-        return RayPool(factory, args.workers, args.ray or None, threads=1, gpus=gpus)
-    from ..eval.sweep.workers import LocalPool
-
-    cuda = _device(args.device).startswith("cuda")
-    devices = None
-    if cuda and args.device in ("auto", "cuda"):
-        import torch
-
-        devices = [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-    threads = 0 if os.environ.get("OMP_NUM_THREADS") else max(1, (os.cpu_count() or 1) // args.workers)
-    return LocalPool(factory, args.workers, threads=threads, devices=devices)
-
-
 def cmd_sweep(args) -> int:
-    from ..cost import load_cost_params
-    from ..eval.sweep.plan import results_markdown, run_sweep_jobs, sweep_plan, write_sweep
-    from ..eval.sweep.store import SweepStore
-    from ..models import load_tokenizer
-    from ..peers.registry import check_peers
-    from ..scoring import check_selectors
+    from ..eval.sweep.run import sweep
 
-    fractions = sorted({_fraction(f) for f in _list(args.fractions, "fractions")})
-    selectors_ = _list(args.selectors, "selectors")
-    check_selectors(selectors_, bool(args.calib))
-    peers = check_peers(_list(args.peers, "peers"), bool(args.calib), combined=False) if args.peers.strip() else []
-    cost_params = load_cost_params(args.cost_config)
-    cfg, spec, prepared = _noise_and_spec(args)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise HetMoEError(f"--out {out}: exists and is not a directory; choose a directory path")
-    tokenizer = load_tokenizer(args.model)
-    ppl_scored = _ppl_scored(tokenizer, spec, prepared)
-    store = SweepStore(out, _sweep_settings(args))
-    jobs = sweep_plan(fractions, selectors_, cfg, not args.no_ablation, peers)
-    pool = _sweep_pool(args)
     try:
-        outcome = run_sweep_jobs(
-            jobs,
-            cfg,
-            spec,
-            store,
-            context=None if pool else lambda: sweep_context(args, None, (cfg, spec, prepared)),
-            pool=pool,
-        )
+        result = sweep(sweep_config(args), out, workers=args.workers, ray=args.ray)
     except (KeyboardInterrupt, Exception) as exc:
         if not interrupted(exc):
             raise
         print(
-            f"hetmoe-compile sweep: interrupted; the finished jobs are kept in {store.units_dir}: rerun the same "
+            f"hetmoe-compile sweep: interrupted; the finished jobs are kept in {out / 'units'}: rerun the same "
             "command to resume",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
-    if outcome.resumed:
-        print(f"sweep: {outcome.resumed} of {outcome.resumed + outcome.ran} jobs were finished by an earlier run")
-    identity = outcome.identity or {}
-    meta = {
-        "producer": PRODUCER,
-        "model": identity.get("model"),
-        "fractions": fractions,
-        "scope": args.scope,
-        "selectors": selectors_,
-        "peers": peers,
-        "ppl_text": spec.ppl_path,
-        "ppl_tokens": ppl_scored,
-        "ppl_max_tokens": spec.ppl_tokens,
-        "tasks": spec.tasks,
-        "limit": spec.limit,
-        "num_fewshot": spec.num_fewshot,
-        "lm_eval": outcome.lm_eval,
-        "cost_params": cost_params.to_dict(),
-        "input_ranges": identity.get("input_ranges"),
-        "routing_reference": identity.get("routing_reference"),
-        "workers": _workers_record(args, pool, outcome.workers),
-    }
-    written = write_sweep(out, outcome.rows, cfg, spec, meta)
-    print(results_markdown(outcome.rows, cfg, spec.seeds))
-    print("wrote " + ", ".join(str(p) for p in written))
+    if result.resumed:
+        print(f"sweep: {result.resumed} of {result.resumed + result.ran} jobs were finished by an earlier run")
+    print(result.table())
+    print("wrote " + ", ".join(str(p) for p in result.files))
     return 0
-
-
-def _workers_record(args, pool, started: list[dict]) -> dict:
-    """Where this run's jobs ran: in this process, or on N local or Ray workers (each one started, with its
-    seconds from start to ready; a killed worker's replacement is listed too)."""
-    if pool is None:
-        return {"kind": "serial", "count": 1}
-    kind = "ray" if args.ray is not None else "local"
-    return {"kind": kind, "count": pool.size, "address": args.ray or None, "started": started}
 
 
 def cmd_export(args) -> int:
     from ..base.io import check_replaceable_dir
     from ..compose.api import compile
     from ..cost import format_cost, load_cost_params
-    from ..export import ExportOptions, export_onnx
+    from ..export import ExportOptions
     from ..models import load_model, load_tokenizer
     from ..placement import Placement
     from ..runtime.manifest import MANIFEST_KEYS, MANIFEST_NAME
@@ -1226,7 +1104,7 @@ def cmd_export(args) -> int:
     options = ExportOptions(
         cfg, args.instance_seed, args.monolithic, ort_moe=args.ort_moe, cost=cost_params, kv_cache=args.kv_cache
     )
-    manifest = export_onnx(compiled.model, compiled.placement, Path(args.out), options, tokenizer)
+    manifest = compiled.export(Path(args.out), options, tokenizer)
     doc = json.loads(manifest.read_text())
     rows = [
         [
@@ -1259,14 +1137,13 @@ def cmd_run(args) -> int:
     import numpy as np
 
     from ..runtime import load
-    from ..runtime.tokenizer import load_export_tokenizer
 
     sampling = _sampling(args)
     runner = load(args.export_dir, analog=args.analog, threads=args.threads or 0, analog_threads=args.analog_threads)
     tokenizer = None
     rows: list[list[int]] = []
     if args.prompt is not None:
-        tokenizer = load_export_tokenizer(Path(args.export_dir), runner.manifest)
+        tokenizer = runner.tokenizer()
         for text in args.prompt:
             rows.append(tokenizer.encode(text).ids)
             if not rows[-1]:
@@ -1325,6 +1202,12 @@ def main(argv: list[str] | None = None) -> int:
 API_FLAGS = {
     "input_ranges": "--input-ranges",
     "noise_management": "--noise-management",
+    "noise_scale": "--noise-scale",
+    "t_inference": "--t-inference",
+    "w_noise": "--w-noise",
+    "w_noise_type": "--w-noise-type",
+    "ir_drop": "--ir-drop",
+    "bound_management": "--bound-management",
     "routing_tokens": "--routing-tokens",
     "digital_bits": "--digital-bits",
     "group_size": "--group-size",
@@ -1344,11 +1227,14 @@ _API_NAME = re.compile(r"(?<![\w.'\"-])(" + "|".join(API_FLAGS) + r")(=(?:'([^']
 
 
 def as_flags(message: str) -> str:
-    """``message`` with the API's argument names turned into flags (``input_ranges`` -> ``--input-ranges``,
-    ``noise_management='constant'`` -> ``--noise-management constant``)."""
+    """``message`` with the API's argument names turned into flags where they name an argument: at the start
+    (``input_ranges apply ...``), with a value (``noise_management='constant'`` -> ``--noise-management
+    constant``) or before a colon (``noise_scale: 2.5 there``); elsewhere a name may mean a record's field."""
 
     def flag(m: re.Match) -> str:
         value = m.group(3) if m.group(3) is not None else m.group(4)
+        if m.start() and value is None and message[m.end() : m.end() + 1] != ":":
+            return m.group(0)
         return API_FLAGS[m.group(1)] + ("" if value is None else f" {value}")
 
     return _API_NAME.sub(flag, message)

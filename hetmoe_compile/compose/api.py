@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -24,6 +25,9 @@ from ..scoring import selectors as _registry
 from ..transforms.canonicalize import canonicalize
 from ..transforms.lowbit import quantize_digital_experts
 from .pipeline import Analysis, analyze_checkpoint, analyze_model, place_scores, routing_frequencies
+
+if TYPE_CHECKING:  # the exporter loads onnx: imported when export runs
+    from ..export import ExportOptions
 
 _HANDLE_ATTR = "_hetmoe_compiled"
 
@@ -101,20 +105,36 @@ class CompiledMoE:
     def export(
         self,
         directory: str | Path,
-        instance_seed: int | None = None,
-        monolithic: bool = False,
+        options: ExportOptions | None = None,
         tokenizer=None,
-        kv_cache: bool = False,
+        *,
+        instance_seed: int | None = None,
+        monolithic: bool | None = None,
+        kv_cache: bool | None = None,
     ) -> Path:
-        """Partitioned ONNX + ``manifest.json`` in ``directory`` (see :func:`hetmoe_compile.export.export_onnx`;
-        ``kv_cache``: past in, present out, and ``genai_config.json``); returns the manifest's path."""
+        """Partitioned ONNX + ``manifest.json`` in ``directory``, as ``hetmoe-compile export`` writes it: every
+        option of :class:`~hetmoe_compile.export.ExportOptions` (hardware instance ``instance_seed``, monolithic,
+        ``kv_cache`` with ``genai_config.json``, ``ort_moe``, the cost model's ``cost`` parameters; its ``analog``
+        defaults to :attr:`analog`), ``tokenizer`` saved beside. The keywords are shorthands for those fields
+        when no ``options`` are given. Returns the manifest's path."""
         from ..export import ExportOptions, export_onnx
 
-        if instance_seed is not None:
-            check_seed(instance_seed, "instance_seed")
-        if not isinstance(kv_cache, bool):
-            raise HetMoEError(f"kv_cache must be True or False, got {kv_cache!r}")
-        options = ExportOptions(self.analog, instance_seed, monolithic, kv_cache=kv_cache)
+        shorthands: dict[str, Any] = {"instance_seed": instance_seed, "monolithic": monolithic, "kv_cache": kv_cache}
+        given = {k: v for k, v in shorthands.items() if v is not None}
+        if options is None:
+            options = replace(ExportOptions(self.analog), **given)
+        elif given:
+            raise HetMoEError(f"give {', '.join(given)} in the ExportOptions, not beside them")
+        if not isinstance(options, ExportOptions):
+            raise HetMoEError(f"options must be an ExportOptions, got {type(options).__name__}")
+        if options.instance_seed is not None:
+            check_seed(options.instance_seed, "instance_seed")
+        for name in ("kv_cache", "monolithic", "ort_moe"):
+            if not isinstance(getattr(options, name), bool):
+                raise HetMoEError(f"{name} must be True or False, got {getattr(options, name)!r}")
+        if options.analog is None:
+            options = replace(options, analog=self.analog)
+        self._current()
         self.restore()
         return export_onnx(self.model, self.placement, directory, options, tokenizer)
 

@@ -138,7 +138,7 @@ def evaluate(
         raise HetMoEError("digital_bits and the int8/int4 peers both quantise the digital experts: use one")
     if policy is not None:
         check_selectors([policy.selector], calibration is not None)
-    check_input_ranges_args(cfg, input_ranges, calibration)  # a ranges file is read and checked here, early
+    check_input_ranges_args(cfg, input_ranges, calibration is not None)  # a ranges file is read and checked here, early
     path = None if isinstance(model, nn.Module) else str(model)
     if tokenizer is None:
         from ..models import load_tokenizer

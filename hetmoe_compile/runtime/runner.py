@@ -65,6 +65,13 @@ class Runner:
         """The model's context (its config's ``max_position_embeddings``); ``None`` for exports before schema 1.1."""
         return self.manifest["model"].get("context_length")
 
+    def tokenizer(self):
+        """The ``tokenizers.Tokenizer`` saved with the export (its files checked against the manifest's sha256);
+        one line naming ``ids`` prompts as the way out when the export has none."""
+        from .tokenizer import load_export_tokenizer
+
+        return load_export_tokenizer(Path(self.directory), self.manifest)
+
     @property
     def cache_inputs(self) -> list[dict]:
         """The ``past_key_values.<i>.key|value`` inputs of a KV-cached export (empty without a cache)."""

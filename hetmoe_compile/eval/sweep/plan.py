@@ -4,7 +4,6 @@ selector; each placement's estimated energy per token; results as JSON, a Markdo
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -401,7 +400,7 @@ def pareto_front(points: list[tuple[float, float]], lower_is_better: bool) -> li
 
 def write_sweep(out_dir: Path, rows: list[SweepRow], cfg: AnalogConfig, spec: EvalSpec, meta: dict) -> list[Path]:
     """``results.json``, ``results.md`` and one PNG per metric, written atomically into ``out_dir``."""
-    from ...base.io import atomic_output_dir
+    from ...base.io import atomic_output_dir, strict_json
 
     with atomic_output_dir(out_dir) as tmp:
         doc = {
@@ -411,7 +410,7 @@ def write_sweep(out_dir: Path, rows: list[SweepRow], cfg: AnalogConfig, spec: Ev
             "t_inference": spec.times,
             "rows": [asdict(r) for r in rows],
         }
-        (tmp / "results.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (tmp / "results.json").write_text(strict_json(doc) + "\n")
         (tmp / "results.md").write_text(results_markdown(rows, cfg, spec.seeds))
         names = ["results.json", "results.md"]
         for metric in shown_metrics(rows):
