@@ -126,3 +126,19 @@ def test_the_checks_catch_what_they_claim():
     assert "hetmoe_compile.cost.budget" in GRAPH["hetmoe_compile.compose.pipeline"]  # imported inside place_scores
     assert "hetmoe_compile.analog.simulate" not in GRAPH["hetmoe_compile.transforms.hpd.projection_split"]
     assert _stage("hetmoe_compile.eval.sweep.jobs") == STAGES.index("eval") > _stage("hetmoe_compile.compose.api")
+
+
+def test_the_cli_is_thin():
+    """One module per command, each declaring its arguments (``add_parser``) and running it (``run``, at most 40
+    lines); no test reaches into the CLI's private names."""
+    from hetmoe_compile.cli.app import COMMANDS
+
+    for name, module in COMMANDS.items():
+        path = Path(module.__file__)
+        functions = {n.name: n for n in ast.parse(path.read_text()).body if isinstance(n, ast.FunctionDef)}
+        assert {"add_parser", "run"} <= set(functions), name
+        run = functions["run"]
+        assert run.end_lineno - run.lineno + 1 <= 40, f"{path.name}: run() has {run.end_lineno - run.lineno + 1} lines"
+    private = re.compile(r"from hetmoe_compile\.cli[\w.]* import [^\n]*\b_\w+|\bcli\w*\._\w+\(")
+    offenders = [p.name for p in (ROOT / "tests").glob("*.py") if private.search(p.read_text())]
+    assert offenders == [] or offenders == ["test_architecture.py"]

@@ -161,3 +161,23 @@ def test_console_script_reports_exit_code_2(tmp_path):
         "or a hub id like 'owner/name'"
     ]
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize(
+    "message, shown",
+    [
+        (
+            "input_ranges apply to constant noise management: set noise_management='constant'",
+            "--input-ranges apply to constant noise management: set --noise-management constant",
+        ),
+        ("routing_tokens=-1 must be an integer >= 0", "--routing-tokens -1 must be an integer >= 0"),
+        ("settings differ (noise_scale: 2.5 there, 8.0 here)", "settings differ (--noise-scale: 2.5 there, 8.0 here)"),
+        ("shards one model: use device_map alone", "shards one model: use --device-map alone"),
+        ("x.onnx holds instance_seed 5, the manifest claims 6", "x.onnx holds instance_seed 5, the manifest claims 6"),
+        ("attribute hetmoe_input_ranges of model.input_ranges", "attribute hetmoe_input_ranges of model.input_ranges"),
+    ],
+)
+def test_library_errors_name_the_flags_where_they_name_an_argument(message, shown):
+    from hetmoe_compile.cli.app import as_flags
+
+    assert as_flags(message) == shown

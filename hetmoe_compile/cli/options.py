@@ -1,0 +1,216 @@
+"""The parsed flags turned into the Python API's arguments (analog config, peers, loading, calibration)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ..base.errors import HetMoEError
+from .arguments import _byte_size
+
+
+def _max_memory(spec: str | None) -> dict | None:
+    """``0=20GiB,cpu=64GiB`` -> ``{0: "20GiB", "cpu": "64GiB"}`` (accelerate's max_memory)."""
+    if spec is None:
+        return None
+    out: dict = {}
+    for part in spec.split(","):
+        key, sep, size = part.partition("=")
+        key = key.strip()
+        if not sep or not size.strip():
+            raise HetMoEError(f"--max-memory {spec}: expected DEVICE=SIZE[,DEVICE=SIZE...], e.g. 0=20GiB,cpu=64GiB")
+        try:
+            _byte_size(size.strip())
+        except argparse.ArgumentTypeError as exc:
+            raise HetMoEError(f"--max-memory {spec}: {exc}") from exc
+        out[int(key) if key.isdigit() else key] = size.strip()
+    return out
+
+
+def _print_quantization(record: dict | None) -> None:
+    """A summary of what --digital-bits did (the composer's record)."""
+    rows = (record or {}).get("experts") or []
+    if record is None or not rows:
+        return
+    from ..base.tables import format_table
+
+    cols = ("gate_up_bound", "gate_up_error", "down_bound", "down_error", "output_error")
+    print(
+        f"digital experts quantised to INT{record['bits']}, groups of {record['group_size']} "
+        f"({len(rows)} experts; relative errors, worst case from the steps vs measured):"
+    )
+    print(
+        format_table(
+            ["", *cols],
+            [
+                [stat] + [f"{fn(r[c] for r in rows):.2e}" for c in cols]
+                for stat, fn in (("mean", lambda v: sum(v) / len(rows)), ("max", max))
+            ],
+        )
+    )
+    print()
+
+
+def _peer_options(args):
+    from ..peers.registry import PeerOptions
+
+    rank = args.hpd_rank
+    if rank is not None and rank >= 1:
+        if rank != int(rank):
+            raise HetMoEError(f"--hpd-rank {rank}: give an integer rank or a fraction in (0, 1)")
+        rank = int(rank)
+    return PeerOptions(
+        group_size=args.group_size,
+        hpd_targets=tuple(_list(args.hpd_targets, "hpd-targets")),
+        hpd_rank=rank,
+        romer_threshold=args.romer_threshold,
+        batch_size=args.batch_size,
+    )
+
+
+def _analog_cfg(args, several_times: bool = True):
+    """The preset of ``--noise`` with the scale and physics flags given (at the first ``--t-inference``)."""
+    from ..analog.config import analog_config
+
+    times = args.t_inference
+    if times is not None and len(times) > 1 and not several_times:
+        raise HetMoEError(
+            f"--t-inference {','.join(f'{t:g}' for t in times)}: {args.command} programs one instance at one time; "
+            "give one value"
+        )
+    names = ("w_noise", "w_noise_type", "ir_drop", "bound_management", "noise_management")
+    extra = {k: getattr(args, k) for k in names if getattr(args, k, None) is not None}
+    compensation = getattr(args, "drift_compensation", None)
+    if compensation == "none":
+        extra["drift_compensation"] = False
+    elif compensation is not None:
+        extra["drift_compensation_type"] = compensation
+    return analog_config(args.noise, args.noise_scale, times[0] if times else None, **extra)
+
+
+def _list(text: str, what: str) -> list[str]:
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise HetMoEError(f"--{what}: empty list")
+    return items
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HetMoEError(f"--device {name}: CUDA is not available here; use --device cpu")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise HetMoEError(f"--device {name}: unknown device; use cpu, cuda, cuda:N or auto")
+    return name
+
+
+def _load(args):
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # keep stderr for our bars and one-line errors
+
+    from ..models import load_model, load_tokenizer, recognize
+    from ..models.calibration import calibration_from_text, read_calibration_text
+
+    text = read_calibration_text(args.calib) if args.calib else None  # fail before loading anything
+    device = _device(args.device)
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.device_map is None:
+        if args.max_memory or args.offload_folder:
+            raise HetMoEError("--max-memory and --offload-folder go with --device-map; add --device-map auto")
+        model = load_model(args.model, dtype=dtype, device=device)
+    else:
+        from ..models.device_map import parse_device_map
+
+        model = load_model(
+            args.model,
+            dtype=dtype,
+            device_map=parse_device_map(args.device_map),
+            max_memory=_max_memory(args.max_memory),
+            offload_folder=args.offload_folder,
+        )
+    info = recognize(model)
+    calibration = None
+    if text is not None:
+        calibration = calibration_from_text(
+            load_tokenizer(args.model), text, max_tokens=args.calib_tokens, source=args.calib
+        )
+    return model, info, calibration
+
+
+def _attach_ranges(args, model, info, cfg, calibration=None) -> dict | None:
+    """``--input-ranges`` (else ranges calibrated on ``--calib``) on ``model``, as
+    :func:`~..analog.input_ranges.prepare_input_ranges` does; what results record about them."""
+    from ..analog.input_ranges import prepare_input_ranges
+
+    return prepare_input_ranges(model, info, cfg, args.input_ranges or None, calibration)
+
+
+def _scores_from_checkpoint(args, names: list[str]) -> bool:
+    """Whether to score without loading (``--load``): data-free selectors, no calibration, a local directory."""
+    from ..scoring.checkpoint_scores import CHECKPOINT_SELECTORS
+
+    possible = not args.calib and all(n in CHECKPOINT_SELECTORS for n in names)
+    if args.load == "meta" and not possible:
+        raise HetMoEError(
+            f"--load meta scores {', '.join(CHECKPOINT_SELECTORS)} without calibration text; drop "
+            "--calib and data-driven selectors, or use --load full"
+        )
+    if args.load == "auto":
+        path = Path(args.model).expanduser()
+        return possible and (
+            (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
+        )
+    return args.load == "meta"
+
+
+def _load_meta(args, names: list[str]):
+    """``(meta model, Analysis)``: the selectors' scores read from the checkpoint's files (no model loaded)."""
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    from ..compose.pipeline import analyze_checkpoint
+
+    hf_logging.disable_progress_bar()
+    dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+    model, analysis = analyze_checkpoint(args.model, names, args.seed, dtype)
+    return model, analysis
+
+
+def _dtype(args):
+    import torch
+
+    return args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
+
+
+def _calibration(args):
+    """The ``--calib`` text as a :class:`~..models.calibration.Calibration` (tokenised; no model loaded)."""
+    if not args.calib:
+        return None
+    from ..models import load_tokenizer
+    from ..models.calibration import calibration_from_text, read_calibration_text
+
+    text = read_calibration_text(args.calib)
+    return calibration_from_text(load_tokenizer(args.model), text, max_tokens=args.calib_tokens, source=args.calib)
+
+
+def _load_options(args):
+    """The model flags as the API's :class:`~..models.loader.LoadOptions`, checked as flags first."""
+    from transformers.utils import logging as hf_logging
+
+    from ..models.device_map import parse_device_map
+    from ..models.loader import LoadOptions
+
+    hf_logging.disable_progress_bar()  # keep stderr for our bars and one-line errors
+    device = _device(args.device)
+    if args.device_map is None:
+        if args.max_memory or args.offload_folder:
+            raise HetMoEError("--max-memory and --offload-folder go with --device-map; add --device-map auto")
+        return LoadOptions(_dtype(args), device)
+    return LoadOptions(
+        _dtype(args), device, parse_device_map(args.device_map), _max_memory(args.max_memory), args.offload_folder
+    )
