@@ -11,7 +11,7 @@ import torch
 
 def main() -> int:
     from hetmoe_compile.base.tables import format_table
-    from hetmoe_compile.graph.capture import tag_graph
+    from hetmoe_compile.graph.capture import export_placed
     from hetmoe_compile.models import recognize
     from hetmoe_compile.models.tiny import TINY_CONFIGS, tiny_model
     from hetmoe_compile.placement import PlacementPolicy, place
@@ -33,7 +33,7 @@ def main() -> int:
                 worst = max(worst, (model(input_ids=ids).logits - ref).abs().max().item())
         t = time.perf_counter()
         try:
-            ep = tag_graph(model, p, info)
+            ep = export_placed(model, p, info)
             with torch.no_grad():
                 err = (ep.module()(ids, torch.ones_like(ids)) - ref).abs().max().item()
             export = f"OK ({time.perf_counter() - t:.1f}s, max-abs {err:.1e})"

@@ -36,7 +36,7 @@ def main() -> int:
     from hetmoe_compile.analog import analog_config
     from hetmoe_compile.analog.device_models import WAN2022_TIMES
     from hetmoe_compile.base.tables import format_table
-    from hetmoe_compile.eval.under_noise import EvalSpec, evaluate_under_noise, prepare, time_key, time_label
+    from hetmoe_compile.eval.under_noise import EvalSpec, evaluate_under_noise, read_inputs, time_key, time_label
     from hetmoe_compile.models import load_model, load_tokenizer, recognize
     from hetmoe_compile.transforms.canonicalize import canonicalize
 
@@ -48,8 +48,8 @@ def main() -> int:
     times = [float(t) for t in args.times.split(",")]
     for p in presets:  # bad names fail here, before any evaluation
         analog_config(p)
-    clean_spec = EvalSpec(args.ppl, args.ppl_tokens, seeds=1)
-    prepared = prepare(clean_spec)
+    clean_spec = EvalSpec(ppl_path=args.ppl, ppl_tokens=args.ppl_tokens, seeds=1)
+    prepared = read_inputs(clean_spec)
     all_analog = {l.index: {e: "analog" for e in range(l.num_experts)} for l in info.moe_layers}
     canonicalize(model, None, info)
     clean = evaluate_under_noise(model, info, tok, analog_config("ideal"), clean_spec, prepared, "digital", False)
@@ -64,7 +64,7 @@ def main() -> int:
     curves: dict[str, dict[str, dict[float, list[tuple[float, float]]]]] = {}
     bar = tqdm(total=len(presets) * len(scales) * len(MODES), desc="noise scan", unit="eval")
     for preset in presets:
-        spec = EvalSpec(args.ppl, args.ppl_tokens, seeds=args.seeds, times=fitted(preset))
+        spec = EvalSpec(ppl_path=args.ppl, ppl_tokens=args.ppl_tokens, seeds=args.seeds, times=fitted(preset))
         curves[preset] = {m: {t: [] for t in spec.times or []} for m in MODES}
         for c in scales:
             cfg = analog_config(preset, noise_scale=c)

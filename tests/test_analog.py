@@ -14,7 +14,7 @@ from hetmoe_compile.analog.instance import program_group
 from hetmoe_compile.analog.tiles import split_sizes
 from hetmoe_compile.base.errors import HetMoEError
 from hetmoe_compile.compose.pipeline import place_model
-from hetmoe_compile.graph.capture import tag_graph
+from hetmoe_compile.graph.capture import export_placed
 from hetmoe_compile.graph.passes import PLACEMENT_META, RewriteAnalogPass, is_expert_group
 from hetmoe_compile.models import recognize
 from hetmoe_compile.models.tiny import tiny_model
@@ -458,7 +458,7 @@ def test_rewrite_analog_pass_matches_eager_simulation(family):
     model = tiny_model(family)
     info = recognize(model)
     placement = place_model(model, PlacementPolicy(0.25), info=info)
-    gm = tag_graph(model, placement, info).module()
+    gm = export_placed(model, placement, info).module()
     cfg = analog_config("pcm")
     result = RewriteAnalogPass(cfg, seed=3)(gm)
     assert result.modified

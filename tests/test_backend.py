@@ -289,3 +289,33 @@ def test_dead_code_removal_keeps_in_place_calls_and_drops_unused_weights():
     plain.graph.eliminate_dead_code()  # what the passes called before
     plain.recompile()
     assert "scatter_" not in [n.target for n in plain.graph.nodes]  # the bug this guards against
+
+
+def test_passes_are_chained_by_the_pass_manager_and_our_errors_stay_ours():
+    """``run_passes`` feeds each PassResult to the next pass (torch.fx.passes.infra's PassManager) and lints the
+    graph; a pass's HetMoEError reaches the caller as itself, not as the manager's wrapped Exception."""
+    from torch import fx
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    from hetmoe_compile.compose.backend import run_passes
+
+    gm = fx.symbolic_trace(torch.nn.Linear(2, 2))
+    seen = []
+
+    def replace_module(graph_module):
+        new = fx.symbolic_trace(torch.nn.Linear(2, 3))
+        seen.append(graph_module)
+        return PassResult(new, True)
+
+    def record(graph_module):
+        seen.append(graph_module)
+        return PassResult(graph_module, False)
+
+    out = run_passes([replace_module, record], gm)
+    assert seen[0] is gm and seen[1] is out and out(torch.ones(1, 2)).shape == (1, 3)
+
+    def fail(graph_module):
+        raise HetMoEError("SplitExpertGroupsPass: no placement for layer 3")
+
+    with pytest.raises(HetMoEError, match="^SplitExpertGroupsPass: no placement for layer 3$"):
+        run_passes([record, fail], gm)

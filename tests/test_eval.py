@@ -113,7 +113,7 @@ def test_perplexity_under_noise_equals_a_hand_computation_on_every_family(family
     text = "The quick brown fox jumps over the lazy dog; " * 2
     ids = torch.tensor([_ByteTokenizer()(text)["input_ids"]])
     cfg = analog_config("pcm")
-    got = evaluate_under_noise(model, info, _ByteTokenizer(), cfg, EvalSpec("text", seeds=2), Prepared(text))
+    got = evaluate_under_noise(model, info, _ByteTokenizer(), cfg, EvalSpec(ppl_path="text", seeds=2), Prepared(text))
     hand = []
     for seed in (0, 1):
         simulate(model, cfg, seed, info=info)  # a fresh instance: its output-noise stream starts over
@@ -135,7 +135,7 @@ def test_sweep_with_a_global_scope_evaluates_the_global_placement():
     model, tok = load_model(str(DEMO)), load_tokenizer(str(DEMO))
     info = compile(model, PlacementPolicy(0.25)).info
     cfg = analog_config("pcm", noise_scale=8.0)
-    spec = EvalSpec(str(REPO / "examples" / "calibration.txt"), 128, seeds=1)
+    spec = EvalSpec(ppl_path=str(REPO / "examples" / "calibration.txt"), ppl_tokens=128, seeds=1)
     rows = {
         r.label: r
         for r in run_sweep(model, info, tok, [0.25], ["max-neuron-norm"], cfg, spec, None, False, scope="global")

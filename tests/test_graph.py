@@ -6,7 +6,7 @@ from helpers import FAMILIES, placed
 
 from hetmoe_compile.base.errors import HetMoEError
 from hetmoe_compile.compose.report import node_counts, placement_report
-from hetmoe_compile.graph.capture import export_model, tag_graph
+from hetmoe_compile.graph.capture import export_model, export_placed
 from hetmoe_compile.graph.passes import PLACEMENT_META, AnnotatePlacementPass, PassError, is_expert_group
 
 
@@ -16,7 +16,7 @@ def test_export_tags_every_node_and_matches_eager(family):
     ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         ref = model(input_ids=ids).logits
-    ep = tag_graph(model, placement, info)
+    ep = export_placed(model, placement, info)
     gm = ep.graph_module
     groups = [n for n in gm.graph.nodes if is_expert_group(n)]
     assert len(groups) == 2 * len(info.moe_layers)  # one digital and one analog group per MoE layer
@@ -38,7 +38,7 @@ def test_export_tags_every_node_and_matches_eager(family):
 
 def test_reason_names_the_group_experts():
     model, info, placement = placed("olmoe", canonical=False)
-    gm = tag_graph(model, placement, info).graph_module
+    gm = export_placed(model, placement, info).graph_module
     node = next(n for n in gm.graph.nodes if is_expert_group(n) and n.meta[PLACEMENT_META].device == "analog")
     layer = placement.layers[0]
     assert node.meta[PLACEMENT_META].reason == f"analog expert group of layer 0: experts {layer.ids('analog')}"
@@ -46,7 +46,7 @@ def test_reason_names_the_group_experts():
 
 def test_dense_on_analog_ablation_tags_dense_nodes_analog():
     model, info, placement = placed("qwen2_moe", dense="analog", canonical=False)
-    gm = tag_graph(model, placement, info).graph_module
+    gm = export_placed(model, placement, info).graph_module
     counts = node_counts(gm)
     assert counts["analog"].get("attention", 0) > 0 and counts["analog"].get("shared_expert", 0) > 0
     assert counts["digital"].get("attention", 0) == 0
@@ -55,7 +55,7 @@ def test_dense_on_analog_ablation_tags_dense_nodes_analog():
 @pytest.mark.parametrize("fraction", [0.0, 1.0])
 def test_extreme_fractions_give_one_group_per_layer(fraction):
     model, info, placement = placed("mixtral", fraction, canonical=False)
-    gm = tag_graph(model, placement, info).graph_module
+    gm = export_placed(model, placement, info).graph_module
     devices = {n.meta[PLACEMENT_META].device for n in gm.graph.nodes if is_expert_group(n)}
     assert devices == {"digital" if fraction == 1.0 else "analog"}
 
@@ -76,7 +76,7 @@ class _Toy(torch.nn.Module):
 
 def test_report_lists_devices_and_nodes():
     model, info, placement = placed("olmoe", canonical=False)
-    gm = tag_graph(model, placement, info).graph_module
+    gm = export_placed(model, placement, info).graph_module
     text = placement_report(placement, gm, verbose=True)
     assert "digital" in text and "analog" in text and "graph nodes by kind" in text
     assert "analog expert group of layer 1" in text

@@ -163,7 +163,7 @@ def test_constant_noise_management_agrees_with_aihwkit_in_relative_mvm_error(eff
 def test_both_expert_group_paths_agree_and_the_graph_pass_matches_eager(family, monkeypatch):
     """Constant noise management with bound management (noise-free, so deterministic): the per-expert loop and the
     grouped GEMM path give the same logits; the rewrite_analog pass with the same ranges equals eager simulation."""
-    from hetmoe_compile.graph.capture import tag_graph
+    from hetmoe_compile.graph.capture import export_placed
     from hetmoe_compile.graph.passes import RewriteAnalogPass
 
     model, info, placement, _, ranges = _calibrated(family)
@@ -179,7 +179,7 @@ def test_both_expert_group_paths_agree_and_the_graph_pass_matches_eager(family, 
     torch.testing.assert_close(out["0"], out["1"], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(out["0"], clean, atol=1e-4)
     noisy = analog_config("standard-hwa", tile_size=16)
-    gm = tag_graph(model, placement, info).module()
+    gm = export_placed(model, placement, info).module()
     with pytest.raises(Exception, match="needs input ranges"):
         RewriteAnalogPass(noisy, seed=3)(gm)
     rewritten = RewriteAnalogPass(noisy, seed=3, input_ranges=ranges)(gm).graph_module

@@ -13,7 +13,7 @@ from hetmoe_compile.analog.instance import program_group
 from hetmoe_compile.analog.programmed_stack import ProgrammedStack
 from hetmoe_compile.analog.programming_noise import stream_seed
 from hetmoe_compile.base.errors import HetMoEError
-from hetmoe_compile.graph.capture import tag_graph
+from hetmoe_compile.graph.capture import export_placed
 from hetmoe_compile.graph.passes import RewriteAnalogPass
 from hetmoe_compile.models import recognize
 from hetmoe_compile.models.tiny import tiny_model
@@ -103,7 +103,7 @@ def test_bf16_and_fp32_simulations_agree_to_bf16_rounding():
 
 def test_rewrite_pass_in_place_programs_over_the_graph_weights():
     model, info, placement = placed("olmoe")
-    gm = copy.deepcopy(tag_graph(model, placement, info).module())  # the pass may consume these weights
+    gm = copy.deepcopy(export_placed(model, placement, info).module())  # the pass may consume these weights
     ideal_ptrs = {n: t.data_ptr() for n, t in gm.named_buffers() if n.endswith("analog.gate_up")}
     ideal_ptrs.update({n: p.data_ptr() for n, p in gm.named_parameters() if n.endswith("analog.gate_up")})
     assert ideal_ptrs

@@ -47,6 +47,17 @@ def _seed(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    """An integer >= 0 that counts something (tokens, examples, candidates; 0 means none or off)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise _ArgError(f"'{text}' is not an integer; give a count >= 0, e.g. 0") from None
+    if value < 0:
+        raise _ArgError(f"{value} is negative; give a count >= 0 (0: off)")
+    return value
+
+
 def _number(minimum: float, strict: bool, example: str):
     """A finite number ``>= minimum`` (``> minimum`` when ``strict``): nan and inf are refused at parse time."""
 
@@ -297,11 +308,11 @@ def _add_noise_args(p: argparse.ArgumentParser) -> None:
         help="read the tasks from local jsonl files (the layout of ../shared/data/qa) instead of lm-eval's datasets",
     )
     p.add_argument("--limit", type=_positive_int, default=None, metavar="N", help="first N documents per task")
-    p.add_argument("--num-fewshot", type=_seed, default=None, metavar="K", help="few-shot examples (task default)")
+    p.add_argument("--num-fewshot", type=_count, default=None, metavar="K", help="few-shot examples (task default)")
     p.add_argument("--batch-size", type=_positive_int, default=8, metavar="N")
     p.add_argument(
         "--routing-tokens",
-        type=_seed,
+        type=_count,
         default=2048,
         metavar="N",
         help="routing diagnostics against the clean model on the first N tokens of --ppl (top-k and top-1 "

@@ -75,7 +75,7 @@ def run(args) -> int:
     from ..compose.api import place
     from ..compose.report import placement_report
     from ..cost import format_cost, load_cost_params
-    from ..graph.capture import tag_graph
+    from ..graph.capture import export_placed
 
     policy = _policy(args)
     params = load_cost_params(
@@ -91,7 +91,7 @@ def run(args) -> int:
     else:
         model, _, calibration = _load(args)
     placement = place(model, policy, calibration, scores=scores, cost_params=params, source=args.model)
-    graph = None if args.no_graph else tag_graph(model, placement).graph_module
+    graph = None if args.no_graph else export_placed(model, placement).graph_module
     placement.save(out)
     print(placement_report(placement, graph, verbose=args.verbose))
     print()

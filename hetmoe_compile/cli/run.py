@@ -6,7 +6,7 @@ import sys
 import time
 
 from ..base.errors import HetMoEError
-from .arguments import _number, _positive_int, _seed
+from .arguments import _count, _number, _positive_int, _seed
 from .options import _list
 
 
@@ -27,7 +27,7 @@ def add_parser(sub) -> None:
     r.add_argument(
         "--temperature", type=_number(0, True, "0.8"), default=None, metavar="T", help="with --sample (default 1)"
     )
-    r.add_argument("--top-k", type=_seed, default=None, metavar="K", help="with --sample: the K most likely (0: off)")
+    r.add_argument("--top-k", type=_count, default=None, metavar="K", help="with --sample: the K most likely (0: off)")
     r.add_argument(
         "--top-p",
         type=_number(0, True, "0.9"),

@@ -61,14 +61,14 @@ class CompiledMoE:
     def report(self, graph: bool = False, verbose: bool = False) -> str:
         """Parameter share per device and digital experts per layer; with ``graph``, also ``torch.export`` the
         model and count graph nodes per device (``verbose``: every node with its device and reason)."""
-        from ..graph.capture import tag_graph
+        from ..graph.capture import export_placed
         from .report import placement_report
 
         self._current()
         gm = None
         if graph:
             self.restore()
-            gm = tag_graph(self.model, self.placement, self.info).graph_module
+            gm = export_placed(self.model, self.placement, self.info).graph_module
         return placement_report(self.placement, gm, verbose)
 
     def simulate(self, seed: int = 0, dense: str | None = None) -> nn.Module:

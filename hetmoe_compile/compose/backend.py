@@ -168,15 +168,34 @@ def _compile_graph(gm: fx.GraphModule, example_inputs: Sequence, options: dict |
     opts = BackendOptions.parse(options)
     policy, cfg = opts.policy(), opts.analog()
     frame = _frame_locals()
-    RecognizeExpertsPass(frame_resolver(frame))(gm)
+    gm = run_passes([RecognizeExpertsPass(frame_resolver(frame))], gm)
     if not any(is_expert_group(n) for n in gm.graph.nodes):
         return gm.forward  # a graph without routed experts (e.g. around a graph break) runs as captured
-    SplitExpertGroupsPass(policy, example_inputs, _place_frame_model(frame.get("self"), policy))(gm)
+    passes: list = [SplitExpertGroupsPass(policy, example_inputs, _place_frame_model(frame.get("self"), policy))]
     if not cfg.is_ideal:
         ranges = opts.ranges(frame.get("self")) if cfg.noise_management == "constant" else None
-        RewriteAnalogPass(cfg, opts.seed, in_place=True, input_ranges=ranges)(gm)  # the split pass's copies are ours
+        passes.append(RewriteAnalogPass(cfg, opts.seed, in_place=True, input_ranges=ranges))  # on the split's copies
+    gm = run_passes(passes, gm)
+    if not cfg.is_ideal:
         _drop_unused_weights(gm)
     return gm.forward
+
+
+def run_passes(passes: list, gm: fx.GraphModule) -> fx.GraphModule:
+    """Chain ``passes`` with ``torch.fx.passes.infra``'s :class:`PassManager` (each pass's ``PassResult`` feeds
+    the next; the graph is linted after the chain); our errors reach the caller as themselves, not wrapped."""
+    from torch.fx.passes.infra.pass_manager import PassManager
+
+    try:
+        result = PassManager(passes)(gm)
+    except Exception as exc:  # the manager wraps a pass's error in a plain Exception naming the pass
+        if isinstance(exc.__cause__, HetMoEError):
+            raise exc.__cause__ from None
+        raise
+    out = result.graph_module
+    assert isinstance(out, fx.GraphModule)
+    out.graph.lint()
+    return out
 
 
 def _drop_unused_weights(gm: fx.GraphModule) -> None:

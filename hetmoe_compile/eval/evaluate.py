@@ -22,7 +22,7 @@ from ..peers import PeerOptions, check_peers
 from ..placement.placement import Placement
 from ..placement.policy import PlacementPolicy
 from ..scoring import check_selectors
-from .under_noise import EvalSpec, Prepared, evaluate_under_noise, prepare
+from .under_noise import EvalSpec, Prepared, evaluate_under_noise, read_inputs
 
 
 @dataclass
@@ -122,17 +122,17 @@ def evaluate(
     for t in several or []:  # every time is a valid configuration (a device may have fits at some times only)
         replace(cfg, t_inference=t)
     spec = EvalSpec(
-        None if ppl_text is None else str(ppl_text),
-        ppl_tokens,
-        list(tasks),
-        None if tasks_dir is None else str(tasks_dir),
-        limit,
-        seeds,
-        batch_size,
-        num_fewshot,
-        several,
+        ppl_path=None if ppl_text is None else str(ppl_text),
+        ppl_tokens=ppl_tokens,
+        tasks=list(tasks),
+        tasks_dir=None if tasks_dir is None else str(tasks_dir),
+        limit=limit,
+        seeds=seeds,
+        batch_size=batch_size,
+        num_fewshot=num_fewshot,
+        times=several,
     )
-    prepared = prepare(spec)
+    prepared = read_inputs(spec)
     names = check_peers(list(peers), calibration is not None) if peers else []
     if digital_bits is not None and {"int8", "int4"} & set(names):
         raise HetMoEError("digital_bits and the int8/int4 peers both quantise the digital experts: use one")

@@ -18,7 +18,7 @@ from ..models.recognize import ModelInfo
 CHARS_PER_TOKEN_BOUND = 16  # a generous bound, used to avoid tokenising a whole corpus for its first N tokens
 
 
-@dataclass
+@dataclass(kw_only=True)
 class EvalSpec:
     """What to measure: perplexity of a text (first ``ppl_tokens`` tokens) and/or lm-eval tasks and groups
     (``limit`` documents each, ``num_fewshot`` examples in each prompt; local jsonl files from ``tasks_dir``, else
@@ -59,7 +59,7 @@ class Prepared:
     routing: Any = None  # a RoutingReference: routing diagnostics against the clean model (routing_diagnostics)
 
 
-def prepare(spec: EvalSpec) -> Prepared:
+def read_inputs(spec: EvalSpec) -> Prepared:
     """Read the text and index the tasks (fails fast on bad names or files, before any model work)."""
     from . import read_text
 

@@ -1,6 +1,6 @@
 """Ahead-of-time export: a placed model -> one ONNX file per partition + ``manifest.json`` (+ its tokenizer).
 
-Steps: canonicalise and ``torch.export`` with placement tags (:func:`~hetmoe_compile.graph.capture.tag_graph`),
+Steps: canonicalise and ``torch.export`` with placement tags (:func:`~hetmoe_compile.graph.capture.export_placed`),
 translate to an ONNX graph with expert-group placeholders (:mod:`.onnx_capture`), partition (:mod:`.partition`),
 write and check each partition (:mod:`.writer`), then the manifest (:mod:`.manifest`). Everything is written into a
 temporary sibling of the output directory and moved into place only when all of it succeeded.
@@ -34,7 +34,7 @@ from ..base.errors import HetMoEError, check_seed
 from ..base.io import atomic_replace_dir, check_inputs_survive, check_replaceable_dir
 from ..base.version import PRODUCER
 from ..cost import CostParams
-from ..graph.capture import ROOT_PREFIX, tag_graph
+from ..graph.capture import ROOT_PREFIX, export_placed
 from ..ir.expert_group import ExpertGroup, HetExperts
 from ..models.device_map import require_resident
 from ..models.recognize import recognize
@@ -110,7 +110,7 @@ def export_onnx(
     steps = tqdm(total=3, desc="export", unit="step", disable=not options.progress)
     try:
         steps.set_postfix_str("torch.export")
-        ep = tag_graph(model, placement, info, kv_cache=options.kv_cache)
+        ep = export_placed(model, placement, info, kv_cache=options.kv_cache)
         steps.update()
         group_of = {
             f"{ROOT_PREFIX}{l.experts}.groups.{d}.gate_up": (l.index, d)
@@ -178,21 +178,21 @@ def export_onnx(
             if tokenizer is not None:
                 tokenizer.save_pretrained(str(tmp / "tokenizer"))
             manifest = build_manifest(
-                placement,
-                cfg,
-                options.instance_seed,
-                parts,
-                files,
-                variants,
-                tmp,
-                captured.model,
-                OPSET,
-                PRODUCER,
-                tokenizer is not None,
-                options.monolithic,
-                _generation_ids(model),
-                _contrib_ops(options.ort_moe, lowbit),
-                cost,
+                placement=placement,
+                cfg=cfg,
+                instance_seed=options.instance_seed,
+                parts=parts,
+                files=files,
+                variants=variants,
+                directory=tmp,
+                graph=captured.model,
+                opset=OPSET,
+                producer=PRODUCER,
+                has_tokenizer=tokenizer is not None,
+                monolithic=options.monolithic,
+                extra_model=_generation_ids(model),
+                contrib_ops=_contrib_ops(options.ort_moe, lowbit),
+                cost=cost,
             )
             if ranges is not None:
                 manifest["analog"]["input_ranges"] = ranges.to_dict()

@@ -46,6 +46,7 @@ def _tokenizer_files(directory: Path) -> list[dict]:
 
 
 def build_manifest(
+    *,
     placement: Placement,
     cfg: AnalogConfig,
     instance_seed: int | None,

@@ -67,7 +67,7 @@ def export_model(model: nn.Module, batch: int = 2, seq: int = 8, kv_cache: bool 
         raise HetMoEError(f"torch.export failed for {type(model).__name__}: {first}") from exc
 
 
-def tag_graph(
+def export_placed(
     model: nn.Module, placement: Placement, info: ModelInfo | None = None, kv_cache: bool = False
 ) -> ExportedProgram:
     """Canonicalise ``model`` in place to ``placement``, ``torch.export`` it (with a KV cache when ``kv_cache``)

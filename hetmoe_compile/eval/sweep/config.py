@@ -15,7 +15,7 @@ from ...cost.params import CostParams
 from ...models.loader import LoadOptions
 from ...peers.registry import PeerOptions
 from ...placement.policy import SCOPES
-from ..under_noise import EvalSpec, Prepared, prepare
+from ..under_noise import EvalSpec, Prepared, read_inputs
 from .jobs import SweepContext
 
 SELECTION = ("fractions", "selectors", "seeds", "peers", "ablation")
@@ -102,15 +102,15 @@ class SweepConfig:
         """What each unit measures (several ``times``: every metric at each)."""
         several = list(self.times) if self.times and len(self.times) > 1 else None
         return EvalSpec(
-            self.ppl_text,
-            self.ppl_tokens,
-            list(self.tasks),
-            self.tasks_dir,
-            self.limit,
-            self.seeds,
-            self.batch_size,
-            self.num_fewshot,
-            several,
+            ppl_path=self.ppl_text,
+            ppl_tokens=self.ppl_tokens,
+            tasks=list(self.tasks),
+            tasks_dir=self.tasks_dir,
+            limit=self.limit,
+            seeds=self.seeds,
+            batch_size=self.batch_size,
+            num_fewshot=self.num_fewshot,
+            times=several,
         )
 
     def analog_config(self) -> AnalogConfig:
@@ -170,7 +170,7 @@ def sweep_context(config: SweepConfig, device: str | None = None, prepared: Prep
     from .plan import sweep_cost_fn
 
     cfg, spec = config.analog_config(), config.spec()
-    prepared = prepared or prepare(spec)
+    prepared = prepared or read_inputs(spec)
     peers = check_peers(list(config.peers), config.calibration_text is not None, combined=False)
     tokenizer = load_tokenizer(config.model)
     load = config.load if device is None else replace(config.load, device=device, device_map=None)
@@ -195,16 +195,16 @@ def sweep_context(config: SweepConfig, device: str | None = None, prepared: Prep
         "routing_reference": routing_record(prepared),
     }
     return SweepContext(
-        model,
-        info,
-        tokenizer,
-        cfg,
-        spec,
-        prepared,
-        list(config.selectors),
-        calibration,
-        config.peer_options,
-        cost_fn,
-        config.scope,
-        identity,
+        model=model,
+        info=info,
+        tokenizer=tokenizer,
+        cfg=cfg,
+        spec=spec,
+        prepared=prepared,
+        selectors=list(config.selectors),
+        calibration=calibration,
+        peer_options=config.peer_options,
+        cost_fn=cost_fn,
+        scope=config.scope,
+        identity=identity,
     )

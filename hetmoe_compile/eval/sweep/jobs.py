@@ -110,7 +110,7 @@ def sweep_units(jobs: list[SweepJob], cfg: AnalogConfig, spec: EvalSpec) -> list
     return units
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SweepContext:
     """What a process needs to run a sweep's units: the model (all digital), its tokenizer, the noise and what to
     measure, the calibration text, selectors and peer options. ``identity`` says what the results were computed on

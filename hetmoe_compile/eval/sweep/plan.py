@@ -18,7 +18,7 @@ from ...peers.registry import PeerOptions, check_peer_options, check_peers
 from ...placement.placement import Placement
 from ..plots import plot_against_time, plot_routing
 from ..routing_diagnostics import PREFIX, is_routing_key
-from ..under_noise import EvalSpec, Prepared, prepare, split_time_key
+from ..under_noise import EvalSpec, Prepared, read_inputs, split_time_key
 from .jobs import (
     CostFn,
     JobRunner,
@@ -151,7 +151,7 @@ def run_sweep(
     peers = check_peers(list(peers), calibration is not None, combined=False) if peers else []
     peer_options = peer_options or PeerOptions()
     check_peer_options(peers, info, peer_options)
-    prepared = prepared or prepare(spec)
+    prepared = prepared or read_inputs(spec)
     jobs = sweep_plan(fractions, selectors, cfg, ablation, peers)
     from ...analog.input_ranges import attached_input_ranges
     from ...placement.placement import model_identity
@@ -162,18 +162,18 @@ def run_sweep(
         "input_ranges": None if ranges is None else {"sha256": ranges.digest},
     }
     ctx = SweepContext(
-        model,
-        info,
-        tokenizer,
-        cfg,
-        spec,
-        prepared,
-        list(selectors),
-        calibration,
-        peer_options,
-        cost_fn,
-        scope,
-        identity,
+        model=model,
+        info=info,
+        tokenizer=tokenizer,
+        cfg=cfg,
+        spec=spec,
+        prepared=prepared,
+        selectors=list(selectors),
+        calibration=calibration,
+        peer_options=peer_options,
+        cost_fn=cost_fn,
+        scope=scope,
+        identity=identity,
     )
     outcome = run_sweep_jobs(jobs, cfg, spec, store, context=lambda: ctx)
     prepared.lm_eval = prepared.lm_eval or outcome.lm_eval

@@ -14,7 +14,7 @@ from ...analog.input_ranges import check_input_ranges_args
 from ...base.errors import HetMoEError
 from ...base.io import check_inputs_survive
 from ...base.version import PRODUCER
-from ..under_noise import EvalSpec, prepare
+from ..under_noise import EvalSpec, read_inputs
 from .config import SweepConfig, sweep_context
 from .jobs import SweepRow
 from .plan import results_markdown, run_sweep_jobs, sweep_plan, write_sweep
@@ -86,7 +86,7 @@ def sweep(
     check_selectors(list(config.selectors), has_text)
     peers = check_peers(list(config.peers), has_text, combined=False) if config.peers else []
     cfg, spec = config.analog_config(), config.spec()
-    prepared = prepare(spec)
+    prepared = read_inputs(spec)
     check_input_ranges_args(cfg, config.input_ranges, has_text)
     store = None
     if out is not None:
