@@ -171,3 +171,40 @@ def test_sweep_reports_lm_eval_metrics_and_keeps_standard_errors_out_of_the_tabl
     table = (out / "results.md").read_text()
     assert "copa/acc" in table and "stderr" not in table
     assert (out / "copa_acc.png").read_bytes()[:4] == b"\x89PNG" and not list(out.glob("*stderr*"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(placement="p.json", noize_scale=1000), "hetmoe model_args: unknown noize_scale"),
+        (dict(noise="pcm"), "noise need a placement: add placement=FILE or digital_fraction=F"),
+        (dict(seed=3, noise_scale=8), "seed, noise_scale need a placement"),
+        (dict(placement="p.json", digital_fraction=0.25), "give placement or digital_fraction, not both"),
+        (dict(digital_fraction=0.25, device="tpu"), "device='tpu': unknown device"),
+    ],
+)
+def test_the_adapter_refuses_what_it_would_ignore(no_model_load, kwargs, message):
+    """Every argument of ``hetmoe`` acts or is refused: a typo, noise without a placement, two placements, a device
+    that is not there; all before the model loads."""
+    with pytest.raises(HetMoEError, match=message):
+        HetMoELM(str(DEMO), **kwargs)
+
+
+def test_the_adapter_places_by_fraction_with_any_analog_field_and_low_bit_experts(tasks_dir):
+    """``digital_fraction`` places by the selector; analog fields (``w_noise``) and ``digital_bits`` reach the
+    compiled model, and lm-eval's record says so."""
+    out, _ = tasks_dir
+    lm = HetMoELM(
+        str(DEMO),
+        digital_fraction="0.25",
+        noise="pcm",
+        seed="1",
+        w_noise="0.01",
+        digital_bits="8",
+        group_size="32",
+        device="cpu",
+    )
+    assert lm.hetmoe is not None and lm.hetmoe.analog.w_noise == 0.01 and lm.hetmoe.quantization["bits"] == 8
+    assert lm.hetmoe.placement.policy.digital_fraction == 0.25 and str(lm.model.device) == "cpu"
+    run = lm_eval.simple_evaluate(model=lm, tasks=["piqa"], limit=2, task_manager=TaskManager(include_path=str(out)))
+    assert run["config"]["hetmoe"]["noise"]["w_noise"] == 0.01 and run["config"]["hetmoe"]["digital_bits"] == 8

@@ -1,15 +1,16 @@
 """lm-evaluation-harness as the task engine: a model lm-eval drives, and one evaluation of a model as it is now.
 
 :class:`HetMoELM` is lm-eval's Hugging Face model (``HFLM``) around a hetmoe-compile model: loaded, placed by a
-placement file (or all digital without one), with one simulated hardware instance under its analog experts. It
+placement file or a digital fraction, with one simulated hardware instance under its analog experts (every
+analog field, input ranges and low-bit digital experts as keyword arguments), or a model evaluated as it is. It
 is registered with lm-eval as ``hetmoe`` when this module is imported::
 
     import lm_eval, hetmoe_compile.eval.harness as h
     lm_eval.simple_evaluate(model=h.HetMoELM("examples/olmoe-demo", placement="p.json", noise="pcm", seed=0),
                             tasks=["piqa"])
 
-:func:`harness_metrics` runs lm-eval on an already-built model (``eval`` and ``sweep`` call it once per hardware
-instance) and returns its metrics flattened to ``<task>/<metric>``, standard errors included.
+:func:`harness_metrics` runs lm-eval through that adapter on an already-built model (``evaluate`` and ``sweep`` call
+it once per hardware instance) and returns its metrics flattened to ``<task>/<metric>``, standard errors included.
 """
 
 from __future__ import annotations
@@ -28,49 +29,148 @@ from ..base.errors import HetMoEError
 
 @register_model("hetmoe")
 class HetMoELM(HFLM):
-    """``pretrained``: a model folder or hub id; ``placement``: a placement.json (none: every expert digital);
-    ``noise``: an analog preset; ``seed``: the hardware instance; ``noise_scale``, ``t_inference``: as for
-    ``eval``; the remaining keyword arguments go to ``HFLM`` (``batch_size``, ``max_length``, ...)."""
+    """lm-eval's ``hetmoe`` model: ``pretrained`` (a model folder or hub id, loaded on ``device`` with ``dtype``;
+    or a loaded model, evaluated as it is) placed by ``placement`` (a placement.json) or by ``digital_fraction``
+    (with ``selector``), with hardware instance ``seed`` of ``noise`` (a preset; any :class:`AnalogConfig` field
+    such as ``noise_scale``, ``t_inference``, ``w_noise`` or ``ir_drop`` changes it) under its analog experts,
+    ``input_ranges`` (a file) for constant noise management and ``digital_bits`` (8 or 4, ``group_size``) for
+    low-bit digital experts. Without a placement the model is evaluated as it is, and the noise arguments are
+    refused. The remaining keyword arguments go to ``HFLM`` (``batch_size``, ``max_length``, ...); any other name is
+    refused, so a typo never runs at the defaults."""
 
     def __init__(
         self,
-        pretrained: str,
+        pretrained: str | nn.Module,
         placement: str | None = None,
-        noise: str = "pcm",
-        seed: int | str = 0,
-        noise_scale: float | str | None = None,
-        t_inference: float | str | None = None,
+        digital_fraction: float | str | None = None,
+        selector: str = "max-neuron-norm",
+        noise: str | None = None,
+        seed: int | str | None = None,
+        input_ranges: str | None = None,
+        digital_bits: int | str | None = None,
+        group_size: int | str = 128,
         dtype: str = "auto",
+        device: str | None = None,
         **kwargs: Any,
     ) -> None:
-        from ..analog.config import analog_config
+        from ..analog.config import AnalogConfig, analog_config
         from ..base.errors import check_seed
         from ..compose.api import compile
-        from ..models import load_model, load_tokenizer
-        from ..placement import Placement
+        from ..models import load_tokenizer
+        from ..models.loader import LoadOptions
+        from ..placement import Placement, PlacementPolicy
 
-        seed = check_seed(int(seed) if isinstance(seed, str) and seed.isdigit() else seed, "seed")
-        overrides = {}
-        for key, value in (("noise_scale", noise_scale), ("t_inference", t_inference)):
-            if value is not None:
-                try:
-                    overrides[key] = float(value)
-                except (TypeError, ValueError):
-                    raise HetMoEError(f"{key}={value!r} is not a number; e.g. {key}=2.5") from None
-        cfg = analog_config(noise, **overrides)
-        model = load_model(str(pretrained), dtype=dtype)
-        tokenizer = load_tokenizer(str(pretrained))
+        physics = {k: _number(k, kwargs.pop(k)) for k in list(kwargs) if k in _ANALOG_FIELDS}
+        unknown = sorted(k for k in kwargs if k not in _HFLM_ARGUMENTS)
+        if unknown:
+            raise HetMoEError(
+                f"hetmoe model_args: unknown {', '.join(unknown)}; hetmoe takes placement, digital_fraction, "
+                f"selector, noise, seed, input_ranges, digital_bits, group_size, dtype, device, the analog fields "
+                f"({', '.join(sorted(_ANALOG_FIELDS))}) and HFLM's arguments"
+            )
+        placed = placement is not None or digital_fraction is not None
+        if placement is not None and digital_fraction is not None:
+            raise HetMoEError("give placement or digital_fraction, not both")
+        noisy = {"noise": noise, "seed": seed, "input_ranges": input_ranges, "digital_bits": digital_bits, **physics}
+        given = [k for k, v in noisy.items() if v is not None]
+        if given and not placed:
+            raise HetMoEError(
+                f"{', '.join(given)} need a placement: add placement=FILE or digital_fraction=F (without one the "
+                "model is evaluated as it is)"
+            )
+        tokenizer = kwargs.pop("tokenizer", None)
+        if isinstance(pretrained, nn.Module):
+            if placed:
+                raise HetMoEError("a loaded model is evaluated as it is: place it with hetmoe_compile.compile first")
+            model = pretrained
+        else:
+            model = LoadOptions(dtype, _device(device)).load(str(pretrained))
+            tokenizer = tokenizer or load_tokenizer(str(pretrained))
         self.hetmoe = None
-        if placement is not None:
-            self.hetmoe = compile(model, analog=cfg, source=str(placement), placement=Placement.load(placement))
+        info: dict[str, Any] = {"placement": placement, "digital_fraction": None, "noise": None, "seed": None}
+        if placed:
+            seed = check_seed(int(seed) if isinstance(seed, str) and seed.isdigit() else (seed or 0), "seed")
+            cfg: AnalogConfig = analog_config(noise or "pcm", **physics)
+            policy = None
+            if digital_fraction is not None:
+                policy = PlacementPolicy(_number("digital_fraction", digital_fraction), selector)
+            if input_ranges is not None or cfg.noise_management == "constant":
+                from ..analog.input_ranges import prepare_input_ranges
+                from ..models.recognize import recognize
+
+                prepare_input_ranges(model, recognize(model), cfg, input_ranges)
+            bits = None if digital_bits is None else int(_number("digital_bits", digital_bits))
+            self.hetmoe = compile(
+                model,
+                policy,
+                cfg,
+                source=str(placement or pretrained),
+                placement=None if placement is None else Placement.load(placement),
+                digital_bits=bits,
+                group_size=int(_number("group_size", group_size)),
+            )
             self.hetmoe.simulate(seed)
-        kwargs.pop("device", None)  # the model stays where load_model put it
+            info = {
+                "placement": placement,
+                "digital_fraction": None if policy is None else policy.digital_fraction,
+                "noise": cfg.to_dict(),
+                "seed": seed,
+                "digital_bits": bits,
+            }
         super().__init__(pretrained=model, tokenizer=tokenizer, **kwargs)
-        self._hetmoe_info = {"placement": placement, "noise": cfg.to_dict(), "seed": seed}
+        self._hetmoe_info = info
 
     def get_model_info(self) -> dict:
         """What lm-eval records in its results' config, plus the placement, analog preset and instance."""
         return {**super().get_model_info(), "hetmoe": self._hetmoe_info}
+
+
+def _device(device: str | None) -> str:
+    """``device`` as HFLM reads it: lm-eval's command line passes ``cuda:0`` by default, and HFLM runs on the CPU
+    where there is no CUDA; so do we, saying so. Any other device must exist."""
+    import sys
+
+    import torch
+
+    if device is None:
+        return "auto"
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        print(f"hetmoe: device={device!r} is not available here; running on the CPU", file=sys.stderr)
+        return "cpu"
+    return str(device)
+
+
+def _number(name: str, value: Any) -> Any:
+    """A number lm-eval's ``model_args`` string gave as text (``noise_scale=2.5``); other values pass through."""
+    if not isinstance(value, str):
+        return value
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    try:
+        return int(value)
+    except ValueError:
+        pass
+    try:
+        return float(value)
+    except ValueError:
+        if name in _NUMERIC:
+            raise HetMoEError(f"{name}={value!r} is not a number; e.g. {name}=2.5") from None
+        return value
+
+
+def _fields() -> tuple[set[str], set[str], set[str]]:
+    import dataclasses
+    import inspect
+
+    from ..analog.config import AnalogConfig
+
+    analog = {f.name for f in dataclasses.fields(AnalogConfig)} - {"preset"}
+    numeric = {f.name for f in dataclasses.fields(AnalogConfig) if "float" in str(f.type) or "int" in str(f.type)}
+    hflm = set(inspect.signature(HFLM.__init__).parameters) - {"self", "kwargs", "pretrained"}
+    return analog, numeric | {"digital_fraction", "digital_bits", "group_size"}, hflm
+
+
+_ANALOG_FIELDS, _NUMERIC, _HFLM_ARGUMENTS = _fields()
 
 
 class HarnessTasks:
@@ -139,7 +239,7 @@ def harness_metrics(
     where ``record`` holds lm-eval's version and per-task configs, versions, n-shot and sample counts."""
     import lm_eval
 
-    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    lm = HetMoELM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)  # the model as it is now
     try:
         res = lm_eval.simple_evaluate(
             model=lm,
