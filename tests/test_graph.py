@@ -42,6 +42,8 @@ def test_reason_names_the_group_experts():
     node = next(n for n in gm.graph.nodes if is_expert_group(n) and n.meta[PLACEMENT_META].device == "analog")
     layer = placement.layers[0]
     assert node.meta[PLACEMENT_META].reason == f"analog expert group of layer 0: experts {layer.ids('analog')}"
+    # the placement is ours; ExecuTorch's delegation_tag (one self-contained partition per tag) is not claimed
+    assert not any("delegation_tag" in n.meta for n in gm.graph.nodes)
 
 
 def test_dense_on_analog_ablation_tags_dense_nodes_analog():

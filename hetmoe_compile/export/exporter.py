@@ -73,7 +73,53 @@ def export_onnx(
 ) -> Path:
     """Export ``model`` placed by ``placement`` to ``out_dir``; returns the manifest's path.
 
-    ``model`` is canonicalised in place (see :func:`~hetmoe_compile.transforms.canonicalize.canonicalize`)."""
+    ``model`` is canonicalised in place (see :func:`~hetmoe_compile.transforms.canonicalize.canonicalize`). The
+    steps: :func:`check_exportable`, ``torch.export`` with placement tags, :func:`to_onnx`, partitioning,
+    :func:`_write_partitions` (and their programmed instances), then the manifest (:func:`_write_manifest`); all
+    into a temporary sibling of ``out_dir`` that replaces it only when every step succeeded."""
+    cfg, ranges, lowbit = check_exportable(model, placement, options)
+    info = recognize(model)
+    cost = export_cost(model, info, placement, options, cfg)
+    out_dir = Path(out_dir)
+    check_replaceable_dir(out_dir, MANIFEST_NAME, MANIFEST_KEYS, option="out_dir")
+    source = str(getattr(model, "name_or_path", "") or "")
+    check_inputs_survive({"the model's directory": source}, directories={"out_dir": out_dir})
+    dtype = np.dtype(str(next(model.parameters()).dtype).removeprefix("torch."))
+    steps = tqdm(total=3, desc="export", unit="step", disable=not options.progress)
+    try:
+        steps.set_postfix_str("torch.export")
+        ep = export_placed(model, placement, info, kv_cache=options.kv_cache)
+        steps.update()
+        _remove_old_scratch()
+        with atomic_replace_dir(out_dir, MANIFEST_NAME, MANIFEST_KEYS) as tmp, _scratch_in(tmp) as scratch:
+            steps.set_postfix_str("ONNX translation")
+            captured = to_onnx(ep, Path(scratch), info.num_layers if options.kv_cache else 0)
+            del ep
+            steps.update()
+            store = TensorStore(captured.model, captured.directory)
+            groups = find_groups(captured.model, store, _group_names(info))
+            steps.set_postfix_str("partitioning")
+            parts = partition_graph(
+                captured.model, store, groups, dtype, ROOT_PREFIX, options.monolithic, options.ort_moe, lowbit
+            )
+            steps.update()
+            written = _Written(model, info, captured, store, groups, dtype, cfg, ranges, options, tmp)
+            files, variants = _write_partitions(written, parts, _opsets(captured.model, options, lowbit), steps)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(str(tmp / "tokenizer"))
+            _write_manifest(written, placement, parts, files, variants, tokenizer is not None, lowbit, cost)
+    finally:
+        steps.close()
+    return out_dir / MANIFEST_NAME
+
+
+def check_exportable(
+    model: nn.Module, placement: Placement, options: ExportOptions
+) -> tuple[AnalogConfig, InputRanges | None, dict]:
+    """Refuse, before any work, what cannot be exported (split HPD projections, offloaded weights, dense modules
+    on analog, instance options that program nothing, constant noise management without input ranges, low-bit
+    experts with ``ort_moe``); the analog config, the model's input ranges and its low-bit layers. Leaves the
+    model digital (a simulated model's instances are re-made from the ideal weights)."""
     from ..transforms.hpd import require_unsplit
 
     require_unsplit(model, "ONNX export")
@@ -101,107 +147,113 @@ def export_onnx(
     lowbit = _lowbit_layers(model, info)
     if lowbit and options.ort_moe:
         raise HetMoEError("low-bit digital experts are exported as MatMulNBits; drop --ort-moe")
-    cost = export_cost(model, info, placement, options, cfg)
-    out_dir = Path(out_dir)
-    check_replaceable_dir(out_dir, MANIFEST_NAME, MANIFEST_KEYS, option="out_dir")
-    source = str(getattr(model, "name_or_path", "") or "")
-    check_inputs_survive({"the model's directory": source}, directories={"out_dir": out_dir})
-    dtype = np.dtype(str(next(model.parameters()).dtype).removeprefix("torch."))
-    steps = tqdm(total=3, desc="export", unit="step", disable=not options.progress)
-    try:
-        steps.set_postfix_str("torch.export")
-        ep = export_placed(model, placement, info, kv_cache=options.kv_cache)
+    return cfg, ranges, lowbit
+
+
+def _group_names(info) -> dict[str, tuple[int, str]]:
+    """Each expert group's ``gate_up`` initializer name in the captured graph -> ``(layer, device)``."""
+    return {
+        f"{ROOT_PREFIX}{l.experts}.groups.{d}.gate_up": (l.index, d)
+        for l in info.moe_layers
+        for d in ("digital", "analog")
+    }
+
+
+def _opsets(graph, options: ExportOptions, lowbit: dict) -> list:
+    """The partitions' opsets: the graph's, without our placeholder domain, plus ``com.microsoft`` where used."""
+    opsets = [o for o in graph.opset_import if o.domain not in ("hetmoe", MOE_DOMAIN)]
+    if options.ort_moe or lowbit:
+        opsets.append(onnx.helper.make_opsetid(MOE_DOMAIN, 1))
+    return opsets
+
+
+@dataclass
+class _Written:
+    """What the writing steps share: the placed model, the captured graph and its tensors, the expert groups found
+    in it, the weights' dtype, the analog settings and the temporary output directory."""
+
+    model: nn.Module
+    info: Any
+    captured: Any
+    store: TensorStore
+    groups: list
+    dtype: np.dtype
+    cfg: AnalogConfig
+    ranges: InputRanges | None
+    options: ExportOptions
+    directory: Path
+
+
+def _write_partitions(w: _Written, parts: list, opsets: list, steps) -> tuple[dict, dict]:
+    """Write every partition, and with ``instance_seed`` each analog partition's programmed instance; returns the
+    files of each (``{name: [files]}``, ideal and instance variants)."""
+    options = w.options
+    instances = options.instance_seed is not None
+    steps.total += sum(1 + (instances and p.device == "analog") for p in parts)
+    steps.refresh()
+    files: dict[str, list[Path]] = {}
+    variants: dict[str, list[Path]] = {}
+    by_layer = {g.layer: g for g in w.groups if g.device == "analog"}
+    types = value_types(w.captured.model)
+    threshold = options.external_data_threshold
+    for part in parts:
+        steps.set_postfix_str(f"writing {part.name}")
+        identity = partition_identity(part.name, part.device, part.layer, part.expert_ids)
+        files[part.name] = write_partition(
+            part, w.directory, f"{part.name}.onnx", opsets, PRODUCER, threshold, _doc(part), identity
+        )
         steps.update()
-        group_of = {
-            f"{ROOT_PREFIX}{l.experts}.groups.{d}.gate_up": (l.index, d)
-            for l in info.moe_layers
-            for d in ("digital", "analog")
-        }
-        _remove_old_scratch()
-        with atomic_replace_dir(out_dir, MANIFEST_NAME, MANIFEST_KEYS) as tmp, _scratch_in(tmp) as scratch:
-            steps.set_postfix_str("ONNX translation")
-            captured = to_onnx(ep, Path(scratch), info.num_layers if options.kv_cache else 0)
-            del ep
-            steps.update()
-            store = TensorStore(captured.model, captured.directory)
-            groups = find_groups(captured.model, store, group_of)
-            steps.set_postfix_str("partitioning")
-            parts = partition_graph(
-                captured.model, store, groups, dtype, ROOT_PREFIX, options.monolithic, options.ort_moe, lowbit
+        if part.device == "analog" and options.instance_seed is not None:  # i.e. `instances`
+            assert part.layer is not None  # an analog partition is one layer's group
+            steps.set_postfix_str(f"programming and writing {part.name}.instance")
+            group = by_layer[part.layer]
+            programmed, periphery = program_instance(w.model, w.info, group, w.cfg, options.instance_seed, w.ranges)
+            inst = analog_partition(group, w.store, w.dtype, types, programmed, periphery, ROOT_PREFIX)
+            identity = partition_identity(
+                part.name, part.device, part.layer, part.expert_ids, "instance", options.instance_seed
             )
-            steps.update()
-            instances = options.instance_seed is not None
-            steps.total += sum(1 + (instances and p.device == "analog") for p in parts)
-            steps.refresh()
-            opsets = [o for o in captured.model.opset_import if o.domain not in ("hetmoe", MOE_DOMAIN)]
-            if options.ort_moe or lowbit:
-                opsets.append(onnx.helper.make_opsetid(MOE_DOMAIN, 1))
-            files: dict[str, list[Path]] = {}
-            variants: dict[str, list[Path]] = {}
-            by_layer = {g.layer: g for g in groups if g.device == "analog"}
-            types = value_types(captured.model)
-            for part in parts:
-                steps.set_postfix_str(f"writing {part.name}")
-                identity = partition_identity(part.name, part.device, part.layer, part.expert_ids)
-                files[part.name] = write_partition(
-                    part,
-                    tmp,
-                    f"{part.name}.onnx",
-                    opsets,
-                    PRODUCER,
-                    options.external_data_threshold,
-                    _doc(part),
-                    identity,
-                )
-                steps.update()
-                if part.device == "analog" and options.instance_seed is not None:  # i.e. `instances`
-                    assert part.layer is not None  # an analog partition is one layer's group
-                    steps.set_postfix_str(f"programming and writing {part.name}.instance")
-                    group = by_layer[part.layer]
-                    programmed, periphery = program_instance(model, info, group, cfg, options.instance_seed, ranges)
-                    inst = analog_partition(group, store, dtype, types, programmed, periphery, ROOT_PREFIX)
-                    identity = partition_identity(
-                        part.name, part.device, part.layer, part.expert_ids, "instance", options.instance_seed
-                    )
-                    variants[part.name] = write_partition(
-                        inst,
-                        tmp,
-                        f"{inst.name}.onnx",
-                        opsets,
-                        PRODUCER,
-                        options.external_data_threshold,
-                        _doc(inst),
-                        identity,
-                    )
-                    del programmed, inst
-                    steps.update()
-            if tokenizer is not None:
-                tokenizer.save_pretrained(str(tmp / "tokenizer"))
-            manifest = build_manifest(
-                placement=placement,
-                cfg=cfg,
-                instance_seed=options.instance_seed,
-                parts=parts,
-                files=files,
-                variants=variants,
-                directory=tmp,
-                graph=captured.model,
-                opset=OPSET,
-                producer=PRODUCER,
-                has_tokenizer=tokenizer is not None,
-                monolithic=options.monolithic,
-                extra_model=_generation_ids(model),
-                contrib_ops=_contrib_ops(options.ort_moe, lowbit),
-                cost=cost,
+            variants[part.name] = write_partition(
+                inst, w.directory, f"{inst.name}.onnx", opsets, PRODUCER, threshold, _doc(inst), identity
             )
-            if ranges is not None:
-                manifest["analog"]["input_ranges"] = ranges.to_dict()
-            if options.kv_cache:
-                manifest["genai_config"] = _write_genai_config(manifest, model, tmp)
-            write_manifest(manifest, tmp / MANIFEST_NAME)
-    finally:
-        steps.close()
-    return out_dir / MANIFEST_NAME
+            del programmed, inst
+            steps.update()
+    return files, variants
+
+
+def _write_manifest(
+    w: _Written,
+    placement: Placement,
+    parts: list,
+    files: dict,
+    variants: dict,
+    has_tokenizer: bool,
+    lowbit: dict,
+    cost: dict,
+) -> None:
+    """``manifest.json`` (with the input ranges and, with a KV cache, ``genai_config.json``) from what was written."""
+    options = w.options
+    manifest = build_manifest(
+        placement=placement,
+        cfg=w.cfg,
+        instance_seed=options.instance_seed,
+        parts=parts,
+        files=files,
+        variants=variants,
+        directory=w.directory,
+        graph=w.captured.model,
+        opset=OPSET,
+        producer=PRODUCER,
+        has_tokenizer=has_tokenizer,
+        monolithic=options.monolithic,
+        extra_model=_generation_ids(w.model),
+        contrib_ops=_contrib_ops(options.ort_moe, lowbit),
+        cost=cost,
+    )
+    if w.ranges is not None:
+        manifest["analog"]["input_ranges"] = w.ranges.to_dict()
+    if options.kv_cache:
+        manifest["genai_config"] = _write_genai_config(manifest, w.model, w.directory)
+    write_manifest(manifest, w.directory / MANIFEST_NAME)
 
 
 def _write_genai_config(manifest: dict, model: nn.Module, directory: Path) -> dict:

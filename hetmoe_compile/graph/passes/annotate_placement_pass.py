@@ -54,7 +54,6 @@ class AnnotatePlacementPass(PassBase):
     def call(self, graph_module: fx.GraphModule) -> PassResult:
         for node in graph_module.graph.nodes:
             node.meta[PLACEMENT_META] = self.classify(node)
-            node.meta["delegation_tag"] = node.meta[PLACEMENT_META].device
         return PassResult(graph_module, True)
 
     def _strip(self, path: str) -> str:
