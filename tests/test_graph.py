@@ -100,3 +100,23 @@ def test_export_error_is_a_clear_hetmoe_error():
 
     with pytest.raises(HetMoEError, match="torch.export failed for Broken"):
         export_model(Broken())
+
+
+def test_the_expert_group_call_is_one_named_structure():
+    """``ExpertGroupCall`` names the op's 13 arguments: it is the op's schema, the module's call, what the passes
+    read from a node and the ONNX placeholder's inputs and attributes."""
+    import onnx
+
+    from hetmoe_compile.export.onnx_capture import DOMAIN, PLACEHOLDER, register_placeholder_schema
+    from hetmoe_compile.ir.expert_group import GROUP_TENSORS, SETTINGS, ExpertGroupCall
+
+    model, info, placement = placed("olmoe", canonical=False)
+    gm = export_placed(model, placement, info).graph_module
+    node = next(n for n in gm.graph.nodes if is_expert_group(n))
+    call = ExpertGroupCall.of(node)
+    assert call.num_experts == info.moe_layers[0].num_experts and call.activation == "glu"
+    assert [getattr(call, k) for k in GROUP_TENSORS] == list(call.weights()) == list(node.args[3:8])
+    register_placeholder_schema()
+    schema = onnx.defs.get_schema(PLACEHOLDER, 1, DOMAIN)
+    names = tuple(i.name for i in schema.inputs) + tuple(sorted(schema.attributes, key=SETTINGS.index))
+    assert names == ExpertGroupCall._fields

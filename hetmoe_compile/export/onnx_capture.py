@@ -8,6 +8,7 @@ scratch directory and read back without it, so no 2 GB protobuf limit applies an
 
 from __future__ import annotations
 
+import inspect
 import logging
 import re
 import warnings
@@ -23,11 +24,23 @@ from onnx.defs import OpSchema
 from torch.export import ExportedProgram
 
 from ..base.errors import HetMoEError
+from ..ir.expert_group import GROUP_TENSORS, ROUTING_INPUTS, SETTINGS, ExpertGroupCall
 
 DOMAIN = "hetmoe"
 PLACEHOLDER = "ExpertGroup"
 OPSET = 20
 FLOATS = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+
+
+_SETTING_TYPES = {
+    "num_experts": (OpSchema.AttrType.INT, "experts in the layer"),
+    "activation": (OpSchema.AttrType.STRING, "glu or gpt_oss_glu"),
+    "act_name": (OpSchema.AttrType.STRING, "activation function"),
+    "alpha": (OpSchema.AttrType.FLOAT, "gpt_oss_glu alpha"),
+    "limit": (OpSchema.AttrType.FLOAT, "gpt_oss_glu limit"),
+}
+assert tuple(_SETTING_TYPES) == SETTINGS
+_KIND = {n: "I" if n in ("top_k_index", "expert_ids") else "T" for n in ROUTING_INPUTS + GROUP_TENSORS}
 
 
 def register_placeholder_schema() -> None:
@@ -44,25 +57,13 @@ def register_placeholder_schema() -> None:
         DOMAIN,
         1,
         doc="Routed contribution of a group of MoE experts (placeholder replaced by hetmoe-compile).",
-        inputs=[
-            P("hidden", "T"),
-            P("top_k_index", "I"),
-            P("top_k_weights", "T"),
-            P("expert_ids", "I"),
-            P("gate_up", "T"),
-            P("down", "T"),
-            P("gate_up_bias", "T", param_option=opt),
-            P("down_bias", "T", param_option=opt),
+        inputs=[  # ExpertGroupCall's tensors, in its order; the biases optional
+            P(n, _KIND[n], param_option=opt) if n.endswith("_bias") else P(n, _KIND[n])
+            for n in ROUTING_INPUTS + GROUP_TENSORS
         ],
         outputs=[P("output", "T")],
         type_constraints=[("T", FLOATS, "float tensors"), ("I", ["tensor(int64)"], "indices")],
-        attributes=[
-            A("num_experts", OpSchema.AttrType.INT, "experts in the layer"),
-            A("activation", OpSchema.AttrType.STRING, "glu or gpt_oss_glu"),
-            A("act_name", OpSchema.AttrType.STRING, "activation function"),
-            A("alpha", OpSchema.AttrType.FLOAT, "gpt_oss_glu alpha"),
-            A("limit", OpSchema.AttrType.FLOAT, "gpt_oss_glu limit"),
-        ],
+        attributes=[A(name, kind, doc) for name, (kind, doc) in _SETTING_TYPES.items()],  # its settings
     )
     onnx.defs.register_schema(schema)
 
@@ -96,6 +97,9 @@ def _translate(
         alpha=float(alpha),
         limit=float(limit),
     )
+
+
+assert tuple(inspect.signature(_translate).parameters) == ExpertGroupCall._fields  # the op's arguments, by name
 
 
 @dataclass

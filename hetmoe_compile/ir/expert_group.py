@@ -8,7 +8,7 @@ tokens routed to the group's experts (gather, per-expert matmuls, scatter-add), 
 
 from __future__ import annotations
 
-from typing import NamedTuple, cast
+from typing import Any, NamedTuple, cast
 
 import torch
 import torch.nn.functional as F
@@ -152,6 +152,48 @@ def _(
     return torch.empty_like(hidden)
 
 
+class ExpertGroupCall(NamedTuple):
+    """The 13 arguments of ``hetmoe::expert_group``, by name: tensors (or the graph nodes that make them), then the
+    group's settings. The module calls the op with one, the split and analog-rewrite passes read and rebuild graph
+    nodes through one (:meth:`of`, ``_replace``), and the ONNX placeholder's inputs and attributes are its fields."""
+
+    hidden: Any
+    top_k_index: Any
+    top_k_weights: Any
+    expert_ids: Any
+    gate_up: Any
+    down: Any
+    gate_up_bias: Any
+    down_bias: Any
+    num_experts: Any
+    activation: Any
+    act_name: Any
+    alpha: Any
+    limit: Any
+
+    @classmethod
+    def of(cls, node) -> ExpertGroupCall:
+        """The arguments of an FX node that calls the op (positional or by keyword)."""
+        args = list(node.args) + [None] * (len(cls._fields) - len(node.args))
+        for i, name in enumerate(cls._fields):
+            if name in node.kwargs:
+                args[i] = node.kwargs[name]
+        return cls(*args)
+
+    def weights(self) -> tuple:
+        """The group's own tensors: ``(expert_ids, gate_up, down, gate_up_bias, down_bias)``."""
+        return tuple(getattr(self, k) for k in GROUP_TENSORS)
+
+
+ROUTING_INPUTS = ("hidden", "top_k_index", "top_k_weights")
+GROUP_TENSORS = ("expert_ids", "gate_up", "down", "gate_up_bias", "down_bias")
+SETTINGS = ("num_experts", "activation", "act_name", "alpha", "limit")
+"""The op's arguments in three parts: the layer's routing inputs, the group's tensors, its settings (attributes
+in ONNX)."""
+assert ExpertGroupCall._fields == ROUTING_INPUTS + GROUP_TENSORS + SETTINGS
+assert tuple(a.name for a in torch.ops.hetmoe.expert_group.default._schema.arguments) == ExpertGroupCall._fields
+
+
 class ExpertWeights(NamedTuple):
     """Canonical weights of a set of experts: one row is one neuron."""
 
@@ -214,21 +256,22 @@ class ExpertGroup(nn.Module):
         return expert_mlp(x, *(weights or self.expert(local)), self.activation, self.act_name, self.alpha, self.limit)
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        return torch.ops.hetmoe.expert_group(
-            hidden,
-            top_k_index,
-            top_k_weights,
-            self.expert_ids,
-            self.gate_up,
-            self.down,
-            self.gate_up_bias,
-            self.down_bias,
-            self.num_experts,
-            self.activation,
-            self.act_name,
-            self.alpha,
-            self.limit,
+        call = ExpertGroupCall(
+            hidden=hidden,
+            top_k_index=top_k_index,
+            top_k_weights=top_k_weights,
+            expert_ids=self.expert_ids,
+            gate_up=self.gate_up,
+            down=self.down,
+            gate_up_bias=self.gate_up_bias,
+            down_bias=self.down_bias,
+            num_experts=self.num_experts,
+            activation=self.activation,
+            act_name=self.act_name,
+            alpha=self.alpha,
+            limit=self.limit,
         )
+        return torch.ops.hetmoe.expert_group(*call)
 
     def extra_repr(self) -> str:
         return f"device={self.device_kind}, experts={self.ids}"

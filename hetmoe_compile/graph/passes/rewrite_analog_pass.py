@@ -25,6 +25,7 @@ from ...analog.input_ranges import NO_RANGES, InputRanges
 from ...analog.instance import MATRICES, output_noise_seed, program_expert_stacks
 from ...analog.programmed_stack import ProgrammedStack
 from ...analog.tiles import Periphery
+from ...ir.expert_group import SETTINGS, ExpertGroupCall
 from .pass_base import PLACEMENT_META, PassBase, PassError, PassResult, attr_value, drop_unused_attrs, is_expert_group
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -84,21 +85,10 @@ class RewriteAnalogPass(PassBase):
             if match is None:
                 raise PassError(self.name, f"cannot tell the decoder layer of {node.name} ({tag.module})")
             layer = int(match.group(1))
-            (
-                hidden,
-                idx,
-                weights,
-                ids_n,
-                gu_n,
-                down_n,
-                gub_n,
-                db_n,
-                num_experts,
-                activation,
-                act_name,
-                alpha,
-                limit,
-            ) = node.args
+            call = ExpertGroupCall.of(node)
+            hidden, idx, weights = call.hidden, call.top_k_index, call.top_k_weights
+            ids_n, gu_n, down_n, gub_n, db_n = call.weights()
+            num_experts, activation, act_name, alpha, limit = (getattr(call, k) for k in SETTINGS)
             ids, gate_up, down = _attr(gm, ids_n), _attr(gm, gu_n), _attr(gm, down_n)
             holder = nn.Module()
             holder.register_buffer("rng_state", torch.full((1,), output_noise_seed(self.seed, layer)))

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch import fx, nn
 
+from ...ir.expert_group import GROUP_TENSORS, ExpertGroupCall
 from ...placement.placement import Placement, rank_digital
 from ...placement.policy import PlacementPolicy, parse_override_key
 from ...scoring.max_neuron_norm import max_neuron_norms_canonical
@@ -110,12 +111,12 @@ class SplitExpertGroupsPass(PassBase):
         gm = graph_module
         groups = [n for n in gm.graph.nodes if is_expert_group(n)]
         layers: dict[int, tuple[fx.Node, dict[str, Any]]] = {}
-        values = iter(evaluate(gm, [a for n in groups for a in n.args[3:8]], self.example_inputs))
+        values = iter(evaluate(gm, [a for n in groups for a in ExpertGroupCall.of(n).weights()], self.example_inputs))
         for node in groups:
             layer = layer_of(node)
             if layer is None or layer in layers:
                 raise PassError(self.name, f"cannot tell the decoder layer of {node.name}")
-            keys = ("ids", "gate_up", "down", "gate_up_bias", "down_bias")
+            keys = ("ids", "gate_up", "down", "gate_up_bias", "down_bias")  # GROUP_TENSORS, ids for expert_ids
             layers[layer] = (node, {k: next(values) for k in keys})
         self._check_overrides({layer: w["ids"].tolist() for layer, (_, w) in layers.items()})
         if self.placement is not None:
@@ -187,7 +188,8 @@ class SplitExpertGroupsPass(PassBase):
                     gm.graph.get_attr(f"{prefix}.{k}") if getattr(sub, k) is not None else None
                     for k in ("expert_ids", "gate_up", "down", "gate_up_bias", "down_bias")
                 ]
-                new = gm.graph.call_function(cast(Callable, node.target), (*node.args[:3], *attrs, *node.args[8:]))
+                call = ExpertGroupCall.of(node)._replace(**dict(zip(GROUP_TENSORS, attrs)))
+                new = gm.graph.call_function(cast(Callable, node.target), tuple(call))
             chosen = [ids[i] for i in local]
             new.meta.update({k: v for k, v in node.meta.items() if k not in ("val", "example_value")})
             new.meta[PLACEMENT_META] = NodePlacement(
