@@ -100,6 +100,16 @@ def run_sweep_jobs(
     if (context is None) == (pool is None):
         raise ValueError("run_sweep_jobs needs exactly one of context and pool")
     units = sweep_units(jobs, cfg, spec)
+    if store is not None:
+        store.lock()  # one writer per directory, until this sweep ends
+    try:
+        return _run_units(jobs, units, store, context, pool, observer)
+    finally:
+        if store is not None:
+            store.release()
+
+
+def _run_units(jobs, units, store, context, pool, observer) -> SweepOutcome:
     finished = store.open() if store is not None else {}
     identity: dict | None = store.model if store is not None else None
 

@@ -103,7 +103,18 @@ def sweep(
     jobs = sweep_plan(list(config.fractions), list(config.selectors), cfg, config.ablation, peers)
     pool = _pool(config, workers, ray)
     context = None if pool else (lambda: sweep_context(config, None, prepared))
-    outcome = run_sweep_jobs(jobs, cfg, spec, store, context=context, pool=pool, observer=observer)
+    if store is not None:
+        store.lock()  # held until the results are written too
+    try:
+        outcome = run_sweep_jobs(jobs, cfg, spec, store, context=context, pool=pool, observer=observer)
+        return _result(config, outcome, cfg, spec, peers, ppl_scored, pool, ray, out)
+    finally:
+        if store is not None:
+            store.release()
+
+
+def _result(config, outcome, cfg, spec, peers, ppl_scored, pool, ray, out) -> SweepResult:
+    """The sweep's rows and record, saved into ``out`` when given."""
     identity = outcome.identity or {}
     meta = {
         "producer": PRODUCER,

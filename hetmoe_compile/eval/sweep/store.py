@@ -26,6 +26,50 @@ class SweepStore:
         self.dir = Path(directory)
         self.settings = json.loads(json.dumps(settings))  # as it reads back from the file
         self.model: dict | None = None
+        self._lock: int | None = None
+        self._holds = 0  # lock() calls not yet released: the caller around a sweep may hold it too
+        self._created = False
+
+    @property
+    def settings_sha256(self) -> str:
+        """sha256 of the settings, which every unit file carries: a unit is bound to the settings it ran under."""
+        return _digest(self.settings)
+
+    def lock(self) -> None:
+        """Become the directory's one writer (an exclusive lock on it, released by :meth:`release` or when this
+        process ends, however it ends); one line if another sweep holds it. Creates the directory if needed."""
+        import fcntl
+        import os
+
+        if self._lock is not None:
+            self._holds += 1
+            return
+        self._created = not self.dir.exists()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.dir, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise HetMoEError(
+                f"--out {self.dir}: another sweep is writing there, and two at once would mix their units; wait for "
+                "it to finish, or choose another --out"
+            ) from None
+        self._lock, self._holds = fd, 1
+
+    def release(self) -> None:
+        """Give up the lock; a directory this run created and left empty is removed."""
+        import os
+
+        if self._lock is None:
+            return
+        self._holds -= 1
+        if self._holds:
+            return
+        os.close(self._lock)
+        self._lock = None
+        if self._created and self.dir.is_dir() and not any(self.dir.iterdir()):
+            self.dir.rmdir()
 
     @property
     def units_dir(self) -> Path:
@@ -36,14 +80,13 @@ class SweepStore:
         others) and return the finished units' results by key. Nothing is written until a worker is ready
         (:meth:`bind_model`), so a run that fails before leaves the directory as it was."""
         path = self.dir / SETTINGS
-        finished = self._finished()
         if not path.is_file():
-            if finished:
+            if self._unit_files():
                 raise HetMoEError(
                     f"--out {self.dir}: {UNITS}/ holds results but {SETTINGS} is missing, so they cannot be checked; "
                     f"choose a new --out, or delete {self.units_dir} to start over"
                 )
-            return finished
+            return {}
         try:
             old = json.loads(path.read_text())
             stored, model = old["settings"], old.get("model")
@@ -51,6 +94,7 @@ class SweepStore:
             raise HetMoEError(
                 f"{path}: not a sweep record; choose a new --out, or delete {self.dir} to start over"
             ) from None
+        finished = self._finished(_digest(stored))  # each unit under the settings the record says it ran under
         if not finished:  # nothing measured under the old settings: start afresh
             return finished
         diff = _differences(stored, self.settings)
@@ -77,17 +121,23 @@ class SweepStore:
         self._write()
 
     def save(self, unit: Unit, result: dict) -> None:
-        atomic_write_text(self.units_dir / f"{unit.key}.json", json.dumps(result, indent=1) + "\n")
+        """Write a finished unit, bound to its key and the settings, with the sha256 of its content."""
+        doc = {**result, "key": unit.key, "settings_sha256": self.settings_sha256}
+        doc["sha256"] = _digest(doc)
+        atomic_write_text(self.units_dir / f"{unit.key}.json", json.dumps(doc, indent=1) + "\n")
 
     def _write(self) -> None:
         doc = {"settings": self.settings, "model": self.model}
         atomic_write_text(self.dir / SETTINGS, json.dumps(doc, indent=2) + "\n")
 
-    def _finished(self) -> dict[str, dict]:
+    def _unit_files(self) -> list[Path]:
+        return sorted(self.units_dir.glob("*.json")) if self.units_dir.is_dir() else []
+
+    def _finished(self, settings_sha256: str) -> dict[str, dict]:
+        """The finished units' results, each checked: its content against its sha256, its name against its key,
+        its settings against ``settings_sha256``."""
         out: dict[str, dict] = {}
-        if not self.units_dir.is_dir():
-            return out
-        for path in sorted(self.units_dir.glob("*.json")):
+        for path in self._unit_files():
             try:
                 result = json.loads(path.read_text())
                 ok = isinstance(result, dict) and all(k in result for k in UNIT_FIELDS)
@@ -95,8 +145,21 @@ class SweepStore:
                 ok = False
             if not ok:
                 raise HetMoEError(f"{path}: not a sweep unit result; delete it to measure that unit again")
+            fix = "delete it to measure that unit again"
+            claimed = result.pop("sha256", None)
+            if claimed != _digest(result):
+                raise HetMoEError(f"{path}: edited after the sweep wrote it (its sha256 does not match); {fix}")
+            if result.pop("key", None) != path.stem:
+                raise HetMoEError(f"{path}: holds another unit's result (renamed or copied); {fix}")
+            if result.pop("settings_sha256", None) != settings_sha256:
+                raise HetMoEError(f"{path}: measured under other settings than {self.dir / SETTINGS} records; {fix}")
             out[path.stem] = result
         return out
+
+
+def _digest(doc: dict) -> str:
+    """sha256 of a JSON document in canonical form (sorted keys, as it reads back from the file)."""
+    return hashlib.sha256(json.dumps(json.loads(json.dumps(doc)), sort_keys=True).encode()).hexdigest()
 
 
 def file_digest(path: Path) -> str:
