@@ -261,3 +261,23 @@ def _finite(value: object) -> object:
     if isinstance(value, (list, tuple)):
         return [_finite(v) for v in value]
     return value
+
+
+def finite_json(doc: object, what: str, indent: int | None = 2) -> str:
+    """``doc`` as JSON for a file whose schema wants numbers: one line naming the first NaN or infinite value
+    (``what``: the file), never a file that strict parsers refuse or one that says ``null`` where a number goes."""
+    bad = _first_nonfinite(doc, "")
+    if bad is not None:
+        raise HetMoEError(f"{what}: the value at {bad or '(top level)'} is not a finite number; nothing was written")
+    return json.dumps(doc, indent=indent, allow_nan=False)
+
+
+def _first_nonfinite(value: object, where: str) -> str | None:
+    if isinstance(value, float) and not math.isfinite(value):
+        return where
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, (list, tuple)) else ()
+    for key, item in items:
+        found = _first_nonfinite(item, f"{where}/{key}")
+        if found is not None:
+            return found
+    return None

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from pathlib import Path
 
 from onnx import ModelProto, ValueInfoProto, helper
 
 from ..analog.config import AnalogConfig
-from ..base.io import atomic_write_text
+from ..base.io import atomic_write_text, finite_json
 from ..placement.placement import Placement
 from ..runtime.manifest import MANIFEST_NAME, MANIFEST_SCHEMA_VERSION, file_sha256, validate_manifest
 from .partition import Partition
@@ -117,4 +116,4 @@ def build_manifest(
 
 def write_manifest(doc: dict, path: Path) -> Path:
     validate_manifest(doc, str(path))
-    return atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    return atomic_write_text(path, finite_json(doc, str(path)) + "\n")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ import numpy as np
 from torch import nn
 
 from ..base.errors import HetMoEError
-from ..base.io import atomic_write_text, read_json_file
+from ..base.io import atomic_write_text, finite_json, read_json_file
 from ..base.version import PRODUCER
 from ..models.identity import config_hash, model_identity
 from ..models.recognize import ROUTED_EXPERTS, ModelInfo
@@ -106,7 +105,7 @@ class Placement:
         """Validate and write atomically (a temp file renamed into place)."""
         doc = self.to_dict()
         validate_placement(doc, str(path))
-        return atomic_write_text(Path(path), json.dumps(doc, indent=2) + "\n")
+        return atomic_write_text(Path(path), finite_json(doc, str(path)) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> Placement:
@@ -147,11 +146,18 @@ def rank_digital(
 
 
 def check_scores(info: ModelInfo, scores: Scores) -> None:
-    """Every MoE layer has one score per expert."""
+    """Every MoE layer has one finite score per expert."""
     for layer in info.moe_layers:
         got = scores.layers.get(layer.index)
         if got is None or len(got) != layer.num_experts:
             raise HetMoEError(f"scores from '{scores.selector}' do not cover layer {layer.index}'s experts")
+        bad = [e for e, v in enumerate(np.asarray(got, dtype=np.float64)) if not np.isfinite(v)]
+        if bad:
+            raise HetMoEError(
+                f"scores from '{scores.selector}' are not finite numbers for layer {layer.index}'s experts {bad} "
+                "(NaN weights, or a selector that divides by zero), so they rank nothing; check the model's weights "
+                "or choose another selector"
+            )
 
 
 def policy_overrides(policy: PlacementPolicy, info: ModelInfo) -> dict[tuple[int, int], str]:
