@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -239,3 +240,34 @@ def check_placement_matches(placement: Placement, model: nn.Module, info: ModelI
         {layer.index: layer.num_experts for layer in info.moe_layers},
         source,
     )
+    check_derived_fields(placement, model, info, source)
+
+
+def check_derived_fields(placement: Placement, model: nn.Module, info: ModelInfo, source: str) -> None:
+    """The fields of a placement that describe the model or follow from its devices must say what the model and
+    the devices say: the model's facts, each layer's module path, and the dense modules and parameter shares
+    (derived from the policy's dense device). An edited field is refused, never believed."""
+    fix = "re-run 'hetmoe-compile place' (or hetmoe_compile.place) for this model"
+    facts = model_identity(model, info, "")
+    for key, value in facts.items():
+        if key not in ("source", "config_sha256") and key in placement.model and placement.model[key] != value:
+            raise HetMoEError(
+                f"{source}: model.{key} says {placement.model[key]!r}, the model has {value!r} (edited?); {fix}"
+            )
+    for layer in placement.layers:
+        want = info.layer(layer.index).experts
+        if layer.module != want:
+            raise HetMoEError(
+                f"{source}: layer {layer.index}'s module is {layer.module!r}, the model's is {want!r}; {fix}"
+            )
+    dense, share = _parameter_accounting(model, info, placement.layers, placement.policy.dense)
+    recorded = {(d.module, d.kind, d.device, d.params) for d in placement.dense_modules}
+    derived = {(d.module, d.kind, d.device, d.params) for d in dense}
+    if recorded != derived:
+        first = sorted(recorded ^ derived)[0]
+        raise HetMoEError(
+            f"{source}: dense_modules disagree with the model and policy.dense={placement.policy.dense!r} (e.g. "
+            f"{first[0] or '(root)'} on {first[2]}); {fix}"
+        )
+    if placement.parameter_share != json.loads(json.dumps(share)):
+        raise HetMoEError(f"{source}: parameter_share disagrees with the experts' devices (edited?); {fix}")
