@@ -23,7 +23,7 @@ def add_parser(sub) -> None:
     how = e.add_mutually_exclusive_group(required=True)
     how.add_argument("--placement", metavar="FILE", help="a placement.json from 'place'")
     how.add_argument("--digital-fraction", type=_fraction, metavar="F", help="place on the fly with --selector")
-    e.add_argument("--selector", default="max-neuron-norm", metavar="NAME", help="with --digital-fraction")
+    e.add_argument("--selector", default=None, metavar="NAME", help="with --digital-fraction (default max-neuron-norm)")
     e.add_argument(
         "--dense",
         choices=["digital", "analog"],
@@ -63,10 +63,13 @@ def _evaluate_arguments(args) -> dict:
     """The flags as :func:`hetmoe_compile.evaluate`'s arguments."""
     from ..placement import Placement
 
+    if args.placement and args.selector is not None:
+        raise HetMoEError("--selector places with --digital-fraction; --placement is placed already: drop one")
     placement = Placement.load(args.placement) if args.placement else None
     policy = None
     if placement is None:
-        policy = PlacementPolicy(args.digital_fraction, args.selector, dense=args.dense or "digital", seed=args.seed)
+        selector = args.selector or "max-neuron-norm"
+        policy = PlacementPolicy(args.digital_fraction, selector, dense=args.dense or "digital", seed=args.seed)
     return dict(
         placement=placement,
         policy=policy,

@@ -160,7 +160,21 @@ def _scores_from_checkpoint(args, names: list[str]) -> bool:
             f"--load meta scores {', '.join(CHECKPOINT_SELECTORS)} without calibration text; drop "
             "--calib and data-driven selectors, or use --load full"
         )
+    placing = [
+        f
+        for f, v in (
+            ("--device", args.device != "auto"),
+            ("--device-map", args.device_map is not None),
+            ("--max-memory", args.max_memory is not None),
+            ("--offload-folder", args.offload_folder is not None),
+        )
+        if v
+    ]
+    if args.load == "meta" and placing:
+        raise HetMoEError(f"{', '.join(placing)} place a loaded model; --load meta loads none: drop one of them")
     if args.load == "auto":
+        if placing:  # they say where the model goes: load it there (full), never ignore them
+            return False
         path = Path(args.model).expanduser()
         return possible and (
             (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()

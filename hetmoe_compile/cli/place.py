@@ -105,7 +105,12 @@ def _policy(args) -> PlacementPolicy:
     from ..scoring import check_selectors
 
     check_selectors([args.selector], bool(args.calib))
-    overrides = dict(parse_override(o) for o in args.override)
+    overrides: dict[str, str] = {}
+    for text in args.override:
+        key, device = parse_override(text)
+        if key in overrides:
+            raise HetMoEError(f"--override {text}: expert {key} is overridden twice; give each expert once")
+        overrides[key] = device
     budget = args.digital_memory_budget is not None or args.energy_budget is not None
     if budget and args.digital_fraction is not None:
         raise HetMoEError(

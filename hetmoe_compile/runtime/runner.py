@@ -360,6 +360,16 @@ def load(
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
             raise HetMoEError(f"{name} must be an integer >= 0 (0: one per core), got {value!r}")
     executors = dict(executors or {})
+    devices = sorted({p["device"] for p in manifest["partitions"]})
+    unknown = [k for k in executors if k not in devices]
+    if unknown:
+        raise HetMoEError(
+            f"executors for {', '.join(map(repr, unknown))}: the export's partitions run on {', '.join(devices)}; "
+            "key the executors by one of those (they would never be called)"
+        )
+    bad = [k for k, fn in executors.items() if not callable(fn)]
+    if bad:
+        raise HetMoEError(f"executors[{bad[0]!r}] is not callable; give a function fn(partition, feeds) -> outputs")
     options = {
         "digital": _session_options(threads),
         "analog": _session_options(threads if analog_threads is None else analog_threads),
