@@ -101,7 +101,9 @@ def test_json_round_trip_and_schema(olmoe, tmp_path):
     again = Placement.load(path)
     assert again.devices() == p.devices()
     assert [f.name for f in tmp_path.joinpath("sub").iterdir()] == ["placement.json"]  # no temp file left
-    bad = dict(doc, layers=[{"index": 0, "module": "x", "experts": [{"id": 0, "score": 1.0, "device": "gpu"}]}])
+    bad = dict(
+        doc, layers=[{"index": 0, "module": "x", "experts": [{"id": 0, "score": 1.0, "device": "gpu", "reason": ""}]}]
+    )
     with pytest.raises(HetMoEError, match="invalid placement at layers/0/experts/0/device"):
         validate_placement(bad)
     with pytest.raises(HetMoEError, match="schema version 2.0 is not supported"):

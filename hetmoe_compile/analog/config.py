@@ -191,6 +191,10 @@ def analog_config(
     """A preset, optionally with ``noise_scale``, ``t_inference`` or any other field changed."""
     if preset not in PRESETS:
         raise HetMoEError(f"unknown noise preset '{preset}'; choose one of {', '.join(PRESETS)}")
+    unknown = sorted(set(overrides) - {f.name for f in fields(AnalogConfig)} - {"preset"})
+    if unknown:
+        names = ", ".join(f.name for f in fields(AnalogConfig) if f.name != "preset")
+        raise HetMoEError(f"analog_config: unknown field(s) {', '.join(unknown)}; the fields are {names}")
     changes = dict(overrides)
     if noise_scale is not None:
         changes["noise_scale"] = float(noise_scale)

@@ -177,7 +177,7 @@ def compile(
     _check_arg("placement", placement, Placement, "Placement.load(path) reads a placement.json", optional=True)
     _check_arg("calibration", calibration, Calibration, "see calibration_from_text", optional=True)
     cfg = analog if isinstance(analog, AnalogConfig) else analog_config(analog or "pcm")
-    names = check_peers(list(peers), calibration is not None) if peers else []
+    names = check_peers(_names(peers, "peers") or [], calibration is not None) if peers else []
     if digital_bits is not None and {"int8", "int4"} & set(names):
         raise HetMoEError("digital_bits and the int8/int4 peers both quantise the digital experts: use one")
     info = recognize(model)

@@ -145,6 +145,23 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def resolve_device(device: str | torch.device) -> str:
+    """``device`` as a name (``auto``: CUDA when available); one line for CUDA on a machine without it, a CUDA
+    index the machine does not have, or an unknown name."""
+    name = str(device) if isinstance(device, torch.device) else device
+    if not isinstance(name, str):
+        raise HetMoEError(f"device must be a string such as 'cpu' or 'cuda', got {type(name).__name__}")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
+        raise HetMoEError(f"device={name!r}: unknown device; use cpu, cuda, cuda:N or auto")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HetMoEError(f"device={name!r}: CUDA is not available here; use device='cpu'")
+    if name.startswith("cuda:") and int(name[5:]) >= torch.cuda.device_count():
+        raise HetMoEError(f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return name
+
+
 @dataclass(frozen=True)
 class LoadOptions:
     """How the API's functions load a model given by path or hub id (see :func:`load_model`): ``device`` is cpu,
@@ -159,16 +176,7 @@ class LoadOptions:
 
     def resolved_device(self) -> str:
         """``device`` with ``auto`` resolved; one line for CUDA on a machine without it, or an unknown name."""
-        name = self.device
-        if not isinstance(name, str):
-            raise HetMoEError(f"device must be a string such as 'cpu' or 'cuda', got {type(name).__name__}")
-        if name == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        if name.startswith("cuda") and not torch.cuda.is_available():
-            raise HetMoEError(f"device={name!r}: CUDA is not available here; use device='cpu'")
-        if name != "cpu" and not (name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit())):
-            raise HetMoEError(f"device={name!r}: unknown device; use cpu, cuda, cuda:N or auto")
-        return name
+        return resolve_device(self.device)
 
     def check(self) -> None:
         """Refuse combinations that would be ignored: memory limits or an offload folder without a device map."""
@@ -211,6 +219,8 @@ def load_model(
     from .checkpoint import check_files
     from .device_map import check_dtype_on_device
 
+    if device_map is None:
+        device = resolve_device(device)  # before any file is read
     resolved = resolve_source(source)
     hub = hub_options(source, resolved)
     # a missing shard or a truncated file is named before transformers starts loading

@@ -37,6 +37,14 @@ def validate_placement(doc: dict, source: str = "<placement>") -> None:
     except jsonschema.ValidationError as exc:
         where = "/".join(str(p) for p in exc.absolute_path) or "(top level)"
         raise HetMoEError(f"{source}: invalid placement at {where}: {exc.message}") from exc
+    for i, layer in enumerate(doc["layers"]):  # JSON Schema counts 3.0 as an integer; an id is not a float
+        for j, expert in enumerate(layer["experts"]):
+            for where, value in ((f"layers/{i}/index", layer["index"]), (f"layers/{i}/experts/{j}/id", expert["id"])):
+                if not isinstance(value, int) or isinstance(value, bool):
+                    raise HetMoEError(
+                        f"{source}: invalid placement at {where}: {value!r} is not an integer; re-run "
+                        "'hetmoe-compile place'"
+                    )
     model = doc["model"]
     check_coverage(
         [(layer["index"], [e["id"] for e in layer["experts"]]) for layer in doc["layers"]],
