@@ -70,3 +70,44 @@ def test_executors_for_a_device_the_export_does_not_have_are_refused(demo_export
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     assert runtime.load(copy, executors={"analog": lambda partition, feeds: None}).executors  # a real device: kept
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["eval", str(DEMO), "--placement", "{placement}", "--seed", "3"], "--seed has no effect here"),
+        (["eval", str(DEMO), "--digital-fraction", "0.25", "--seed", "3"], "--seed has no effect here"),
+        (["eval", str(DEMO), "--placement", "{placement}", "--hpd-rank", "4"], "--hpd-rank has no effect here"),
+        (["eval", str(DEMO), "--placement", "{placement}", "--hpd-targets", "lm_head"], "--hpd-targets has no"),
+        (["eval", str(DEMO), "--placement", "{placement}", "--group-size", "32"], "--group-size has no effect here"),
+        (["eval", str(DEMO), "--placement", "{placement}", "--romer-threshold", "0.1"], "--romer-threshold has no"),
+        (["place", str(DEMO), "--seed", "3", "--no-graph"], "--seed has no effect here"),
+        (["calibrate-ranges", str(DEMO), "--calib", str(DEMO), "--seed", "1"], "--seed has no effect here"),
+        (["export", str(DEMO), "--placement", "{placement}", "--group-size", "32"], "--group-size has no effect"),
+    ],
+    ids=[
+        "eval-seed-placement",
+        "eval-seed-mnn",
+        "hpd-rank",
+        "hpd-targets",
+        "group-size",
+        "romer",
+        "place-seed",
+        "calibrate-seed",
+        "export-group-size",
+    ],
+)
+def test_an_option_whose_feature_is_off_is_refused(demo_export, tmp_path, capsys, no_model_load, argv, message):
+    argv = [a.format(placement=demo_export[0]) for a in argv] + ["--out", str(tmp_path / "out")]
+    assert main(argv) == 2
+    _one_line(capsys, message)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_same_options_act_with_their_feature(demo_export, tmp_path):
+    """With their feature on they are taken: ``--seed`` with the random selector changes the placement."""
+    out = [tmp_path / f"p{seed}.json" for seed in (1, 2)]
+    for seed, path in zip((1, 2), out):
+        argv = ["place", str(DEMO), "--selector", "random", "--seed", str(seed), "--no-graph", "--out", str(path)]
+        assert main(argv) == 0
+    assert out[0].read_text() != out[1].read_text()

@@ -14,6 +14,7 @@ from ..base.version import __version__
 from . import analyze, calibrate_ranges, evaluate, export, place, run, sweep
 from .arguments import EXIT_INTERRUPTED, EXIT_USAGE, _Parser
 from .interrupts import interrupted, watching_interrupts
+from .options import refuse_unused
 
 COMMANDS = {
     "analyze": analyze,
@@ -120,6 +121,7 @@ def _check_inputs_survive(args) -> None:
 
 def _dispatch(args) -> int:
     try:
+        refuse_unused(args)
         if getattr(args, "out", None):
             check_output_path(args.out)  # before the model loads: a bad --out costs no work
             _check_inputs_survive(args)

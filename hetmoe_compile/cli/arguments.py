@@ -123,7 +123,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="at most N calibration tokens, in windows of 256 (default 8192)",
     )
-    p.add_argument("--seed", type=_seed, default=0, help="seed for the random and measured selectors (default 0)")
+    p.add_argument("--seed", type=_seed, default=None, help="seed for the random and measured selectors (default 0)")
     p.add_argument(
         "--dtype",
         default="auto",
@@ -185,7 +185,7 @@ def _add_lowbit_args(
             metavar="B",
             help=bits_help or "quantise the digital experts' weights to B bits: 4 or 8 (group-wise, symmetric)",
         )
-    p.add_argument("--group-size", type=_positive_int, default=128, metavar="G", help=group_help)
+    p.add_argument("--group-size", type=_positive_int, default=None, metavar="G", help=group_help)
 
 
 def _add_peer_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -195,13 +195,13 @@ def _add_peer_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument(
         "--romer-threshold",
         type=_fraction,
-        default=0.25,
+        default=None,
         metavar="F",
         help="ROMER: analog experts used less than F x the uniform share are replaced (default 0.25)",
     )
     p.add_argument(
         "--hpd-targets",
-        default="lm_head,attention_output",
+        default=None,
         metavar="LIST",
         help="HPD: projections to split (default lm_head,attention_output)",
     )

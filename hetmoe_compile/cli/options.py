@@ -228,3 +228,50 @@ def _load_options(args):
     return LoadOptions(
         _dtype(args), device, parse_device_map(args.device_map), _max_memory(args.max_memory), args.offload_folder
     )
+
+
+FEATURE_DEFAULTS = {"seed": 0, "group_size": 128, "romer_threshold": 0.25, "hpd_targets": "lm_head,attention_output"}
+"""Flags whose value matters only with a feature on: ``None`` after parsing means not given."""
+DRAWING_SELECTORS = ("random", "measured")
+"""The selectors whose scores depend on ``--seed``."""
+
+
+def refuse_unused(args) -> None:
+    """An option whose feature is off is refused, not ignored (``--hpd-rank`` without the hpd peer, ``--group-size``
+    without low-bit experts, ``--seed`` where nothing is drawn); then the defaults of those not given are filled.
+    ``run``'s ``--seed`` is its sampling's, checked by the command."""
+    if args.command == "run":
+        return
+    peers = set(_list(args.peers, "peers")) if getattr(args, "peers", "").strip() else set()
+    lowbit = getattr(args, "digital_bits", None) is not None or bool({"int8", "int4"} & peers)
+    unused = []
+    if getattr(args, "group_size", None) is not None and not lowbit:
+        unused.append(("--group-size", "--digital-bits 8|4 (or the int8/int4 peers)"))
+    for flag, name in (("--hpd-rank", "hpd_rank"), ("--hpd-targets", "hpd_targets")):
+        if getattr(args, name, None) is not None and "hpd" not in peers:
+            unused.append((flag, "--peers hpd"))
+    if getattr(args, "romer_threshold", None) is not None and not any(p.startswith("romer") for p in peers):
+        unused.append(("--romer-threshold", "a ROMER peer (--peers romer)"))
+    if getattr(args, "seed", None) is not None and not _draws(args, lowbit, peers):
+        unused.append(("--seed", "a random or measured selector (or low-bit experts)"))
+    if unused:
+        flag, feature = unused[0]
+        raise HetMoEError(f"{flag} has no effect here: it goes with {feature}; add that or drop {flag}")
+    for name, value in FEATURE_DEFAULTS.items():
+        if hasattr(args, name) and getattr(args, name) is None:
+            setattr(args, name, value)
+
+
+def _draws(args, lowbit: bool, peers: set) -> bool:
+    """Whether ``--seed`` changes anything in this command."""
+    if args.command == "calibrate-ranges":
+        return False
+    if args.command == "analyze":
+        return not args.selector or any(s in DRAWING_SELECTORS for s in args.selector)
+    if args.command == "place":
+        return args.selector in DRAWING_SELECTORS
+    if args.command == "sweep":
+        return lowbit or any(s.strip() in DRAWING_SELECTORS for s in args.selectors.split(","))
+    if args.command == "eval":
+        return lowbit or bool(peers) or (args.placement is None and (args.selector or "") in DRAWING_SELECTORS)
+    return True
