@@ -98,3 +98,12 @@ def reference_loglikelihood(model: torch.nn.Module, tokenizer, context: str, con
     picked = logprobs[len(ctx) - 1 :]
     target = torch.tensor(cont)
     return picked.gather(-1, target[:, None]).sum().item(), bool((picked.argmax(-1) == target).all())
+
+
+def one_line(capsys, *needles: str) -> str:
+    """The captured stderr, asserted to be one line, no traceback, holding every needle (the bad-input promise)."""
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, err
+    return err

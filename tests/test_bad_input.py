@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEMO, REPO
+from helpers import DEMO, REPO, one_line
 
 import hetmoe_compile as hc
 from hetmoe_compile.analog import analog_config, simulate
@@ -23,14 +23,6 @@ from hetmoe_compile.models.tiny import tiny_model
 from hetmoe_compile.placement import Placement, PlacementPolicy
 
 TEXT = REPO / "examples" / "calibration.txt"
-
-
-def _one_line(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 # ---- placements must place every expert of every MoE layer exactly once ---------------------------------------
@@ -106,7 +98,7 @@ def test_cli_refuses_a_bad_placement_before_loading(demo_export, tmp_path, capsy
     out = tmp_path / "out"
     argv = [command, str(DEMO), "--placement", path, "--out", str(out / "x")]
     assert main(argv + (["--ppl", str(TEXT)] if command == "eval" else [])) == 2
-    _one_line(capsys, f"hetmoe-compile {command}: error:", "lists expert(s)")
+    one_line(capsys, f"hetmoe-compile {command}: error:", "lists expert(s)")
     assert not out.exists()
 
 
@@ -114,7 +106,7 @@ def test_placement_that_is_a_json_array(tmp_path, capsys):
     path = tmp_path / "p.json"
     path.write_text("[1, 2]")
     assert main(["eval", str(DEMO), "--placement", str(path), "--ppl", str(TEXT), "--out", str(tmp_path / "r")]) == 2
-    _one_line(capsys, "a placement is a JSON object", "got a JSON array")
+    one_line(capsys, "a placement is a JSON object", "got a JSON array")
 
 
 # ---- the Python API: types, seeds, stale handles -----------------------------------------------------------------
@@ -190,7 +182,7 @@ def test_eval_options_fail_at_parse_time(tmp_path, capsys, extra, message, no_mo
     out = tmp_path / "r.json"
     argv = ["eval", str(DEMO), "--digital-fraction", "0.25", "--ppl", str(TEXT), "--out", str(out), *extra]
     assert main(argv) == 2
-    _one_line(capsys, message)
+    one_line(capsys, message)
     assert not out.exists()
 
 
@@ -209,7 +201,7 @@ def test_out_under_a_regular_file_or_unwritable_fails_before_loading(tmp_path, c
         ("/proc/hetmoe-test/out", "cannot create files in /proc"),  # /proc refuses new files, even for root
     ):
         assert main([command, str(DEMO), *extra, "--out", str(out)]) == 2
-        _one_line(capsys, f"hetmoe-compile {command}: error: --out {out}:", message)
+        one_line(capsys, f"hetmoe-compile {command}: error: --out {out}:", message)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]
 
 
@@ -218,10 +210,10 @@ def test_a_perplexity_text_below_the_minimum_is_refused(tmp_path, capsys, no_mod
     short.write_text("To be, or not to be.")
     out = tmp_path / "r.json"
     assert main(["eval", str(DEMO), "--digital-fraction", "0.25", "--ppl", str(short), "--out", str(out)]) == 2
-    _one_line(capsys, "token(s) would be scored; a perplexity needs at least 32")
+    one_line(capsys, "token(s) would be scored; a perplexity needs at least 32")
     argv = ["eval", str(DEMO), "--digital-fraction", "0.25", "--ppl", str(TEXT), "--ppl-tokens", "20"]
     assert main([*argv, "--out", str(out)]) == 2
-    _one_line(capsys, "19 token(s) would be scored (--ppl-tokens 20)")
+    one_line(capsys, "19 token(s) would be scored (--ppl-tokens 20)")
     assert not out.exists()
 
 

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import DEMO, REPO, placed
+from helpers import DEMO, REPO, one_line, placed
 
 from hetmoe_compile.base.errors import HetMoEError
 from hetmoe_compile.base.io import check_inputs_survive
@@ -16,14 +16,6 @@ from hetmoe_compile.cli.app import main
 from hetmoe_compile.eval.harness_tasks import write_local_tasks
 
 TEXT = REPO / "examples" / "calibration.txt"
-
-
-def _one_line(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, err
-    return err
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -45,7 +37,7 @@ def test_export_refuses_a_folder_whose_manifest_is_not_an_export(demo_export, we
     placement, _ = demo_export
     before = _snapshot(web_project)
     assert main(["export", str(DEMO), "--placement", str(placement), "--out", str(web_project)]) == 2
-    _one_line(capsys, f"--out {web_project}", "manifest.json was not written by hetmoe-compile")
+    one_line(capsys, f"--out {web_project}", "manifest.json was not written by hetmoe-compile")
     assert _snapshot(web_project) == before
     assert sorted(p.name for p in web_project.parent.iterdir()) == ["site"]  # no temporary sibling either
 
@@ -89,7 +81,7 @@ def test_export_refuses_an_out_that_holds_its_placement(demo_export, tmp_path, c
     shutil.copy(placement, kept)
     before = kept.read_bytes()
     assert main(["export", str(DEMO), "--placement", str(kept), "--out", str(target)]) == 2
-    _one_line(capsys, f"--out {target}: holds --placement {kept}", "choose an --out that holds none of the inputs")
+    one_line(capsys, f"--out {target}: holds --placement {kept}", "choose an --out that holds none of the inputs")
     assert kept.read_bytes() == before
 
 
@@ -182,7 +174,7 @@ def test_no_output_replaces_an_input(demo_export, tmp_path, capsys, no_model_loa
     argv = [a.format(**values) for a in argv]
     before = _snapshot(tmp_path)
     assert main(argv) == 2
-    _one_line(capsys, message)
+    one_line(capsys, message)
     assert _snapshot(tmp_path) == before
 
 

@@ -4,18 +4,13 @@ import shutil
 
 import pytest
 import torch
-from helpers import DEMO
+from helpers import DEMO, one_line
 
 from hetmoe_compile import runtime
 from hetmoe_compile.base.errors import HetMoEError
 from hetmoe_compile.cli.app import main
 
 NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the device is there")
-
-
-def _one_line(capsys, needle: str) -> None:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err and needle in err, err
 
 
 @pytest.mark.parametrize(
@@ -42,7 +37,7 @@ def test_an_option_that_would_be_ignored_is_refused(demo_export, tmp_path, capsy
     memory limits it loads the model where they say instead, so bad values are refused as with ``--load full``."""
     argv = [a.format(placement=demo_export[0]) for a in argv] + ["--out", str(tmp_path / "out.json")]
     assert main(argv) == 2
-    _one_line(capsys, message)
+    one_line(capsys, message)
     assert not (tmp_path / "out.json").exists()
 
 
@@ -100,7 +95,7 @@ def test_executors_for_a_device_the_export_does_not_have_are_refused(demo_export
 def test_an_option_whose_feature_is_off_is_refused(demo_export, tmp_path, capsys, no_model_load, argv, message):
     argv = [a.format(placement=demo_export[0]) for a in argv] + ["--out", str(tmp_path / "out")]
     assert main(argv) == 2
-    _one_line(capsys, message)
+    one_line(capsys, message)
     assert not (tmp_path / "out").exists()
 
 

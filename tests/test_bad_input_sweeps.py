@@ -5,7 +5,7 @@ import json
 import shutil
 
 import pytest
-from helpers import DEMO, REPO
+from helpers import DEMO, REPO, one_line
 
 from hetmoe_compile.cli.app import main
 from hetmoe_compile.eval.sweep.store import SweepStore
@@ -33,12 +33,6 @@ def _snapshot(root):
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def _one_line(capsys, needle):
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err and needle in err, err
-    return err
-
-
 def _unit(out, label="all-analog"):
     return next((out / "units").glob(f"{label}*-s1.json"))
 
@@ -60,7 +54,7 @@ def test_a_unit_edited_by_hand_is_refused(finished, tmp_path, capsys, edit):
     path.write_text(json.dumps(doc, indent=1) + "\n")
     before = _snapshot(out)
     assert main([*ARGS, "--out", str(out)]) == 2
-    _one_line(capsys, f"{path}: edited after the sweep wrote it (its sha256 does not match)")
+    one_line(capsys, f"{path}: edited after the sweep wrote it (its sha256 does not match)")
     assert _snapshot(out) == before
 
 
@@ -68,7 +62,7 @@ def test_a_unit_under_another_name_is_refused(finished, tmp_path, capsys):
     out = _copy(finished, tmp_path)
     shutil.copy(_unit(out, "all-analog"), _unit(out, "dense-digital"))
     assert main([*ARGS, "--out", str(out)]) == 2
-    _one_line(capsys, "holds another unit's result (renamed or copied)")
+    one_line(capsys, "holds another unit's result (renamed or copied)")
 
 
 def test_units_are_bound_to_their_settings_even_if_the_record_is_edited(finished, tmp_path, capsys):
@@ -79,7 +73,7 @@ def test_units_are_bound_to_their_settings_even_if_the_record_is_edited(finished
     (out / "sweep.json").write_text(json.dumps(record, indent=2) + "\n")
     argv = [a if a != "2.5" else "8" for a in ARGS]
     assert main([*argv, "--out", str(out)]) == 2
-    _one_line(capsys, "measured under other settings than")
+    one_line(capsys, "measured under other settings than")
 
 
 def test_one_writer_per_directory(finished, tmp_path, capsys):
@@ -91,7 +85,7 @@ def test_one_writer_per_directory(finished, tmp_path, capsys):
     holder.lock()
     try:
         assert main([*ARGS, "--noise-scale", "8", "--out", str(out)]) == 2
-        _one_line(capsys, f"--out {out}: another sweep is writing there")
+        one_line(capsys, f"--out {out}: another sweep is writing there")
     finally:
         holder.release()
     assert main([*ARGS, "--out", str(out)]) == 0

@@ -360,15 +360,17 @@ def prepare_input_ranges(
     cfg: AnalogConfig,
     ranges: InputRanges | str | Path | None = None,
     calibration: Calibration | None = None,
+    origin: str | None = None,
 ) -> dict | None:
     """Input ranges on ``model`` for ``cfg``'s constant noise management: ``ranges`` (or their file), else
     calibrated on ``calibration`` (the model canonicalised, all digital, first); returns what results record
-    about them (None under other noise management, where giving ``ranges`` is an error)."""
+    about them (None under other noise management, where giving ``ranges`` is an error). ``origin``: where
+    given ranges came from, for the record (default: their file's path)."""
     given = check_input_ranges_args(cfg, ranges, calibration is not None)
     if cfg.noise_management != "constant":
         return None
     if given is not None:
-        origin = "given" if isinstance(ranges, InputRanges) else str(ranges)
+        origin = origin or ("given" if isinstance(ranges, InputRanges) else str(ranges))
     else:
         from ..transforms.canonicalize import canonicalize
 

@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
 API_FLAGS = {
     "input_ranges": "--input-ranges",
+    "load": "--load",
     "noise_management": "--noise-management",
     "noise_scale": "--noise-scale",
     "t_inference": "--t-inference",

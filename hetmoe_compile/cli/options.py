@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..base.errors import HetMoEError
 from .arguments import _byte_size
@@ -151,15 +150,10 @@ def _attach_ranges(args, model, info, cfg, calibration=None) -> dict | None:
 
 
 def _scores_from_checkpoint(args, names: list[str]) -> bool:
-    """Whether to score without loading (``--load``): data-free selectors, no calibration, a local directory."""
-    from ..scoring.checkpoint_scores import CHECKPOINT_SELECTORS
+    """Whether to score without loading (``--load``), as :func:`~..compose.api.scores_from_files` decides; device
+    flags place a loaded model, so with them ``auto`` loads it (and ``meta`` is refused)."""
+    from ..compose.api import scores_from_files
 
-    possible = not args.calib and all(n in CHECKPOINT_SELECTORS for n in names)
-    if args.load == "meta" and not possible:
-        raise HetMoEError(
-            f"--load meta scores {', '.join(CHECKPOINT_SELECTORS)} without calibration text; drop "
-            "--calib and data-driven selectors, or use --load full"
-        )
     placing = [
         f
         for f, v in (
@@ -172,14 +166,9 @@ def _scores_from_checkpoint(args, names: list[str]) -> bool:
     ]
     if args.load == "meta" and placing:
         raise HetMoEError(f"{', '.join(placing)} place a loaded model; --load meta loads none: drop one of them")
-    if args.load == "auto":
-        if placing:  # they say where the model goes: load it there (full), never ignore them
-            return False
-        path = Path(args.model).expanduser()
-        return possible and (
-            (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
-        )
-    return args.load == "meta"
+    if args.load == "auto" and placing:  # they say where the model goes: load it there (full), never ignore them
+        return False
+    return scores_from_files(args.model, names, bool(args.calib), args.load)
 
 
 def _load_meta(args, names: list[str]):

@@ -231,7 +231,7 @@ def analyze(
     check_selectors(names, calibration is not None)
     if not isinstance(model, nn.Module):
         path = str(model)
-        if _meta_load(path, names, calibration, load):
+        if scores_from_files(path, names, calibration is not None, load):
             model, analysis = analyze_checkpoint(path, names, seed, dtype)
             return _stamped(analysis, model, source or path, None, seed)
         model = _load_full(path, dtype)
@@ -276,7 +276,7 @@ def place(
     if not isinstance(model, nn.Module):
         path = str(model)
         source = source or path
-        if _meta_load(path, [policy.selector], calibration, load) and scores is None:
+        if scores_from_files(path, [policy.selector], calibration is not None, load) and scores is None:
             model, analysis = analyze_checkpoint(path, [policy.selector], policy.seed, dtype)
             scores = analysis.scores[policy.selector]
         else:
@@ -327,12 +327,13 @@ def _names(value: Sequence[str] | None, name: str) -> list[str] | None:
     return list(value)
 
 
-def _meta_load(path: str, names: list[str], calibration: Calibration | None, load: str) -> bool:
-    """Whether to score from the checkpoint's files without loading the model (``load``: auto, meta or full)."""
+def scores_from_files(path: str, names: list[str], has_calibration: bool, load: str) -> bool:
+    """Whether to score from the checkpoint's files without loading the model (``load``: auto, meta or full):
+    data-free selectors, no calibration, a local safetensors checkpoint."""
     from ..scoring.checkpoint_scores import CHECKPOINT_SELECTORS
 
     check_choice(load, "load", ("auto", "full", "meta"))
-    possible = calibration is None and all(n in CHECKPOINT_SELECTORS for n in names)
+    possible = not has_calibration and all(n in CHECKPOINT_SELECTORS for n in names)
     if load == "meta" and not possible:
         raise HetMoEError(
             f"load='meta' scores {', '.join(CHECKPOINT_SELECTORS)} without calibration text; drop the calibration "

@@ -138,7 +138,7 @@ def evaluate(
         raise HetMoEError("digital_bits and the int8/int4 peers both quantise the digital experts: use one")
     if policy is not None:
         check_selectors([policy.selector], calibration is not None)
-    check_input_ranges_args(cfg, input_ranges, calibration is not None)  # a ranges file is read and checked here, early
+    ranges_given = check_input_ranges_args(cfg, input_ranges, calibration is not None)  # read once, early
     path = None if isinstance(model, nn.Module) else str(model)
     if tokenizer is None:
         from ..models import load_tokenizer
@@ -155,7 +155,8 @@ def evaluate(
         prepared.routing = routing_reference(
             model, info, tokenizer, prepared.text, routing_tokens, spec.batch_size, str(spec.ppl_path)
         )
-    ranges = prepare_input_ranges(model, info, cfg, input_ranges, calibration)
+    origin = None if input_ranges is None or isinstance(input_ranges, InputRanges) else str(input_ranges)
+    ranges = prepare_input_ranges(model, info, cfg, ranges_given, calibration, origin)
     name = source if source is not None else (path or str(getattr(model, "name_or_path", "")))
     compiled = compile_model(
         model,

@@ -154,8 +154,8 @@ def _(
 
 class ExpertGroupCall(NamedTuple):
     """The 13 arguments of ``hetmoe::expert_group``, by name: tensors (or the graph nodes that make them), then the
-    group's settings. The module calls the op with one, the split and analog-rewrite passes read and rebuild graph
-    nodes through one (:meth:`of`, ``_replace``), and the ONNX placeholder's inputs and attributes are its fields."""
+    group's settings. The split and analog-rewrite passes read and rebuild graph nodes through one (:meth:`of`,
+    ``_replace``), and the ONNX placeholder's inputs and attributes are its fields."""
 
     hidden: Any
     top_k_index: Any
@@ -256,22 +256,21 @@ class ExpertGroup(nn.Module):
         return expert_mlp(x, *(weights or self.expert(local)), self.activation, self.act_name, self.alpha, self.limit)
 
     def forward(self, hidden: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        call = ExpertGroupCall(
-            hidden=hidden,
-            top_k_index=top_k_index,
-            top_k_weights=top_k_weights,
-            expert_ids=self.expert_ids,
-            gate_up=self.gate_up,
-            down=self.down,
-            gate_up_bias=self.gate_up_bias,
-            down_bias=self.down_bias,
-            num_experts=self.num_experts,
-            activation=self.activation,
-            act_name=self.act_name,
-            alpha=self.alpha,
-            limit=self.limit,
+        return torch.ops.hetmoe.expert_group(  # in ExpertGroupCall's order; no tuple built on this hot path
+            hidden,
+            top_k_index,
+            top_k_weights,
+            self.expert_ids,
+            self.gate_up,
+            self.down,
+            self.gate_up_bias,
+            self.down_bias,
+            self.num_experts,
+            self.activation,
+            self.act_name,
+            self.alpha,
+            self.limit,
         )
-        return torch.ops.hetmoe.expert_group(*call)
 
     def extra_repr(self) -> str:
         return f"device={self.device_kind}, experts={self.ids}"

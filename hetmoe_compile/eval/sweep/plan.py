@@ -408,19 +408,23 @@ def pareto_front(points: list[tuple[float, float]], lower_is_better: bool) -> li
     return front
 
 
+def sweep_document(rows: list[SweepRow], cfg: AnalogConfig, spec: EvalSpec, meta: dict) -> dict:
+    """The ``results.json`` document: ``meta``, the analog config, instances, times and the rows."""
+    return {
+        **meta,
+        "analog": cfg.to_dict(),
+        "seeds": spec.seeds,
+        "t_inference": spec.times,
+        "rows": [asdict(r) for r in rows],
+    }
+
+
 def write_sweep(out_dir: Path, rows: list[SweepRow], cfg: AnalogConfig, spec: EvalSpec, meta: dict) -> list[Path]:
     """``results.json``, ``results.md`` and one PNG per metric, written atomically into ``out_dir``."""
     from ...base.io import atomic_output_dir, strict_json
 
     with atomic_output_dir(out_dir) as tmp:
-        doc = {
-            **meta,
-            "analog": cfg.to_dict(),
-            "seeds": spec.seeds,
-            "t_inference": spec.times,
-            "rows": [asdict(r) for r in rows],
-        }
-        (tmp / "results.json").write_text(strict_json(doc) + "\n")
+        (tmp / "results.json").write_text(strict_json(sweep_document(rows, cfg, spec, meta)) + "\n")
         (tmp / "results.md").write_text(results_markdown(rows, cfg, spec.seeds))
         names = ["results.json", "results.md"]
         for metric in shown_metrics(rows):

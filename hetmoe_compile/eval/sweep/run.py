@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ...analog.config import AnalogConfig
@@ -17,7 +17,7 @@ from ...base.version import PRODUCER
 from ..under_noise import EvalSpec, read_inputs
 from .config import SweepConfig, sweep_context
 from .jobs import SweepRow
-from .plan import results_markdown, run_sweep_jobs, sweep_plan, write_sweep
+from .plan import results_markdown, run_sweep_jobs, sweep_document, sweep_plan, write_sweep
 from .store import SweepStore
 from .workers import Observer
 
@@ -38,13 +38,7 @@ class SweepResult:
     """What :meth:`save` wrote last (by :func:`sweep` into its ``out``)."""
 
     def to_dict(self) -> dict:
-        return {
-            **self.meta,
-            "analog": self.analog.to_dict(),
-            "seeds": self.spec.seeds,
-            "t_inference": self.spec.times,
-            "rows": [asdict(r) for r in self.rows],
-        }
+        return sweep_document(self.rows, self.analog, self.spec, self.meta)
 
     def table(self) -> str:
         """The rows as the markdown table of ``results.md``."""
